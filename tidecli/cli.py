@@ -1,0 +1,138 @@
+"""The `tide` command line. Thin: options are parsed here and handed to a command module.
+
+Nothing heavy is imported at module level, so `tide --help` never loads torch or touches CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tidecli import __version__
+from tidecli.errors import TideError
+
+app = typer.Typer(
+    name="tide",
+    help="Run LLaDA2.x MoE diffusion language models on GPUs too small to hold them.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+MODEL_HELP = "Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. Env: TIDE_MODEL."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tide {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """tide: TIDE expert offload for LLaDA2.x diffusion language models."""
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt ('-' reads it from stdin)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    gen_length: int = typer.Option(512, help="Tokens to generate at most."),
+    block_length: int = typer.Option(32, help="Diffusion block length."),
+    threshold: float = typer.Option(0.95, help="Commit a masked position above this confidence."),
+    editing_threshold: Optional[float] = typer.Option(
+        None, help="LLaDA2.1 token editing: rewrite generated tokens above this confidence "
+                   "(0.5 quality, 0.0 speed). Off when not given."),
+    max_post_steps: int = typer.Option(16, help="2.1 editing: extra steps once no mask is left."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling (temperature > 0)."),
+    top_k: Optional[int] = typer.Option(None, help="Top-k sampling (temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, no chat template."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
+    policy: str = typer.Option("resident", help="Expert residency policy."),
+    reference: bool = typer.Option(False, "--reference",
+                                   help="Use the slow reference path (no KV cache)."),
+    trace: Optional[Path] = typer.Option(None, help="Record the routing trace (.npz) here."),
+) -> None:
+    """Generate a reply to one prompt."""
+    from tidecli.commands.generate import run_generate
+
+    run_generate(
+        prompt=prompt, model=model, gen_length=gen_length, block_length=block_length,
+        threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system, raw=raw,
+        json_out=json_out, device=device, dtype=dtype, policy=policy, reference=reference,
+        trace=trace)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
+    preset: str = typer.Option("tiny", help="tiny, mini (LLaDA2.0-mini shape) or flash."),
+    layers: Optional[int] = typer.Option(None, help="Keep only this many layers."),
+    seed: int = typer.Option(0, help="Random seed for the weights."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    device: str = typer.Option("auto", help="Where to draw the random weights (auto, cpu, cuda)."),
+) -> None:
+    """Write a synthetic checkpoint of the real LLaDA2 format (random weights)."""
+    from tidecli.commands.synth import run_synth
+
+    run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device)
+
+
+def _fail(message: str, hint: str | None) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line (and a hint) per user error, exit 1; Ctrl-C exits 130."""
+    import click
+
+    debug = os.environ.get("TIDE_DEBUG") == "1"
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="tide")
+        sys.exit(code if isinstance(code, int) else 0)
+    except TideError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        if debug:
+            raise
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # an engine bug: still no traceback without TIDE_DEBUG
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(f"internal error: {type(exc).__name__}: {first}",
+              "run again with TIDE_DEBUG=1 for the traceback, and please report it")
+        sys.exit(1)

@@ -1,0 +1,265 @@
+"""Block-diffusion decoding for LLaDA2.x with one plain event per denoising step.
+
+LLaDA2.0 ("low confidence"): per step, commit every masked position of the current block whose
+confidence exceeds the threshold; when fewer than the step's quota pass, commit the quota's most
+confident instead. LLaDA2.1 (editing, when `editing_threshold` is set): the same unmasking, plus
+re-writing already generated positions of the block whose argmax changed with confidence above
+the editing threshold; once no mask is left, up to `max_post_steps` more steps, and the block ends
+at the first step that changes nothing. Generation stops after a block holding EOS and the output
+is cut at the first EOS.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tidecli.decode.sampling import choose
+from tidecli.errors import TideError
+from tidecli.model.llada2 import ForwardInfo, KVCache
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    gen_length: int = 512
+    block_length: int = 32
+    threshold: float = 0.95
+    editing_threshold: float | None = None  # set → LLaDA2.1 token editing
+    max_post_steps: int = 16
+    steps_per_block: int | None = None  # quota schedule; None → block_length (quota 1)
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    use_cache: bool = True  # False → the slow reference path (whole window every step)
+
+    def validate(self, max_positions: int) -> None:
+        def bad(msg: str, hint: str) -> TideError:
+            return TideError(msg, hint)
+
+        if self.gen_length < 1:
+            raise bad(f"--gen-length must be at least 1, got {self.gen_length}",
+                      "ask for a positive number of tokens")
+        if self.block_length < 1 or max_positions % self.block_length:
+            raise bad(f"--block-length {self.block_length} does not divide the model's "
+                      f"{max_positions} positions", "use 32 (the trained block length)")
+        if not 0 < self.threshold <= 1:
+            raise bad(f"--threshold must be in (0, 1], got {self.threshold}",
+                      "0.95 is the LLaDA2.0 default; 0.5-0.7 for 2.1")
+        if self.editing_threshold is not None and not 0 <= self.editing_threshold <= 1:
+            raise bad(f"--editing-threshold must be in [0, 1], got {self.editing_threshold}",
+                      "0.5 (quality) or 0.0 (speed) are the 2.1 model-card values")
+        if self.temperature < 0:
+            raise bad("--temperature must not be negative", "0 means greedy")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad("--top-p must be in (0, 1]", "e.g. 0.9")
+        if self.top_k is not None and self.top_k < 1:
+            raise bad("--top-k must be at least 1", "e.g. 50")
+        if self.max_post_steps < 0:
+            raise bad("max post steps must not be negative", "the 2.1 default is 16")
+        steps = self.steps_per_block or self.block_length
+        if not 1 <= steps <= self.block_length:
+            raise bad(f"steps per block must be in 1..{self.block_length}", "use the default")
+
+
+@dataclass
+class StepEvent:
+    """One denoising step, as the UI and benchmarks see it."""
+
+    block: int  # absolute block index (position // block_length)
+    step: int  # step inside the block
+    global_step: int  # denoising steps so far in this generation (1-based)
+    block_start: int  # absolute position of the block's first token
+    gen_start: int  # absolute position of the first generated token (= prompt length)
+    committed: list[tuple[int, int]]  # (position, token) unmasked this step
+    edited: list[tuple[int, int]]  # (position, new token) rewritten this step (2.1)
+    block_tokens: list[int]  # the block after this step (mask id where still masked)
+    mask_id: int
+    forward_ms: float  # wall time of this step's forward pass and decision
+    elapsed_s: float  # since generation started
+    tokens_done: int  # generated positions no longer masked
+    block_done: bool
+    expert_stats: dict | None = None  # per-forward counters from the expert runtime
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens, cut at the first EOS (EOS excluded)
+    steps: int  # denoising forward passes (prefill and commit passes not counted)
+    forwards: int  # every forward pass including prefill and commits
+    wall_seconds: float
+    prompt_tokens: int
+    stopped_at_eos: bool
+    finished: bool = True  # False when stopped early (Ctrl-C)
+    events: list[StepEvent] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.token_ids) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+def quota_schedule(block_length: int, steps: int) -> list[int]:
+    """How many tokens each step must commit at least: block_length spread over `steps`."""
+    base, extra = divmod(block_length, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+class BlockDiffusionDecoder:
+    """Runs one generation; iterate `steps()` for events, then read `result`."""
+
+    def __init__(self, model, prompt_ids: list[int], settings: DecodeSettings, *, mask_id: int,
+                 eos_ids: set[int], device: torch.device) -> None:
+        if not prompt_ids:
+            raise TideError("the prompt is empty", "give a prompt with at least one token")
+        self.model = model
+        self.s = settings
+        self.mask_id = mask_id
+        self.eos_ids = eos_ids
+        self.device = device
+        bl = settings.block_length
+        self.prompt_len = len(prompt_ids)
+        self.num_blocks = math.ceil((self.prompt_len + settings.gen_length) / bl)
+        self.total = self.num_blocks * bl
+        self.x = torch.full((self.total,), mask_id, dtype=torch.long, device=device)
+        self.x[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        self.generator = None
+        if settings.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(settings.seed if settings.seed is not None else 0)
+        self.result: GenerationResult | None = None
+        self.progress = (0, 0, time.perf_counter())  # steps, forwards, start time
+
+    def _logits(self, cache: KVCache | None, start: int, info: ForwardInfo,
+                rows: torch.Tensor) -> torch.Tensor:
+        """Logits [len(rows), V] for block rows `rows` (offsets inside the block)."""
+        bl = self.s.block_length
+        if cache is None:
+            return self.model.reference_logits(self.x[: start + bl], rows + start, info)
+        return self.model.block_forward(self.x[start: start + bl], start, cache, info, rows=rows)
+
+    def steps(self) -> Iterator[StepEvent]:
+        s, bl = self.s, self.s.block_length
+        t0 = time.perf_counter()
+        cache = None
+        first_block = self.prompt_len // bl
+        forwards = 0
+        if s.use_cache:
+            cache = KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
+            if first_block:
+                self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"))
+                forwards += 1
+        quotas = quota_schedule(bl, s.steps_per_block or bl)
+        global_step = 0
+        stopped_at_eos = False
+        positions = torch.arange(bl, device=self.device)
+        for b in range(first_block, self.num_blocks):
+            start = b * bl
+            # prompt positions inside the block are never predicted or edited
+            generated = (positions + start) >= self.prompt_len
+            host_block = self.x[start: start + bl].tolist()
+            step = 0
+            post_steps = 0
+            while True:
+                ts = time.perf_counter()
+                n_masked = sum(1 for t in host_block if t == self.mask_id)
+                quota = min(quotas[min(step, len(quotas) - 1)], n_masked)
+                last = 0 < n_masked <= quota and s.editing_threshold is None
+                info = ForwardInfo("step", block=b, step=step, last_step=last)
+                # Only masked positions matter without editing; with editing, every generated one.
+                want = [p for p in range(bl) if host_block[p] == self.mask_id or
+                        (s.editing_threshold is not None and start + p >= self.prompt_len)]
+                rows = torch.tensor(want, dtype=torch.long, device=self.device)
+                logits = self._logits(cache, start, info, rows)
+                forwards += 1
+                global_step += 1
+                self.progress = (global_step, forwards, t0)
+                block = self.x[start: start + bl]
+                tok_rows, conf_rows = choose(logits, temperature=s.temperature, top_k=s.top_k,
+                                             top_p=s.top_p, generator=self.generator)
+                tokens = block.clone().index_copy_(0, rows, tok_rows)
+                conf = torch.full((bl,), -1.0, device=self.device).index_copy_(0, rows, conf_rows)
+                masked = block == self.mask_id
+                commit = masked & (conf > s.threshold)
+                if quota:  # too few confident: the quota's most confident masked positions
+                    cand = torch.where(masked, conf, torch.full_like(conf, -1.0))
+                    top = torch.zeros_like(commit).scatter_(0, cand.topk(quota).indices, True)
+                    commit = torch.where(commit.sum() >= quota, commit, top)
+                changed = commit
+                if s.editing_threshold is not None:
+                    edit = (~masked) & generated & (tokens != block) & \
+                        (conf > s.editing_threshold)
+                    changed = commit | edit
+                new_block = torch.where(changed, tokens, block)
+                self.x[start: start + bl] = new_block
+                block_list = new_block.tolist()  # the one host sync of the step
+                commit_list = commit.tolist()
+                committed = [(start + p, block_list[p]) for p in range(bl) if commit_list[p]]
+                edited = [(start + p, block_list[p]) for p in range(bl)
+                          if block_list[p] != host_block[p] and not commit_list[p]]
+                host_block = block_list
+                remaining = n_masked - len(committed)
+                if s.editing_threshold is None:
+                    done = remaining == 0
+                else:
+                    if n_masked == 0:
+                        post_steps += 1
+                    done = remaining == 0 and (not (committed or edited) or
+                                               post_steps >= s.max_post_steps)
+                now = time.perf_counter()
+                stats = None
+                experts = getattr(self.model, "experts", None)
+                if experts is not None:
+                    stats = experts.forward_stats.summary()
+                done_tokens = max(0, start - self.prompt_len) + sum(
+                    1 for p in range(bl) if start + p >= self.prompt_len
+                    and block_list[p] != self.mask_id)
+                yield StepEvent(
+                    block=b, step=step, global_step=global_step, block_start=start,
+                    gen_start=self.prompt_len, committed=committed, edited=edited,
+                    block_tokens=block_list, mask_id=self.mask_id,
+                    forward_ms=(now - ts) * 1000.0, elapsed_s=now - t0,
+                    tokens_done=done_tokens, block_done=done, expert_stats=stats)
+                step += 1
+                if done:
+                    break
+            gen_part = host_block[max(0, self.prompt_len - start):]
+            if any(t in self.eos_ids for t in gen_part):
+                stopped_at_eos = True
+                break
+            if cache is not None and b + 1 < self.num_blocks:
+                # the finished block's clean K/V for every later block
+                self.model.block_forward(self.x[start: start + bl], start, cache,
+                                         ForwardInfo("commit", block=b, step=step), logits=False)
+                forwards += 1
+        self.result = self._finish(global_step, forwards, time.perf_counter() - t0, stopped_at_eos)
+
+    def _finish(self, steps: int, forwards: int, wall: float, eos: bool,
+                finished: bool = True) -> GenerationResult:
+        out = self.x[self.prompt_len:].tolist()
+        cut = []
+        for t in out:
+            if t in self.eos_ids:
+                break
+            if t == self.mask_id:  # only possible when stopped early
+                break
+            cut.append(t)
+        cut = cut[: self.s.gen_length]
+        return GenerationResult(token_ids=cut, steps=steps, forwards=forwards, wall_seconds=wall,
+                                prompt_tokens=self.prompt_len, stopped_at_eos=eos,
+                                finished=finished)
+
+    def stop_early(self) -> GenerationResult:
+        """The result so far, after the caller stopped iterating (Ctrl-C): the committed prefix
+        of the generated text, up to the first position still masked."""
+        steps, forwards, t0 = self.progress
+        self.result = self._finish(steps, forwards, time.perf_counter() - t0, False,
+                                   finished=False)
+        return self.result

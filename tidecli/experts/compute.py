@@ -1,0 +1,82 @@
+"""Routed-expert arithmetic shared by every runtime.
+
+Experts are stored packed: one row per expert of [gate (I·H) | up (I·H) | down (H·I)], so one
+copy moves one expert. `pool_views` turns such a buffer into the two stacked matrices the
+kernels read. Every path produces per-(token, slot k) outputs and sums them over k in a fixed
+order, so a token's result does not depend on where each of its experts ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_views(buf: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """buf [S, 3·I·H] → gate_up [S, 2I, H], down [S, H, I] (views, no copy)."""
+    s = buf.shape[0]
+    gate_up = buf[:, : 2 * inter * hidden].view(s, 2 * inter, hidden)
+    down = buf[:, 2 * inter * hidden:].view(s, hidden, inter)
+    return gate_up, down
+
+
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert on a group of rows: down(silu(gate x) * up x). x [M, H] → [M, H]."""
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, down)
+
+
+def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pair_out [T·k, H] (expert outputs), weights [T, k] fp32 → [T, H] in `dtype`.
+
+    fp32 weighting and a sum over k in slot order, as the reference does.
+    """
+    t, k = weights.shape
+    out = pair_out.view(t, k, -1).float() * weights[..., None]
+    return out.sum(dim=1).to(dtype)
+
+
+def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_up: torch.Tensor,
+                     down: torch.Tensor, k: int, out: torch.Tensor) -> None:
+    """Reference grouping: for each slot with pairs, one expert_mlp over its tokens (ascending).
+
+    pair_slot: slot per (token, k) pair, -1 to skip. Writes rows of `out` [T·k, H]; skipped rows
+    are left alone. Used on the CPU and as the checked fallback on the GPU.
+    """
+    slots = pair_slot.tolist() if isinstance(pair_slot, torch.Tensor) else pair_slot
+    groups: dict[int, list[int]] = {}
+    for p, s in enumerate(slots):
+        if s >= 0:
+            groups.setdefault(s, []).append(p)
+    for s, pairs in groups.items():
+        idx = torch.tensor(pairs, device=x.device)
+        out[idx] = expert_mlp(x[idx // k], gate_up[s], down[s])
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 9
+
+
+def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, k: int) -> torch.Tensor:
+    """All resident experts of a layer in two grouped GEMMs, without a host sync.
+
+    pair_slot [T·k] (device, -1 = skip). Pairs are sorted by slot; `offs` are the group ends.
+    Returns [T·k, H] with zero rows for skipped pairs.
+    """
+    s = gate_up.shape[0]
+    slot = torch.where(pair_slot < 0, s, pair_slot)
+    order = torch.argsort(slot, stable=True)
+    counts = torch.bincount(slot, minlength=s + 1)[:s]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xs = x[order // k]
+    h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+    valid = (slot[order] < s)[:, None]
+    out = torch.zeros_like(y)
+    out[order] = torch.where(valid, y, 0)
+    return out

@@ -1,0 +1,70 @@
+"""Expert counters as plain data: per forward pass and per MoE layer, summed per step/run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class LayerCounters:
+    gpu_hits: int = 0  # (token, expert) pairs computed by a resident expert
+    cpu_calls: int = 0  # (token, expert) pairs computed on the CPU
+    promotions: int = 0  # experts copied host → GPU
+    bytes_h2d: int = 0  # expert bytes copied host → GPU
+    copy_ms: float = 0.0  # time the copies took on the copy stream
+    cpu_ms: float = 0.0  # CPU time computing misses
+    stall_ms: float = 0.0  # time the GPU waited for copies or CPU results
+
+    def add(self, other: LayerCounters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def pairs(self) -> int:
+        return self.gpu_hits + self.cpu_calls
+
+
+@dataclass
+class ExpertStats:
+    """Counters for one or more forward passes, per MoE layer (keyed by layer index)."""
+
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+    forwards: int = 0
+
+    def layer(self, i: int) -> LayerCounters:
+        c = self.layers.get(i)
+        if c is None:
+            c = self.layers[i] = LayerCounters()
+        return c
+
+    def add(self, other: ExpertStats) -> None:
+        self.forwards += other.forwards
+        for i, c in other.layers.items():
+            self.layer(i).add(c)
+
+    def total(self) -> LayerCounters:
+        t = LayerCounters()
+        for c in self.layers.values():
+            t.add(c)
+        return t
+
+    def summary(self) -> dict:
+        t = self.total()
+        pairs = t.pairs
+        return {
+            "forwards": self.forwards,
+            "gpu_hits": t.gpu_hits,
+            "cpu_calls": t.cpu_calls,
+            "hit_rate": (t.gpu_hits / pairs) if pairs else 1.0,
+            "promotions": t.promotions,
+            "bytes_h2d": t.bytes_h2d,
+            "copy_ms": round(t.copy_ms, 3),
+            "cpu_ms": round(t.cpu_ms, 3),
+            "stall_ms": round(t.stall_ms, 3),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.summary(),
+            "per_layer": {str(i): asdict(c) for i, c in sorted(self.layers.items())},
+        }

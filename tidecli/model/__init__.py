@@ -1,0 +1,1 @@
+"""The LLaDA2 model: config, checkpoint access, forward pass, tokenizer, synthetic checkpoints."""

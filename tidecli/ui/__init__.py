@@ -1,0 +1,1 @@
+"""Everything rich: progress bars, the live diffusion view, tables. The engine never imports it."""

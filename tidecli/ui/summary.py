@@ -1,0 +1,17 @@
+"""One-line summaries of a generation for stderr."""
+
+from __future__ import annotations
+
+
+def generation_line(*, tokens: int, steps: int, wall: float, policy: str | None = None,
+                    hit_rate: float | None = None) -> str:
+    tps = tokens / wall if wall > 0 else 0.0
+    per_step = tokens / steps if steps else 0.0
+    sps = steps / wall if wall > 0 else 0.0
+    line = (f"{tokens} tokens, {steps} steps ({per_step:.2f} tokens/step), "
+            f"{tps:.2f} tokens/s, {sps:.2f} steps/s, {wall:.2f} s")
+    if policy:
+        line += f" · {policy}"
+    if hit_rate is not None:
+        line += f" · expert hit {hit_rate * 100:.1f}%"
+    return line
