@@ -142,7 +142,8 @@ class BlockDiffusionDecoder:
         """Logits [len(rows), V] for block rows `rows` (offsets inside the block)."""
         bl = self.s.block_length
         if cache is None:
-            return self.model.reference_logits(self.x[: start + bl], rows + start, info)
+            return self.model.reference_logits(self.x[: start + bl], rows + start, info,
+                                               block_length=bl)
         return self.model.block_forward(self.x[start: start + bl], start, cache, info, rows=rows)
 
     def steps(self) -> Iterator[StepEvent]:
@@ -154,7 +155,8 @@ class BlockDiffusionDecoder:
         if s.use_cache:
             cache = KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
             if first_block:
-                self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"))
+                self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
+                                   block_length=bl)
                 forwards += 1
         quotas = quota_schedule(bl, s.steps_per_block or bl)
         global_step = 0

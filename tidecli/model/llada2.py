@@ -105,13 +105,14 @@ class LLaDA2Model:
     # ---- the cached path ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, cache: KVCache, info: ForwardInfo) -> None:
+    def prefill(self, ids: torch.Tensor, cache: KVCache, info: ForwardInfo, *,
+                block_length: int | None = None) -> None:
         """Write the K/V of whole blocks ids[0:n] (n a multiple of the block length)."""
         n = ids.shape[0]
         if n == 0:
             return
         positions = torch.arange(n, device=self.device)
-        mask = block_causal_mask(positions, positions, self.block)
+        mask = block_causal_mask(positions, positions, block_length or self.block)
         self.experts.begin_forward(info)
         self._layers(self.embed(ids), positions, cache=cache, start=0, mask=mask)
         self.experts.end_forward()
@@ -139,13 +140,13 @@ class LLaDA2Model:
     # ---- the reference path ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def reference_logits(self, ids: torch.Tensor, rows: torch.Tensor,
-                         info: ForwardInfo) -> torch.Tensor:
+    def reference_logits(self, ids: torch.Tensor, rows: torch.Tensor, info: ForwardInfo, *,
+                         block_length: int | None = None) -> torch.Tensor:
         """Slow and obvious: the whole window, block-causal mask, no cache. `rows` are absolute
         positions whose logits are returned."""
         n = ids.shape[0]
         positions = torch.arange(n, device=self.device)
-        mask = block_causal_mask(positions, positions, self.block)
+        mask = block_causal_mask(positions, positions, block_length or self.block)
         self.experts.begin_forward(info)
         x = self._layers(self.embed(ids), positions, cache=None, start=0, mask=mask)
         out = self._head(x[rows])

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny synthetic checkpoints written once per session, isolated user dirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("TIDE_CACHE_DIR", str(base / "cache"))
+    monkeypatch.setenv("TIDE_CONFIG_DIR", str(base / "config"))
+    monkeypatch.delenv("TIDE_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The demo-sized model (tiny preset, 4 layers, 32 experts)."""
+    from tidecli.model.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0,
+                            device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_b(tmp_path_factory):
+    """A second tiny model: 3 layers, 16 experts, top-4 of 4 groups, another seed."""
+    from tidecli.model.synth import write_checkpoint
+
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny_b", preset="tiny", seed=7, layers=3,
+        overrides={"num_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4},
+        device="cpu")
+
+
+def load_model(path, *, dtype=torch.float32, runtime=None):
+    """A model on the CPU with every expert resident (or the given runtime factory)."""
+    from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
+    from tidecli.model.checkpoint import Checkpoint
+    from tidecli.model.llada2 import LLaDA2Model
+    from tidecli.model.loader import load_dense
+
+    ckpt = Checkpoint.open(path)
+    cpu = torch.device("cpu")
+    weights = load_dense(ckpt, device=cpu, dtype=dtype)
+    if runtime is None:
+        pools = load_expert_pools(ckpt, device=cpu, dtype=dtype)
+        rt = ResidentRuntime(ckpt.config, pools, device=cpu, dtype=dtype)
+    else:
+        rt = runtime(ckpt)
+    return LLaDA2Model(ckpt.config, weights, rt, device=cpu, dtype=dtype), ckpt

@@ -1,0 +1,123 @@
+"""Decoding rules on a model whose logits are scripted step by step."""
+
+import math
+
+import torch
+
+from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, quota_schedule
+
+V, MASK, EOS = 12, 11, 10
+
+
+class Scripted:
+    """reference_logits returns, for each asked row, a distribution whose argmax and confidence
+    come from `script(step, absolute_position, current_tokens) -> (token, confidence)`."""
+
+    cfg = None
+    dtype = torch.float32
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = 0
+
+    def reference_logits(self, ids, rows, info, *, block_length=None):
+        out = []
+        for pos in rows.tolist():
+            tok, conf = self.script(self.calls, pos, ids.tolist())
+            rest = (1 - conf) / (V - 1)
+            logits = torch.full((V,), math.log(rest))
+            logits[tok] = math.log(conf)
+            out.append(logits)
+        self.calls += 1
+        return torch.stack(out)
+
+
+def run(script, prompt, **kw):
+    kw.setdefault("use_cache", False)
+    d = BlockDiffusionDecoder(Scripted(script), prompt, DecodeSettings(**kw), mask_id=MASK,
+                              eos_ids={EOS}, device=torch.device("cpu"))
+    events = list(d.steps())
+    return d.result, events
+
+
+def test_quota_schedule():
+    assert quota_schedule(32, 32) == [1] * 32
+    assert quota_schedule(10, 4) == [3, 3, 2, 2]
+
+
+def test_threshold_commits_all_confident_positions_at_once():
+    # positions 4..7: 4 and 6 are confident at the first step
+    def script(step, pos, ids):
+        return (pos % 10, 0.99 if pos in (4, 6) or step > 0 else 0.5)
+
+    res, events = run(script, [1, 2, 3, 4], gen_length=4, block_length=4)
+    assert [p for p, _ in events[0].committed] == [4, 6]
+    assert len(events) == 2 and res.token_ids == [4, 5, 6, 7]
+    assert res.steps == 2 and res.tokens_per_step == 2.0
+
+
+def test_quota_fallback_commits_the_most_confident():
+    def script(step, pos, ids):
+        return (3, {4: 0.3, 5: 0.6, 6: 0.2, 7: 0.5}[pos])
+
+    _, events = run(script, [1, 2, 3, 4], gen_length=4, block_length=4)
+    assert [e.committed[0][0] for e in events] == [5, 7, 4, 6]
+    assert all(len(e.committed) == 1 for e in events)
+
+
+def test_prompt_tail_block_keeps_the_prompt():
+    def script(step, pos, ids):
+        return (7, 0.99)
+
+    res, events = run(script, [1, 2, 3, 4, 5, 6], gen_length=6, block_length=4)
+    assert events[0].block == 1 and events[0].block_start == 4
+    assert [p for p, _ in events[0].committed] == [6, 7]  # 4, 5 are prompt
+    assert res.token_ids == [7] * 6
+
+
+def test_eos_stops_after_its_block_and_trims():
+    # block 1 (positions 4..7) writes EOS at 6; block 2 must never run
+    def script(step, pos, ids):
+        return (EOS if pos == 6 else 3, 0.99)
+
+    res, events = run(script, [1, 2, 3, 4], gen_length=12, block_length=4)
+    assert res.stopped_at_eos and res.token_ids == [3, 3]
+    assert max(e.block for e in events) == 1
+
+
+def test_editing_rewrites_committed_tokens_then_stops_when_nothing_changes():
+    # step 0 commits every position as 3; step 1 proposes 5 at position 4 with 0.8 > 0.5
+    def script(step, pos, ids):
+        if step == 1 and pos == 4:
+            return (5, 0.8)
+        if step == 1 and pos == 5:
+            return (6, 0.4)  # below the editing threshold: kept
+        return (ids[pos] if ids[pos] != MASK else 3, 0.99)
+
+    res, events = run(script, [1, 2, 3, 4], gen_length=4, block_length=4, threshold=0.9,
+                      editing_threshold=0.5)
+    assert events[1].edited == [(4, 5)]
+    assert events[2].edited == [] and events[2].block_done
+    assert res.token_ids == [5, 3, 3, 3] and res.steps == 3
+
+
+def test_editing_post_steps_are_bounded():
+    # the model keeps flipping position 4 forever: max_post_steps ends the block
+    def script(step, pos, ids):
+        if pos == 4:
+            return (3 + step % 2, 0.99)
+        return (3, 0.99)
+
+    res, events = run(script, [1, 2, 3, 4], gen_length=4, block_length=4, threshold=0.9,
+                      editing_threshold=0.5, max_post_steps=2)
+    assert len(events) == 3  # the unmasking step and two post steps
+
+
+def test_sampling_is_seeded():
+    def script(step, pos, ids):
+        return (pos % 10, 0.3)
+
+    kw = dict(gen_length=8, block_length=4, temperature=1.0, seed=42)
+    a, _ = run(script, [1, 2], **kw)
+    b, _ = run(script, [1, 2], **kw)
+    assert a.token_ids == b.token_ids
