@@ -5,6 +5,8 @@ Nothing heavy is imported at module level, so `tide --help` never loads torch or
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+POLICY_HELP = "Expert residency: resident, lru, static or tide."
+VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
 MODEL_HELP = "Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. Env: TIDE_MODEL."
 
 
@@ -61,20 +65,37 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
-    policy: str = typer.Option("resident", help="Expert residency policy."),
     reference: bool = typer.Option(False, "--reference",
                                    help="Use the slow reference path (no KV cache)."),
     trace: Optional[Path] = typer.Option(None, help="Record the routing trace (.npz) here."),
+    policy: str = typer.Option("resident", help=POLICY_HELP),
+    vram: Optional[float] = typer.Option(None, help=VRAM_HELP),
+    experts_per_layer: Optional[int] = typer.Option(None, help="Force a uniform expert budget."),
+    tau: Optional[int] = typer.Option(None, help="tide: refresh every TAU steps of a block."),
+    stall_refresh: bool = typer.Option(False, "--stall-refresh",
+                                       help="tide ablation: promote before computing (paper)."),
+    cold_start: bool = typer.Option(False, "--cold-start",
+                                    help="tide ablation: empty the slots at each block."),
+    refresh_last_step: bool = typer.Option(False, "--refresh-last-step",
+                                           help="tide ablation: refresh on a block's last step."),
+    cpu_threads: int = typer.Option(0, help="CPU threads for missed experts (0: default)."),
+    calibration: Optional[Path] = typer.Option(None, help="static: popularity from this trace."),
 ) -> None:
     """Generate a reply to one prompt."""
     from tidecli.commands.generate import run_generate
+    from tidecli.engine import EngineOptions
 
+    opts = EngineOptions(
+        model=model, device=device, dtype=dtype, policy=policy, block_length=block_length,
+        vram_gib=vram, experts_per_layer=experts_per_layer, tau=tau,
+        stall_refresh=stall_refresh, warm_start=not cold_start,
+        skip_last_step=not refresh_last_step, cpu_threads=cpu_threads,
+        calibration=str(calibration) if calibration else None)
     run_generate(
-        prompt=prompt, model=model, gen_length=gen_length, block_length=block_length,
+        prompt=prompt, opts=opts, gen_length=gen_length, block_length=block_length,
         threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system, raw=raw,
-        json_out=json_out, device=device, dtype=dtype, policy=policy, reference=reference,
-        trace=trace)
+        json_out=json_out, reference=reference, trace=trace)
 
 
 @app.command()
@@ -90,6 +111,12 @@ def synth(
     from tidecli.commands.synth import run_synth
 
     run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device)
+
+
+# Commands that live in their own modules register themselves (imported without torch).
+for _name in ("profile", "plan", "chat", "bench"):
+    if importlib.util.find_spec(f"tidecli.commands.{_name}_cli") is not None:
+        importlib.import_module(f"tidecli.commands.{_name}_cli").register(app)
 
 
 def _fail(message: str, hint: str | None) -> None:

@@ -31,6 +31,17 @@ class EngineOptions:
     policy: str = "resident"
     block_length: int = 32
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
+    vram_gib: float | None = None  # total device budget; None → every expert fits (resident)
+    experts_per_layer: int | None = None  # force a uniform B
+    tau: int | None = None
+    stall_refresh: bool = False
+    warm_start: bool = True
+    skip_last_step: bool = True
+    cpu_threads: int = 0  # 0 → torch's default
+    cpu_mode: str = "intra"
+    cpu_dtype: str = "auto"
+    context_tokens: int = 4096  # KV cache reserved in the budget
+    calibration: str | None = None  # routing trace for the static policy
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,6 +72,7 @@ class Engine:
     def __init__(self, opts: EngineOptions, *, progress: LoadProgress | None = None,
                  quiet: bool = False) -> None:
         self.opts = opts
+        self.memory_plan = None
         self.path: Path = resolve_model(opts.model, quiet=quiet)
         self.ckpt = Checkpoint.open(self.path)
         self.cfg = self.ckpt.config
@@ -88,10 +100,59 @@ class Engine:
                                  dtype=self.dtype, block_length=opts.block_length)
 
     def _build_runtime(self, progress: LoadProgress | None):
+        from tidecli.experts.policies import POLICIES
+
+        o = self.opts
+        if o.policy not in POLICIES:
+            raise TideError(f"unknown policy {o.policy!r}", f"choose one of {', '.join(POLICIES)}")
+        budgets = self._budgets()
+        if o.policy == "resident" and (budgets is None or
+                                       min(budgets.values(), default=0) >= self.cfg.num_experts):
+            return self._resident(progress)
+        if budgets is None:  # an offload policy without a budget: the whole device's memory
+            budgets = self._budgets(default_vram=True)
+        return self._offload(budgets, progress)
+
+    def _budgets(self, default_vram: bool = False) -> dict[int, int] | None:
+        from tidecli.experts.budget import uniform_budget
+
+        o, cfg = self.opts, self.cfg
+        b: int | None = None
+        if o.experts_per_layer is not None:
+            if not 0 <= o.experts_per_layer <= cfg.num_experts:
+                raise TideError(f"--experts-per-layer must be in 0..{cfg.num_experts}",
+                                "e.g. --experts-per-layer 64")
+            b = o.experts_per_layer
+        vram = o.vram_gib
+        if vram is None and default_vram and b is None:
+            vram = self._device_free_gib()
+        if vram is not None:
+            plan = uniform_budget(cfg, vram, context_tokens=o.context_tokens,
+                                  block_length=o.block_length, dtype_bytes=self.dtype.itemsize)
+            self.memory_plan = plan
+            if b is None:
+                b = plan.experts_per_layer
+            elif b > plan.experts_per_layer:
+                raise TideError(f"--experts-per-layer {b} does not fit --vram {vram:g} GiB "
+                                f"(at most {plan.experts_per_layer})", "lower one of them")
+        if b is None:
+            return None
+        if o.policy == "lru" and b < 1:
+            raise TideError("the lru policy needs at least one expert slot per layer",
+                            "raise --vram or --experts-per-layer")
+        return {layer: b for layer in cfg.moe_layers}
+
+    def _device_free_gib(self) -> float:
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return free / 2**30 * 0.9
+        import psutil
+
+        return psutil.virtual_memory().available / 2**30 / 2
+
+    def _resident(self, progress: LoadProgress | None):
         from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
 
-        if self.opts.policy != "resident":
-            raise TideError(f"unknown policy {self.opts.policy!r}", "use resident")
         total = self.ckpt.routed_expert_bytes()
         done = 0
 
@@ -104,6 +165,55 @@ class Engine:
         pools = load_expert_pools(self.ckpt, device=self.device, dtype=self.dtype, progress=tick)
         return ResidentRuntime(self.cfg, pools, device=self.device, dtype=self.dtype,
                                kernel=self.opts.kernel)
+
+    def _offload(self, budgets: dict[int, int], progress: LoadProgress | None):
+        from tidecli.experts.offload import OffloadRuntime
+        from tidecli.experts.policies import (
+            LruPolicy,
+            ResidentPolicy,
+            StaticPolicy,
+            TideOptions,
+            TidePolicy,
+        )
+        from tidecli.experts.store import HostExpertStore
+
+        o = self.opts
+        total = self.ckpt.routed_expert_bytes()
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress("host experts", done, total)
+
+        if o.policy == "tide":
+            policy = TidePolicy(TideOptions(tau=o.tau or 4, stall_refresh=o.stall_refresh,
+                                            warm_start=o.warm_start,
+                                            skip_last_step=o.skip_last_step))
+        elif o.policy == "lru":
+            policy = LruPolicy()
+        elif o.policy == "static":
+            policy = StaticPolicy(self._calibration())
+        else:
+            policy = ResidentPolicy()
+        store = HostExpertStore(self.ckpt, pin=self.device.type == "cuda", progress=tick)
+        cpu_dtype = None if o.cpu_dtype == "auto" else pick_dtype(o.cpu_dtype, self.device)
+        return OffloadRuntime(self.cfg, store, budgets, policy, device=self.device,
+                              dtype=self.dtype, cpu_threads=o.cpu_threads, cpu_mode=o.cpu_mode,
+                              cpu_dtype=cpu_dtype, kernel=o.kernel)
+
+    def _calibration(self):
+        if not self.opts.calibration:
+            return None
+        from tidecli.experts.trace import RoutingTrace
+
+        tr = RoutingTrace.load(self.opts.calibration)
+        if tr.num_experts != self.cfg.num_experts or tr.moe_layers != self.cfg.moe_layers:
+            raise TideError("the calibration trace was recorded with another model",
+                            "record one with this model: tide generate --trace FILE")
+        totals = tr.array().astype("int64").sum(axis=0)
+        return {layer: totals[j] for j, layer in enumerate(tr.moe_layers)}
 
     # ---- prompts and generations ----------------------------------------------------------------
 
@@ -142,12 +252,17 @@ class Engine:
                                      eos_ids={t.eos}, device=self.device)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "model": str(self.path),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             **self.runtime.describe(),
         }
+        if self.memory_plan is not None:
+            out["memory_plan"] = self.memory_plan.to_dict()
+        if self.device.type == "cuda":
+            out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
 
     def close(self) -> None:
         self.runtime.close()

@@ -10,13 +10,13 @@ from tidecli.ui.console import byte_progress, err
 from tidecli.ui.summary import generation_line
 
 
-def run_generate(*, prompt: str, model: str | None, gen_length: int, block_length: int,
+def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
                  threshold: float, editing_threshold: float | None, max_post_steps: int,
                  temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
-                 system: str | None, raw: bool, json_out: bool, device: str, dtype: str,
-                 policy: str, reference: bool, trace: Path | None) -> None:
+                 system: str | None, raw: bool, json_out: bool, reference: bool,
+                 trace: Path | None) -> None:
     from tidecli.decode.diffusion import DecodeSettings
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.engine import Engine
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -24,8 +24,6 @@ def run_generate(*, prompt: str, model: str | None, gen_length: int, block_lengt
         gen_length=gen_length, block_length=block_length, threshold=threshold,
         editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, use_cache=not reference)
-    opts = EngineOptions(model=model, device=device, dtype=dtype, policy=policy,
-                         block_length=block_length)
     with byte_progress() as progress:
         engine = Engine(opts, progress=progress)
     try:
@@ -33,6 +31,7 @@ def run_generate(*, prompt: str, model: str | None, gen_length: int, block_lengt
         ids = engine.prompt_ids(prompt, system=system, raw=raw)
         if trace is not None:
             engine.runtime.enable_trace()
+        engine.runtime.reset_stats()
         decoder = engine.decoder(ids, settings)
         for _event in decoder.steps():
             pass
@@ -42,8 +41,7 @@ def run_generate(*, prompt: str, model: str | None, gen_length: int, block_lengt
             engine.runtime.trace.meta.update({"model": str(engine.path), "prompt_tokens": len(ids),
                                               "block_length": block_length})
             engine.runtime.trace.save(trace)
-        stats = engine.runtime.forward_stats  # last forward only; the run total is below
-        del stats
+        stats = engine.runtime.run_stats
         if json_out:
             out = {
                 "text": text,
@@ -59,13 +57,15 @@ def run_generate(*, prompt: str, model: str | None, gen_length: int, block_lengt
                 "stopped_at_eos": result.stopped_at_eos,
                 "model": str(engine.path),
                 **engine.describe(),
+                "expert_stats": stats.to_dict(),
             }
             sys.stdout.write(json.dumps(out) + "\n")
         else:
             sys.stdout.write(text + "\n")
         sys.stdout.flush()
         err.print(generation_line(tokens=len(result.token_ids), steps=result.steps,
-                                  wall=result.wall_seconds, policy=engine.runtime.name),
+                                  wall=result.wall_seconds, policy=engine.runtime.name,
+                                  hit_rate=stats.summary()["hit_rate"]),
                   soft_wrap=True)
     finally:
         engine.close()

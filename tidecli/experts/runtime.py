@@ -40,6 +40,7 @@ class ExpertRuntime:
         self.layer_index = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         self.info = ForwardInfo("step")
         self.forward_stats = ExpertStats()  # the forward pass in progress
+        self.run_stats = ExpertStats()  # every forward pass since the last reset
         self.trace: RoutingTrace | None = None
         self._trace_counts: list[torch.Tensor | np.ndarray | None] = []
         self._tokens = 0
@@ -55,7 +56,11 @@ class ExpertRuntime:
         self._trace_counts = [None] * self.cfg.num_moe_layers
         self._tokens = 0
 
+    def reset_stats(self) -> None:
+        self.run_stats = ExpertStats()
+
     def end_forward(self) -> ExpertStats:
+        self.run_stats.add(self.forward_stats)
         if self.trace is not None:
             e = self.cfg.num_experts
             rows = []

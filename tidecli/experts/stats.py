@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 @dataclass
 class LayerCounters:
-    gpu_hits: int = 0  # (token, expert) pairs computed by a resident expert
+    gpu_hits: int = 0  # (token, expert) pairs whose expert was resident when the layer began
+    fetched_calls: int = 0  # pairs computed on the GPU after fetching their expert for them
     cpu_calls: int = 0  # (token, expert) pairs computed on the CPU
     promotions: int = 0  # experts copied host → GPU
     bytes_h2d: int = 0  # expert bytes copied host → GPU
@@ -21,7 +22,7 @@ class LayerCounters:
 
     @property
     def pairs(self) -> int:
-        return self.gpu_hits + self.cpu_calls
+        return self.gpu_hits + self.fetched_calls + self.cpu_calls
 
 
 @dataclass
@@ -53,8 +54,11 @@ class ExpertStats:
         pairs = t.pairs
         return {
             "forwards": self.forwards,
+            "pairs": pairs,
             "gpu_hits": t.gpu_hits,
+            "fetched_calls": t.fetched_calls,
             "cpu_calls": t.cpu_calls,
+            "cpu_share": (t.cpu_calls / pairs) if pairs else 0.0,
             "hit_rate": (t.gpu_hits / pairs) if pairs else 1.0,
             "promotions": t.promotions,
             "bytes_h2d": t.bytes_h2d,

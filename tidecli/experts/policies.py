@@ -1,0 +1,201 @@
+"""Residency policies: small classes that decide which experts sit in each layer's GPU slots.
+
+None of them changes routing. The runtime asks a policy, per MoE layer and forward pass:
+- `wants_ids_first` — must the routing be known before the GPU computes (to promote first)?
+- `before_compute` — moves (slot, expert) to copy in and use *this* step (the GPU waits);
+- `after_compute` — moves to copy in the background, used from the next forward on.
+`miss_mode` says where the pairs of non-resident experts run: "cpu" or "fetch" (through the
+slots, on demand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidecli.errors import TideError
+from tidecli.experts.pools import SlotPool
+from tidecli.model.llada2 import ForwardInfo
+
+Moves = list[tuple[int, int]]  # (slot, expert)
+
+
+def plan_moves(pool: SlotPool, target: list[int], priority: np.ndarray) -> Moves:
+    """Bring every expert of `target` (≤ slots) into the pool: free slots first, then evict the
+    residents outside `target` with the lowest `priority` (least used)."""
+    want = [e for e in target if pool.slot_of_expert[e] < 0]
+    if not want:
+        return []
+    keep = set(target)
+    free = pool.free_slots()
+    victims = sorted((s for s in range(pool.slots)
+                      if pool.expert_of_slot[s] >= 0 and pool.expert_of_slot[s] not in keep),
+                     key=lambda s: (priority[pool.expert_of_slot[s]], pool.expert_of_slot[s]))
+    slots = (free + victims)[: len(want)]
+    return list(zip(slots, want, strict=False))
+
+
+def top_experts(counts: np.ndarray, budget: int, pool: SlotPool) -> list[int]:
+    """The `budget` most used experts with count > 0; ties favour the ones already resident."""
+    used = np.nonzero(counts)[0]
+    resident = pool.slot_of_expert >= 0
+    order = sorted(used.tolist(), key=lambda e: (-int(counts[e]), not resident[e], e))
+    return order[:budget]
+
+
+class Policy:
+    name = "base"
+    miss_mode = "cpu"
+
+    def attach(self, pools: dict[int, SlotPool], num_experts: int) -> None:
+        self.pools = pools
+        self.num_experts = num_experts
+
+    def begin_layer(self, layer: int, info: ForwardInfo) -> None:
+        """Called before anything else for each layer of each forward pass."""
+
+    def wants_ids_first(self, layer: int, info: ForwardInfo) -> bool:
+        return False
+
+    def before_compute(self, layer: int, counts: np.ndarray, info: ForwardInfo) -> Moves:
+        return []
+
+    def after_compute(self, layer: int, counts: np.ndarray, info: ForwardInfo) -> Moves:
+        return []
+
+    def describe(self) -> dict:
+        return {"policy": self.name}
+
+
+class ResidentPolicy(Policy):
+    """Every expert in its slot from the start (needs B = E)."""
+
+    name = "resident"
+
+    def attach(self, pools, num_experts):
+        super().attach(pools, num_experts)
+        for pool in pools.values():
+            if pool.slots < num_experts:
+                raise TideError("the resident policy needs every expert on the GPU",
+                                "raise --vram, or pick --policy tide")
+
+    def initial_moves(self, layer: int) -> Moves:
+        return [(e, e) for e in range(self.num_experts)]
+
+
+class LruPolicy(Policy):
+    """Swap every step ("Mixtral-Offload"): every miss is fetched before compute, least recently
+    used experts are evicted."""
+
+    name = "lru"
+    miss_mode = "fetch"
+
+    def attach(self, pools, num_experts):
+        super().attach(pools, num_experts)
+        self.last_used = {layer: np.zeros(num_experts, dtype=np.int64) for layer in pools}
+        self.clock = 0
+
+    def wants_ids_first(self, layer, info):
+        return True
+
+    def before_compute(self, layer, counts, info):
+        self.clock += 1
+        pool = self.pools[layer]
+        needed = np.nonzero(counts)[0].tolist()
+        recency = self.last_used[layer]
+        recency[needed] = self.clock
+        if len(needed) > pool.slots:  # the runtime streams the rest through the slots in rounds
+            resident = [e for e in needed if pool.slot_of_expert[e] >= 0]
+            missing = [e for e in needed if pool.slot_of_expert[e] < 0]
+            needed = resident + missing[: pool.slots - len(resident)]
+        return plan_moves(pool, needed, recency)
+
+
+class StaticPolicy(Policy):
+    """Fixed placement of the most popular experts ("Fiddler"); every miss runs on the CPU.
+
+    Popularity comes from a calibration trace when given, else from the first forward pass that
+    routes tokens (the prompt's prefill, or the first denoising step).
+    """
+
+    name = "static"
+
+    def __init__(self, calibration: dict[int, np.ndarray] | None = None) -> None:
+        self.calibration = calibration
+        self.placed: set[int] = set()
+
+    def wants_ids_first(self, layer, info):
+        return layer not in self.placed
+
+    def before_compute(self, layer, counts, info):
+        if layer in self.placed:
+            return []
+        self.placed.add(layer)
+        pool = self.pools[layer]
+        popularity = self.calibration.get(layer, counts) if self.calibration else counts
+        return plan_moves(pool, top_experts(popularity, pool.slots, pool), popularity)
+
+
+@dataclass(frozen=True)
+class TideOptions:
+    tau: int = 4
+    stall_refresh: bool = False  # True: the paper's refresh (promote, wait, compute)
+    warm_start: bool = True  # keep the previous block's placement at a block's first step
+    skip_last_step: bool = True  # no refresh on a block's known last step
+
+
+class TidePolicy(Policy):
+    """TIDE interval refresh: at steps t ≡ 0 (mod τ) of a block the placement follows that step's
+    routing (top-B used experts, least-used residents evicted); between refreshes it is frozen
+    and misses run on the CPU."""
+
+    name = "tide"
+
+    def __init__(self, opts: TideOptions) -> None:
+        if opts.tau < 1:
+            raise TideError(f"--tau must be at least 1, got {opts.tau}", "e.g. --tau 4")
+        self.opts = opts
+        self._last_block: dict[int, int] = {}
+
+    def _refresh_step(self, layer: int, info: ForwardInfo) -> bool:
+        if info.kind != "step" or info.step % self.opts.tau:
+            return False
+        return not (self.opts.skip_last_step and info.last_step)
+
+    def _cold(self, pool: SlotPool) -> bool:
+        return len(pool.resident()) * 2 < pool.slots
+
+    def begin_layer(self, layer, info):
+        if info.kind == "step" and self._last_block.get(layer) != info.block:
+            self._last_block[layer] = info.block
+            if not self.opts.warm_start:  # cold start: the block begins with empty slots
+                self.pools[layer].clear()
+
+    def wants_ids_first(self, layer, info):
+        if not self._refresh_step(layer, info):
+            return False
+        # an (almost) empty pool has no placement worth serving from: fill it before computing
+        return self.opts.stall_refresh or self._cold(self.pools[layer])
+
+    def _refresh(self, layer, counts):
+        pool = self.pools[layer]
+        return plan_moves(pool, top_experts(counts, pool.slots, pool), counts)
+
+    def before_compute(self, layer, counts, info):
+        return self._refresh(layer, counts)  # only asked on refresh steps that stall
+
+    def after_compute(self, layer, counts, info):
+        if not self._refresh_step(layer, info):
+            return []
+        if self.opts.stall_refresh:
+            return []
+        return self._refresh(layer, counts)
+
+    def describe(self):
+        o = self.opts
+        return {"policy": self.name, "tau": o.tau, "stall_refresh": o.stall_refresh,
+                "warm_start": o.warm_start, "skip_last_step": o.skip_last_step}
+
+
+POLICIES = ("resident", "lru", "static", "tide")

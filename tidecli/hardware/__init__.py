@@ -1,0 +1,1 @@
+"""Probing and measuring the host: GPU, PCIe, CPU, RAM; hardware profiles."""

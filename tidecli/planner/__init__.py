@@ -1,0 +1,1 @@
+"""Cost model and solver: (model config, hardware profile, VRAM budget, decoding) → plan."""
