@@ -51,12 +51,13 @@ def test_block_logits_equal_reference_logits(tiny_ckpt):
     fast = model.block_forward(x[16:24], 16, cache, ForwardInfo("step"))
     ref = model.reference_logits(x, torch.arange(16, 24), ForwardInfo("reference"),
                                  block_length=bl)
-    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+    scale = ref.abs().max()
+    assert (fast - ref).abs().max() / scale < 1e-5
     # later blocks do not change earlier ones: the reference logits of block 1 ignore block 2
     info = ForwardInfo("reference")
     ref_short = model.reference_logits(x[:16], torch.arange(8, 16), info, block_length=bl)
     ref_long = model.reference_logits(x, torch.arange(8, 16), info, block_length=bl)
-    assert torch.allclose(ref_short, ref_long, atol=1e-5)
+    assert (ref_short - ref_long).abs().max() / ref_long.abs().max() < 1e-6
 
 
 def test_bf16_model_runs_and_is_finite(tiny_ckpt):

@@ -15,7 +15,7 @@ from tidecli.errors import TideError
 from tidecli.fsutil import cache_dir
 
 DEMO = "demo"
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.md"]
 

@@ -26,6 +26,7 @@ from tidecli.model.safetensors_writer import write_shard
 from tidecli.model.synth_tokenizer import write_tokenizer_files
 
 DEFAULT_SHARD_BYTES = {"tiny": 16 << 20, "mini": 4 << 30, "flash": 4 << 30}
+DEFAULT_LOGIT_SCALE: dict[str, float] = {"tiny": 130.0}
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,14 @@ def plan(preset: str, *, layers: int | None = None, overrides: dict | None = Non
 
 
 def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int, std: float,
-            device: torch.device) -> torch.Tensor:
+            device: torch.device, logit_scale: float = 1.0) -> torch.Tensor:
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
         return torch.ones(shape, dtype=dtype, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     scale = std * 0.5 if name.endswith("expert_bias") else std
+    if name == ck.LM_HEAD:
+        scale *= logit_scale
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale
     return t.to(dtype)
 
@@ -92,8 +95,16 @@ def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int,
 def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | None = None,
                      seed: int = 0, force: bool = False, overrides: dict | None = None,
                      shard_bytes: int | None = None, device: str = "auto",
+                     logit_scale: float | None = None,
                      progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a complete checkpoint into `out` (atomically). progress(done_bytes, total_bytes)."""
+    """Write a complete checkpoint into `out` (atomically). progress(done_bytes, total_bytes).
+
+    `logit_scale` multiplies the lm_head's std: random weights otherwise give nearly flat
+    next-token distributions, so every step would commit one token through the quota fallback;
+    a sharper head lets several positions pass the threshold per step, as trained models do.
+    """
+    if logit_scale is None:
+        logit_scale = DEFAULT_LOGIT_SCALE.get(preset, 1.0)
     p = plan(preset, layers=layers, overrides=overrides, shard_bytes=shard_bytes)
     out = Path(out)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -121,7 +132,8 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
         for s, idxs in enumerate(p.shards):
             fname = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
             entries = [p.entries[i] for i in idxs]
-            tensors = (_tensor(n, d, sh, seed=seed, std=std, device=dev) for n, d, sh in entries)
+            tensors = (_tensor(n, d, sh, seed=seed, std=std, device=dev, logit_scale=logit_scale)
+                       for n, d, sh in entries)
             write_shard(tmp / fname, entries, tensors, progress=tick)
             for name, _, _ in entries:
                 weight_map[name] = fname

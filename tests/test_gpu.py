@@ -1,0 +1,117 @@
+"""CUDA paths: grouped kernels, pinned memory, copy streams. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from tests.conftest import load_model
+from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
+from tidecli.experts.compute import (
+    combine,
+    grouped_mm_available,
+    pool_views,
+    run_grouped_loop,
+    run_grouped_mm,
+)
+
+pytestmark = pytest.mark.gpu
+MASK, EOS = 156895, 156892
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def test_grouped_mm_matches_the_loop():
+    if not grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch._grouped_mm needs sm90 and a recent torch")
+    h, i, e, t, k = 2048, 512, 64, 32, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = (torch.randn(e, 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
+    gate_up, down = pool_views(buf, h, i)
+    x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    slots = torch.randint(0, e, (t * k,), device="cuda", generator=g)
+    slots[::7] = -1  # some pairs skipped
+    fast = run_grouped_mm(x, slots, gate_up, down, k)
+    ref = torch.zeros_like(fast)
+    run_grouped_loop(x, slots, gate_up, down, k, ref)
+    assert _rel(fast, ref) < 1e-2
+    assert torch.all(fast[slots < 0] == 0)
+    w = torch.rand(t, k, device="cuda")
+    assert _rel(combine(fast, w, torch.bfloat16), combine(ref, w, torch.bfloat16)) < 1e-2
+
+
+def _cuda_model(path, runtime=None):
+    from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
+    from tidecli.model.checkpoint import Checkpoint
+    from tidecli.model.llada2 import LLaDA2Model
+    from tidecli.model.loader import load_dense
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    ckpt = Checkpoint.open(path)
+    w = load_dense(ckpt, device=dev, dtype=dt, embed_device=torch.device("cpu"))
+    rt = runtime(ckpt) if runtime else ResidentRuntime(
+        ckpt.config, load_expert_pools(ckpt, device=dev, dtype=dt), device=dev, dtype=dt)
+    return LLaDA2Model(ckpt.config, w, rt, device=dev, dtype=dt)
+
+
+def _gen(model, prompt, **kw):
+    d = BlockDiffusionDecoder(model, prompt, DecodeSettings(**kw), mask_id=MASK, eos_ids={EOS},
+                              device=torch.device("cuda"))
+    for _ in d.steps():
+        pass
+    return d.result
+
+
+def _offload(policy_factory, b):
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.store import HostExpertStore
+
+    def make(ckpt):
+        store = HostExpertStore(ckpt, pin=True)
+        assert store.info.pinned
+        return OffloadRuntime(ckpt.config, store, {layer: b for layer in ckpt.config.moe_layers},
+                              policy_factory(), device=torch.device("cuda"),
+                              dtype=torch.bfloat16)
+    return make
+
+
+@pytest.mark.parametrize("b", [4, 12])
+def test_policies_are_token_identical_on_cuda(tiny_ckpt, b):
+    from tidecli.experts.policies import LruPolicy, StaticPolicy, TideOptions, TidePolicy
+
+    prompt = list(range(2000, 2045))
+    ref = _gen(_cuda_model(tiny_ckpt), prompt, gen_length=96)
+    for factory in (LruPolicy, StaticPolicy, lambda: TidePolicy(TideOptions(tau=3)),
+                    lambda: TidePolicy(TideOptions(tau=2, stall_refresh=True))):
+        model = _cuda_model(tiny_ckpt, _offload(factory, b))
+        out = _gen(model, prompt, gen_length=96)
+        s = model.experts.run_stats.summary()
+        assert out.token_ids == ref.token_ids, (model.experts.name, b)
+        assert s["gpu_hits"] + s["fetched_calls"] + s["cpu_calls"] == s["pairs"]
+        model.experts.close()
+
+
+def test_cpu_misses_keep_logits_within_bf16_rounding(tiny_ckpt):
+    from tidecli.experts.policies import StaticPolicy
+    from tidecli.model.llada2 import ForwardInfo, KVCache
+
+    full = _cuda_model(tiny_ckpt)
+    part = _cuda_model(tiny_ckpt, _offload(StaticPolicy, 6))
+    x = torch.randint(0, 150000, (64,), device="cuda")
+    out = []
+    for m in (full, part):
+        cache = KVCache(m.cfg, 64, device=torch.device("cuda"), dtype=torch.bfloat16)
+        m.prefill(x[:32], cache, ForwardInfo("prefill"))
+        out.append(m.block_forward(x[32:], 32, cache, ForwardInfo("step")))
+    assert part.experts.run_stats.summary()["cpu_calls"] > 0
+    assert _rel(out[1], out[0]) < 2e-2
+
+
+def test_pinned_store_and_async_promotion_bandwidth(tiny_ckpt):
+    """A promotion is one copy from pinned memory on the copy stream."""
+    from tidecli.experts.store import HostExpertStore
+    from tidecli.model.checkpoint import Checkpoint
+
+    store = HostExpertStore(Checkpoint.open(tiny_ckpt), pin=True)
+    row = store.expert(1, 0)
+    assert row.is_pinned() and row.is_contiguous()
