@@ -33,6 +33,7 @@ class EngineOptions:
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     vram_gib: float | None = None  # total device budget; None → every expert fits (resident)
     experts_per_layer: int | None = None  # force a uniform B
+    experts_per_layer_map: dict[int, int] | None = None  # per-layer B_ℓ (from the planner)
     tau: int | None = None
     stall_refresh: bool = False
     warm_start: bool = True
@@ -42,6 +43,7 @@ class EngineOptions:
     cpu_dtype: str = "auto"
     context_tokens: int = 4096  # KV cache reserved in the budget
     calibration: str | None = None  # routing trace for the static policy
+    graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
 
 
 def pick_device(name: str) -> torch.device:
@@ -98,6 +100,10 @@ class Engine:
         self.runtime = self._build_runtime(progress)
         self.model = LLaDA2Model(self.cfg, self.weights, self.runtime, device=self.device,
                                  dtype=self.dtype, block_length=opts.block_length)
+        # On CUDA a step runs as a static program (CUDA graphs unless turned off); on the CPU
+        # the eager path is as fast and simpler.
+        self.model.use_program = self.device.type == "cuda"
+        self.model.capture = opts.graphs
 
     def _build_runtime(self, progress: LoadProgress | None):
         from tidecli.experts.policies import POLICIES
@@ -117,6 +123,28 @@ class Engine:
         from tidecli.experts.budget import uniform_budget
 
         o, cfg = self.opts, self.cfg
+        if o.experts_per_layer_map is not None:  # per-layer B_ℓ, as a plan gives them
+            budgets = {int(k): int(v) for k, v in o.experts_per_layer_map.items()}
+            if set(budgets) != set(cfg.moe_layers) or \
+                    any(not 0 <= v <= cfg.num_experts for v in budgets.values()):
+                raise TideError("the per-layer expert budgets do not fit this model (every MoE "
+                                f"layer, each in 0..{cfg.num_experts})",
+                                "make the plan with this model: tide plan --model ...")
+            if o.policy == "lru" and min(budgets.values()) < 1:
+                raise TideError("the lru policy needs at least one expert slot per layer",
+                                "raise the budgets")
+            if o.vram_gib is not None:
+                plan = uniform_budget(cfg, o.vram_gib, context_tokens=o.context_tokens,
+                                      block_length=o.block_length,
+                                      dtype_bytes=self.dtype.itemsize)
+                room = plan.budget - plan.dense - plan.kv_cache - plan.workspace
+                need = sum(max(v, 1) for v in budgets.values()) * plan.expert_bytes
+                if need > room:  # a pool holds at least one row, even for B = 0
+                    raise TideError(f"the per-layer expert budgets need {need / 2**30:.2f} GiB; "
+                                    f"--vram {o.vram_gib:g} GiB leaves {room / 2**30:.2f} GiB",
+                                    "lower the budgets or raise --vram")
+                self.memory_plan = plan
+            return {layer: budgets[layer] for layer in cfg.moe_layers}
         b: int | None = None
         if o.experts_per_layer is not None:
             if not 0 <= o.experts_per_layer <= cfg.num_experts:

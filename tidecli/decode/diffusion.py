@@ -138,13 +138,14 @@ class BlockDiffusionDecoder:
         self.progress = (0, 0, time.perf_counter())  # steps, forwards, start time
 
     def _logits(self, cache: KVCache | None, start: int, info: ForwardInfo,
-                rows: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor, host_block: list[int]) -> torch.Tensor:
         """Logits [len(rows), V] for block rows `rows` (offsets inside the block)."""
         bl = self.s.block_length
         if cache is None:
             return self.model.reference_logits(self.x[: start + bl], rows + start, info,
                                                block_length=bl)
-        return self.model.block_forward(self.x[start: start + bl], start, cache, info, rows=rows)
+        return self.model.block_forward(self.x[start: start + bl], start, cache, info, rows=rows,
+                                        ids_host=host_block)
 
     def steps(self) -> Iterator[StepEvent]:
         s, bl = self.s, self.s.block_length
@@ -153,7 +154,8 @@ class BlockDiffusionDecoder:
         first_block = self.prompt_len // bl
         forwards = 0
         if s.use_cache:
-            cache = KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
+            cache = self.model.cache_for(self.total) if hasattr(self.model, "cache_for") else \
+                KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
             if first_block:
                 self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
                                    block_length=bl)
@@ -179,7 +181,7 @@ class BlockDiffusionDecoder:
                 want = [p for p in range(bl) if host_block[p] == self.mask_id or
                         (s.editing_threshold is not None and start + p >= self.prompt_len)]
                 rows = torch.tensor(want, dtype=torch.long, device=self.device)
-                logits = self._logits(cache, start, info, rows)
+                logits = self._logits(cache, start, info, rows, host_block)
                 forwards += 1
                 global_step += 1
                 self.progress = (global_step, forwards, t0)
@@ -239,7 +241,8 @@ class BlockDiffusionDecoder:
             if cache is not None and b + 1 < self.num_blocks:
                 # the finished block's clean K/V for every later block
                 self.model.block_forward(self.x[start: start + bl], start, cache,
-                                         ForwardInfo("commit", block=b, step=step), logits=False)
+                                         ForwardInfo("commit", block=b, step=step), logits=False,
+                                         ids_host=host_block)
                 forwards += 1
         self.result = self._finish(global_step, forwards, time.perf_counter() - t0, stopped_at_eos)
 

@@ -70,7 +70,9 @@ def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tens
     s = gate_up.shape[0]
     slot = torch.where(pair_slot < 0, s, pair_slot)
     order = torch.argsort(slot, stable=True)
-    counts = torch.bincount(slot, minlength=s + 1)[:s]
+    # scatter_add, not bincount: bincount sizes its output from the data (a host sync)
+    counts = torch.zeros(s + 1, dtype=torch.int32, device=slot.device).scatter_add_(
+        0, slot, torch.ones_like(slot, dtype=torch.int32))[:s]
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x[order // k]
     h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)

@@ -3,11 +3,18 @@
 The MoE layer calls `run(layer, hidden [T, H], ids [T, k], weights [T, k])` and gets the routed
 experts' weighted sum [T, H] back. A runtime decides where each expert runs; it never changes
 which experts a token uses or their weights.
+
+For the captured step program (model/program.py) the same work is split in phases:
+`device_begin` (device only: resident experts → per-pair rows), the host phases
+`host_before` / `host_after` (routing on the host, promotions, CPU misses, which write rows into
+an override buffer), and `device_end` (device only: take the override rows, weight and sum).
+`run` is exactly these phases in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,10 +34,32 @@ from tidecli.model.llada2 import ForwardInfo
 from tidecli.model.tensorio import ShardReader, check_finite, torch_dtype
 
 
+@dataclass
+class LayerIO:
+    """One MoE layer's routing and input, on the device and (once `wait` returns) on the host."""
+
+    ids: torch.Tensor  # [T, k] device
+    hidden: torch.Tensor  # [T, H] device
+    host_ids: torch.Tensor | None = None  # pinned copies filled by a D2H copy already queued
+    host_x: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded after that copy
+    _np: np.ndarray | None = None
+
+    def wait(self) -> np.ndarray:
+        if self._np is None:
+            if self.host_ids is None:  # CPU device: nothing to copy
+                self.host_ids, self.host_x = self.ids, self.hidden
+            elif self.ready is not None:
+                self.ready.synchronize()
+            self._np = self.host_ids.numpy()
+        return self._np
+
+
 class ExpertRuntime:
     """Base: forward bookkeeping, counters and the optional routing trace."""
 
     name = "base"
+    needs_host = False  # True: host phases between the device phases (no single-graph step)
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg = cfg
@@ -50,14 +79,14 @@ class ExpertRuntime:
         self.trace = RoutingTrace(cfg.num_moe_layers, cfg.num_experts, list(cfg.moe_layers))
         return self.trace
 
+    def reset_stats(self) -> None:
+        self.run_stats = ExpertStats()
+
     def begin_forward(self, info: ForwardInfo) -> None:
         self.info = info
         self.forward_stats = ExpertStats(forwards=1)
         self._trace_counts = [None] * self.cfg.num_moe_layers
         self._tokens = 0
-
-    def reset_stats(self) -> None:
-        self.run_stats = ExpertStats()
 
     def end_forward(self) -> ExpertStats:
         self.run_stats.add(self.forward_stats)
@@ -83,11 +112,47 @@ class ExpertRuntime:
         if isinstance(ids, np.ndarray):
             self._trace_counts[j] = np.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
         else:  # stays on the device until the forward ends: no sync per layer
-            self._trace_counts[j] = torch.bincount(ids.reshape(-1), minlength=self.cfg.num_experts)
+            flat = ids.reshape(-1)
+            self._trace_counts[j] = torch.zeros(self.cfg.num_experts, dtype=torch.long,
+                                                device=flat.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
+
+    # ---- phases ---------------------------------------------------------------------------------
+
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Device only: per-pair output rows [T·k, H] of the resident experts, zero elsewhere."""
+        raise NotImplementedError
+
+    def host_before(self, layer: int, io: LayerIO) -> None:
+        """Host work that must precede device_begin (activations, promotions before compute)."""
+
+    def host_after(self, layer: int, io: LayerIO, pair_out: torch.Tensor,
+                   over: torch.Tensor | None, over_mask: torch.Tensor | None) -> None:
+        """Host work after device_begin was queued, every forward pass (also when the device
+        phases replay from a captured graph): counters, the trace, and — for runtimes that
+        need the host — rows computed elsewhere, written to `over` with `over_mask` set."""
+
+    def device_end(self, layer: int, pair_out: torch.Tensor, weights: torch.Tensor,
+                   over: torch.Tensor | None, over_mask: torch.Tensor | None) -> torch.Tensor:
+        """Device only: replace overridden rows, weight in fp32 and sum over k."""
+        if over is not None:
+            pair_out = torch.where(over_mask[:, None], over, pair_out)
+        return combine(pair_out, weights, pair_out.dtype)
 
     def run(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        io = self.make_io(ids, hidden)
+        self.host_before(layer, io)
+        pair_out = self.device_begin(layer, hidden, ids)
+        over = over_mask = None
+        if self.needs_host:
+            over = torch.empty_like(pair_out)
+            over_mask = torch.zeros(pair_out.shape[0], dtype=torch.bool, device=pair_out.device)
+        self.host_after(layer, io, pair_out, over, over_mask)
+        return self.device_end(layer, pair_out, weights, over, over_mask)
+
+    def make_io(self, ids: torch.Tensor, hidden: torch.Tensor) -> LayerIO:
+        return LayerIO(ids=ids, hidden=hidden)
 
     def describe(self) -> dict:
         return {"policy": self.name}
@@ -113,25 +178,37 @@ def read_expert_packed(reader: ShardReader, ckpt: Checkpoint, layer: int, expert
 
 
 def load_expert_pools(ckpt: Checkpoint, *, device: torch.device, dtype: torch.dtype,
-                      progress: ProgressFn | None = None) -> dict[int, torch.Tensor]:
+                      progress: ProgressFn | None = None,
+                      chunk: int = 32) -> dict[int, torch.Tensor]:
     """Every routed expert on `device`, one packed buffer [E, 3·I·H] per MoE layer."""
     cfg = ckpt.config
     stored = torch_dtype(ckpt.expert_dtype())
     row = cfg.expert_params
     pools: dict[int, torch.Tensor] = {}
-    pin = device.type == "cuda"
-    staging = torch.empty((cfg.num_experts, row), dtype=stored, pin_memory=pin)
+    cuda = device.type == "cuda"
+    chunk = min(chunk, cfg.num_experts)
+    # two pinned staging buffers: one fills from disk while the other copies to the GPU
+    staging = [torch.empty((chunk, row), dtype=stored, pin_memory=cuda) for _ in range(2)]
+    done_ev: list[torch.cuda.Event | None] = [None, None]
     with ShardReader() as reader:
         for layer in cfg.moe_layers:
-            for e in range(cfg.num_experts):
-                read_expert_packed(reader, ckpt, layer, e, staging[e])
-                if progress:
-                    progress(cfg.expert_bytes(staging.element_size()))
             pool = torch.empty((cfg.num_experts, row), dtype=dtype, device=device)
-            pool.copy_(staging, non_blocking=pin)
-            if pin:  # the staging buffer is reused for the next layer
-                torch.cuda.current_stream(device).synchronize()
+            for n, first in enumerate(range(0, cfg.num_experts, chunk)):
+                buf, slot = staging[n % 2], n % 2
+                if done_ev[slot] is not None:
+                    done_ev[slot].synchronize()
+                count = min(chunk, cfg.num_experts - first)
+                for i in range(count):
+                    read_expert_packed(reader, ckpt, layer, first + i, buf[i])
+                    if progress:
+                        progress(row * buf.element_size())
+                pool[first: first + count].copy_(buf[:count], non_blocking=cuda)
+                if cuda:
+                    done_ev[slot] = torch.cuda.Event()
+                    done_ev[slot].record()
             pools[layer] = pool
+    if cuda:
+        torch.cuda.synchronize(device)
     return pools
 
 
@@ -149,21 +226,27 @@ class ResidentRuntime(ExpertRuntime):
         if kernel == "auto":
             kernel = "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
         self.kernel = kernel
+        self._dev_counts: dict[int, torch.Tensor] = {}
 
-    def run(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
-            weights: torch.Tensor) -> torch.Tensor:
+    def host_after(self, layer, io, pair_out, over, over_mask):
+        self.forward_stats.layer(layer).gpu_hits += io.ids.numel()
+        if self.trace is not None:
+            self._trace_counts[self.layer_index[layer]] = self._dev_counts[layer]
+            self._tokens = int(io.ids.shape[0])
+
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.views[layer]
         pair_slot = ids.reshape(-1)  # every expert is resident: slot = expert id
-        self._record_routing(layer, ids)
-        c = self.forward_stats.layer(layer)
-        c.gpu_hits += pair_slot.numel()
+        if self.trace is not None:  # counted on the device, read once the forward ends
+            self._dev_counts[layer] = torch.zeros(
+                self.cfg.num_experts, dtype=torch.long, device=ids.device).scatter_add_(
+                0, pair_slot, torch.ones_like(pair_slot))
         if self.kernel == "grouped_mm":
-            pair_out = run_grouped_mm(hidden, pair_slot, gate_up, down, self.k)
-        else:
-            pair_out = torch.empty((pair_slot.numel(), hidden.shape[1]), dtype=hidden.dtype,
-                                   device=hidden.device)
-            run_grouped_loop(hidden, pair_slot, gate_up, down, self.k, pair_out)
-        return combine(pair_out, weights, hidden.dtype)
+            return run_grouped_mm(hidden, pair_slot, gate_up, down, self.k)
+        pair_out = torch.zeros((pair_slot.numel(), hidden.shape[1]), dtype=hidden.dtype,
+                               device=hidden.device)
+        run_grouped_loop(hidden, pair_slot, gate_up, down, self.k, pair_out)
+        return pair_out
 
     def describe(self) -> dict:
         return {"policy": self.name, "kernel": self.kernel}

@@ -27,7 +27,7 @@ def available_ram() -> int:
 
 
 def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
-    """One host buffer; pinned when asked (page-locked memory makes copies async and 3-4× faster)."""
+    """One host buffer; pinned when asked (page-locked memory: async copies, 3-4× faster)."""
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 

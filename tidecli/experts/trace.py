@@ -62,7 +62,8 @@ class RoutingTrace:
         np.savez_compressed(
             buf, counts=self.array(), kinds=np.array([KINDS.index(k) for k in self.kinds],
                                                      dtype=np.uint8),
-            blocks=np.array(self.blocks, dtype=np.int32), steps=np.array(self.steps, dtype=np.int32),
+            blocks=np.array(self.blocks, dtype=np.int32),
+            steps=np.array(self.steps, dtype=np.int32),
             tokens=np.array(self.tokens, dtype=np.int32), moe_layers=np.array(self.moe_layers,
                                                                               dtype=np.int32),
             meta=np.array(json.dumps(self.meta)))

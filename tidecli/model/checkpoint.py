@@ -155,7 +155,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                         "re-download the checkpoint: the index names a file that is not there") \
             from exc
     except OSError as exc:
-        raise TideError(f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions") \
+        raise TideError(f"cannot read {path}: {exc.strerror or exc}",
+                        "check the file's permissions") \
             from exc
     try:
         header = json.loads(blob.decode("utf-8"))

@@ -56,8 +56,9 @@ def attention(
     head_dim: int,
     eps: float,
     kv: tuple[torch.Tensor, torch.Tensor] | None,  # cache [S, nkv, hd] ×2 or None
-    kv_start: int,  # position of x[0]; K/V are written at kv_start..kv_start+T
-    mask: torch.Tensor | None,  # [T, S] bool or None (= attend to everything up to kv_end)
+    kv_start: int | None,  # position of x[0]: K/V written at kv_start..kv_start+T, keys up to
+    # there; None (the captured step): written at `positions`, keys = the whole cache + `mask`
+    mask: torch.Tensor | None,  # [T, S] bool or None (= attend to every key)
 ) -> torch.Tensor:
     t = x.shape[0]
     qkv = F.linear(x, w.qkv)
@@ -73,10 +74,15 @@ def attention(
     k = rotary.apply(k, positions)
     if kv is not None:
         cache_k, cache_v = kv
-        end = kv_start + t
-        cache_k[kv_start:end] = k
-        cache_v[kv_start:end] = v
-        k, v = cache_k[:end], cache_v[:end]
+        if kv_start is None:  # static shapes for graph capture: positions live on the device
+            cache_k.index_copy_(0, positions, k)
+            cache_v.index_copy_(0, positions, v)
+            k, v = cache_k, cache_v
+        else:
+            end = kv_start + t
+            cache_k[kv_start:end] = k
+            cache_v[kv_start:end] = v
+            k, v = cache_k[:end], cache_v[:end]
     # SDPA wants [B, heads, T, hd]; GQA handled by the kernel, softmax accumulates in fp32.
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],

@@ -34,8 +34,10 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, capacity: int, *, device: torch.device,
                  dtype: torch.dtype) -> None:
         shape = (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: the captured step reads (and masks) keys not written yet, and
+        # uninitialised memory could hold NaN, which a mask does not cancel
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +58,35 @@ class LLaDA2Model:
         self.block = block_length
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
         self.timers = None  # optional StepTimers (per-part timing for profiling)
+        # Steps run as a StepProgram (static shapes; CUDA graphs when `capture`) when enabled.
+        self.use_program = False
+        self.capture = device.type == "cuda"
+        self._cache: KVCache | None = None
+        self._programs: dict[int, object] = {}
+
+    def cache_for(self, positions: int, *, round_to: int = 512) -> KVCache:
+        """A KV cache for `positions`; kept and reused across generations (captured programs
+        hold its address), grown when a longer one is needed."""
+        if self._cache is None or self._cache.capacity < positions:
+            cap = -(-positions // round_to) * round_to
+            cap = min(max(cap, positions), self.cfg.max_position_embeddings)
+            self._cache = None
+            self._programs.clear()
+            self._cache = KVCache(self.cfg, cap, device=self.device, dtype=self.dtype)
+        return self._cache
+
+    def program(self, cache: KVCache, block: int):
+        from tidecli.model.program import StepProgram
+
+        prog = self._programs.get(block)
+        if prog is None or prog.cache is not cache:
+            prog = StepProgram(self, cache, block, capture=self.capture)
+            self._programs[block] = prog
+        return prog
+
+    def reset_programs(self) -> None:
+        """Forget captured programs (after the expert runtime changed)."""
+        self._programs.clear()
 
     # ---- building blocks ------------------------------------------------------------------------
 
@@ -119,8 +150,8 @@ class LLaDA2Model:
 
     @torch.inference_mode()
     def block_forward(self, ids: torch.Tensor, start: int, cache: KVCache, info: ForwardInfo,
-                      *, rows: torch.Tensor | None = None, logits: bool = True
-                      ) -> torch.Tensor | None:
+                      *, rows: torch.Tensor | None = None, logits: bool = True,
+                      ids_host: list[int] | None = None) -> torch.Tensor | None:
         """Run the block at positions start..start+len(ids) against the cached prefix.
 
         Writes this block's K/V at its positions (a scratch area until the block is final: the
@@ -128,6 +159,9 @@ class LLaDA2Model:
         `rows` of the block when given (the positions the decoder will look at).
         """
         t = ids.shape[0]
+        if self.use_program and ids_host is not None and self.timers is None:
+            out = self.program(cache, t).run(ids_host, start, info)
+            return (out if rows is None else out[rows]) if logits else None
         positions = torch.arange(start, start + t, device=self.device)
         self.experts.begin_forward(info)
         x = self._layers(self.embed(ids), positions, cache=cache, start=start, mask=None)

@@ -29,8 +29,8 @@ def load_dense(
     """Read every non-expert tensor, check it is finite, and place it.
 
     The router weight and expert bias are kept in fp32: the reference computes routing in fp32
-    whatever the stored dtype, so routing never changes with the activation dtype. The embedding table may live on another
-    device (the host) since only a few rows are read per step.
+    whatever the stored dtype, so routing never changes with the activation dtype. The
+    embedding table may live on another device (the host): a step reads only a few rows.
     """
     cfg = ckpt.config
     embed_device = embed_device or device
@@ -48,7 +48,8 @@ def load_dense(
         def ffn(names: dict[str, str], prefix: str) -> FFNWeights:
             gate = get(names[f"{prefix}.gate_proj"])
             up = get(names[f"{prefix}.up_proj"])
-            return FFNWeights(gate_up=torch.cat([gate, up], 0), down=get(names[f"{prefix}.down_proj"]))
+            return FFNWeights(gate_up=torch.cat([gate, up], 0),
+                              down=get(names[f"{prefix}.down_proj"]))
 
         embed = get(ck.EMBED, to=embed_device)
         lm_head = embed.to(device) if cfg.tie_word_embeddings else get(ck.LM_HEAD)

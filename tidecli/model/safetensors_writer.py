@@ -19,7 +19,10 @@ _CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
           torch.int64: "I64", torch.int32: "I32"}
 
 
-def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def header_bytes(entries: list[Entry]) -> tuple[bytes, list[int]]:
     """(header blob with its length prefix, byte size of each entry)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0

@@ -1,0 +1,185 @@
+"""One denoising step as a fixed program of device segments, captured as CUDA graphs.
+
+A step runs the block's T positions through every layer against a KV cache of fixed capacity
+(keys past the block are masked), so every shape is static and the device work between host
+points can be captured once and replayed: launching ~80 small kernels per layer from Python
+costs far more than running them. Host points sit after each MoE layer's router, where the
+expert runtime may read the routing, promote experts and compute misses on the CPU:
+
+    chunk 0:   input → dense layers → attention + router of MoE layer 0 (+ routing to host)
+    gpu j:     resident experts of MoE layer j + its shared expert
+    chunk j+1: combine layer j (override rows from the host) → ... router of MoE layer j+1
+    chunk M:   combine the last MoE layer → final norm → lm_head
+
+A runtime that needs no host phases (all experts resident) gets the whole step as one graph.
+On a CPU device, or with capture off, the same segments run eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tidecli.experts.runtime import LayerIO
+from tidecli.model.layers import attention, rms_norm, swiglu
+from tidecli.model.llada2 import ForwardInfo, KVCache
+from tidecli.model.router import route
+
+
+class StepProgram:
+    def __init__(self, model, cache: KVCache, block: int, *, capture: bool) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.rt = model.experts
+        self.cache = cache
+        self.T = block
+        dev, dt = model.device, model.dtype
+        self.device = dev
+        self.cuda = dev.type == "cuda"
+        k, h = cfg.num_experts_per_tok, cfg.hidden_size
+        self.moe = list(cfg.moe_layers)
+        m = len(self.moe)
+        self.x0 = torch.zeros(block, h, dtype=dt, device=dev)
+        self.start = torch.zeros(1, dtype=torch.long, device=dev)
+        self._offsets = torch.arange(block, device=dev)
+        self._key_pos = torch.arange(cache.capacity, device=dev)
+        self.over = torch.zeros(block * k, h, dtype=dt, device=dev)
+        self.over_mask = torch.zeros(block * k, dtype=torch.bool, device=dev)
+        self.to_host = self.cuda and self.rt.needs_host
+        pin = self.cuda
+        self.host_ids = [torch.empty((block, k), dtype=torch.long, pin_memory=pin)
+                         for _ in range(m)]
+        self.host_x = [torch.empty((block, h), dtype=dt, pin_memory=pin) for _ in range(m)]
+        self._x_stage = torch.empty((block, h), dtype=dt, pin_memory=pin)
+        self._start_stage = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self.h: list = [None] * m
+        self.n: list = [None] * m
+        self.ids: list = [None] * m
+        self.w: list = [None] * m
+        self.pair: list = [None] * m
+        self.shared: list = [None] * m
+        self.logits: torch.Tensor | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.single = not self.rt.needs_host
+        if capture and self.cuda:
+            self._capture()
+
+    # ---- device segments ------------------------------------------------------------------------
+
+    def _attn(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, lw = self.model.cfg, self.model.w.layers[i]
+        positions = self.start + self._offsets
+        mask = (self._key_pos < self.start + self.T)[None, :]
+        h = x + attention(
+            rms_norm(x, lw.input_norm, cfg.rms_norm_eps), lw.attn, positions=positions,
+            rotary=self.model.rotary, num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
+            kv=self.cache.layer(i), kv_start=None, mask=mask)
+        return h, rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+
+    def _chunk(self, j: int) -> None:
+        """From the end of MoE layer j-1 (or the input) to the router of MoE layer j (or the
+        logits when j is past the last MoE layer)."""
+        model, cfg = self.model, self.model.cfg
+        if j == 0:
+            x, first = self.x0, 0
+        else:
+            prev = self.moe[j - 1]
+            y = self.rt.device_end(prev, self.pair[j - 1], self.w[j - 1], self.over,
+                                   self.over_mask)
+            if self.shared[j - 1] is not None:
+                y = y + self.shared[j - 1]
+            x, first = self.h[j - 1] + y, prev + 1
+        stop = self.moe[j] if j < len(self.moe) else cfg.num_hidden_layers
+        for i in range(first, stop):  # dense layers in between
+            h, n = self._attn(i, x)
+            x = h + swiglu(n, model.w.layers[i].dense_ffn)
+        if j == len(self.moe):
+            xn = rms_norm(x, model.w.norm, cfg.rms_norm_eps)
+            self.logits = torch.nn.functional.linear(xn, model.w.lm_head).float()
+            return
+        layer = self.moe[j]
+        h, n = self._attn(layer, x)
+        ids, w = route(n, model.w.layers[layer].router, cfg)
+        self.h[j], self.n[j], self.ids[j], self.w[j] = h, n, ids, w
+        if self.to_host:  # the routing goes to the host as soon as it exists
+            self.host_ids[j].copy_(ids, non_blocking=True)
+            self.host_x[j].copy_(n, non_blocking=True)
+
+    def _gpu(self, j: int) -> None:
+        layer = self.moe[j]
+        self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
+        shared = self.model.w.layers[layer].shared
+        self.shared[j] = swiglu(self.n[j], shared) if shared is not None else None
+
+    def _segments(self) -> list:
+        segs = []
+        for j in range(len(self.moe)):
+            segs.append(lambda j=j: self._chunk(j))
+            segs.append(lambda j=j: self._gpu(j))
+        segs.append(lambda: self._chunk(len(self.moe)))
+        return segs
+
+    def _capture(self) -> None:
+        segs = self._segments()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: kernels chosen, workspaces allocated
+            for _ in range(2):
+                for seg in segs:
+                    seg()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        groups = [segs] if self.single else [[s] for s in segs]
+        self.graphs = []
+        for group in groups:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                for seg in group:
+                    seg()
+            self.graphs.append(g)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _load_inputs(self, ids: list[int], start: int) -> None:
+        table = self.model.w.embed
+        rows = table[torch.tensor(ids, device=table.device)]
+        if self.cuda and rows.device.type == "cpu":
+            self._x_stage.copy_(rows)
+            self.x0.copy_(self._x_stage, non_blocking=True)
+            self._start_stage[0] = start
+            self.start.copy_(self._start_stage, non_blocking=True)
+        else:
+            self.x0.copy_(rows)
+            self.start.fill_(start)
+
+    def run(self, ids: list[int], start: int, info: ForwardInfo) -> torch.Tensor:
+        """ids: the block's tokens (host list); returns logits [T, V] (a static buffer)."""
+        if self.cuda:
+            # the host stages below are reused: the previous step must have consumed them
+            torch.cuda.current_stream(self.device).synchronize()
+        self._load_inputs(ids, start)
+        rt = self.rt
+        rt.begin_forward(info)
+        segs = self.graphs if self.graphs is not None else self._segments()
+        replay = (lambda g: g.replay()) if self.graphs is not None else (lambda f: f())
+        if self.single:
+            for g in (segs if self.graphs is None else self.graphs):
+                replay(g)
+            for j, layer in enumerate(self.moe):
+                rt.host_after(layer, LayerIO(ids=self.ids[j], hidden=self.n[j]), self.pair[j],
+                              None, None)
+        else:
+            for j, layer in enumerate(self.moe):
+                replay(segs[2 * j])
+                io = LayerIO(ids=self.ids[j], hidden=self.n[j])
+                if self.to_host:
+                    io.host_ids, io.host_x = self.host_ids[j], self.host_x[j]
+                    io.ready = torch.cuda.Event()
+                    io.ready.record()
+                self.over_mask.zero_()
+                rt.host_before(layer, io)
+                replay(segs[2 * j + 1])
+                rt.host_after(layer, io, self.pair[j], self.over, self.over_mask)
+            replay(segs[-1])
+        rt.end_forward()
+        return self.logits
