@@ -37,6 +37,9 @@ class HardwareProfile:
     pcie_peak_gbps: float | None = None  # theoretical per direction for the current link
     gpu_mem_gbps: float | None = None  # device memory bandwidth (read + write counted)
     gpu_bf16_tflops: float | None = None
+    # spec-sheet peaks (reference profiles), so achieved figures can be shown against them
+    gpu_mem_peak_gbps: float | None = None
+    gpu_bf16_peak_tflops: float | None = None  # dense tensor cores, fp32 accumulate
     # ---- host ↔ GPU copies ----
     h2d_pinned_gbps: float | None = None  # large pinned transfers
     h2d_pinned_expert_gbps: float | None = None  # one expert of `expert_shape` per copy
@@ -48,11 +51,14 @@ class HardwareProfile:
     expert_shape: tuple[int, int] = (2048, 512)
     # GPU: one layer's experts in grouped kernels: tokens-per-step → ms per *expert* used
     gpu_expert_ms: dict[int, float] = field(default_factory=dict)
+    gpu_expert_kernel: str | None = None  # "grouped_mm" | "loop" (see experts/compute.py)
     # CPU: threads → {tokens → ms for one expert call}
     cpu_expert_ms: dict[int, dict[int, float]] = field(default_factory=dict)
     cpu_best_threads: int | None = None
     cpu_mode: str = "intra"  # "intra" | "experts" (see experts/cpu.py)
     cpu_dtype: str = "bf16"  # "bf16" | "fp32"
+    # every dtype/mode tried: "bf16/intra" → ms per expert call at ~8 tokens
+    cpu_variant_ms: dict[str, float] = field(default_factory=dict)
     # ---- CPU and RAM ----
     cpu_model: str = ""
     cpu_physical_cores: int = 0
@@ -87,6 +93,8 @@ class HardwareProfile:
         if "cpu_expert_ms" in kw:
             kw["cpu_expert_ms"] = {int(t): {int(k): float(v) for k, v in m.items()}
                                    for t, m in kw["cpu_expert_ms"].items()}
+        if "cpu_variant_ms" in kw:
+            kw["cpu_variant_ms"] = {str(k): float(v) for k, v in kw["cpu_variant_ms"].items()}
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:
@@ -99,7 +107,8 @@ def load_profile_file(path: str | Path) -> HardwareProfile:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return HardwareProfile.from_dict(raw)
     except FileNotFoundError as exc:
-        raise TideError(f"no profile at {path}", "run `tide profile` or pass --profile NAME") from exc
+        raise TideError(f"no profile at {path}",
+                        "run `tide profile` or pass --profile NAME") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError,
             AttributeError) as exc:
         raise TideError(f"the hardware profile {path} is corrupt ({type(exc).__name__})",

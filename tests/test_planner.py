@@ -1,0 +1,508 @@
+"""The planner: cost model by hand, τ* by brute force, budgets within VRAM, the d/f estimator on a
+synthetic trace of known drift, the `tide plan` command and `--calibrate` on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tidecli.errors import TideError
+from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
+from tidecli.experts.trace import RoutingTrace
+from tidecli.hardware.profile import HardwareProfile
+from tidecli.model.config import config_from_dict
+from tidecli.model.presets import preset_config
+from tidecli.planner import (
+    Calibration,
+    HardwareCosts,
+    RoutingStats,
+    Workload,
+    cpu_cost,
+    io_cost,
+    make_plan,
+    predict,
+    predictor,
+    solve_tau,
+    trace_stats,
+)
+from tidecli.planner.calibrate import Measurement, fit_calibration
+from tidecli.planner.costs import CUDA_CONTEXT_RESERVE_GIB
+from tidecli.planner.model import Problem, tau_objective
+from tidecli.planner.solver import allocate_slots
+from tidecli.planner.stats import (
+    default_distinct,
+    published_stats,
+    refresh_ages,
+    similarity_curve,
+)
+
+MINI = config_from_dict(preset_config("mini"))
+FLASH = config_from_dict(preset_config("flash"))
+TINY = config_from_dict(preset_config("tiny"))
+
+
+def gpu_profile(name, *, vram_gib, mem_gbps, h2d_gbps, cores, ram_gib, cpu_1tok_ms,
+                gpu_expert_ms, threads=None) -> HardwareProfile:
+    """A profile like `tide profile` writes, with public-spec figures for consumer cards."""
+    threads = threads or cores
+    cpu = {t: {1: cpu_1tok_ms * f, 4: cpu_1tok_ms * 1.2 * f, 32: cpu_1tok_ms * 1.9 * f,
+               256: cpu_1tok_ms * 6 * f}
+           for t, f in ((threads, 1.0), (max(1, threads // 2), 1.4))}
+    return HardwareProfile(
+        name=name, kind="reference", gpu_name=name, vram_total_bytes=int(vram_gib * GIB),
+        gpu_mem_gbps=mem_gbps, h2d_pinned_gbps=h2d_gbps * 1.05, h2d_pinned_expert_gbps=h2d_gbps,
+        copy_latency_ms=0.01, gpu_expert_ms={1: gpu_expert_ms * 0.7, 32: gpu_expert_ms,
+                                             256: gpu_expert_ms * 3},
+        cpu_expert_ms=cpu, cpu_best_threads=threads, cpu_physical_cores=cores,
+        ram_total_bytes=int(ram_gib * GIB), ram_available_bytes=int(ram_gib * 0.8 * GIB),
+        ram_read_gbps=60.0, expert_shape=(2048, 512))
+
+
+CONSUMER = [
+    gpu_profile("RTX 3060 12 GB", vram_gib=12, mem_gbps=360, h2d_gbps=24, cores=8, ram_gib=32,
+                cpu_1tok_ms=0.16, gpu_expert_ms=0.045),
+    gpu_profile("RTX 4060 Ti 16 GB", vram_gib=16, mem_gbps=288, h2d_gbps=12, cores=8,
+                ram_gib=64, cpu_1tok_ms=0.14, gpu_expert_ms=0.05),
+    gpu_profile("RTX 3090 24 GB", vram_gib=24, mem_gbps=936, h2d_gbps=24, cores=16, ram_gib=64,
+                cpu_1tok_ms=0.12, gpu_expert_ms=0.02),
+    gpu_profile("RTX 4090 24 GB", vram_gib=24, mem_gbps=1008, h2d_gbps=25, cores=16, ram_gib=96,
+                cpu_1tok_ms=0.11, gpu_expert_ms=0.018),
+    gpu_profile("RTX 5090 32 GB", vram_gib=32, mem_gbps=1792, h2d_gbps=50, cores=16,
+                ram_gib=192, cpu_1tok_ms=0.1, gpu_expert_ms=0.012),
+]
+
+
+def reference_profiles() -> list[HardwareProfile]:
+    """Our consumer set plus whatever the profile store ships (when it exists)."""
+    out = list(CONSUMER)
+    if importlib.util.find_spec("tidecli.hardware.store") is None:
+        return out
+    from tidecli.hardware import store
+
+    if not hasattr(store, "list_reference_profiles"):
+        return out
+    for item in store.list_reference_profiles():
+        if isinstance(item, HardwareProfile):
+            out.append(item)
+        else:
+            name = item if isinstance(item, str) else getattr(item, "name", str(item))
+            out.append(store.resolve_profile(name))
+    return out
+
+
+# ---- the cost model by hand ---------------------------------------------------------------------
+
+
+def test_paper_terms_by_hand():
+    # C_IO · (B·T/τ) · [1 − (1 − d)^τ] = 0.5 · 40 · 0.19
+    assert io_cost(c_io_ms=0.5, experts=10, steps=8, tau=2, drift=0.1) == pytest.approx(3.8)
+    assert io_cost(c_io_ms=0.5, experts=10, steps=8, tau=1, drift=0.1) == pytest.approx(4.0)
+    # C_CPU · T · B · f
+    assert cpu_cost(c_cpu_ms=0.2, steps=8, experts=10, f=0.3) == pytest.approx(4.8)
+
+
+def _toy(*, c_io=1.0, overlap=True) -> Problem:
+    """2 layers × 4 experts, 8 pairs and 4 distinct experts per step, miss = 1 − B/4 at every
+    age, drift 0.25, 2 tokens per missed call; one expert call on the CPU = 1 ms."""
+    b = np.arange(5)
+    miss = np.broadcast_to(1 - b / 4, (2, 4, 5)).copy()
+    drift = np.broadcast_to(np.where(b > 0, 0.25, 0.0), (2, 5)).copy()
+    stats = RoutingStats(source="published", pairs=8.0, distinct=np.array([4.0, 4.0]),
+                         miss_pairs=miss, miss_experts=miss.copy(), drift=drift,
+                         tokens_per_call=np.full((2, 5), 2.0))
+    costs = HardwareCosts(c_io_ms=c_io, gpu_expert_ms=0.5, dense_ms=2.0, dense_read_ms=1.0,
+                          launch_ms=1.0, cpu_threads=4, cpu_points=((1.0, 1.0), (4.0, 1.0)),
+                          overlap=overlap)
+    return Problem(cfg=TINY, costs=costs, stats=stats, steps=4)
+
+
+def test_step_time_by_hand():
+    p = _toy()
+    bd = predict(p, np.array([2, 2]), 2)
+    # per layer: GPU 4·(1−½)·0.5 = 1 ms, CPU 8·½ pairs · (1 ms / 2 tokens) = 2 ms → pays 2
+    assert bd.gpu_dense_ms == 2.0 and bd.gpu_expert_ms == pytest.approx(2.0)
+    assert bd.cpu_miss_ms == pytest.approx(4.0) and bd.cpu_stall_ms == pytest.approx(2.0)
+    # per refresh 2·(1 − 0.75²) = 0.875 experts per layer → 1.75 ms, every 2nd step, hidden
+    assert bd.pcie_ms == pytest.approx(0.875) and bd.pcie_stall_ms == 0.0
+    assert bd.step_ms == pytest.approx(6.0)
+    assert bd.hit_rate == pytest.approx(0.5)
+    # no overlap (a CPU device): the layer pays GPU + CPU, and the copies in full
+    bd = predict(_toy(overlap=False), np.array([2, 2]), 2)
+    assert bd.step_ms == pytest.approx(2.0 + 2.0 + 4.0 + 0.875)
+    # slow copies: 17.5 ms per refresh against 6 ms of compute stall the rest, every 2nd step
+    bd = predict(_toy(c_io=10.0), np.array([2, 2]), 2)
+    assert bd.pcie_stall_ms == pytest.approx((17.5 - 6.0) / 2)
+    assert bd.step_ms == pytest.approx(6.0 + 5.75)
+
+
+def test_tau_objective_by_hand():
+    # per layer: I/O 1·(2·4/2)·(1 − 0.75²) = 1.75; f = ½·8/2 = 2 per slot → CPU 0.5·4·2·2 = 8
+    assert tau_objective(_toy(), np.array([2, 2]), 2) == pytest.approx(2 * (1.75 + 8.0))
+
+
+def test_refresh_ages_follow_the_async_runtime():
+    assert refresh_ages(1, 5) == [1, 1, 1, 1, 1]
+    assert refresh_ages(2, 5) == [2, 1, 2, 1, 2]
+    assert refresh_ages(3, 7) == [3, 1, 2, 3, 1, 2, 3]
+
+
+def _brute_tau(p: Problem, budgets: np.ndarray) -> tuple[int, list[float]]:
+    st, co, t = p.stats, p.costs, p.steps
+    values = []
+    for tau in range(1, t):
+        ages = [min(a, st.max_age) for a in refresh_ages(tau, t)]
+        total = 0.0
+        for j, b in enumerate(budgets):
+            missed = st.pairs * np.mean([st.miss_pairs[j, a, b] for a in ages])
+            c_cpu = co.cpu_call_ms(st.tokens_per_call[j, b]) / max(1.0, st.tokens_per_call[j, b])
+            total += co.c_io_ms * (b * t / tau) * (1 - (1 - st.drift[j, b]) ** tau)
+            total += c_cpu * t * missed
+        values.append(total)
+    return int(np.argmin(values)) + 1, values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tau_star_is_the_brute_force_argmin(seed):
+    rng = np.random.default_rng(seed)
+    steps = int(rng.integers(3, 33))
+    stats = published_stats(MINI, block_length=32, max_age=steps)
+    # random costs make either term dominate
+    costs = HardwareCosts(c_io_ms=float(rng.uniform(0.01, 5)), gpu_expert_ms=0.02, dense_ms=5.0,
+                          dense_read_ms=4.0, launch_ms=1.0, cpu_threads=8,
+                          cpu_points=((1.0, float(rng.uniform(0.01, 1))), (32.0, 1.0)))
+    p = Problem(cfg=MINI, costs=costs, stats=stats, steps=steps)
+    budgets = rng.integers(0, 257, size=MINI.num_moe_layers)
+    tau, values = solve_tau(p, budgets)
+    want, brute = _brute_tau(p, budgets)
+    assert tau == want
+    assert np.allclose(values, brute)
+
+
+def test_tau_star_on_trace_stats_is_the_brute_force_argmin():
+    trace = fifo_trace(layers=3, experts=64, distinct=12, turnover=2, blocks=3, steps=10)
+    cfg = _cfg_for(trace)
+    stats = trace_stats(trace, cfg=cfg, max_age=10)
+    for c_io in (0.01, 0.3, 3.0):
+        costs = HardwareCosts(c_io_ms=c_io, gpu_expert_ms=0.02, dense_ms=1.0, dense_read_ms=1.0,
+                              launch_ms=0.0, cpu_threads=4, cpu_points=((1.0, 0.2), (8.0, 0.4)))
+        p = Problem(cfg=cfg, costs=costs, stats=stats, steps=10)
+        budgets = np.array([6, 12, 20])
+        assert solve_tau(p, budgets)[0] == _brute_tau(p, budgets)[0]
+
+
+# ---- budgets and plans --------------------------------------------------------------------------
+
+
+def test_allocate_slots_is_optimal_and_within_total():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        costs = rng.uniform(0, 10, size=(3, 5))
+        total = int(rng.integers(3, 13))
+        got = allocate_slots(costs, total)
+        assert got.sum() <= total and got.min() >= 1
+        best = min(sum(costs[j, b] for j, b in enumerate(bs))
+                   for bs in itertools.product(range(1, 5), repeat=3) if sum(bs) <= total)
+        assert costs[np.arange(3), got].sum() == pytest.approx(best)
+
+
+@pytest.mark.parametrize("cfg", [MINI, FLASH], ids=["mini", "flash"])
+def test_plans_for_every_reference_profile_are_sane(cfg):
+    for prof, vram in itertools.product(reference_profiles(), (8, 12, 16, 24)):
+        try:
+            plan = make_plan(config=cfg, profile=prof, vram_gib=vram)
+        except TideError as exc:
+            assert "cannot hold the dense part" in exc.message and exc.hint
+            continue
+        _check_sane(plan, cfg)
+        if cfg is FLASH and prof.ram_total_bytes < 190 * GIB:
+            assert any("host RAM" in w for w in plan.warnings)
+
+
+def _check_sane(plan, cfg):
+    assert plan.used_bytes <= plan.vram_budget_bytes
+    bs = list(plan.experts_per_layer.values())
+    assert sorted(plan.experts_per_layer) == cfg.moe_layers
+    assert all(0 <= b <= cfg.num_experts for b in bs)
+    assert 1 <= plan.tau <= plan.steps_per_block - 1
+    assert len(plan.tau_costs_ms) == plan.steps_per_block - 1
+    assert plan.tau_costs_ms[plan.tau - 1] == min(plan.tau_costs_ms)
+    bd = plan.breakdown
+    assert all(math.isfinite(v) and v >= 0 for v in bd.to_dict().values())
+    assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
+                                                   + bd.cpu_stall_ms + bd.pcie_stall_ms)
+    assert plan.predicted_step_ms >= bd.gpu_dense_ms > 0
+    assert 0 < plan.tokens_per_s < plan.steps_per_s * plan.block_length
+    assert plan.cpu_threads >= 1
+    d = plan.to_dict()
+    for key in ("experts_per_layer", "tau", "cpu_threads", "predicted_step_ms", "breakdown"):
+        assert key in d
+    json.dumps(d)
+
+
+def test_more_vram_is_never_predicted_slower():
+    prof = CONSUMER[3]
+    steps = [make_plan(config=MINI, profile=prof, vram_gib=v).predicted_step_ms
+             for v in (4, 6, 8, 12, 16, 23)]
+    assert all(b <= a * 1.02 for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_dense_part_that_does_not_fit_is_one_clear_error():
+    with pytest.raises(TideError) as info:
+        make_plan(config=FLASH, profile=CONSUMER[0], vram_gib=4)
+    msg = info.value.message
+    assert "cannot hold the dense part" in msg and "\n" not in msg
+    assert "give at least" in info.value.hint
+
+
+def test_default_vram_is_the_profile_minus_the_context_reserve():
+    prof = CONSUMER[0]
+    plan = make_plan(config=MINI, profile=prof)
+    assert plan.vram_budget_bytes == int((12 - CUDA_CONTEXT_RESERVE_GIB) * GIB)
+    cpu_only = HardwareProfile(name="laptop", gpu_name=None)
+    with pytest.raises(TideError, match="without a CUDA GPU"):
+        make_plan(config=MINI, profile=cpu_only)
+
+
+def test_everything_fits_means_resident():
+    plan = make_plan(config=MINI, profile=CONSUMER[4], vram_gib=80)
+    assert plan.policy == "resident" and set(plan.experts_per_layer.values()) == {256}
+    assert plan.breakdown.cpu_miss_ms == 0 and plan.breakdown.pcie_ms == 0
+
+
+def test_missing_profile_figures_become_notes_not_crashes():
+    bare = HardwareProfile(name="bare", gpu_name="GPU", vram_total_bytes=16 * GIB)
+    plan = make_plan(config=MINI, profile=bare, vram_gib=12)
+    _check_sane(plan, MINI)
+    assert any("estimated" in n or "assumed" in n for n in plan.notes)
+
+
+def test_workload_sets_the_steps_per_block():
+    prof = CONSUMER[3]
+    assert make_plan(config=MINI, profile=prof, vram_gib=12).steps_per_block == 13  # 32 / 2.55
+    assert make_plan(config=FLASH, profile=prof, vram_gib=24).steps_per_block == 10  # 32 / 3.19
+    quota_only = make_plan(config=MINI, profile=prof, vram_gib=12,
+                           workload=Workload(threshold=1.0))
+    assert quota_only.steps_per_block == 32 and len(quota_only.tau_costs_ms) == 31
+    with pytest.raises(TideError, match="--threshold"):
+        make_plan(config=MINI, profile=prof, vram_gib=12, workload=Workload(threshold=0))
+    long = make_plan(config=MINI, profile=prof, vram_gib=12, workload=Workload(gen_length=8192))
+    assert any("raise --context" in w for w in long.warnings)
+
+
+# ---- the estimator of d and f -------------------------------------------------------------------
+
+
+def fifo_trace(*, layers, experts, distinct, turnover, blocks, steps, per_layer=None):
+    """Each layer uses `distinct` experts per step, all equally; every step the `turnover` oldest
+    leave and that many never-used ones join (first-in first-out): drift d = turnover/distinct
+    and the miss share of a placement a steps old is a·turnover/distinct, exactly."""
+    tr = RoutingTrace(layers, experts, list(range(1, layers + 1)))
+    fresh = [0] * layers
+    hot = []
+    for j in range(layers):
+        n = (per_layer or [distinct] * layers)[j]
+        hot.append(list(range(n)))
+        fresh[j] = n
+    for b in range(blocks):
+        for s in range(steps):
+            counts = np.zeros((layers, experts), dtype=np.int64)
+            for j in range(layers):
+                counts[j, hot[j]] = 4
+            tr.append(counts, kind="step", block=b, step=s, tokens=32)
+            for j in range(layers):
+                hot[j] = hot[j][turnover:] + [(fresh[j] + i) % experts for i in range(turnover)]
+                fresh[j] += turnover
+    return tr
+
+
+def _cfg_for(trace: RoutingTrace):
+    return config_from_dict(preset_config("tiny", layers=trace.num_layers + 1, overrides={
+        "num_experts": trace.num_experts, "n_group": 4, "topk_group": 2}))
+
+
+def test_estimator_recovers_a_known_drift():
+    trace = fifo_trace(layers=2, experts=256, distinct=20, turnover=2, blocks=4, steps=8)
+    stats = trace_stats(trace, cfg=_cfg_for(trace), max_age=8)
+    d_true = 2 / 20
+    assert np.allclose(stats.distinct, 20)
+    assert np.allclose(stats.drift[:, 20], d_true)
+    for a in range(8):
+        assert np.allclose(stats.miss_experts[:, a, 20], a * d_true)
+        assert np.allclose(stats.miss_pairs[:, a, 20], a * d_true)  # equal loads: same share
+    assert np.allclose(stats.miss_pairs[:, :, 256], 0.0)  # every expert resident: no miss
+    assert np.allclose(stats.drift[:, 256], 0.0)
+    assert stats.steps_per_block == 8 and stats.source == "trace"
+    with pytest.raises(TideError, match="another model"):
+        trace_stats(trace, cfg=MINI, max_age=8)
+    # the τ program's I/O term with this d: refreshing every τ steps copies B·[1 − (1 − d)^τ]
+    assert io_cost(c_io_ms=1, experts=20, steps=8, tau=4, drift=d_true) == pytest.approx(
+        1 * 20 * 8 / 4 * (1 - 0.9**4))
+
+
+def test_published_defaults_reproduce_the_published_figures():
+    rho = similarity_curve(np.array([0, 1, 5]))
+    assert rho == pytest.approx([1.0, 0.985, 0.95], abs=1e-6)
+    assert default_distinct(MINI, block_length=32) == pytest.approx(70, abs=0.5)
+    stats = published_stats(MINI, block_length=32, max_age=12)
+    assert stats.drift[0, 64] == pytest.approx(0.015, abs=1e-6)  # B ≤ D: the per-step turnover
+    assert np.all(np.diff(stats.miss_pairs[0, :, 64]) >= 0)  # f grows with the placement's age
+    assert np.allclose(stats.miss_pairs[:, :, 256], 0.0)
+
+
+def test_a_trace_with_unequal_layers_gets_per_layer_budgets():
+    trace = fifo_trace(layers=4, experts=256, distinct=0, turnover=1, blocks=3, steps=12,
+                       per_layer=[8, 8, 60, 60])
+    cfg = config_from_dict(preset_config("mini", layers=5))
+    trace.moe_layers = cfg.moe_layers
+    prof = CONSUMER[3]
+    fixed = (device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * 4096
+             + workspace_bytes(cfg, 32))
+    vram = (fixed + 4 * 34 * cfg.expert_bytes()) / GIB  # 34 slots a layer if uniform
+    uniform = make_plan(config=cfg, profile=prof, vram_gib=vram)
+    plan = make_plan(config=cfg, profile=prof, vram_gib=vram, trace=trace)
+    assert plan.used_bytes <= plan.vram_budget_bytes
+    assert not plan.uniform
+    bs = [plan.experts_per_layer[layer] for layer in cfg.moe_layers]
+    assert bs[2] > bs[0] and bs[3] > bs[1]
+    assert plan.alternatives["per_layer"] < plan.alternatives["uniform"]
+    assert list(uniform.experts_per_layer.values()) == [34] * 4
+
+
+# ---- calibration fit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["cuda", "cpu-device"])
+@pytest.mark.parametrize("truth", [
+    Calibration(cpu_scale=3.0, io_scale=0.5, launch_ms_per_layer=2.5),
+    Calibration(gpu_scale=0.4, cpu_scale=0.7, io_scale=2.0, launch_ms_per_layer=0.0),
+], ids=["slow-host", "fast-device"])
+def test_fit_calibration_recovers_a_known_correction(truth, overlap):
+    from dataclasses import replace
+
+    trace = fifo_trace(layers=4, experts=256, distinct=60, turnover=6, blocks=3, steps=12)
+    cfg = config_from_dict(preset_config("mini", layers=5))
+    trace.moe_layers = cfg.moe_layers
+    plan = make_plan(config=cfg, profile=CONSUMER[0], vram_gib=1.5, trace=trace)
+    model = predictor(plan=plan, config=cfg, profile=CONSUMER[0], trace=trace)
+    truth = replace(truth, overlap=overlap)
+    real = model(truth)  # what a machine behaving like `truth` would show
+    m = Measurement(device="cuda:0" if overlap else "cpu", overlap=overlap, steps=20,
+                    step_ms=real.step_ms, cpu_ms=real.cpu_miss_ms, copy_ms=real.pcie_ms,
+                    stall_ms=0.0, hit_rate=real.hit_rate, trace=trace)
+    cal = fit_calibration(predictor=model, measured=m)
+    assert cal.cpu_scale == pytest.approx(truth.cpu_scale, rel=1e-6)
+    assert cal.io_scale == pytest.approx(truth.io_scale, rel=1e-6)
+    assert cal.launch_ms_per_layer == pytest.approx(truth.launch_ms_per_layer, abs=1e-6)
+    assert cal.gpu_scale == pytest.approx(truth.gpu_scale, rel=1e-4)
+    assert model(cal).step_ms == pytest.approx(real.step_ms, rel=1e-6)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def _main(argv, capsys):
+    from tidecli.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    folder = tmp_path / "mini"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(preset_config("mini")))
+    return folder
+
+
+@pytest.fixture
+def profile_json(tmp_path):
+    return CONSUMER[0].save(tmp_path / "rtx3060.json")
+
+
+def test_plan_command_json_from_a_config_only_folder(config_only, profile_json, capsys):
+    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+                            "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    for key in ("experts_per_layer", "tau", "cpu_threads", "predicted_step_ms", "breakdown"):
+        assert key in obj
+    assert set(obj["experts_per_layer"]) == {str(i) for i in MINI.moe_layers}
+    assert obj["memory"]["used_bytes"] <= obj["memory"]["budget_bytes"]
+    assert "predicted step" in err  # the table goes to stderr
+
+
+def test_plan_command_errors_are_one_line(config_only, profile_json, capsys):
+    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+                            "--vram", "1"], capsys)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: --vram 1 GiB cannot hold") and lines[1].startswith("hint:")
+
+
+def test_plain_plan_imports_no_torch(config_only, profile_json):
+    code = ("import sys; from tidecli.cli import main\n"
+            f"try:\n    main(['plan', '--model', {str(config_only)!r}, '--profile', "
+            f"{str(profile_json)!r}, '--json'])\nexcept SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tau"] >= 1
+
+
+def test_engine_honours_per_layer_budgets(tiny_ckpt):
+    from tidecli.engine import Engine, EngineOptions
+
+    budgets = {1: 3, 2: 5, 3: 7}
+    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+                               experts_per_layer_map=budgets, tau=2), quiet=True)
+    try:
+        assert eng.runtime.budgets == budgets
+    finally:
+        eng.close()
+    with pytest.raises(TideError, match="do not fit this model"):
+        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+                             experts_per_layer_map={1: 3}), quiet=True)
+
+
+def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
+    import torch
+
+    from tidecli.model.config import load_config
+
+    cfg = load_config(tiny_ckpt)
+    threads = torch.get_num_threads()  # the plan's threads are applied: keep torch's own
+    prof = gpu_profile("test GPU", vram_gib=8, mem_gbps=500, h2d_gbps=20, cores=threads,
+                       ram_gib=32, cpu_1tok_ms=0.05, gpu_expert_ms=0.02, threads=threads)
+    path = prof.save(tmp_path / "p.json")
+    fixed = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * 4096 + workspace_bytes(cfg, 32)
+    vram = (fixed + cfg.num_moe_layers * 12 * cfg.expert_bytes() + 100) / GIB  # 12 of 32 a layer
+    # a random model is never confident: a tiny threshold keeps the blocks to a few steps
+    code, out, err = _main(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+                            "--vram", repr(vram), "--calibrate", "--device", "cpu",
+                            "--threshold", "1e-7", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    cal = obj["calibration"]
+    assert cal["measured"]["steps"] >= 2 and cal["measured"]["step_ms"] > 0
+    assert cal["measured_plan"]["experts_per_layer"] == {str(i): 12 for i in cfg.moe_layers}
+    assert cal["measured"]["cpu_ms"] > 0  # 12 of 32 experts resident: misses ran on the CPU
+    assert cal["scales"]["overlap"] is False
+    # the fitted scales reproduce what was measured, for the measured plan
+    measured = cal["measured"]["step_ms"]
+    assert cal["predicted_calibrated"]["step_ms"] == pytest.approx(measured, rel=0.25)
+    assert obj["routing_source"] == "trace"
+    assert sum(obj["experts_per_layer"].values()) <= cfg.num_moe_layers * 12
+    assert "calibration on cpu" in err

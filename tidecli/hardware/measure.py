@@ -1,0 +1,501 @@
+"""Microbenchmarks behind a measured `HardwareProfile`.
+
+Host↔GPU copies (pinned and pageable, one expert and large), copy latency, device memory
+bandwidth, a bf16 GEMM, one MoE layer's experts on the GPU, host memory reads, and CPU expert
+calls over tokens × threads × dtype × threading mode. Every figure is timed for real: warm-up,
+then the median of repeats (CUDA events on the GPU, wall clock on the CPU). torch is imported
+inside the functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tidecli import __version__
+from tidecli.hardware import probe
+from tidecli.hardware.profile import HardwareProfile
+
+Progress = Callable[[str, int, int], None]  # (what is being measured, steps done, steps total)
+
+DEFAULT_EXPERT_SHAPE = (2048, 512)  # LLaDA2.0-mini (hidden, moe_intermediate): 6 MiB in bf16
+TOKENS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How much to measure; QUICK keeps `tide profile --quick` well under a minute."""
+
+    large_copy_bytes: int = 256 << 20
+    copy_repeats: int = 10
+    warmup: int = 3
+    d2d_bytes: int = 256 << 20
+    gemm_n: int = 4096
+    gpu_tokens: tuple[int, ...] = TOKENS
+    gpu_pool_experts: int = 64  # distinct experts a layer's routing draws from
+    top_k: int = 8
+    gpu_repeats: int = 10
+    cpu_tokens: tuple[int, ...] = TOKENS
+    cpu_jobs: int = 8  # expert calls per timed batch, each on its own weights (cold caches)
+    cpu_repeats: int = 3
+    cpu_full_grid: bool = False  # every dtype × mode × thread count; quick picks stage by stage
+    cpu_budget_s: float = 0.3  # per setup: a pathologically slow one stops repeating early
+    ram_bytes: int = 128 << 20
+
+
+QUICK = MeasureSettings()
+FULL = MeasureSettings(large_copy_bytes=1 << 30, copy_repeats=30, warmup=5, d2d_bytes=1 << 30,
+                       gemm_n=8192, gpu_repeats=30, cpu_jobs=16, cpu_repeats=7,
+                       cpu_full_grid=True, cpu_budget_s=2.0, ram_bytes=1 << 30)
+
+
+def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
+    """gate + up + down of one routed expert."""
+    return 3 * hidden * inter * dtype_bytes
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median_cuda_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
+    """Median over `repeats` of fn's GPU time between two events on the current stream."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def median_wall_ms(fn: Callable[[], Any], *, warmup: int, repeats: int,
+                   budget_s: float | None = None) -> float:
+    """Median wall time; past `budget_s` no further repeats (a setup that slow loses anyway)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def h2d_gbps(nbytes: int, *, pinned: bool, device: Any, warmup: int = 3,
+             repeats: int = 10) -> float:
+    """Host → preallocated device buffer, as the runtime promotes an expert into a slot."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    src.fill_(1)  # commit the pages now: page faults are not part of a transfer
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ms = median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup, repeats=repeats)
+    return nbytes / ms / 1e6
+
+
+def d2h_gbps(nbytes: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    ms = median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup, repeats=repeats)
+    return nbytes / ms / 1e6
+
+
+def copy_latency_ms(*, device: Any, nbytes: int = 4096, warmup: int = 5,
+                    repeats: int = 50) -> float:
+    """Fixed cost of one small pinned async copy (issue + DMA set-up)."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup,
+                          repeats=repeats)
+
+
+def d2d_gbps(nbytes: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
+    """Device memory bandwidth from a large device copy, read and write both counted."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_cuda_ms(lambda: dst.copy_(src), warmup=warmup, repeats=repeats)
+    return 2 * nbytes / ms / 1e6
+
+
+def gemm_tflops(n: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device, generator=gen)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device, generator=gen)
+    c = torch.empty_like(a)
+    ms = median_cuda_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, repeats=repeats)
+    return 2 * n**3 / ms / 1e9
+
+
+def _layer_call(kernel: str, x: Any, pair_slot: Any, gate_up: Any, down: Any,
+                k: int) -> Callable[[], Any]:
+    """One layer's expert compute with the runtime's kernel, as a no-argument call."""
+    import torch
+
+    from tidecli.experts.compute import run_grouped_loop, run_grouped_mm
+
+    if kernel == "grouped_mm":
+        return lambda: run_grouped_mm(x, pair_slot, gate_up, down, k)
+    out = torch.empty(pair_slot.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    slots = pair_slot.tolist()  # the loop groups on the host: do it once, not per call
+    return lambda: run_grouped_loop(x, slots, gate_up, down, k, out)
+
+
+def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ...] = TOKENS,
+                  pool_experts: int = 64, top_k: int = 8, warmup: int = 3, repeats: int = 10,
+                  on_tokens: Callable[[int], None] | None = None) -> tuple[dict[int, float], str]:
+    """One MoE layer on the GPU: T tokens routed top-k over `pool_experts` resident experts.
+
+    Returns (tokens → ms per distinct expert used, kernel name). Uses the runtime's own grouped
+    kernel where it exists, else its per-expert loop.
+    """
+    import torch
+
+    from tidecli.experts.compute import grouped_mm_available, pool_views
+
+    device = torch.device(device)
+    # own generators: a profile taken inside `tide generate` must not move the user's seeds
+    gen_dev = torch.Generator(device=device).manual_seed(0)
+    gen_cpu = torch.Generator().manual_seed(0)
+    buf = torch.empty(pool_experts, 3 * hidden * inter, dtype=torch.bfloat16, device=device)
+    buf.normal_(0.0, 0.02, generator=gen_dev)
+    gate_up, down = pool_views(buf, hidden, inter)
+    k = min(top_k, pool_experts)
+    kernel = "grouped_mm" if grouped_mm_available(device, torch.bfloat16) else "loop"
+    result: dict[int, float] = {}
+    for t in tokens:
+        if on_tokens is not None:
+            on_tokens(t)
+        x = torch.randn(t, hidden, generator=gen_cpu).to(device, torch.bfloat16)
+        ids = torch.rand(t, pool_experts, generator=gen_cpu).argsort(dim=1)[:, :k]  # distinct
+        distinct = int(ids.unique().numel())
+        pair_slot = ids.reshape(-1).to(device)
+        if kernel == "grouped_mm":
+            try:
+                _layer_call("grouped_mm", x, pair_slot, gate_up, down, k)()
+            except RuntimeError:  # a card or torch build without the kernel: use the loop
+                kernel = "loop"
+        fn = _layer_call(kernel, x, pair_slot, gate_up, down, k)
+        result[t] = median_cuda_ms(fn, warmup=warmup, repeats=repeats) / distinct
+    return result, kernel
+
+
+# ---------------------------------------------------------------- CPU
+
+CPU_PICK_TOKENS = 8  # a skipped step sends a handful of tokens to each missed expert
+CPU_VARIANTS = (("bf16", "intra"), ("bf16", "experts"), ("fp32", "intra"), ("fp32", "experts"))
+
+
+def thread_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... below `cores`, then `cores` itself."""
+    out, t = [], 1
+    while t < cores:
+        out.append(t)
+        t *= 2
+    return [*out, max(1, cores)]
+
+
+def ram_read_gbps(nbytes: int, *, warmup: int = 1, repeats: int = 3) -> float:
+    """Host memory read bandwidth: a multi-threaded sum over a buffer far larger than caches."""
+    import torch
+
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    ms = median_wall_ms(lambda: x.sum(), warmup=warmup, repeats=repeats)
+    return x.numel() * 4 / ms / 1e6
+
+
+def host_expert_rows(n: int, hidden: int, inter: int) -> Any:
+    """n packed bf16 expert rows [n, 3·I·H], each its own memory so every call reads RAM."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    row = torch.empty(3 * hidden * inter).uniform_(-0.03, 0.03, generator=gen).bfloat16()
+    return row.repeat(n, 1)  # one random row copied: far cheaper than n random draws
+
+
+def cpu_expert_call_ms(rows: Any, *, hidden: int, inter: int, tokens: int, threads: int,
+                       dtype: str, mode: str, warmup: int = 1, repeats: int = 3,
+                       budget_s: float | None = None) -> float:
+    """ms per expert call, amortised over a batch of one call per row, as `CpuExperts` runs
+    a layer's misses (dtype "bf16" | "fp32", mode "intra" | "experts")."""
+    import torch
+
+    from tidecli.experts.cpu import CpuExperts
+
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    gen = torch.Generator().manual_seed(tokens)
+    jobs = [(rows[j], torch.randn(tokens, hidden, generator=gen).bfloat16())
+            for j in range(rows.shape[0])]
+    worker = CpuExperts(hidden=hidden, inter=inter, dtype=compute, threads=threads, mode=mode)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ms = median_wall_ms(lambda: worker.run(jobs), warmup=warmup, repeats=repeats,
+                            budget_s=budget_s)
+    finally:
+        torch.set_num_threads(prev)
+        worker.close()
+    return ms / len(jobs)
+
+
+@dataclass(frozen=True)
+class CpuExpertResult:
+    expert_ms: dict[int, dict[int, float]]  # threads → {tokens → ms per call}
+    best_threads: int
+    dtype: str
+    mode: str
+    variant_ms: dict[str, float]  # "bf16/intra" → ms per call at CPU_PICK_TOKENS
+
+
+def _fastest(times: dict[Any, float], slack: float = 0.05) -> Any:
+    """The first key (in preference order) within `slack` of the best time: fewer threads and
+    bf16 win near-ties, which leaves a core for the thread that drives the GPU."""
+    best = min(times.values())
+    return next(k for k, ms in times.items() if ms <= best * (1 + slack))
+
+
+def measure_cpu_experts(hidden: int, inter: int, *, cores: int, tokens: tuple[int, ...] = TOKENS,
+                        jobs: int = 8, repeats: int = 3, full_grid: bool = False,
+                        budget_s: float | None = None,
+                        tick: Callable[[str], None] = lambda label: None) -> CpuExpertResult:
+    """Pick threads × dtype × mode for ~8-token calls, then time the chosen setup over tokens.
+
+    Quick: variants at all cores, then threads for the best variant, then tokens at the best
+    thread count. Full: every variant at every thread count, then tokens at every count.
+    """
+    rows = host_expert_rows(jobs, hidden, inter)
+    counts = thread_counts(cores)
+    pick = CPU_PICK_TOKENS
+
+    def time_(dtype: str, mode: str, threads: int, n_tok: int) -> float:
+        tick(f"CPU expert {dtype}/{mode}, {threads} thr, {n_tok} tok")
+        return cpu_expert_call_ms(rows, hidden=hidden, inter=inter, tokens=n_tok,
+                                  threads=threads, dtype=dtype, mode=mode, repeats=repeats,
+                                  budget_s=budget_s)
+
+    if full_grid:
+        grid = {(th, dt, md): time_(dt, md, th, pick) for th in counts for dt, md in CPU_VARIANTS}
+        threads, dtype, mode = _fastest(grid)
+        variant_ms = {f"{dt}/{md}": grid[(threads, dt, md)] for dt, md in CPU_VARIANTS}
+        expert_ms = {th: {n: grid[(th, dtype, mode)] if n == pick else time_(dtype, mode, th, n)
+                          for n in tokens} for th in counts}
+    else:
+        variants = {v: time_(*v, cores, pick) for v in CPU_VARIANTS}
+        dtype, mode = _fastest(variants)
+        variant_ms = {f"{dt}/{md}": ms for (dt, md), ms in variants.items()}
+        per_threads = {th: variants[(dtype, mode)] if th == cores else time_(dtype, mode, th, pick)
+                       for th in counts}
+        threads = _fastest(per_threads)
+        expert_ms = {th: {pick: ms} for th, ms in per_threads.items()}
+        curve = {n: per_threads[threads] if n == pick else time_(dtype, mode, threads, n)
+                 for n in tokens}
+        expert_ms[threads] = dict(sorted({pick: per_threads[threads], **curve}.items()))
+    if threads == 1:
+        mode = "intra"  # one thread has no pool: both modes are the same code path
+    return CpuExpertResult(expert_ms=expert_ms, best_threads=threads, dtype=dtype, mode=mode,
+                           variant_ms=variant_ms)
+
+
+# ---------------------------------------------------------------- the whole profile
+
+
+class _Ticker:
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(label, min(self.done, self.total), self.total)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+
+
+def _cpu_steps(s: MeasureSettings, cores: int) -> int:
+    n_threads, n_tokens = len(thread_counts(cores)), len(s.cpu_tokens)
+    n_tokens -= CPU_PICK_TOKENS in s.cpu_tokens  # that point is reused, not timed again
+    if s.cpu_full_grid:
+        return 1 + 4 * n_threads + n_threads * n_tokens
+    return 1 + 4 + (n_threads - 1) + n_tokens
+
+
+def _attempt(label: str, fn: Callable[[], Any], notes: list[str]) -> Any:
+    """Run one measurement; a failure becomes a note, and the rest of the profile goes on."""
+    try:
+        return fn()
+    except Exception as exc:  # OOM, a failed pin, a missing kernel: all worth a note only
+        first = (str(exc).splitlines() or [""])[0][:160]
+        notes.append(f"{label} not measured ({type(exc).__name__}: {first})")
+        return None
+
+
+def _release_cuda_memory() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+    # pinned buffers go to torch's host cache; hand them back before a model is loaded
+    empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) \
+        or getattr(torch._C, "_host_emptyCache", None)
+    if empty_host is not None:
+        empty_host()
+
+
+def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
+                 notes: list[str]) -> dict[str, Any]:
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    free, total = torch.cuda.mem_get_info(device)
+    uuid = str(getattr(props, "uuid", "") or "") or None
+    facts = probe.probe_gpu(uuid=uuid, index=device.index or 0)
+    if facts is None:
+        notes.append("NVML unavailable: driver and PCIe link unknown")
+    f: dict[str, Any] = {"gpu_name": torch.cuda.get_device_name(device),
+                         "vram_total_bytes": int(total), "vram_free_bytes": int(free)}
+    one = expert_bytes(hidden, inter)
+    big = s.large_copy_bytes
+    rep, warm = s.copy_repeats, s.warmup
+    mib = f"{big >> 20} MiB"
+    steps: tuple[tuple[str, str, Callable[[], float]], ...] = (
+        ("h2d_pinned_expert_gbps", "H2D pinned, one expert",
+         lambda: h2d_gbps(one, pinned=True, device=device, warmup=warm, repeats=rep * 3)),
+        ("h2d_pinned_gbps", f"H2D pinned, {mib}",
+         lambda: h2d_gbps(big, pinned=True, device=device, warmup=warm, repeats=rep)),
+        ("h2d_pageable_expert_gbps", "H2D pageable, one expert",
+         lambda: h2d_gbps(one, pinned=False, device=device, warmup=warm, repeats=rep * 3)),
+        ("h2d_pageable_gbps", f"H2D pageable, {mib}",
+         lambda: h2d_gbps(big, pinned=False, device=device, warmup=warm, repeats=rep)),
+        ("d2h_pinned_gbps", f"D2H pinned, {mib}",
+         lambda: d2h_gbps(big, device=device, warmup=warm, repeats=rep)),
+        ("copy_latency_ms", "copy latency",
+         lambda: copy_latency_ms(device=device, repeats=rep * 5)),
+        # two buffers: stay well inside the free memory
+        ("gpu_mem_gbps", "device memory bandwidth",
+         lambda: d2d_gbps(min(s.d2d_bytes, max(1 << 20, int(free * 0.3))), device=device,
+                          warmup=warm, repeats=rep)),
+        ("gpu_bf16_tflops", "bf16 GEMM",
+         lambda: gemm_tflops(s.gemm_n, device=device, warmup=warm, repeats=s.gpu_repeats)),
+    )
+    loaded = None
+    for field, label, fn in steps:
+        tick(label)
+        f[field] = _attempt(label, fn, notes)
+        if field == "h2d_pinned_gbps":
+            # read the link right after traffic: an idle GPU may drop to a slower generation
+            loaded = probe.probe_gpu(uuid=uuid, index=device.index or 0)
+    if f["h2d_pinned_expert_gbps"] is None and f["h2d_pinned_gbps"] is None:
+        notes.append("pinned host memory failed: tide falls back to pageable copies (slower)")
+    _release_cuda_memory()
+    pool = max(s.top_k, min(s.gpu_pool_experts, int(free * 0.5) // one))
+    done_tokens: list[int] = []
+
+    def on_tokens(t: int) -> None:
+        done_tokens.append(t)
+        tick(f"GPU experts, {t} tok")
+
+    res = _attempt("GPU expert time", lambda: gpu_expert_ms(
+        hidden, inter, device=device, tokens=s.gpu_tokens, pool_experts=pool, top_k=s.top_k,
+        warmup=warm, repeats=s.gpu_repeats, on_tokens=on_tokens), notes)
+    for _ in range(len(s.gpu_tokens) - len(done_tokens)):
+        tick("GPU experts")  # keep the bar honest when the expert timing stopped early
+    if res is not None:
+        f["gpu_expert_ms"], f["gpu_expert_kernel"] = res
+        if res[1] == "loop":
+            notes.append("GPU experts timed with the per-expert loop (no grouped GEMM kernel "
+                         "for this card / torch build)")
+    _release_cuda_memory()
+    last = loaded or facts
+    if last is not None:
+        f.update(driver=last.driver, pcie_gen_max=last.pcie_gen_max,
+                 pcie_width_max=last.pcie_width_max)
+    links = [(x.pcie_gen, x.pcie_width) for x in (facts, loaded)
+             if x is not None and x.pcie_gen and x.pcie_width]
+    if links:
+        f["pcie_gen"], f["pcie_width"] = max(links, key=lambda gw: probe.pcie_peak_gbps(*gw) or 0)
+        f["pcie_peak_gbps"] = probe.pcie_peak_gbps(f["pcie_gen"], f["pcie_width"])
+        gmax, wmax = f.get("pcie_gen_max"), f.get("pcie_width_max")
+        if gmax and wmax and (f["pcie_gen"] < gmax or f["pcie_width"] < wmax):
+            notes.append(f"PCIe link ran at gen{f['pcie_gen']} x{f['pcie_width']} under load, "
+                         f"below the gen{gmax} x{wmax} this slot and card allow "
+                         "(check the slot, riser or BIOS)")
+    return {k: v for k, v in f.items() if v is not None}
+
+
+def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None = None,
+                    progress: Progress | None = None,
+                    settings: MeasureSettings | None = None) -> HardwareProfile:
+    """Probe and measure this machine. Without CUDA the profile is CPU-only and says so."""
+    import torch
+
+    s = settings or (QUICK if quick else FULL)
+    hidden, inter = expert_shape or DEFAULT_EXPERT_SHAPE
+    cpu = probe.probe_cpu()
+    cores = max(1, cpu.physical_cores)
+    cuda = torch.cuda.is_available()
+    gpu_steps = 8 + len(s.gpu_tokens)  # copies, latency, D2D, GEMM, then one per token count
+    tick = _Ticker((gpu_steps if cuda else 0) + _cpu_steps(s, cores), progress)
+    notes: list[str] = [f"{'quick' if quick else 'full'} profile, torch {torch.__version__}"]
+    fields: dict[str, Any] = {}
+    if cuda:
+        gpu = _attempt("GPU", lambda: _measure_gpu(s, hidden, inter, tick, notes), notes)
+        fields.update(gpu or {})  # a broken CUDA set-up still leaves a CPU profile
+    else:
+        seen = probe.probe_gpu()
+        why = (f"NVML sees {seen.name} but this torch build cannot use CUDA"
+               if seen is not None else "no CUDA GPU found")
+        notes.append(f"{why}: GPU and PCIe measurements skipped, CPU-only profile")
+    tick("host memory read")
+    fields["ram_read_gbps"] = _attempt(
+        "host memory read", lambda: ram_read_gbps(s.ram_bytes, warmup=1,
+                                                  repeats=max(3, s.cpu_repeats)), notes)
+    cpu_res = measure_cpu_experts(hidden, inter, cores=cores, tokens=s.cpu_tokens,
+                                  jobs=s.cpu_jobs, repeats=s.cpu_repeats,
+                                  full_grid=s.cpu_full_grid, budget_s=s.cpu_budget_s,
+                                  tick=tick)
+    fields.update(cpu_expert_ms=cpu_res.expert_ms, cpu_best_threads=cpu_res.best_threads,
+                  cpu_mode=cpu_res.mode, cpu_dtype=cpu_res.dtype,
+                  cpu_variant_ms=cpu_res.variant_ms)
+    tick.finish()
+    fields = {k: v for k, v in fields.items() if v is not None}
+    cpu_facts = ("cpu_model", "cpu_physical_cores", "cpu_logical_cores", "cpu_features",
+                 "ram_total_bytes", "ram_available_bytes")
+    # "measured" covers facts read on this machine too; only the PCIe peak is computed
+    sources = {k: "measured" for k in (*fields, *cpu_facts) if k != "gpu_expert_kernel"}
+    if "pcie_peak_gbps" in fields:
+        sources["pcie_peak_gbps"] = "spec"  # computed from the link, not timed
+    host = probe.hostname()
+    name = f"{fields['gpu_name']} on {host}" if "gpu_name" in fields else f"CPU only on {host}"
+    return HardwareProfile(
+        name=name, kind="measured", created=datetime.date.today().isoformat(),
+        tide_version=__version__, expert_shape=(hidden, inter), cpu_model=cpu.model,
+        cpu_physical_cores=cpu.physical_cores, cpu_logical_cores=cpu.logical_cores,
+        cpu_features=list(cpu.features), ram_total_bytes=cpu.ram_total_bytes,
+        ram_available_bytes=cpu.ram_available_bytes, sources=sources, notes=notes, **fields)

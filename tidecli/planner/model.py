@@ -1,0 +1,143 @@
+"""The cost model: the paper's τ program and the predicted time of one denoising step.
+
+τ program (TIDE, per MoE layer ℓ and block of T steps, summed over layers):
+    I/O(τ) = C_IO · (B·T/τ) · [1 − (1 − d)^τ]        CPU(τ) = C_CPU · T · B · f(τ)
+    τ* = argmin over τ ∈ {1..T−1}, by exhaustive evaluation.
+Here f(τ) is the expected number of missed (token, expert) pairs per step *per slot* under a
+refresh every τ steps, so B·f(τ) is the missed pairs per step; C_CPU is per missed pair.
+
+Step time (what `predict` returns): dense part + Σ_ℓ max(GPU hits, CPU misses) — the runtime
+computes a layer's misses on the host while the GPU computes its resident experts — plus the
+part of each refresh's copies that does not fit under one step's compute (copies are async).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidecli.model.config import ModelConfig
+from tidecli.planner.costs import HardwareCosts
+from tidecli.planner.stats import RoutingStats
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    cfg: ModelConfig
+    costs: HardwareCosts
+    stats: RoutingStats
+    steps: int  # T: denoising steps per block
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Predicted milliseconds of one denoising step (averaged over a block's steps)."""
+
+    gpu_dense_ms: float  # dense weights + KV read, kernel launches
+    gpu_expert_ms: float  # resident experts used by the step
+    cpu_miss_ms: float  # host work on missed pairs (mostly hidden under gpu_expert_ms)
+    cpu_stall_ms: float  # the part of cpu_miss_ms the GPU waits for
+    pcie_ms: float  # promotions copied host → GPU, per step
+    pcie_stall_ms: float  # the part of pcie_ms that does not fit under the step's compute
+    hit_rate: float = 1.0  # share of routed pairs computed by resident experts
+    promotions_per_step: float = 0.0
+
+    @property
+    def stall_ms(self) -> float:
+        return self.cpu_stall_ms + self.pcie_stall_ms
+
+    @property
+    def step_ms(self) -> float:
+        return self.gpu_dense_ms + self.gpu_expert_ms + self.stall_ms
+
+    def to_dict(self) -> dict:
+        r = 4
+        return {"gpu_dense_ms": round(self.gpu_dense_ms, r),
+                "gpu_expert_ms": round(self.gpu_expert_ms, r),
+                "cpu_miss_ms": round(self.cpu_miss_ms, r),
+                "cpu_stall_ms": round(self.cpu_stall_ms, r),
+                "pcie_ms": round(self.pcie_ms, r), "pcie_stall_ms": round(self.pcie_stall_ms, r),
+                "stall_ms": round(self.stall_ms, r), "step_ms": round(self.step_ms, r),
+                "hit_rate": round(self.hit_rate, 4),
+                "promotions_per_step": round(self.promotions_per_step, 3)}
+
+
+# ---- the paper's program ------------------------------------------------------------------------
+
+
+def io_cost(*, c_io_ms: float, experts: float, steps: int, tau: int, drift: float) -> float:
+    """I/O latency of one block: T/τ refreshes, each copying the B·[1 − (1 − d)^τ] that drifted."""
+    return c_io_ms * (experts * steps / tau) * (1.0 - (1.0 - drift) ** tau)
+
+
+def cpu_cost(*, c_cpu_ms: float, steps: int, experts: float, f: float) -> float:
+    """CPU latency of one block: T steps of B·f(τ) missed pairs at C_CPU each."""
+    return c_cpu_ms * steps * experts * f
+
+
+def _pick(a: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    return a[np.arange(len(budgets)), budgets]
+
+
+def _per_layer(p: Problem, budgets: np.ndarray, tau: int) -> dict[str, np.ndarray]:
+    st, co = p.stats, p.costs
+    mp, me = st.block_mean_miss(tau, p.steps)
+    return {"miss_pairs": _pick(mp, budgets), "miss_experts": _pick(me, budgets),
+            "drift": _pick(st.drift, budgets),
+            "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.tokens_per_call, budgets)))}
+
+
+def tau_objective(p: Problem, budgets: np.ndarray, tau: int) -> float:
+    """Σ_ℓ I/O_ℓ(τ) + CPU_ℓ(τ), milliseconds per block."""
+    v = _per_layer(p, budgets, tau)
+    total = 0.0
+    for j, b in enumerate(budgets.tolist()):
+        slots = max(b, 1)  # f is per slot; a layer without slots still pays its misses
+        f = v["miss_pairs"][j] * p.stats.pairs / slots
+        total += io_cost(c_io_ms=p.costs.c_io_ms, experts=b, steps=p.steps, tau=tau,
+                         drift=float(v["drift"][j]))
+        total += cpu_cost(c_cpu_ms=float(v["c_cpu"][j]), steps=p.steps, experts=slots, f=f)
+    return total
+
+
+def solve_tau(p: Problem, budgets: np.ndarray) -> tuple[int, tuple[float, ...]]:
+    """τ* and the objective for every τ in 1..T−1 (ties go to the smaller τ)."""
+    costs = tuple(tau_objective(p, budgets, tau) for tau in range(1, p.steps))
+    return int(np.argmin(costs)) + 1, costs
+
+
+# ---- step time ----------------------------------------------------------------------------------
+
+
+def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
+    """[L, E+1]: per layer and budget, that layer's expert time per step plus its copies as if
+    exposed — the additive objective the per-layer allocation minimises."""
+    st, co = p.stats, p.costs
+    mp, me = st.block_mean_miss(tau, p.steps)
+    gpu = st.distinct[:, None] * (1 - me) * co.gpu_expert_ms
+    cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_call)
+    layer = np.maximum(gpu, cpu) if co.overlap else gpu + cpu
+    b = np.arange(st.drift.shape[1])[None, :]
+    io = co.c_io_ms * b * (1 - (1 - st.drift) ** tau) / tau
+    return layer + io
+
+
+def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
+    co, st = p.costs, p.stats
+    v = _per_layer(p, budgets, tau)
+    gpu = st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms
+    cpu = st.pairs * v["miss_pairs"] * v["c_cpu"]
+    layer = np.maximum(gpu, cpu) if co.overlap else gpu + cpu
+    compute = co.dense_ms + float(layer.sum())
+    promoted = budgets * (1 - (1 - v["drift"]) ** tau)  # per refresh, per layer
+    io_refresh = co.c_io_ms * float(promoted.sum())
+    pcie = io_refresh / tau
+    # copies start after a layer's refresh compute and must land before the next step reaches
+    # that layer: about one step of compute hides them (none on a CPU device: copies are sync)
+    pcie_stall = max(0.0, io_refresh - compute) / tau if co.overlap else pcie
+    return Breakdown(
+        gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=float(cpu.sum()),
+        cpu_stall_ms=float((layer - gpu).sum()), pcie_ms=pcie, pcie_stall_ms=pcie_stall,
+        hit_rate=float(1 - v["miss_pairs"].mean()),
+        promotions_per_step=float(promoted.sum()) / tau)

@@ -1,0 +1,103 @@
+"""The planner's answer as plain data: what sits on the GPU, B_ℓ, τ, threads, predicted time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tidecli.planner.model import Breakdown
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    profile: str
+    policy: str  # "tide", or "resident" when every expert fits
+    vram_budget_bytes: int
+    dense_bytes: int  # dense weights on the device (embedding table stays on the host)
+    kv_cache_bytes: int  # for `context_tokens`
+    workspace_bytes: int
+    expert_bytes: int  # one routed expert
+    experts_per_layer: dict[int, int]  # B_ℓ, keyed by model layer index
+    uniform: bool
+    tau: int
+    tau_costs_ms: tuple[float, ...]  # the τ program's objective for τ = 1..T−1 (ms per block)
+    cpu_threads: int
+    cpu_mode: str
+    block_length: int
+    steps_per_block: int
+    tokens_per_step: float
+    context_tokens: int
+    breakdown: Breakdown
+    routing_source: str  # "trace" | "published"
+    distinct_experts: tuple[float, ...]  # per MoE layer, per step
+    drift: tuple[float, ...]  # d_ℓ at the chosen B_ℓ
+    constants: dict[str, Any] = field(default_factory=dict)
+    alternatives: dict[str, float] = field(default_factory=dict)  # predicted step ms
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def predicted_step_ms(self) -> float:
+        return self.breakdown.step_ms
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1000.0 / self.predicted_step_ms if self.predicted_step_ms > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """A block takes T denoising steps plus one pass that writes its K/V to the cache."""
+        per_block_ms = (self.steps_per_block + 1) * self.predicted_step_ms
+        return self.block_length * 1000.0 / per_block_ms if per_block_ms > 0 else 0.0
+
+    @property
+    def slot_bytes(self) -> int:
+        # the runtime allocates at least one row per layer's pool, even for B = 0
+        return sum(max(b, 1) for b in self.experts_per_layer.values()) * self.expert_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.dense_bytes + self.kv_cache_bytes + self.workspace_bytes + self.slot_bytes
+
+    def with_calibration(self, info: dict[str, Any]) -> Plan:
+        return replace(self, calibration=info)
+
+    def to_dict(self) -> dict[str, Any]:
+        bs = list(self.experts_per_layer.values())
+        return {
+            "model": self.model,
+            "profile": self.profile,
+            "policy": self.policy,
+            "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
+            "experts_per_layer_uniform": bs[0] if self.uniform and bs else None,
+            "tau": self.tau,
+            "cpu_threads": self.cpu_threads,
+            "cpu_mode": self.cpu_mode,
+            "predicted_step_ms": round(self.predicted_step_ms, 4),
+            "predicted_steps_per_s": round(self.steps_per_s, 3),
+            "predicted_tokens_per_s": round(self.tokens_per_s, 3),
+            "breakdown": self.breakdown.to_dict(),
+            "memory": {
+                "budget_bytes": self.vram_budget_bytes, "dense_bytes": self.dense_bytes,
+                "kv_cache_bytes": self.kv_cache_bytes, "workspace_bytes": self.workspace_bytes,
+                "expert_bytes": self.expert_bytes, "slot_bytes": self.slot_bytes,
+                "used_bytes": self.used_bytes,
+            },
+            "decoding": {"block_length": self.block_length,
+                         "steps_per_block": self.steps_per_block,
+                         "tokens_per_step": round(self.tokens_per_step, 3),
+                         "context_tokens": self.context_tokens},
+            "tau_costs_ms": [round(c, 4) for c in self.tau_costs_ms],
+            "routing_source": self.routing_source,
+            "distinct_experts_per_step": [round(x, 2) for x in self.distinct_experts],
+            "drift": [round(x, 5) for x in self.drift],
+            "constants": self.constants,
+            "alternatives": {k: round(v, 4) for k, v in self.alternatives.items()},
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "calibration": self.calibration,
+        }

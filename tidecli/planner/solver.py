@@ -1,0 +1,228 @@
+"""The solver: fit the VRAM budget, choose B_ℓ (uniform or per layer), τ* and threads.
+
+1. Device memory (experts/budget.py's accounting): dense weights + KV cache + workspace must fit
+   with at least one slot per MoE layer; what is left is S expert slots.
+2. Uniform: B = min(E, ⌊S / L⌋); τ* from the paper's program; predicted step time.
+3. With a routing trace (layers differ): an exact allocation of the S slots over layers that
+   minimises Σ_ℓ per-layer step cost (dynamic programme, τ fixed), alternated with τ* twice; kept
+   only when the full model predicts it at least 1 % faster than uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from tidecli.errors import TideError
+from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
+from tidecli.experts.trace import RoutingTrace
+from tidecli.hardware.profile import HardwareProfile
+from tidecli.model.config import ModelConfig
+from tidecli.planner.costs import Calibration, hardware_costs, profile_vram_gib
+from tidecli.planner.model import Breakdown, Problem, predict, solve_tau
+from tidecli.planner.model import layer_step_costs as _layer_costs
+from tidecli.planner.plan import Plan
+from tidecli.planner.stats import _block_runs, published_stats, trace_stats
+from tidecli.planner.workload import Workload, estimated_tokens_per_step, steps_per_block
+
+NON_UNIFORM_GAIN = 0.01  # per-layer budgets must beat uniform by this share to be chosen
+HOST_OVERHEAD_BYTES = 1 << 30  # process, tokenizer, staging buffers beside the host expert store
+
+
+def allocate_slots(costs: np.ndarray, total: int) -> np.ndarray:
+    """Exact min Σ_ℓ costs[ℓ, B_ℓ] subject to Σ B_ℓ ≤ total, 1 ≤ B_ℓ ≤ E (a min-plus
+    dynamic programme over layers; O(L·E·total) in vector steps of `total`)."""
+    layers, e1 = costs.shape
+    e = e1 - 1
+    total = int(min(total, layers * e))
+    if total < layers:
+        raise ValueError("fewer slots than layers")
+    best = np.full(total + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((layers, total + 1), dtype=np.int32)
+    for j in range(layers):
+        new = np.full(total + 1, np.inf)
+        pick = choice[j]
+        for b in range(1, min(e, total) + 1):
+            cand = best[: total + 1 - b] + costs[j, b]
+            better = cand < new[b:]
+            new[b:][better] = cand[better]
+            pick[b:][better] = b
+        best = new
+    # among equal costs prefer more slots: spare slots still catch returning experts
+    s = total - int(np.argmin(best[::-1]))
+    out = np.zeros(layers, dtype=np.int64)
+    for j in reversed(range(layers)):
+        out[j] = choice[j, s]
+        s -= out[j]
+    return out
+
+
+def _per_layer_budgets(p: Problem, total: int, tau: int) -> tuple[np.ndarray, int]:
+    budgets = allocate_slots(_layer_costs(p, tau), total)
+    for _ in range(2):  # B depends on τ and τ* on B: two alternations settle in practice
+        new_tau, _c = solve_tau(p, budgets)
+        if new_tau == tau:
+            break
+        tau = new_tau
+        budgets = allocate_slots(_layer_costs(p, tau), total)
+    return budgets, tau
+
+
+def _trace_steps_per_block(trace: RoutingTrace) -> float | None:
+    tr = trace.steps_only()
+    if len(tr) < 2:
+        return None
+    runs = _block_runs(tr)
+    return float(np.mean([stop - start for start, stop in runs]))
+
+
+def _ram_warning(cfg: ModelConfig, profile: HardwareProfile, ram_gib: float | None) -> str | None:
+    need = cfg.num_moe_layers * cfg.num_experts * cfg.expert_bytes()
+    need += cfg.vocab_size * cfg.hidden_size * 2 + HOST_OVERHEAD_BYTES  # host embedding table
+    have = int(ram_gib * GIB) if ram_gib else (profile.ram_available_bytes
+                                                or profile.ram_total_bytes)
+    if not have or need <= have:
+        return None
+    return (f"the model does not fit host RAM in bf16: the expert store needs {need / GIB:.1f} GiB,"
+            f" {have / GIB:.1f} GiB available (it would swap; use a machine with more RAM)")
+
+
+def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
+              workload: Workload | None = None, trace: RoutingTrace | None = None,
+              ram_gib: float | None = None, calibration: Calibration | None = None,
+              model_name: str = "") -> Plan:
+    """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
+    VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit."""
+    cfg, wl = config, workload or Workload()
+    wl.validate()
+    warnings: list[str] = []
+    if vram_gib is None:
+        vram_gib = profile_vram_gib(profile)
+    elif vram_gib <= 0:
+        raise TideError(f"--vram must be positive, got {vram_gib:g}", "e.g. --vram 12")
+    elif profile.vram_total_bytes and vram_gib * GIB > profile.vram_total_bytes:
+        warnings.append(f"--vram {vram_gib:g} GiB exceeds the {profile.vram_total_bytes / GIB:.1f}"
+                        f" GiB of {profile.gpu_name or profile.name}")
+    budget = int(vram_gib * GIB)
+    layers, e, eb = cfg.num_moe_layers, cfg.num_experts, cfg.expert_bytes()
+    dense = device_dense_bytes(cfg)
+    kv = cfg.kv_bytes_per_token() * wl.context_tokens
+    work = workspace_bytes(cfg, wl.block_length)
+    minimum = dense + kv + work + layers * eb
+    if minimum > budget:
+        raise TideError(
+            f"--vram {vram_gib:g} GiB cannot hold the dense part of the model: dense weights "
+            f"{dense / GIB:.2f} + KV cache {kv / GIB:.2f} ({wl.context_tokens} tokens) + workspace "
+            f"{work / GIB:.2f} + one expert slot per layer {layers * eb / GIB:.2f} = "
+            f"{minimum / GIB:.2f} GiB", f"give at least {minimum / GIB + 0.05:.2f} GiB, or a "
+            "shorter --context")
+    slots = int(min(layers * e, (budget - dense - kv - work) // eb))
+
+    traced_steps = _trace_steps_per_block(trace) if trace is not None else None
+    if wl.tokens_per_step is not None:
+        tps, tps_source = wl.tokens_per_step, "given"
+    elif traced_steps:
+        tps, tps_source = wl.block_length / traced_steps, "trace"
+    else:
+        tps = estimated_tokens_per_step(cfg, threshold=wl.threshold, block_length=wl.block_length)
+        tps_source = "threshold"
+    steps = steps_per_block(wl.block_length, tps)
+    if trace is not None:
+        stats = trace_stats(trace, cfg=cfg, max_age=steps)
+        block = trace.meta.get("block_length")
+        if block and int(block) != wl.block_length:
+            warnings.append(f"the trace was recorded with block length {block}, the plan is for "
+                            f"{wl.block_length}")
+    else:
+        stats = published_stats(cfg, block_length=wl.block_length, max_age=steps)
+
+    uniform_b = min(e, slots // layers)
+    uniform = np.full(layers, uniform_b, dtype=np.int64)
+    per_call = float(stats.tokens_per_call[:, uniform_b].mean())
+    costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
+                           context_tokens=wl.context_tokens, tokens_per_call=per_call,
+                           calibration=calibration)
+    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps)
+    tau, tau_costs = solve_tau(problem, uniform)
+    budgets, breakdown = uniform, predict(problem, uniform, tau)
+    alternatives = {"uniform": breakdown.step_ms}
+    if stats.source == "trace" and uniform_b < e:
+        per_layer, tau_n = _per_layer_budgets(problem, slots, tau)
+        bd_n = predict(problem, per_layer, tau_n)
+        alternatives["per_layer"] = bd_n.step_ms
+        if bd_n.step_ms < breakdown.step_ms * (1 - NON_UNIFORM_GAIN):
+            budgets, breakdown, tau = per_layer, bd_n, tau_n
+            tau_costs = solve_tau(problem, budgets)[1]
+    assert dense + kv + work + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
+
+    if wl.gen_length + wl.block_length > wl.context_tokens:  # the engine reserves --context
+        warnings.append(f"--gen-length {wl.gen_length} plus a prompt needs more KV cache than "
+                        f"--context {wl.context_tokens} reserves: raise --context")
+    ram = _ram_warning(cfg, profile, ram_gib)
+    if ram:
+        warnings.append(ram)
+    mean_distinct = float(stats.distinct.mean())
+    if budgets.min() < 0.5 * mean_distinct:
+        warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
+                        "experts a step uses: most routed pairs run on the CPU")
+    notes = list(costs.notes)
+    notes.append(f"tokens per step {tps:.2f} from the {tps_source}"
+                 + (f" (threshold {wl.threshold:g})" if tps_source == "threshold" else ""))
+    notes.append("routing statistics from " + ("the trace" if stats.source == "trace" else
+                 "published figures (≈70 of 256 experts per 32-token step; similarity 0.985 → "
+                 "0.95 over 5 steps): pass --trace for this model's own"))
+    full = bool((budgets >= e).all())
+    drift = stats.drift[np.arange(layers), budgets]
+    return Plan(
+        model=model_name, profile=profile.name, policy="resident" if full else "tide",
+        vram_budget_bytes=budget, dense_bytes=dense, kv_cache_bytes=kv, workspace_bytes=work,
+        expert_bytes=eb,
+        experts_per_layer={layer: int(b) for layer, b in zip(cfg.moe_layers, budgets.tolist(),
+                                                             strict=True)},
+        uniform=bool((budgets == budgets[0]).all()), tau=int(tau), tau_costs_ms=tau_costs,
+        cpu_threads=costs.cpu_threads, cpu_mode=profile.cpu_mode, block_length=wl.block_length,
+        steps_per_block=steps, tokens_per_step=tps, context_tokens=wl.context_tokens,
+        breakdown=breakdown, routing_source=stats.source,
+        distinct_experts=tuple(float(x) for x in stats.distinct),
+        drift=tuple(float(x) for x in drift),
+        constants={**costs.to_dict(), "tokens_per_call": round(per_call, 3),
+                   "slots_total": slots},
+        alternatives=alternatives, warnings=tuple(warnings), notes=tuple(notes))
+
+
+def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
+              trace: RoutingTrace | None = None,
+              workload: Workload | None = None) -> Callable[[Calibration | None], Breakdown]:
+    """calibration → the model's step time for the plan's own B_ℓ and τ (routing statistics
+    computed once; used to compare with, and fit to, measurements)."""
+    wl = workload or Workload(block_length=plan.block_length, context_tokens=plan.context_tokens,
+                              tokens_per_step=plan.tokens_per_step)
+    steps = plan.steps_per_block
+    if trace is not None:
+        traced = _trace_steps_per_block(trace)  # the run's own steps: ages follow them
+        if traced:
+            steps = steps_per_block(wl.block_length, wl.block_length / traced)
+        stats = trace_stats(trace, cfg=config, max_age=steps)
+    else:
+        stats = published_stats(config, block_length=wl.block_length, max_age=steps)
+    budgets = np.array([plan.experts_per_layer[layer] for layer in config.moe_layers])
+    per_call = float(stats.tokens_per_call[np.arange(len(budgets)), budgets].mean())
+
+    def run(calibration: Calibration | None) -> Breakdown:
+        costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
+                               context_tokens=wl.context_tokens, tokens_per_call=per_call,
+                               cpu_threads=plan.cpu_threads, calibration=calibration)
+        return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps), budgets,
+                       plan.tau)
+
+    return run
+
+
+def predict_for(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
+                trace: RoutingTrace | None = None, calibration: Calibration | None = None,
+                workload: Workload | None = None) -> Breakdown:
+    """The model's step time for a plan's own B_ℓ and τ."""
+    return predictor(plan=plan, config=config, profile=profile, trace=trace,
+                     workload=workload)(calibration)
