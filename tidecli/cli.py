@@ -10,7 +10,6 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -28,7 +27,8 @@ app = typer.Typer(
 
 POLICY_HELP = "Expert residency: resident, lru, static or tide."
 VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
-MODEL_HELP = "Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. Env: TIDE_MODEL."
+MODEL_HELP = ("Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
+              "Env: TIDE_MODEL.")
 
 
 def _version(value: bool) -> None:
@@ -48,30 +48,33 @@ def root(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt ('-' reads it from stdin)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     gen_length: int = typer.Option(512, help="Tokens to generate at most."),
     block_length: int = typer.Option(32, help="Diffusion block length."),
     threshold: float = typer.Option(0.95, help="Commit a masked position above this confidence."),
-    editing_threshold: Optional[float] = typer.Option(
+    editing_threshold: float | None = typer.Option(
         None, help="LLaDA2.1 token editing: rewrite generated tokens above this confidence "
                    "(0.5 quality, 0.0 speed). Off when not given."),
     max_post_steps: int = typer.Option(16, help="2.1 editing: extra steps once no mask is left."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling (temperature > 0)."),
-    top_k: Optional[int] = typer.Option(None, help="Top-k sampling (temperature > 0)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    system: Optional[str] = typer.Option(None, help="System prompt."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling (temperature > 0)."),
+    top_k: int | None = typer.Option(None, help="Top-k sampling (temperature > 0)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    system: str | None = typer.Option(None, help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, no chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    live: bool = typer.Option(True, "--live/--no-live",
+                              help="Draw the denoising live on a terminal (plain text when off "
+                                   "or when stdout is not a terminal)."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
     reference: bool = typer.Option(False, "--reference",
                                    help="Use the slow reference path (no KV cache)."),
-    trace: Optional[Path] = typer.Option(None, help="Record the routing trace (.npz) here."),
+    trace: Path | None = typer.Option(None, help="Record the routing trace (.npz) here."),
     policy: str = typer.Option("resident", help=POLICY_HELP),
-    vram: Optional[float] = typer.Option(None, help=VRAM_HELP),
-    experts_per_layer: Optional[int] = typer.Option(None, help="Force a uniform expert budget."),
-    tau: Optional[int] = typer.Option(None, help="tide: refresh every TAU steps of a block."),
+    vram: float | None = typer.Option(None, help=VRAM_HELP),
+    experts_per_layer: int | None = typer.Option(None, help="Force a uniform expert budget."),
+    tau: int | None = typer.Option(None, help="tide: refresh every TAU steps of a block."),
     stall_refresh: bool = typer.Option(False, "--stall-refresh",
                                        help="tide ablation: promote before computing (paper)."),
     cold_start: bool = typer.Option(False, "--cold-start",
@@ -79,7 +82,9 @@ def generate(
     refresh_last_step: bool = typer.Option(False, "--refresh-last-step",
                                            help="tide ablation: refresh on a block's last step."),
     cpu_threads: int = typer.Option(0, help="CPU threads for missed experts (0: default)."),
-    calibration: Optional[Path] = typer.Option(None, help="static: popularity from this trace."),
+    calibration: Path | None = typer.Option(None, help="static: popularity from this trace."),
+    graphs: bool = typer.Option(True, "--graphs/--no-graphs",
+                                help="CUDA: replay each step as captured CUDA graphs."),
 ) -> None:
     """Generate a reply to one prompt."""
     from tidecli.commands.generate import run_generate
@@ -90,19 +95,19 @@ def generate(
         vram_gib=vram, experts_per_layer=experts_per_layer, tau=tau,
         stall_refresh=stall_refresh, warm_start=not cold_start,
         skip_last_step=not refresh_last_step, cpu_threads=cpu_threads,
-        calibration=str(calibration) if calibration else None)
+        calibration=str(calibration) if calibration else None, graphs=graphs)
     run_generate(
         prompt=prompt, opts=opts, gen_length=gen_length, block_length=block_length,
         threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system, raw=raw,
-        json_out=json_out, reference=reference, trace=trace)
+        json_out=json_out, reference=reference, trace=trace, live=live)
 
 
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
     preset: str = typer.Option("tiny", help="tiny, mini (LLaDA2.0-mini shape) or flash."),
-    layers: Optional[int] = typer.Option(None, help="Keep only this many layers."),
+    layers: int | None = typer.Option(None, help="Keep only this many layers."),
     seed: int = typer.Option(0, help="Random seed for the weights."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
     device: str = typer.Option("auto", help="Where to draw the random weights (auto, cpu, cuda)."),

@@ -24,7 +24,8 @@ def byte_progress(*, enabled: bool = True) -> Iterator[Callable[[str, int, int],
     if not enabled or not err.is_terminal:
         yield lambda stage, done, total: None
         return
-    bars = Progress(TextColumn("{task.description:>14}"), BarColumn(), DownloadColumn(binary_units=True),
+    bars = Progress(TextColumn("{task.description:>14}"), BarColumn(),
+                    DownloadColumn(binary_units=True),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
     tasks: dict[str, int] = {}
 
