@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tests.conftest import load_model
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
 from tidecli.experts.compute import (
     combine,
