@@ -58,6 +58,9 @@ class LLaDA2Model:
         self.block = block_length
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
         self.timers = None  # optional StepTimers (per-part timing for profiling)
+        # Benchmarks only: replaces the router's expert choice (weights kept) with a synthetic
+        # workload (bench/synthetic.py). Changes the model's output; never set for generation.
+        self.routing = None
         # Steps run as a StepProgram (static shapes; CUDA graphs when `capture`) when enabled.
         self.use_program = False
         self.capture = device.type == "cuda"
@@ -90,6 +93,11 @@ class LLaDA2Model:
 
     # ---- building blocks ------------------------------------------------------------------------
 
+    def _begin(self, info: ForwardInfo, tokens: int) -> None:
+        if self.routing is not None:
+            self.routing.begin(info, tokens)
+        self.experts.begin_forward(info)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w.embed
         rows = table[ids.to(table.device)]
@@ -117,6 +125,8 @@ class LLaDA2Model:
             if tm:
                 tm.mark("router")
             ids, weights = route(n, lw.router, cfg)
+            if self.routing is not None:  # benchmarks only: a synthetic routing workload
+                ids = self.routing.ids(self.experts.layer_index[i], ids.shape[0])
             if tm:
                 tm.mark("experts")
             y = self.experts.run(i, n, ids, weights)
@@ -144,7 +154,7 @@ class LLaDA2Model:
             return
         positions = torch.arange(n, device=self.device)
         mask = block_causal_mask(positions, positions, block_length or self.block)
-        self.experts.begin_forward(info)
+        self._begin(info, n)
         self._layers(self.embed(ids), positions, cache=cache, start=0, mask=mask)
         self.experts.end_forward()
 
@@ -163,7 +173,7 @@ class LLaDA2Model:
             out = self.program(cache, t).run(ids_host, start, info)
             return (out if rows is None else out[rows]) if logits else None
         positions = torch.arange(start, start + t, device=self.device)
-        self.experts.begin_forward(info)
+        self._begin(info, t)
         x = self._layers(self.embed(ids), positions, cache=cache, start=start, mask=None)
         out = None
         if logits:
@@ -181,7 +191,7 @@ class LLaDA2Model:
         n = ids.shape[0]
         positions = torch.arange(n, device=self.device)
         mask = block_causal_mask(positions, positions, block_length or self.block)
-        self.experts.begin_forward(info)
+        self._begin(info, n)
         x = self._layers(self.embed(ids), positions, cache=None, start=0, mask=mask)
         out = self._head(x[rows])
         self.experts.end_forward()

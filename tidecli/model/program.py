@@ -100,6 +100,8 @@ class StepProgram:
         layer = self.moe[j]
         h, n = self._attn(layer, x)
         ids, w = route(n, model.w.layers[layer].router, cfg)
+        if model.routing is not None:  # benchmarks: a static buffer the host fills per step
+            ids = model.routing.static_ids(j)
         self.h[j], self.n[j], self.ids[j], self.w[j] = h, n, ids, w
         if self.to_host:  # the routing goes to the host as soon as it exists
             self.host_ids[j].copy_(ids, non_blocking=True)
@@ -121,6 +123,10 @@ class StepProgram:
 
     def _capture(self) -> None:
         segs = self._segments()
+        # The warm-up runs write K/V at positions start..start+T: point them at the cache's last
+        # block, which holds nothing yet when the first step of a generation captures (the
+        # prompt's K/V at the front must survive), and which a step rewrites before reading.
+        self.start.fill_(self.cache.capacity - self.T)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: kernels chosen, workspaces allocated
@@ -159,7 +165,7 @@ class StepProgram:
             torch.cuda.current_stream(self.device).synchronize()
         self._load_inputs(ids, start)
         rt = self.rt
-        rt.begin_forward(info)
+        self.model._begin(info, self.T)
         segs = self.graphs if self.graphs is not None else self._segments()
         replay = (lambda g: g.replay()) if self.graphs is not None else (lambda f: f())
         if self.single:
