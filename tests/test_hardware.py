@@ -18,6 +18,7 @@ from tidecli.hardware.profile import HardwareProfile, load_profile_file
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = ("rtx3060", "rtx4060ti", "rtx4070", "rtx4080", "rtx4090", "rtx5090")
+MEASURED = ("h200",)  # profiles measured on a real machine, shipped as references
 # small enough that a real CPU measurement takes well under a second
 TINY = measure.MeasureSettings(cpu_tokens=(1, 8), cpu_jobs=2, cpu_repeats=1, ram_bytes=1 << 20)
 TINY_SHAPE = (64, 32)
@@ -192,8 +193,8 @@ def test_load_or_create_measures_once_then_reuses(monkeypatch):
 
 
 def test_reference_profiles_are_shipped_and_mirrored():
-    assert store.list_reference_profiles() == sorted(REFERENCE)
-    for name in REFERENCE:
+    assert store.list_reference_profiles() == sorted(REFERENCE + MEASURED)
+    for name in REFERENCE + MEASURED:
         shipped = REPO / "tidecli" / "data" / "profiles" / f"{name}.json"
         assert (REPO / "profiles" / f"{name}.json").read_bytes() == shipped.read_bytes()
 
@@ -321,7 +322,7 @@ def test_cli_profile_list(capsys):
     for name in REFERENCE:
         assert name in out
     code, out, _ = _main(["profile", "--list", "--json"], capsys)
-    assert code == 0 and [r["name"] for r in json.loads(out)] == sorted(REFERENCE)
+    assert code == 0 and [r["name"] for r in json.loads(out)] == sorted(REFERENCE + MEASURED)
 
 
 def test_profile_help_does_not_import_torch():
@@ -412,3 +413,10 @@ def test_reference_profiles_ship_inside_the_package():
     shown = {p.name: p.read_bytes() for p in (root / "profiles").glob("*.json")}
     packaged = {p.name: p.read_bytes() for p in (root / "tidecli/data/profiles").glob("*.json")}
     assert shown and shown == packaged
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_measured_reference_profiles_say_so(name):
+    p = store.load_reference_profile(name)
+    assert p.kind == "measured" and "measured" in p.name
+    assert p.h2d_pinned_gbps > 0 and p.gpu_mem_gbps > 0 and p.cpu_expert_ms

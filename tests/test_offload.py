@@ -106,3 +106,46 @@ def test_tide_hits_more_than_it_misses_on_a_small_budget(tiny_ckpt):
     s = model.experts.run_stats.summary()
     assert s["gpu_hits"] > s["cpu_calls"]
     assert s["promotions"] > 0
+
+
+def _offload_misses(factory, b, misses):
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.store import HostExpertStore
+
+    def make(ckpt):
+        store = HostExpertStore(ckpt, pin=False)
+        budgets = {layer: b for layer in ckpt.config.moe_layers}
+        return OffloadRuntime(ckpt.config, store, budgets, factory(),
+                              device=torch.device("cpu"), dtype=torch.float32, misses=misses,
+                              scratch_slots=3)
+    return make
+
+
+@pytest.mark.parametrize("name", ["static", "tide"])
+def test_misses_through_the_scratch_slots_give_the_resident_tokens(tiny_ckpt, reference, name):
+    """misses=gpu: every miss is copied into a scratch slot (3 here: several rounds per layer)
+    and computed by the device kernel."""
+    model, _ = load_model(tiny_ckpt, runtime=_offload_misses(POLICIES[name], 5, "gpu"))
+    assert _gen(model).token_ids == reference
+    s = model.experts.run_stats.summary()
+    assert s["cpu_calls"] == 0 and s["fetched_calls"] > 0
+    assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+    # the planned placement is untouched by the scratch traffic
+    assert all(pool.slots == 5 for pool in model.experts.pools.pools.values())
+
+
+def test_miss_split_balances_copies_against_the_cpu():
+    from tidecli.experts.misses import MissSplitter
+
+    def splitter(mode, fetch_ms, cpu_ms):
+        return MissSplitter(mode=mode, slots=4, row=6, hidden=2, inter=1,
+                            device=torch.device("cpu"), dtype=torch.float32, kernel="loop",
+                            fetch_ms=fetch_ms, cpu_ms=cpu_ms)
+
+    experts, tokens = [1, 2, 3, 4, 5, 6], [1, 5, 1, 2, 1, 3]
+    gpu, cpu = splitter("auto", 0.1, 0.2).split(experts, tokens)
+    assert sorted(gpu + cpu) == experts
+    assert len(gpu) == 4 and gpu[:2] == [2, 6]  # the busiest experts go to the GPU
+    assert splitter("auto", 1.0, 0.1).split(experts, tokens)[0] == []  # copies too slow
+    assert splitter("cpu", 0.1, 0.2).split(experts, tokens) == ([], experts)
+    assert len(splitter("gpu", 1.0, 0.1).split(experts, tokens)[0]) == 6

@@ -236,7 +236,8 @@ def _check_sane(plan, cfg):
     bd = plan.breakdown
     assert all(math.isfinite(v) and v >= 0 for v in bd.to_dict().values())
     assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
-                                                   + bd.cpu_stall_ms + bd.pcie_stall_ms)
+                                                   + bd.cpu_stall_ms + bd.pcie_stall_ms
+                                                   + bd.disk_stall_ms)
     assert plan.predicted_step_ms >= bd.gpu_dense_ms > 0
     assert 0 < plan.tokens_per_s < plan.steps_per_s * plan.block_length
     assert plan.cpu_threads >= 1

@@ -38,8 +38,10 @@ def register(app: typer.Typer) -> None:
         block_length: int = typer.Option(32, help="Diffusion block length."),
         threshold: float = typer.Option(0.95, help="Decoding confidence threshold."),
         context: int = typer.Option(4096, help="Tokens of KV cache to reserve on the GPU."),
-        ram: float | None = typer.Option(None, help="Host RAM available in GiB (default: the "
-                                                     "profile's)."),
+        ram: float | None = typer.Option(
+            None, help="Host RAM in GiB for the experts (kept in RAM + staging ring); those "
+                       "beyond it stay on disk (default: the profile's available RAM minus "
+                       "2 GiB, the embedding table and 1 GiB for the process)."),
         calibrate: bool = typer.Option(
             False, "--calibrate", help="Run the plan on real denoising steps on this machine, "
                                        "correct the cost model and plan again."),

@@ -13,8 +13,9 @@ import typer
 
 from tidecli.errors import TideError
 
-MODEL_HELP = ("Time experts of this checkpoint's shape; reads only its config.json "
-              "(default: LLaDA2.0-mini's shape).")
+MODEL_HELP = ("Time experts of this checkpoint's shape (reads only its config.json; default: "
+              "LLaDA2.0-mini's shape) and the read speed of the disk that holds it (default: "
+              "the cache folder's).")
 
 
 def register(app: typer.Typer) -> None:
@@ -52,17 +53,21 @@ def list_references(*, json_out: bool) -> None:
     render_reference_list(profiles)
 
 
-def expert_shape_for(model: str) -> tuple[int, int]:
-    """(hidden, moe_intermediate) from a checkpoint's config.json, without touching weights."""
-    from tidecli.model.config import load_config
+def model_folder(model: str) -> Path:
+    """The checkpoint's folder; for a Hub id not yet downloaded, where its config.json went."""
     from tidecli.model.resolve import DEMO, HUB_ID, resolve_model
 
     local = Path(model).expanduser()
     if model != DEMO and not local.exists() and HUB_ID.match(model):
-        folder = _hub_config_folder(model)  # resolve_model would fetch every weight file
-    else:
-        folder = resolve_model(model, quiet=True)
-    cfg = load_config(folder)
+        return _hub_config_folder(model)  # resolve_model would fetch every weight file
+    return resolve_model(model, quiet=True)
+
+
+def expert_shape_for(model: str) -> tuple[int, int]:
+    """(hidden, moe_intermediate) from a checkpoint's config.json, without touching weights."""
+    from tidecli.model.config import load_config
+
+    cfg = load_config(model_folder(model))
     return cfg.hidden_size, cfg.moe_intermediate_size
 
 
@@ -87,9 +92,11 @@ def run_profile(*, quick: bool, json_out: bool, model: str | None, no_save: bool
     from tidecli.ui.profile_view import measure_progress, render_profile
 
     shape = expert_shape_for(model) if model else None
+    folder = model_folder(model) if model else None  # the disk read is timed there
     err.print(f"measuring this machine ({'quick' if quick else 'full'} profile) …")
     with measure_progress() as progress:
-        prof = measure_profile(quick=quick, expert_shape=shape, progress=progress)
+        prof = measure_profile(quick=quick, expert_shape=shape, progress=progress,
+                               disk_folder=folder)
     saved = None if no_save else save_profile(prof)
     if output is not None:
         save_profile(prof, output)

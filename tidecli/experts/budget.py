@@ -54,8 +54,9 @@ class MemoryPlan:
 def uniform_budget(cfg: ModelConfig, vram_gib: float, *, context_tokens: int = 4096,
                    block_length: int = 32, dtype_bytes: int = 2) -> MemoryPlan:
     """The most experts per MoE layer (same for every layer) that fit `vram_gib`."""
-    if vram_gib <= 0:
-        raise TideError(f"--vram must be positive, got {vram_gib}", "e.g. --vram 12")
+    if not 0 < vram_gib < float("inf"):  # also refuses nan
+        raise TideError(f"--vram must be a positive number of GiB, got {vram_gib}",
+                        "e.g. --vram 12")
     budget = int(vram_gib * GIB)
     dense = device_dense_bytes(cfg, dtype_bytes)
     kv = cfg.kv_bytes_per_token(dtype_bytes) * context_tokens
@@ -70,3 +71,87 @@ def uniform_budget(cfg: ModelConfig, vram_gib: float, *, context_tokens: int = 4
     per_expert = cfg.expert_bytes(dtype_bytes) * cfg.num_moe_layers
     b = min(cfg.num_experts, (budget - fixed) // per_expert) if cfg.num_moe_layers else 0
     return MemoryPlan(budget, dense, kv, work, cfg.expert_bytes(dtype_bytes), int(b))
+
+
+# ---- host RAM: experts kept in RAM, the staging ring, the rest on disk --------------------------
+
+RAM_MARGIN = 2 << 30  # keep this much RAM free for the OS, the page cache and Python
+DEFAULT_STAGING_EXPERTS = 16  # pinned buffers experts read from disk pass through
+MIN_STAGING_EXPERTS = 2  # one being read while the other is used
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Where routed experts live on the host: `ram_per_layer[ℓ]` experts of layer ℓ in (pinned)
+    RAM, the others in the checkpoint's files, read through `staging_experts` reusable buffers.
+    `budget` is the RAM the host expert store may hold (RAM tier + staging ring)."""
+
+    budget: int
+    expert_bytes: int
+    num_experts: int
+    ram_per_layer: dict[int, int]
+    staging_experts: int
+
+    @property
+    def tiered(self) -> bool:
+        return self.disk_experts > 0
+
+    @property
+    def ram_experts(self) -> int:
+        return sum(self.ram_per_layer.values())
+
+    @property
+    def disk_experts(self) -> int:
+        return self.num_experts * len(self.ram_per_layer) - self.ram_experts
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_experts * self.expert_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_experts * self.expert_bytes
+
+    def to_dict(self) -> dict:
+        return {"budget_bytes": self.budget, "ram_experts": self.ram_experts,
+                "disk_experts": self.disk_experts, "staging_experts": self.staging_experts,
+                "ram_bytes": self.ram_bytes, "staging_bytes": self.staging_bytes,
+                "ram_per_layer": {str(k): v for k, v in self.ram_per_layer.items()}}
+
+
+def spread(total: int, layers: list[int], cap: int) -> dict[int, int]:
+    """`total` items over `layers` as evenly as possible (the first layers take the remainder),
+    at most `cap` each."""
+    total = min(total, cap * len(layers))
+    base, extra = divmod(total, max(1, len(layers)))
+    return {layer: base + (1 if j < extra else 0) for j, layer in enumerate(layers)}
+
+
+def host_tiers(cfg: ModelConfig, budget: int, *, dtype_bytes: int = 2,
+               staging_experts: int | None = None,
+               ram_per_layer: dict[int, int] | None = None) -> HostPlan:
+    """Fit the routed experts into `budget` bytes of host RAM: all of them when they fit, else a
+    staging ring (`staging_experts`, default 16, at most a quarter of the budget) and as many
+    experts per layer as the rest holds (uniform unless `ram_per_layer` is given)."""
+    eb, e, layers = cfg.expert_bytes(dtype_bytes), cfg.num_experts, list(cfg.moe_layers)
+    if e * len(layers) * eb <= budget:
+        return HostPlan(budget, eb, e, {layer: e for layer in layers}, 0)
+    if budget < MIN_STAGING_EXPERTS * eb:
+        raise TideError(
+            f"the routed experts need {e * len(layers) * eb / GIB:.1f} GiB of RAM and "
+            f"{budget / GIB:.2f} GiB is not even enough to stage {MIN_STAGING_EXPERTS} experts "
+            f"read from disk ({eb / 2**20:.1f} MiB each)",
+            "give more RAM (--ram GiB), or close other programs")
+    if staging_experts is not None:  # the caller's size, within the budget
+        ring = max(MIN_STAGING_EXPERTS, min(staging_experts, budget // eb))
+    else:
+        ring = max(MIN_STAGING_EXPERTS, min(DEFAULT_STAGING_EXPERTS, budget // (4 * eb)))
+    room = (budget - ring * eb) // eb
+    if ram_per_layer is not None:
+        counts = {layer: int(ram_per_layer[layer]) for layer in layers}
+        if any(not 0 <= v <= e for v in counts.values()) or sum(counts.values()) > room:
+            raise TideError(f"the experts kept in RAM per layer do not fit ({room} in all, each "
+                            f"in 0..{e})", "make the plan again with this --ram")
+    else:
+        counts = spread(room, layers, e)
+    return HostPlan(budget, eb, e, counts, ring)

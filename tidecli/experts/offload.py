@@ -11,6 +11,8 @@ Per MoE layer and forward pass:
    side); pairs of non-resident experts run on the CPU while the GPU works ("cpu" misses) or
    stream through the slots in rounds ("fetch" misses); their rows go to an override buffer;
    the policy may schedule promotions for the next step, copied in the background;
+   experts that live on disk (tiered store) are read by reader threads into the staging ring
+   as soon as the misses are known, while the CPU works on the misses already in RAM;
 4. `device_end`: override rows replace the zero rows, and rows are weighted and summed in slot
    order, so a token's result does not depend on where its experts ran.
 """
@@ -24,22 +26,23 @@ import torch
 
 from tidecli.experts.compute import grouped_mm_available, run_grouped_loop, run_grouped_mm
 from tidecli.experts.cpu import CpuExperts
+from tidecli.experts.misses import MissSplitter
 from tidecli.experts.policies import Policy, ResidentPolicy
 from tidecli.experts.pools import PoolSet
 from tidecli.experts.runtime import ExpertRuntime, LayerIO
 from tidecli.experts.stats import ExpertStats, LayerCounters
-from tidecli.experts.store import HostExpertStore
+from tidecli.experts.store import ExpertSource
 from tidecli.model.config import ModelConfig
 
 
 class OffloadRuntime(ExpertRuntime):
     needs_host = True
 
-    def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
+    def __init__(self, cfg: ModelConfig, store: ExpertSource, budgets: dict[int, int],
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
                  cpu_threads: int = 0, cpu_mode: str = "intra",
                  cpu_dtype: torch.dtype | None = None,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", misses: str = "cpu", scratch_slots: int = 16) -> None:
         super().__init__(cfg, device, dtype)
         self.name = policy.name
         self.store = store
@@ -59,6 +62,15 @@ class OffloadRuntime(ExpertRuntime):
             torch.set_num_threads(threads)
         self.cpu = CpuExperts(hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size,
                               dtype=cpu_dtype, threads=threads, mode=cpu_mode)
+        if not self.cuda and misses == "auto":
+            misses = "cpu"  # on a CPU device both sides are the same CPU
+        if policy.miss_mode == "fetch":
+            misses = "cpu"  # unused: this policy streams its misses through its own slots
+        self.misses = MissSplitter(mode=misses, slots=min(scratch_slots, cfg.num_experts),
+                                   row=store.row, hidden=cfg.hidden_size,
+                                   inter=cfg.moe_intermediate_size, device=device, dtype=dtype,
+                                   kernel=kernel)
+        self._miss_copies: list[tuple[int, object, object]] = []  # (experts, start, end)
         self._events: list[tuple[int, object, object]] = []  # (layer, start, end) stalls
         self._stage: dict[str, torch.Tensor] = {}
         self._d2h = torch.cuda.Stream(device=device) if self.cuda else None
@@ -162,7 +174,7 @@ class OffloadRuntime(ExpertRuntime):
             if st["fetch"]:
                 self._fetch_rounds(layer, io, miss, over, over_mask, c)
             else:
-                self._cpu(layer, io, miss, over, over_mask, c)
+                self._split_misses(layer, io, miss, over, over_mask, c)
         later = pol.after_compute(layer, counts, info)
         if later:
             self._promote(layer, later, c, now=False)
@@ -182,10 +194,56 @@ class OffloadRuntime(ExpertRuntime):
         over.index_copy_(0, idx, values.to(over.dtype))
         over_mask.index_fill_(0, idx, True)
 
+    def _split_misses(self, layer: int, io: LayerIO, miss: np.ndarray, over: torch.Tensor,
+                      over_mask: torch.Tensor, c: LayerCounters) -> None:
+        """The GPU's share is queued first (copies into scratch slots, then its kernel), so it
+        runs while the CPU computes the rest."""
+        flat = io.wait().reshape(-1)
+        experts, tokens = np.unique(flat[miss], return_counts=True)
+        gpu, cpu = self.misses.split(experts.tolist(), tokens.tolist())
+        if gpu:
+            keep = self._keeper(layer, flat) if self.policy.adaptive else None
+            n, a, b = self.misses.run_gpu(self.store, layer, gpu, flat, self.k, io.hidden, over,
+                                          over_mask, self.pools.streams, keep=keep)
+            if keep is not None:
+                self.pools.pools[layer].push_table()
+                self.pools.mark_read(layer)  # later copies into the pool wait for these
+            c.fetched_calls += n
+            c.bytes_h2d += len(gpu) * self.pools.expert_bytes
+            if a is not None:
+                self._miss_copies.append((len(gpu), a, b))
+        if cpu:
+            t0 = time.perf_counter()
+            self._cpu(layer, io, miss & np.isin(flat, cpu), over, over_mask, c)
+            self.misses.learn(cpu_ms=(time.perf_counter() - t0) * 1000.0 / len(cpu))
+
+    def _keeper(self, layer: int, flat: np.ndarray):
+        """A fetched expert stays: it takes the slot of a resident this step did not use (a
+        device-to-device copy of its scratch row), so the next steps hit it. Not while copies
+        into the pool are in flight (their slots must not be touched)."""
+        pool = self.pools.pools[layer]
+        if pool.pending or pool.ready is not None:
+            return None
+        used = set(flat.tolist())
+        free = [s for s in range(pool.slots)
+                if pool.expert_of_slot[s] < 0 or int(pool.expert_of_slot[s]) not in used]
+
+        def keep(e: int, row: torch.Tensor) -> None:
+            if not free or pool.slot_of_expert[e] >= 0:
+                return
+            s = free.pop()
+            pool.buf[s].copy_(row)
+            old = int(pool.expert_of_slot[s])
+            if old >= 0:
+                pool.slot_of_expert[old] = -1
+            pool.expert_of_slot[s] = e
+            pool.slot_of_expert[e] = s
+        return keep
+
     def _cpu(self, layer: int, io: LayerIO, miss: np.ndarray, over: torch.Tensor,
              over_mask: torch.Tensor, c: LayerCounters) -> None:
         """The missing pairs on the CPU, grouped by expert (tokens ascending)."""
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.store.disk_wait_s
         k = self.k
         flat = io.wait().reshape(-1)
         pairs = np.nonzero(miss)[0]
@@ -193,10 +251,17 @@ class OffloadRuntime(ExpertRuntime):
         order = np.argsort(experts, kind="stable")
         pairs, experts = pairs[order], experts[order]
         groups = np.split(pairs, np.flatnonzero(np.diff(experts)) + 1)
-        jobs = [(self.store.expert(layer, int(flat[g[0]])), io.host_x[torch.from_numpy(g // k)])
-                for g in groups]
-        result = torch.cat(self.cpu.run(jobs))
-        c.cpu_ms += (time.perf_counter() - t0) * 1000.0
+        ids = [int(flat[g[0]]) for g in groups]
+        rows_of = {e: io.host_x[torch.from_numpy(g // k)]
+                   for e, g in zip(ids, groups, strict=True)}
+        outs: dict[int, torch.Tensor] = {}
+        # batches: the RAM rows at once, experts on disk as the staging ring delivers them
+        for batch in self.store.batches(layer, ids):
+            done = self.cpu.run([(batch.row(e), rows_of[e]) for e in batch.experts])
+            outs.update(zip(batch.experts, done, strict=True))
+        result = torch.cat([outs[e] for e in ids])
+        waited = self.store.disk_wait_s - waited  # counted as disk_wait_ms, not CPU time
+        c.cpu_ms += (time.perf_counter() - t0 - waited) * 1000.0
         c.cpu_calls += len(pairs)
         start = self.pools.streams.compute_event()  # the GPU idles from here if it is done
         self._put_rows(pairs, result, over, over_mask)
@@ -223,6 +288,14 @@ class OffloadRuntime(ExpertRuntime):
     def end_forward(self) -> ExpertStats:
         for layer, ms, _n in self.pools.drain_copy_timing():
             self.forward_stats.layer(layer).copy_ms += ms
+        for layer, counts in self.store.drain_counters().items():
+            c = self.forward_stats.layer(layer)
+            for name, value in counts.items():
+                setattr(c, name, getattr(c, name) + value)
+        for n, a, b in self._miss_copies:
+            b.synchronize()
+            self.misses.learn(fetch_ms=a.elapsed_time(b) / n)
+        self._miss_copies.clear()
         for layer, a, b in self._events:
             if a is None:
                 continue
@@ -237,7 +310,9 @@ class OffloadRuntime(ExpertRuntime):
                 "cpu_dtype": str(self.cpu.dtype).replace("torch.", ""),
                 "cpu_threads": self.cpu.threads, "cpu_mode": self.cpu.mode,
                 "host_store": self.store.info.to_dict(),
-                "slot_pool_bytes": self.pools.nbytes()}
+                "slot_pool_bytes": self.pools.nbytes(), "misses": self.misses.mode,
+                "scratch_bytes": self.misses.nbytes}
 
     def close(self) -> None:
         self.cpu.close()
+        self.store.close()  # reader threads and files; the store stays usable

@@ -47,6 +47,7 @@ def top_experts(counts: np.ndarray, budget: int, pool: SlotPool) -> list[int]:
 class Policy:
     name = "base"
     miss_mode = "cpu"
+    adaptive = False  # may experts fetched for a miss stay in the pool (tide: yes)
 
     def attach(self, pools: dict[int, SlotPool], num_experts: int) -> None:
         self.pools = pools
@@ -151,6 +152,7 @@ class TidePolicy(Policy):
     and misses run on the CPU."""
 
     name = "tide"
+    adaptive = True
 
     def __init__(self, opts: TideOptions) -> None:
         if opts.tau < 1:

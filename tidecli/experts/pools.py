@@ -3,8 +3,10 @@
 Promotions are async copies from the host store on a dedicated copy stream; a copy into a slot
 first waits for the compute that last read that slot, and the compute that first reads the new
 expert waits for the copy (events on both sides). Eviction only reuses a slot: the weights are
-read-only and the host already holds them, so nothing is ever copied back. On a CPU "device"
-(tests) the same calls run synchronously.
+read-only and the host already holds them (in RAM or in the checkpoint's files), so nothing is
+ever copied back. Experts read from disk arrive in batches through the tiered store's staging
+ring; each batch's buffers are handed back with the event of the copies that read them. On a CPU
+"device" (tests) the same calls run synchronously.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pool_views
-from tidecli.experts.store import HostExpertStore
+from tidecli.experts.store import ExpertSource
 
 
 class Streams:
@@ -91,7 +93,7 @@ class SlotPool:
 class PoolSet:
     """All layers' pools plus the copy machinery and its counters."""
 
-    def __init__(self, store: HostExpertStore, budgets: dict[int, int], *, device: torch.device,
+    def __init__(self, store: ExpertSource, budgets: dict[int, int], *, device: torch.device,
                  dtype: torch.dtype) -> None:
         cfg = store.cfg
         self.store = store
@@ -120,21 +122,27 @@ class PoolSet:
             pool.expert_of_slot[s] = e
             pool.slot_of_expert[e] = s
         st = self.streams
+        slot_of = {e: s for s, e in moves}
         if st.cuda:
             with torch.cuda.stream(st.copy):
                 if pool.last_read is not None:
                     st.copy.wait_event(pool.last_read)  # never overwrite a slot still being read
-                start = st.copy_event()
-                for s, e in moves:
-                    pool.buf[s].copy_(self.store.expert(layer, e), non_blocking=True)
-                end = st.copy_event()
-            pool.ready = end
-            self._copy_timing.append((layer, start, end, len(moves)))
+                for batch in self.store.batches(layer, list(slot_of)):
+                    rows = [(slot_of[e], batch.row(e)) for e in batch.experts]  # reads done
+                    start = st.copy_event()
+                    for s, row in rows:
+                        pool.buf[s].copy_(row, non_blocking=True)
+                    end = st.copy_event()
+                    batch.release_after = end  # the ring reuses these rows only after this
+                    self._copy_timing.append((layer, start, end, len(rows)))
+                    pool.ready = end
         else:
-            t0 = time.perf_counter()
-            for s, e in moves:
-                pool.buf[s].copy_(self.store.expert(layer, e))
-            self._copy_timing.append((layer, t0, time.perf_counter(), len(moves)))
+            for batch in self.store.batches(layer, list(slot_of)):
+                rows = [(slot_of[e], batch.row(e)) for e in batch.experts]
+                t0 = time.perf_counter()
+                for s, row in rows:
+                    pool.buf[s].copy_(row)
+                self._copy_timing.append((layer, t0, time.perf_counter(), len(rows)))
         if activate_now:
             self.activate(layer)
         else:

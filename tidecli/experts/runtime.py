@@ -173,7 +173,7 @@ def read_expert_packed(reader: ShardReader, ckpt: Checkpoint, layer: int, expert
         part = out[offset: offset + n]
         reader.read_into(info, part)
         if check:
-            check_finite(info.name, part)
+            check_finite(info.name, part, shard=info.file.name)
         offset += n
 
 

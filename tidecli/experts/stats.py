@@ -15,6 +15,10 @@ class LayerCounters:
     copy_ms: float = 0.0  # time the copies took on the copy stream
     cpu_ms: float = 0.0  # CPU time computing misses
     stall_ms: float = 0.0  # time the GPU waited for copies or CPU results
+    disk_reads: int = 0  # experts read from the checkpoint's files (tiered store)
+    bytes_disk: int = 0
+    staging_hits: int = 0  # experts found still staged, not read again
+    disk_wait_ms: float = 0.0  # time the host waited for those reads
 
     def add(self, other: LayerCounters) -> None:
         for f in fields(self):
@@ -65,6 +69,10 @@ class ExpertStats:
             "copy_ms": round(t.copy_ms, 3),
             "cpu_ms": round(t.cpu_ms, 3),
             "stall_ms": round(t.stall_ms, 3),
+            "disk_reads": t.disk_reads,
+            "bytes_disk": t.bytes_disk,
+            "staging_hits": t.staging_hits,
+            "disk_wait_ms": round(t.disk_wait_ms, 3),
         }
 
     def to_dict(self) -> dict:

@@ -3,23 +3,25 @@
 Experts stream shard by shard straight into their final place (one `readinto` per tensor, no
 staging copy), so the extra memory while loading is bounded by nothing but the page cache. A row
 is [gate (I·H) | up (I·H) | down (H·I)] in the stored dtype: one copy moves one expert.
+
+`ExpertSource` is what the slot pools and the CPU workers use; the tiered store
+(experts/tiered.py) implements it too, for models larger than RAM.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import psutil
 import torch
 
 from tidecli.errors import TideError
+from tidecli.experts.budget import RAM_MARGIN
 from tidecli.experts.runtime import read_expert_packed
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import ShardReader, torch_dtype
-
-RAM_MARGIN = 2 << 30  # keep this much RAM free for the OS, the page cache and Python
 
 
 def available_ram() -> int:
@@ -37,13 +39,73 @@ class StoreInfo:
     pinned: bool
     pin_error: str | None
     load_seconds: float
+    tiers: dict = field(default_factory=dict)  # tiered store: RAM / staging / disk counts
 
     def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "pinned": self.pinned, "pin_error": self.pin_error,
-                "load_seconds": round(self.load_seconds, 3)}
+        out = {"bytes": self.bytes, "pinned": self.pinned, "pin_error": self.pin_error,
+               "load_seconds": round(self.load_seconds, 3)}
+        if self.tiers:
+            out["tiers"] = self.tiers
+        return out
 
 
-class HostExpertStore:
+class ExpertBatch:
+    """Experts of one layer whose host rows stay valid until the consumer moves on to the next
+    batch. A consumer whose device copies still read the rows sets `release_after` (a CUDA
+    event recorded after those copies) before it does."""
+
+    def __init__(self, experts: list[int], row: Callable[[int], torch.Tensor]) -> None:
+        self.experts = experts
+        self._row = row
+        self.release_after: object | None = None
+
+    def row(self, e: int) -> torch.Tensor:
+        """The packed row [3·I·H] of expert e (waits for its read when it comes from disk)."""
+        return self._row(e)
+
+
+class ExpertSource:
+    """Host rows of routed experts, as the slot pools and the CPU workers read them."""
+
+    cfg: object
+    dtype: torch.dtype
+    row: int  # elements per packed expert row
+    info: StoreInfo
+    pinned: bool = False
+    pin_error: str | None = None
+
+    def batches(self, layer: int, experts: list[int]) -> Iterator[ExpertBatch]:
+        """The rows of `experts` (distinct), in one or more batches."""
+        raise NotImplementedError
+
+    def _alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Pinned while pinning works (`self.pinned`), else pageable, with one warning."""
+        if self.pinned:
+            try:
+                return allocate_host(shape, self.dtype, pin=True)
+            except RuntimeError as exc:
+                self.pinned = False
+                self.pin_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                warnings.warn(
+                    f"pinned host memory is not available ({self.pin_error}); experts use pageable "
+                    "memory, so copies to the GPU are slower", RuntimeWarning, stacklevel=2)
+                # earlier layers stay pinned; that is fine, copies from them are still correct
+        return allocate_host(shape, self.dtype, pin=False)
+
+    def drain_counters(self) -> dict[int, dict[str, float]]:
+        """Per layer: disk reads and waits since the last call (none for an all-RAM store)."""
+        return {}
+
+    @property
+    def disk_wait_s(self) -> float:
+        """Seconds the caller has waited for disk reads so far (a running total)."""
+        return 0.0
+
+    def close(self) -> None:
+        """Stop reader threads and close files."""
+
+
+class HostExpertStore(ExpertSource):
     """layer → [E, 3·I·H] host tensor in the checkpoint's dtype."""
 
     def __init__(self, ckpt: Checkpoint, *, pin: bool, check_finite: bool = True,
@@ -62,8 +124,8 @@ class HostExpertStore:
             raise TideError(
                 f"the routed experts need {need / 2**30:.1f} GiB of RAM (+{RAM_MARGIN >> 30} GiB "
                 f"headroom) but only {have / 2**30:.1f} GiB is available",
-                "close other programs, or use a machine with more RAM "
-                "(a disk-backed expert tier is planned)")
+                "close other programs, or let the experts that do not fit stay on disk "
+                "(--ram GiB)")
         t0 = time.perf_counter()
         self.pinned = pin
         self.pin_error: str | None = None
@@ -79,21 +141,12 @@ class HostExpertStore:
                         progress(self.row * self.dtype.itemsize)
         self.info = StoreInfo(need, self.pinned, self.pin_error, time.perf_counter() - t0)
 
-    def _alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.pinned:
-            try:
-                return allocate_host(shape, self.dtype, pin=True)
-            except RuntimeError as exc:
-                self.pinned = False
-                self.pin_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                warnings.warn(
-                    f"pinned host memory is not available ({self.pin_error}); experts use pageable "
-                    "memory, so copies to the GPU are slower", RuntimeWarning, stacklevel=2)
-                # earlier layers stay pinned; that is fine, copies from them are still correct
-        return allocate_host(shape, self.dtype, pin=False)
-
     def expert(self, layer: int, e: int) -> torch.Tensor:
         return self.layers[layer][e]
+
+    def batches(self, layer: int, experts: list[int]) -> Iterator[ExpertBatch]:
+        rows = self.layers[layer]
+        yield ExpertBatch(list(experts), lambda e: rows[e])
 
     @property
     def nbytes(self) -> int:

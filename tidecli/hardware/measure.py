@@ -18,6 +18,7 @@ from typing import Any
 
 from tidecli import __version__
 from tidecli.hardware import probe
+from tidecli.hardware.disk import disk_fields
 from tidecli.hardware.profile import HardwareProfile
 
 Progress = Callable[[str, int, int], None]  # (what is being measured, steps done, steps total)
@@ -45,12 +46,14 @@ class MeasureSettings:
     cpu_full_grid: bool = False  # every dtype × mode × thread count; quick picks stage by stage
     cpu_budget_s: float = 0.3  # per setup: a pathologically slow one stops repeating early
     ram_bytes: int = 128 << 20
+    disk_bytes: int = 128 << 20  # read of the model's (or the cache) folder, hardware/disk.py
 
 
 QUICK = MeasureSettings()
 FULL = MeasureSettings(large_copy_bytes=1 << 30, copy_repeats=30, warmup=5, d2d_bytes=1 << 30,
                        gemm_n=8192, gpu_repeats=30, cpu_jobs=16, cpu_repeats=7,
-                       cpu_full_grid=True, cpu_budget_s=2.0, ram_bytes=1 << 30)
+                       cpu_full_grid=True, cpu_budget_s=2.0, ram_bytes=1 << 30,
+                       disk_bytes=1 << 30)
 
 
 def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
@@ -450,9 +453,10 @@ def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
 
 
 def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None = None,
-                    progress: Progress | None = None,
-                    settings: MeasureSettings | None = None) -> HardwareProfile:
-    """Probe and measure this machine. Without CUDA the profile is CPU-only and says so."""
+                    progress: Progress | None = None, settings: MeasureSettings | None = None,
+                    disk_folder: Any = None) -> HardwareProfile:
+    """Probe and measure this machine. Without CUDA the profile is CPU-only and says so. The
+    disk is read in `disk_folder` (the model's), else in the cache folder."""
     import torch
 
     s = settings or (QUICK if quick else FULL)
@@ -461,7 +465,7 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
     cores = max(1, cpu.physical_cores)
     cuda = torch.cuda.is_available()
     gpu_steps = 8 + len(s.gpu_tokens)  # copies, latency, D2D, GEMM, then one per token count
-    tick = _Ticker((gpu_steps if cuda else 0) + _cpu_steps(s, cores), progress)
+    tick = _Ticker((gpu_steps if cuda else 0) + _cpu_steps(s, cores) + 1, progress)
     notes: list[str] = [f"{'quick' if quick else 'full'} profile, torch {torch.__version__}"]
     fields: dict[str, Any] = {}
     if cuda:
@@ -476,6 +480,9 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
     fields["ram_read_gbps"] = _attempt(
         "host memory read", lambda: ram_read_gbps(s.ram_bytes, warmup=1,
                                                   repeats=max(3, s.cpu_repeats)), notes)
+    tick("disk read")
+    fields.update(_attempt("disk read", lambda: disk_fields(disk_folder, s.disk_bytes, notes),
+                           notes) or {})
     cpu_res = measure_cpu_experts(hidden, inter, cores=cores, tokens=s.cpu_tokens,
                                   jobs=s.cpu_jobs, repeats=s.cpu_repeats,
                                   full_grid=s.cpu_full_grid, budget_s=s.cpu_budget_s,

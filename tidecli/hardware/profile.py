@@ -67,7 +67,11 @@ class HardwareProfile:
     ram_total_bytes: int = 0
     ram_available_bytes: int = 0
     ram_read_gbps: float | None = None
-    disk_read_gbps: float | None = None  # sequential read of the model's folder (cold cache)
+    # sequential read of the model's folder (else the cache folder): cold = page cache dropped
+    # first (`disk_read_cold` True); when it could not be dropped the figure is warm (False)
+    disk_read_gbps: float | None = None
+    disk_read_warm_gbps: float | None = None  # the same file again, from the page cache
+    disk_read_cold: bool | None = None
     # ---- provenance ----
     sources: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -110,6 +114,6 @@ def load_profile_file(path: str | Path) -> HardwareProfile:
         raise TideError(f"no profile at {path}",
                         "run `tide profile` or pass --profile NAME") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError,
-            AttributeError) as exc:
+            AttributeError, RecursionError) as exc:
         raise TideError(f"the hardware profile {path} is corrupt ({type(exc).__name__})",
                         "delete it and run `tide profile` again") from exc

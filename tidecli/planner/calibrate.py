@@ -66,7 +66,10 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         model=str(model_path), device=device, policy="tide", block_length=plan.block_length,
         experts_per_layer_map=dict(plan.experts_per_layer), tau=plan.tau,
         cpu_threads=plan.cpu_threads if cpu_threads is None else cpu_threads,
-        cpu_mode=plan.cpu_mode, context_tokens=plan.context_tokens)
+        cpu_mode=plan.cpu_mode, context_tokens=plan.context_tokens,
+        ram_gib=plan.ram_budget_bytes / GIB if plan.tiered else None,
+        ram_experts_map=dict(plan.experts_in_ram) if plan.tiered else None,
+        staging_experts=plan.staging_experts if plan.tiered else None)
     try:
         engine = Engine(opts, progress=progress, quiet=True)
     except torch.OutOfMemoryError as exc:

@@ -29,6 +29,8 @@ FALLBACK_RAM_GBPS = 40.0
 FALLBACK_GPU_MEM_GBPS = 300.0
 FALLBACK_H2D_GBPS = 12.0  # PCIe 3.0 x16 / 4.0 x8 pinned
 FALLBACK_COPY_LATENCY_MS = 0.01
+FALLBACK_DISK_GBPS = 2.0  # a PCIe 3.0/4.0 NVMe SSD reading large files, stated when used
+DISK_LATENCY_MS = 0.05  # per expert read (one or two positional reads of a few MiB)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class HardwareCosts:
     cpu_points: tuple[tuple[float, float], ...]  # (tokens, ms) of one expert call on the host
     overlap: bool = True
     notes: tuple[str, ...] = field(default=())
+    disk_expert_ms: float = 0.0  # one expert read from the checkpoint's files (disk tier)
 
     def cpu_call_ms(self, tokens: np.ndarray | float) -> np.ndarray | float:
         """One expert call with `tokens` tokens on the host: linear between measured points,
@@ -85,7 +88,7 @@ class HardwareCosts:
                 "cpu_threads": self.cpu_threads,
                 "cpu_expert_ms": {str(int(n)) if float(n).is_integer() else str(n): round(ms, 5)
                                   for n, ms in self.cpu_points},
-                "overlap": self.overlap}
+                "disk_expert_ms": round(self.disk_expert_ms, 4), "overlap": self.overlap}
 
 
 def profile_vram_gib(profile: HardwareProfile) -> float:
@@ -145,6 +148,20 @@ def _h2d_gbps(profile: HardwareProfile, notes: list[str]) -> float:
     return FALLBACK_H2D_GBPS
 
 
+def disk_gbps(profile: HardwareProfile) -> tuple[float, str | None]:
+    """The disk's sequential read bandwidth for the cost model, and a note when it is not a
+    cold measurement."""
+    if profile.disk_read_gbps:
+        if profile.disk_read_cold is False:
+            return profile.disk_read_gbps, (
+                f"disk read {profile.disk_read_gbps:.2f} GB/s was measured warm (the page cache "
+                "could not be dropped): reads of experts not in the cache can be slower")
+        return profile.disk_read_gbps, None
+    return FALLBACK_DISK_GBPS, (f"no disk read figure in the profile: assumed "
+                                f"{FALLBACK_DISK_GBPS:g} GB/s (an NVMe SSD); run `tide profile "
+                                "--model FOLDER` for the disk that holds the model")
+
+
 def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: int,
                    context_tokens: int, tokens_per_call: float = 4.0,
                    cpu_threads: int | None = None,
@@ -178,9 +195,10 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
         else cal.launch_ms_per_layer
     launch = per_layer * cfg.num_hidden_layers
     threads, pts = _cpu_table(cfg, profile, scale, tokens_per_call, cpu_threads, notes)
+    disk = eb / (disk_gbps(profile)[0] * 1e9) * 1e3 + DISK_LATENCY_MS
     return HardwareCosts(
         c_io_ms=c_io * cal.io_scale, gpu_expert_ms=gpu_expert * cal.gpu_scale,
         dense_ms=read_ms * cal.gpu_scale + launch, dense_read_ms=read_ms * cal.gpu_scale,
         launch_ms=launch, cpu_threads=threads,
         cpu_points=tuple((n, ms * cal.cpu_scale) for n, ms in pts), overlap=cal.overlap,
-        notes=tuple(notes))
+        notes=tuple(notes), disk_expert_ms=disk)

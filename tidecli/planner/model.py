@@ -9,6 +9,9 @@ refresh every τ steps, so B·f(τ) is the missed pairs per step; C_CPU is per m
 Step time (what `predict` returns): dense part + Σ_ℓ max(GPU hits, CPU misses) — the runtime
 computes a layer's misses on the host while the GPU computes its resident experts — plus the
 part of each refresh's copies that does not fit under one step's compute (copies are async).
+With a disk tier (`Problem.ram`: experts per layer kept in RAM), missed experts outside RAM are
+read first, by reader threads alongside the CPU work: the host side of a layer then takes
+max(CPU misses, disk reads).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Problem:
     costs: HardwareCosts
     stats: RoutingStats
     steps: int  # T: denoising steps per block
+    ram: np.ndarray | None = None  # [L] experts per layer kept in host RAM; None → all of them
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,13 @@ class Breakdown:
     pcie_stall_ms: float  # the part of pcie_ms that does not fit under the step's compute
     hit_rate: float = 1.0  # share of routed pairs computed by resident experts
     promotions_per_step: float = 0.0
+    disk_ms: float = 0.0  # reading missed experts that live on disk (overlaps the CPU work)
+    disk_stall_ms: float = 0.0  # the part of disk_ms the GPU waits for beyond the CPU stall
+    disk_reads_per_step: float = 0.0
 
     @property
     def stall_ms(self) -> float:
-        return self.cpu_stall_ms + self.pcie_stall_ms
+        return self.cpu_stall_ms + self.pcie_stall_ms + self.disk_stall_ms
 
     @property
     def step_ms(self) -> float:
@@ -60,7 +67,9 @@ class Breakdown:
                 "pcie_ms": round(self.pcie_ms, r), "pcie_stall_ms": round(self.pcie_stall_ms, r),
                 "stall_ms": round(self.stall_ms, r), "step_ms": round(self.step_ms, r),
                 "hit_rate": round(self.hit_rate, 4),
-                "promotions_per_step": round(self.promotions_per_step, 3)}
+                "promotions_per_step": round(self.promotions_per_step, 3),
+                "disk_ms": round(self.disk_ms, r), "disk_stall_ms": round(self.disk_stall_ms, r),
+                "disk_reads_per_step": round(self.disk_reads_per_step, 3)}
 
 
 # ---- the paper's program ------------------------------------------------------------------------
@@ -88,10 +97,26 @@ def _per_layer(p: Problem, budgets: np.ndarray, tau: int) -> dict[str, np.ndarra
             "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.tokens_per_call, budgets)))}
 
 
+def disk_share(p: Problem) -> np.ndarray:
+    """[L] share of a layer's missed experts that live on disk (0 without a disk tier)."""
+    if p.ram is None:
+        return np.zeros(p.stats.num_layers)
+    return 1.0 - p.stats.ram_share(p.ram)
+
+
+def layer_time(gpu, cpu, disk, overlap: bool):
+    """A layer's expert time: GPU hits beside the host's misses (CPU work beside disk reads)."""
+    host = np.maximum(cpu, disk)
+    return np.maximum(gpu, host) if overlap else gpu + host
+
+
 def tau_objective(p: Problem, budgets: np.ndarray, tau: int) -> float:
-    """Σ_ℓ I/O_ℓ(τ) + CPU_ℓ(τ), milliseconds per block."""
+    """Σ_ℓ I/O_ℓ(τ) + CPU_ℓ(τ), milliseconds per block; with a disk tier the reads of missed
+    experts outside RAM are added to the CPU term."""
     v = _per_layer(p, budgets, tau)
     total = 0.0
+    reads = p.stats.distinct * v["miss_experts"] * disk_share(p)  # disk reads per step
+    total += float(reads.sum()) * p.steps * p.costs.disk_expert_ms
     for j, b in enumerate(budgets.tolist()):
         slots = max(b, 1)  # f is per slot; a layer without slots still pays its misses
         f = v["miss_pairs"][j] * p.stats.pairs / slots
@@ -117,7 +142,8 @@ def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
     mp, me = st.block_mean_miss(tau, p.steps)
     gpu = st.distinct[:, None] * (1 - me) * co.gpu_expert_ms
     cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_call)
-    layer = np.maximum(gpu, cpu) if co.overlap else gpu + cpu
+    disk = st.distinct[:, None] * me * disk_share(p)[:, None] * co.disk_expert_ms
+    layer = layer_time(gpu, cpu, disk, co.overlap)
     b = np.arange(st.drift.shape[1])[None, :]
     io = co.c_io_ms * b * (1 - (1 - st.drift) ** tau) / tau
     return layer + io
@@ -128,7 +154,9 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
     v = _per_layer(p, budgets, tau)
     gpu = st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms
     cpu = st.pairs * v["miss_pairs"] * v["c_cpu"]
-    layer = np.maximum(gpu, cpu) if co.overlap else gpu + cpu
+    reads = st.distinct * v["miss_experts"] * disk_share(p)
+    base = layer_time(gpu, cpu, 0.0, co.overlap)
+    layer = layer_time(gpu, cpu, reads * co.disk_expert_ms, co.overlap)
     compute = co.dense_ms + float(layer.sum())
     promoted = budgets * (1 - (1 - v["drift"]) ** tau)  # per refresh, per layer
     io_refresh = co.c_io_ms * float(promoted.sum())
@@ -138,6 +166,25 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
     pcie_stall = max(0.0, io_refresh - compute) / tau if co.overlap else pcie
     return Breakdown(
         gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=float(cpu.sum()),
-        cpu_stall_ms=float((layer - gpu).sum()), pcie_ms=pcie, pcie_stall_ms=pcie_stall,
+        cpu_stall_ms=float((base - gpu).sum()), pcie_ms=pcie, pcie_stall_ms=pcie_stall,
         hit_rate=float(1 - v["miss_pairs"].mean()),
-        promotions_per_step=float(promoted.sum()) / tau)
+        promotions_per_step=float(promoted.sum()) / tau,
+        disk_ms=float(reads.sum()) * co.disk_expert_ms,
+        disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()))
+
+
+def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:
+    """[L, E+1]: per layer and count R of experts kept in RAM, that layer's expert time per step
+    (what the split of the RAM budget over layers minimises)."""
+    st, co = p.stats, p.costs
+    v = _per_layer(p, budgets, tau)
+    e = st.miss_pairs.shape[2] - 1
+    r = np.arange(e + 1)
+    if st.ram_cover is None:
+        share = np.broadcast_to(r / e, (st.num_layers, e + 1))
+    else:
+        share = st.ram_cover
+    gpu = (st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms)[:, None]
+    cpu = (st.pairs * v["miss_pairs"] * v["c_cpu"])[:, None]
+    disk = (st.distinct * v["miss_experts"])[:, None] * (1 - share) * co.disk_expert_ms
+    return layer_time(gpu, cpu, disk, co.overlap)

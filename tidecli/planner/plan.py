@@ -39,6 +39,13 @@ class Plan:
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     calibration: dict[str, Any] | None = None
+    # host tiers (planner/tiers.py): RAM for the expert store, experts per layer kept in RAM,
+    # the staging ring; the other experts stay on disk, read at `disk_gbps` when missed
+    num_experts: int = 0
+    ram_budget_bytes: int = 0  # 0: not known (every expert assumed to fit in RAM)
+    experts_in_ram: dict[int, int] = field(default_factory=dict)
+    staging_experts: int = 0
+    disk_gbps: float | None = None  # set when some experts stay on disk
 
     @property
     def predicted_step_ms(self) -> float:
@@ -62,6 +69,33 @@ class Plan:
     @property
     def used_bytes(self) -> int:
         return self.dense_bytes + self.kv_cache_bytes + self.workspace_bytes + self.slot_bytes
+
+    @property
+    def disk_experts(self) -> int:
+        if not self.experts_in_ram:
+            return 0
+        return self.num_experts * len(self.experts_in_ram) - sum(self.experts_in_ram.values())
+
+    @property
+    def tiered(self) -> bool:
+        return self.disk_experts > 0
+
+    def tiers(self) -> dict[str, Any]:
+        """GPU slots, host RAM, disk: experts and bytes in each."""
+        eb, gpu = self.expert_bytes, sum(self.experts_per_layer.values())
+        layers = len(self.experts_per_layer)
+        in_ram = sum(self.experts_in_ram.values()) if self.experts_in_ram else \
+            self.num_experts * layers
+        return {
+            "gpu": {"experts": gpu, "bytes": self.slot_bytes},
+            "ram": {"experts": in_ram, "bytes": in_ram * eb,
+                    "staging_experts": self.staging_experts,
+                    "staging_bytes": self.staging_experts * eb,
+                    "budget_bytes": self.ram_budget_bytes or None,
+                    "per_layer": {str(k): v for k, v in self.experts_in_ram.items()}},
+            "disk": {"experts": self.disk_experts, "bytes": self.disk_experts * eb,
+                     "read_gbps": self.disk_gbps},
+        }
 
     def with_calibration(self, info: dict[str, Any]) -> Plan:
         return replace(self, calibration=info)
@@ -100,4 +134,5 @@ class Plan:
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "calibration": self.calibration,
+            "tiers": self.tiers(),
         }

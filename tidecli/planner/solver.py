@@ -6,11 +6,15 @@
 3. With a routing trace (layers differ): an exact allocation of the S slots over layers that
    minimises Σ_ℓ per-layer step cost (dynamic programme, τ fixed), alternated with τ* twice; kept
    only when the full model predicts it at least 1 % faster than uniform.
+4. Host RAM (tiers.py): when the routed experts do not fit the RAM budget, a staging ring and
+   as many experts per layer as fit stay in RAM (uniform, or split by the trace), the rest on
+   disk; misses of disk experts pay a read in the cost model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,15 +23,15 @@ from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.model.config import ModelConfig
-from tidecli.planner.costs import Calibration, hardware_costs, profile_vram_gib
+from tidecli.planner.costs import Calibration, disk_gbps, hardware_costs, profile_vram_gib
 from tidecli.planner.model import Breakdown, Problem, predict, solve_tau
 from tidecli.planner.model import layer_step_costs as _layer_costs
 from tidecli.planner.plan import Plan
 from tidecli.planner.stats import _block_runs, published_stats, trace_stats
+from tidecli.planner.tiers import plan_host, ram_budget, split_ram
 from tidecli.planner.workload import Workload, estimated_tokens_per_step, steps_per_block
 
 NON_UNIFORM_GAIN = 0.01  # per-layer budgets must beat uniform by this share to be chosen
-HOST_OVERHEAD_BYTES = 1 << 30  # process, tokenizer, staging buffers beside the host expert store
 
 
 def allocate_slots(costs: np.ndarray, total: int) -> np.ndarray:
@@ -78,15 +82,12 @@ def _trace_steps_per_block(trace: RoutingTrace) -> float | None:
     return float(np.mean([stop - start for start, stop in runs]))
 
 
-def _ram_warning(cfg: ModelConfig, profile: HardwareProfile, ram_gib: float | None) -> str | None:
+def _disk_warning(cfg: ModelConfig, host, gbps: float) -> str:
     need = cfg.num_moe_layers * cfg.num_experts * cfg.expert_bytes()
-    need += cfg.vocab_size * cfg.hidden_size * 2 + HOST_OVERHEAD_BYTES  # host embedding table
-    have = int(ram_gib * GIB) if ram_gib else (profile.ram_available_bytes
-                                                or profile.ram_total_bytes)
-    if not have or need <= have:
-        return None
-    return (f"the model does not fit host RAM in bf16: the expert store needs {need / GIB:.1f} GiB,"
-            f" {have / GIB:.1f} GiB available (it would swap; use a machine with more RAM)")
+    return (f"the routed experts ({need / GIB:.1f} GiB in bf16) do not fit the "
+            f"{host.budget / GIB:.1f} GiB of host RAM for experts: {host.disk_experts} of "
+            f"{host.disk_experts + host.ram_experts} stay on disk and are read when missed "
+            f"(at ~{gbps:g} GB/s): slower, same tokens")
 
 
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
@@ -144,7 +145,12 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
                            context_tokens=wl.context_tokens, tokens_per_call=per_call,
                            calibration=calibration)
-    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps)
+    ram_bytes, ram_note = ram_budget(cfg, profile, ram_gib)
+    host = plan_host(cfg, ram_bytes)
+    # a disk tier only matters when experts live on the host (not when all fit on the GPU)
+    tiered = host is not None and host.tiered and uniform_b < e
+    ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
+    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram)
     tau, tau_costs = solve_tau(problem, uniform)
     budgets, breakdown = uniform, predict(problem, uniform, tau)
     alternatives = {"uniform": breakdown.step_ms}
@@ -156,18 +162,30 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
             budgets, breakdown, tau = per_layer, bd_n, tau_n
             tau_costs = solve_tau(problem, budgets)[1]
     assert dense + kv + work + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
+    if tiered:
+        ram, ram_alts = split_ram(problem, budgets, tau, host)
+        alternatives.update(ram_alts)
+        problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram)
+        tau, tau_costs = solve_tau(problem, budgets)
+        breakdown = predict(problem, budgets, tau)
+        host = replace(host, ram_per_layer={layer: int(r) for layer, r in
+                                            zip(cfg.moe_layers, ram.tolist(), strict=True)})
 
     if wl.gen_length + wl.block_length > wl.context_tokens:  # the engine reserves --context
         warnings.append(f"--gen-length {wl.gen_length} plus a prompt needs more KV cache than "
                         f"--context {wl.context_tokens} reserves: raise --context")
-    ram = _ram_warning(cfg, profile, ram_gib)
-    if ram:
-        warnings.append(ram)
+    gbps, disk_note = disk_gbps(profile)
+    if tiered:
+        warnings.append(_disk_warning(cfg, host, gbps))
     mean_distinct = float(stats.distinct.mean())
     if budgets.min() < 0.5 * mean_distinct:
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
+    if ram_note:
+        notes.append(ram_note)
+    if tiered and disk_note:
+        notes.append(disk_note)
     notes.append(f"tokens per step {tps:.2f} from the {tps_source}"
                  + (f" (threshold {wl.threshold:g})" if tps_source == "threshold" else ""))
     notes.append("routing statistics from " + ("the trace" if stats.source == "trace" else
@@ -189,7 +207,11 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         drift=tuple(float(x) for x in drift),
         constants={**costs.to_dict(), "tokens_per_call": round(per_call, 3),
                    "slots_total": slots},
-        alternatives=alternatives, warnings=tuple(warnings), notes=tuple(notes))
+        alternatives=alternatives, warnings=tuple(warnings), notes=tuple(notes),
+        num_experts=e, ram_budget_bytes=host.budget if host is not None else 0,
+        experts_in_ram=dict(host.ram_per_layer) if tiered else {},
+        staging_experts=host.staging_experts if tiered else 0,
+        disk_gbps=gbps if tiered else None)
 
 
 def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
@@ -209,12 +231,14 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
         stats = published_stats(config, block_length=wl.block_length, max_age=steps)
     budgets = np.array([plan.experts_per_layer[layer] for layer in config.moe_layers])
     per_call = float(stats.tokens_per_call[np.arange(len(budgets)), budgets].mean())
+    ram = np.array([plan.experts_in_ram[layer] for layer in config.moe_layers]) \
+        if plan.tiered else None
 
     def run(calibration: Calibration | None) -> Breakdown:
         costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
                                cpu_threads=plan.cpu_threads, calibration=calibration)
-        return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps), budgets,
+        return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram), budgets,
                        plan.tau)
 
     return run

@@ -34,6 +34,18 @@ class RoutingStats:
     tokens_per_call: np.ndarray  # [L, E+1] tokens per missed expert call (CPU batch size)
     steps_per_block: float | None = None  # measured (trace) or None
     steps: int = 0  # denoising steps the estimate rests on
+    # [L, E+1] share of a step's used experts among the R most popular of the layer (the RAM
+    # tier of R experts); None → popularity unknown, every expert alike: R / E
+    ram_cover: np.ndarray | None = None
+
+    def ram_share(self, ram: np.ndarray) -> np.ndarray:
+        """[L] share of a step's used (and so of its missed) experts found in a RAM tier of
+        ram[ℓ] experts chosen by popularity."""
+        ram = np.asarray(ram)
+        if self.ram_cover is None:
+            e = self.miss_pairs.shape[2] - 1
+            return np.clip(ram / e, 0.0, 1.0)
+        return self.ram_cover[np.arange(len(ram)), ram]
 
     @property
     def max_age(self) -> int:
@@ -205,7 +217,13 @@ def trace_stats(trace: RoutingTrace, *, cfg: ModelConfig, max_age: int) -> Routi
     den = (miss_e[:, lo:] * distinct[:, None, None]).sum(axis=1)
     fallback = np.maximum(1.0, pairs / np.maximum(distinct, 1.0))[:, None]
     per_call = np.where(den > 1e-9, num / np.maximum(den, 1e-9), fallback)
+    # the RAM tier keeps the experts used in the most steps: its share of all used experts
+    used = (counts > 0).sum(axis=0).astype(np.float64)  # [L, E] steps each expert was used in
+    ranked = -np.sort(-used, axis=1)
+    ram_cover = np.concatenate([np.zeros((layers, 1)), np.cumsum(ranked, axis=1)], axis=1)
+    ram_cover /= np.maximum(used.sum(axis=1), 1.0)[:, None]
     return RoutingStats(
         source="trace", pairs=pairs, distinct=distinct, miss_pairs=miss_p, miss_experts=miss_e,
         drift=drift, tokens_per_call=np.maximum(per_call, 1.0),
-        steps_per_block=float(np.mean([stop - start for start, stop in runs])), steps=len(tr))
+        steps_per_block=float(np.mean([stop - start for start, stop in runs])), steps=len(tr),
+        ram_cover=np.clip(ram_cover, 0.0, 1.0))

@@ -30,6 +30,26 @@ def _budgets(plan: Plan) -> str:
             + " ".join(str(b) for b in bs))
 
 
+def _tier_rows(plan: Plan) -> list[tuple[str, str]]:
+    """Where the routed experts live: GPU slots, host RAM (+ staging ring), disk."""
+    tiers = plan.tiers()
+    gpu, ram, disk = tiers["gpu"], tiers["ram"], tiers["disk"]
+    rows = [("tier 1: GPU", f"{gpu['experts']} expert slots, {_gib(gpu['bytes'])}")]
+    if not plan.tiered:
+        rows.append(("tier 2: RAM", f"all {ram['experts']} experts, {_gib(ram['bytes'])} pinned"
+                     + (f" (of {_gib(ram['budget_bytes'])} for experts)"
+                        if ram["budget_bytes"] else "")))
+        return rows
+    per = list(plan.experts_in_ram.values())
+    spread = f"{per[0]}" if len(set(per)) == 1 else f"{min(per)}–{max(per)}"
+    rows.append(("tier 2: RAM", f"{ram['experts']} experts ({spread} per layer), "
+                 f"{_gib(ram['bytes'])} pinned + staging ring {ram['staging_experts']} × "
+                 f"{plan.expert_bytes / 2**20:.1f} MiB (budget {_gib(ram['budget_bytes'])})"))
+    rows.append(("tier 3: disk", f"{disk['experts']} experts, {_gib(disk['bytes'])}, read when "
+                 f"missed at {disk['read_gbps']:g} GB/s"))
+    return rows
+
+
 def plan_table(plan: Plan) -> Table:
     bd = plan.breakdown
     t = Table(title=f"tide plan · {escape(plan.model)} on {escape(plan.profile)}",
@@ -42,6 +62,8 @@ def plan_table(plan: Plan) -> Table:
               f"{_gib(plan.workspace_bytes)} + expert slots {_gib(plan.slot_bytes)} "
               f"(used {_gib(plan.used_bytes)})")
     t.add_row("policy", plan.policy)
+    for label, value in _tier_rows(plan):
+        t.add_row(label, value)
     t.add_row("experts per layer", _budgets(plan))
     if plan.alternatives.get("per_layer") is not None:
         t.add_row("", f"uniform {plan.alternatives['uniform']:.2f} ms/step vs per layer "
@@ -65,6 +87,9 @@ def plan_table(plan: Plan) -> Table:
                               f"{bd.cpu_stall_ms:.2f} ms")
     t.add_row("  PCIe promotions", f"{bd.pcie_ms:.2f} ms ({bd.promotions_per_step:.1f} experts"
                                    f"/step), stall {bd.pcie_stall_ms:.2f} ms")
+    if plan.tiered:
+        t.add_row("  disk reads", f"{bd.disk_ms:.2f} ms ({bd.disk_reads_per_step:.1f} experts"
+                                  f"/step), stall {bd.disk_stall_ms:.2f} ms beyond the CPU's")
     return t
 
 

@@ -105,6 +105,14 @@ def _cpu_rows(p: HardwareProfile, add: Callable[[str, str], None]) -> None:
     if p.ram_read_gbps is not None:
         ram += f" · read {p.ram_read_gbps:.1f} GB/s{_tag(p, 'ram_read_gbps')}"
     add("RAM", ram)
+    if p.disk_read_gbps is not None:
+        if p.disk_read_cold is False:
+            disk = f"{p.disk_read_gbps:.2f} GB/s, warm only (page cache could not be dropped)"
+        else:
+            disk = f"{p.disk_read_gbps:.2f} GB/s cold"
+            if p.disk_read_warm_gbps is not None:
+                disk += f" · {p.disk_read_warm_gbps:.2f} GB/s warm (page cache)"
+        add("disk read", disk + _tag(p, "disk_read_gbps"))
     if p.cpu_variant_ms:
         best = f"{p.cpu_dtype}/{p.cpu_mode}"
         add("CPU expert variants, ms each", " · ".join(

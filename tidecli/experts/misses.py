@@ -1,0 +1,112 @@
+"""Where the misses of a step go: the CPU, or through a few scratch slots on the GPU.
+
+A missed expert can be computed on the CPU (its rows stay in host memory) or copied over PCIe
+into a scratch slot and computed by the GPU's own kernel, beside the resident experts. The two
+run at the same time, so a layer's misses finish fastest when split so that both sides end
+together; which side is cheaper depends on the machine (on a PCIe 5 link one expert copies in
+~0.13 ms while a CPU needs ~0.2 ms for it; on PCIe 4 it is the other way round). Costs are
+learned online from measured copy and CPU times.
+
+Modes: "cpu" (every miss on the CPU, the paper's runtime), "gpu" (every miss through the
+scratch slots: the GPU computes everything with one kernel, so tokens are bitwise those of the
+all-resident run), "auto" (split by cost). The scratch slots never disturb the planned
+placement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
+
+MODES = ("auto", "cpu", "gpu")
+
+
+class MissSplitter:
+    def __init__(self, *, mode: str, slots: int, row: int, hidden: int, inter: int,
+                 device: torch.device, dtype: torch.dtype, kernel: str,
+                 fetch_ms: float = 0.15, cpu_ms: float = 0.25) -> None:
+        if mode not in MODES:
+            raise ValueError(mode)
+        self.mode = mode
+        self.slots = slots if mode != "cpu" else 0
+        self.device, self.kernel = device, kernel
+        self.buf = torch.empty((max(self.slots, 1), row), dtype=dtype, device=device) \
+            if self.slots else None
+        self.views = pool_views(self.buf, hidden, inter) if self.buf is not None else None
+        self.fetch_ms, self.cpu_ms = fetch_ms, cpu_ms  # per expert, running estimates
+        self.cuda = device.type == "cuda"
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
+
+    def learn(self, *, fetch_ms: float | None = None, cpu_ms: float | None = None) -> None:
+        a = 0.2
+        if fetch_ms is not None and fetch_ms > 0:
+            self.fetch_ms = (1 - a) * self.fetch_ms + a * fetch_ms
+        if cpu_ms is not None and cpu_ms > 0:
+            self.cpu_ms = (1 - a) * self.cpu_ms + a * cpu_ms
+
+    def split(self, experts: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
+        """(to the GPU, to the CPU): the experts with the most tokens go to the GPU, as many as
+        keep its copies from outlasting the CPU's share."""
+        if self.mode == "cpu" or not experts:
+            return [], list(experts)
+        order = sorted(range(len(experts)), key=lambda i: (-tokens[i], experts[i]))
+        if self.mode == "gpu":
+            return [experts[i] for i in order], []
+        n = len(experts)
+        best_k, best = 0, n * self.cpu_ms
+        for k in range(1, n + 1):
+            cost = max(k * self.fetch_ms, (n - k) * self.cpu_ms)
+            if cost < best:
+                best_k, best = k, cost
+        gpu = [experts[i] for i in order[:best_k]]
+        cpu = [experts[i] for i in order[best_k:]]
+        return gpu, cpu
+
+    def run_gpu(self, store, layer: int, experts: list[int], flat: np.ndarray, k: int,
+                hidden: torch.Tensor, over: torch.Tensor, over_mask: torch.Tensor,
+                streams, keep=None) -> tuple[int, object, object]:
+        """Copy `experts` into the scratch slots (rounds of `slots`) and compute their pairs on
+        the compute stream; rows land in `over`. `keep(expert, row)`, when given, may move a
+        fetched expert into the layer's pool (a device copy) before its scratch slot is reused.
+        Returns (pairs, copy start, copy end)."""
+        pairs_done = 0
+        first = last = None
+        todo = list(experts)
+        while todo:
+            group, todo = todo[: self.slots], todo[self.slots:]
+            slot_of = {e: s for s, e in enumerate(group)}
+            for batch in store.batches(layer, group):
+                start = streams.compute_event()
+                for e in batch.experts:
+                    self.buf[slot_of[e]].copy_(batch.row(e), non_blocking=True)
+                end = streams.compute_event()
+                batch.release_after = end
+                first = first if first is not None else start
+                last = end
+            rows = np.nonzero(np.isin(flat, group))[0]  # pair indices, ascending
+            pair_slot = torch.from_numpy(np.array([slot_of[int(e)] for e in flat[rows]],
+                                                  dtype=np.int64))
+            idx = torch.from_numpy(rows)
+            if self.cuda:
+                pair_slot = pair_slot.pin_memory().to(self.device, non_blocking=True)
+                idx = idx.pin_memory().to(self.device, non_blocking=True)
+            x = hidden.index_select(0, idx // k)
+            gate_up, down = self.views
+            if self.kernel == "grouped_mm":
+                out = run_grouped_mm(x, pair_slot, gate_up, down, 1)
+            else:
+                out = torch.zeros((len(rows), hidden.shape[1]), dtype=hidden.dtype,
+                                  device=hidden.device)
+                run_grouped_loop(x, pair_slot.tolist(), gate_up, down, 1, out)
+            over.index_copy_(0, idx, out.to(over.dtype))
+            over_mask.index_fill_(0, idx, True)
+            pairs_done += len(rows)
+            if keep is not None:
+                for e, slot in slot_of.items():
+                    keep(e, self.buf[slot])
+        return pairs_done, first, last
