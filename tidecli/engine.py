@@ -43,7 +43,13 @@ class EngineOptions:
     cpu_dtype: str = "auto"
     context_tokens: int = 4096  # KV cache reserved in the budget
     calibration: str | None = None  # routing trace for the static policy
+    misses: str = "auto"  # static/tide misses: auto (split CPU/GPU by cost) | cpu | gpu (exact)
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
+    # host RAM for the expert store (experts kept in RAM + staging ring); None → what is
+    # available: every expert when they fit, else the rest stay on disk (with a notice)
+    ram_gib: float | None = None
+    ram_experts_map: dict[int, int] | None = None  # experts per layer kept in RAM (a plan's)
+    staging_experts: int | None = None  # ring buffers for experts read from disk (None → 16)
 
 
 def pick_device(name: str) -> torch.device:
@@ -71,20 +77,26 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
+    SCRATCH_SLOTS = 16  # GPU slots that misses computed on the GPU pass through
     def __init__(self, opts: EngineOptions, *, progress: LoadProgress | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, build_runtime: bool = True) -> None:
         self.opts = opts
         self.memory_plan = None
+        self.notices: list[str] = []  # one-line facts a command shows the user (never printed here)
         self.path: Path = resolve_model(opts.model, quiet=quiet)
         self.ckpt = Checkpoint.open(self.path)
         self.cfg = self.ckpt.config
         self.tokenizer = ChatTokenizer(self.path)
         self.device = pick_device(opts.device)
         self.dtype = pick_dtype(opts.dtype, self.device)
+        if opts.block_length < 1:
+            raise TideError(f"--block-length must be at least 1, got {opts.block_length}",
+                            "use 32 (the trained block length)")
         if self.cfg.max_position_embeddings % opts.block_length:
             raise TideError(f"--block-length {opts.block_length} does not divide the model's "
                             f"{self.cfg.max_position_embeddings} positions",
                             "use 32 (the trained block length)")
+        self._check_options()  # before any weight is read: a real model takes minutes to load
         total = dense_bytes(self.ckpt)
         done = 0
 
@@ -97,7 +109,9 @@ class Engine:
         # The embedding table stays on the host: a step reads 32 of its rows.
         self.weights = load_dense(self.ckpt, device=self.device, dtype=self.dtype,
                                   embed_device=torch.device("cpu"), progress=dense_tick)
-        self.runtime = self._build_runtime(progress)
+        self._store = None  # the host expert store, kept across runtime changes
+        # without a runtime (set_runtime builds one later) the model cannot run yet
+        self.runtime = self._build_runtime(progress) if build_runtime else None
         self.model = LLaDA2Model(self.cfg, self.weights, self.runtime, device=self.device,
                                  dtype=self.dtype, block_length=opts.block_length)
         # On CUDA a step runs as a static program (CUDA graphs unless turned off); on the CPU
@@ -105,13 +119,38 @@ class Engine:
         self.model.use_program = self.device.type == "cuda"
         self.model.capture = opts.graphs
 
-    def _build_runtime(self, progress: LoadProgress | None):
+    def set_runtime(self, progress: LoadProgress | None = None, **changes) -> None:
+        """Replace the expert runtime with one built from changed options (policy, budgets, τ…);
+        the dense weights and the host store are kept. Used to compare policies in one process."""
+        if self.runtime is not None:
+            self.runtime.close()
+        self.model.experts = self.runtime = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.opts = replace(self.opts, **changes)
+        self.memory_plan = None
+        self.runtime = self._build_runtime(progress)
+        self.model.experts = self.runtime
+        self.model.reset_programs()
+
+    def _check_options(self) -> dict[int, int] | None:
+        """Refuse a bad policy, thread count or budget; returns the per-layer expert budgets
+        (None: no limit asked for)."""
         from tidecli.experts.policies import POLICIES
 
         o = self.opts
         if o.policy not in POLICIES:
             raise TideError(f"unknown policy {o.policy!r}", f"choose one of {', '.join(POLICIES)}")
-        budgets = self._budgets()
+        if o.misses not in ("auto", "cpu", "gpu"):
+            raise TideError(f"unknown --misses {o.misses!r}", "use auto, cpu or gpu")
+        if o.cpu_threads < 0:
+            raise TideError(f"--cpu-threads must not be negative, got {o.cpu_threads}",
+                            "0 uses torch's default")
+        return self._budgets()
+
+    def _build_runtime(self, progress: LoadProgress | None):
+        o = self.opts
+        budgets = self._check_options()
         if o.policy == "resident" and (budgets is None or
                                        min(budgets.values(), default=0) >= self.cfg.num_experts):
             return self._resident(progress)
@@ -148,8 +187,9 @@ class Engine:
         b: int | None = None
         if o.experts_per_layer is not None:
             if not 0 <= o.experts_per_layer <= cfg.num_experts:
-                raise TideError(f"--experts-per-layer must be in 0..{cfg.num_experts}",
-                                "e.g. --experts-per-layer 64")
+                raise TideError(f"--experts-per-layer must be in 0..{cfg.num_experts}, got "
+                                f"{o.experts_per_layer}",
+                                f"e.g. --experts-per-layer {cfg.num_experts // 2}")
             b = o.experts_per_layer
         vram = o.vram_gib
         if vram is None and default_vram and b is None:
@@ -160,6 +200,8 @@ class Engine:
             self.memory_plan = plan
             if b is None:
                 b = plan.experts_per_layer
+                if self._uses_scratch():  # the scratch slots come out of the same budget
+                    b = max(0, b - -(-self.SCRATCH_SLOTS // max(1, cfg.num_moe_layers)))
             elif b > plan.experts_per_layer:
                 raise TideError(f"--experts-per-layer {b} does not fit --vram {vram:g} GiB "
                                 f"(at most {plan.experts_per_layer})", "lower one of them")
@@ -169,6 +211,11 @@ class Engine:
             raise TideError("the lru policy needs at least one expert slot per layer",
                             "raise --vram or --experts-per-layer")
         return {layer: b for layer in cfg.moe_layers}
+
+    def _uses_scratch(self) -> bool:
+        o = self.opts
+        return self.device.type == "cuda" and o.policy in ("static", "tide") and \
+            o.misses != "cpu"
 
     def _device_free_gib(self) -> float:
         if self.device.type == "cuda":
@@ -190,7 +237,12 @@ class Engine:
             if progress:
                 progress("experts", done, total)
 
-        pools = load_expert_pools(self.ckpt, device=self.device, dtype=self.dtype, progress=tick)
+        host = getattr(self._store, "layers", None)
+        if host is not None:  # already in host memory: copy from there
+            pools = {layer: buf.to(self.device, self.dtype) for layer, buf in host.items()}
+        else:
+            pools = load_expert_pools(self.ckpt, device=self.device, dtype=self.dtype,
+                                      progress=tick)
         return ResidentRuntime(self.cfg, pools, device=self.device, dtype=self.dtype,
                                kernel=self.opts.kernel)
 
@@ -203,18 +255,8 @@ class Engine:
             TideOptions,
             TidePolicy,
         )
-        from tidecli.experts.store import HostExpertStore
 
         o = self.opts
-        total = self.ckpt.routed_expert_bytes()
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress("host experts", done, total)
-
         if o.policy == "tide":
             policy = TidePolicy(TideOptions(tau=o.tau or 4, stall_refresh=o.stall_refresh,
                                             warm_start=o.warm_start,
@@ -225,11 +267,86 @@ class Engine:
             policy = StaticPolicy(self._calibration())
         else:
             policy = ResidentPolicy()
-        store = HostExpertStore(self.ckpt, pin=self.device.type == "cuda", progress=tick)
+        store = self.host_store(progress)
         cpu_dtype = None if o.cpu_dtype == "auto" else pick_dtype(o.cpu_dtype, self.device)
         return OffloadRuntime(self.cfg, store, budgets, policy, device=self.device,
                               dtype=self.dtype, cpu_threads=o.cpu_threads, cpu_mode=o.cpu_mode,
-                              cpu_dtype=cpu_dtype, kernel=o.kernel)
+                              cpu_dtype=cpu_dtype, kernel=o.kernel, misses=o.misses,
+                              scratch_slots=self.SCRATCH_SLOTS)
+
+    def host_store(self, progress: LoadProgress | None = None):
+        """The routed experts on the host, loaded once and kept: all in (pinned) RAM when they
+        fit the RAM budget, else tiered (experts/tiered.py)."""
+        if self._store is None:
+            from tidecli.experts.store import HostExpertStore
+
+            total = self.ckpt.routed_expert_bytes()
+            done = 0
+
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress("host experts", done, total)
+
+            self._store = self._tiered_store(tick)
+            if self._store is None:
+                self._store = HostExpertStore(self.ckpt, pin=self.device.type == "cuda",
+                                              progress=tick)
+        return self._store
+
+    def _tiered_store(self, tick):
+        """The tiered store when the experts do not fit the RAM budget (--ram, else what is
+        available): as many per layer in RAM as it holds (a plan's counts, else uniform), the
+        rest read from the checkpoint's files on demand. None when everything fits."""
+        from tidecli.experts.budget import GIB, host_tiers
+        from tidecli.experts.store import RAM_MARGIN, available_ram
+        from tidecli.experts.tiered import TieredExpertStore
+        from tidecli.model.tensorio import torch_dtype
+
+        o = self.opts
+        need = self.ckpt.routed_expert_bytes()
+        have = available_ram() - RAM_MARGIN
+        if o.ram_gib is not None:
+            if not 0 < o.ram_gib < float("inf"):  # also refuses nan
+                raise TideError(f"--ram must be positive, got {o.ram_gib:g}", "e.g. --ram 48")
+            budget = int(o.ram_gib * GIB)
+            if budget > have:
+                raise TideError(f"--ram {o.ram_gib:g} GiB is more than the "
+                                f"{max(0, have) / GIB:.1f} GiB of RAM available (keeping "
+                                f"{RAM_MARGIN / GIB:.0f} GiB free)", "lower --ram")
+        else:
+            budget = max(0, have)
+        if need <= budget:
+            return None
+        itemsize = torch_dtype(self.ckpt.expert_dtype()).itemsize
+        host = host_tiers(self.cfg, budget, dtype_bytes=itemsize,
+                          staging_experts=o.staging_experts, ram_per_layer=o.ram_experts_map)
+        popularity = self._popularity()
+        skip = None  # static + calibration: its GPU placement is fixed, keep the next ones
+        if o.policy == "static" and popularity is not None:
+            skip = self._budgets(default_vram=True)
+        store = TieredExpertStore(self.ckpt, host, pin=self.device.type == "cuda",
+                                  popularity=popularity, skip=skip, progress=tick)
+        self.notices.append(
+            f"the routed experts need {need / GIB:.1f} GiB and {budget / GIB:.1f} GiB of RAM is "
+            f"{'given' if o.ram_gib is not None else 'available'}: {host.ram_experts} of "
+            f"{host.ram_experts + host.disk_experts} stay in RAM, the other "
+            f"{host.disk_experts} are read from disk when used (slower, same tokens)")
+        return store
+
+    def _popularity(self):
+        """Per MoE layer, in how many forward passes each expert was used (calibration trace)."""
+        if not self.opts.calibration:
+            return None
+        from tidecli.experts.trace import RoutingTrace
+
+        tr = RoutingTrace.load(self.opts.calibration)
+        if tr.num_experts != self.cfg.num_experts or tr.moe_layers != self.cfg.moe_layers:
+            raise TideError("the calibration trace was recorded with another model",
+                            "record one with this model: tide generate --trace FILE")
+        used = (tr.array() > 0).sum(axis=0)
+        return {layer: used[j] for j, layer in enumerate(tr.moe_layers)}
 
     def _calibration(self):
         if not self.opts.calibration:
@@ -264,11 +381,14 @@ class Engine:
 
     def check_length(self, n_prompt: int, settings: DecodeSettings) -> None:
         limit = self.cfg.max_position_embeddings
+        if n_prompt >= limit:
+            raise TideError(f"the prompt is {n_prompt} tokens; the model holds {limit} positions",
+                            "shorten the prompt (with room left for the reply); in chat, /reset")
         if n_prompt + settings.gen_length > limit:
             raise TideError(
                 f"prompt ({n_prompt} tokens) + --gen-length {settings.gen_length} exceeds the "
                 f"model's {limit} positions",
-                f"shorten the prompt or use --gen-length {max(1, limit - n_prompt)} or less")
+                f"shorten the prompt or use --gen-length {limit - n_prompt} or less")
 
     def decoder(self, ids: list[int], settings: DecodeSettings) -> BlockDiffusionDecoder:
         settings = replace(settings, block_length=self.opts.block_length) \
@@ -293,4 +413,5 @@ class Engine:
         return out
 
     def close(self) -> None:
-        self.runtime.close()
+        if self.runtime is not None:
+            self.runtime.close()

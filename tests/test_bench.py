@@ -1,0 +1,164 @@
+"""tide bench: the oracle against brute force, routing statistics, the synthetic workload, the
+harness on a tiny model, ratios and the JSON schema."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tidecli.bench.harness import Bench, BenchSpec, add_ratios, run_points
+from tidecli.bench.oracle import belady_loads, best_hit_rate, brute_force_loads, routing_stats
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_matches_brute_force_on_small_traces(seed):
+    rng = random.Random(seed)
+    experts, steps, slots = rng.randint(3, 6), rng.randint(3, 7), rng.randint(1, 3)
+    used = [set(rng.sample(range(experts), rng.randint(1, experts))) for _ in range(steps)]
+    assert belady_loads(used, slots) == brute_force_loads(used, slots)
+
+
+def test_belady_simple_cases():
+    assert belady_loads([{1, 2}, {1, 2}, {1, 2}], 2) == 2  # loaded once, kept
+    assert belady_loads([{1, 2}, {1, 2}], 1) == 3  # one stays, the other is fetched again
+    assert belady_loads([{1}, {2}, {1}], 1) == 2  # 2 streams through, 1 stays
+    assert belady_loads([{1}, {2}, {1}], 2) == 2
+
+
+def test_best_hit_rate():
+    c = np.zeros((2, 1, 4))
+    c[0, 0] = [5, 3, 1, 1]
+    c[1, 0] = [0, 0, 6, 4]
+    assert best_hit_rate(c, [1]) == pytest.approx((5 + 6) / 20)
+    assert best_hit_rate(c, [4]) == 1.0
+
+
+def test_routing_stats_on_a_known_trace():
+    c = np.zeros((4, 1, 8))
+    c[:, 0, :3] = [4, 2, 2]
+    c[3, 0] = [0, 0, 0, 0, 4, 2, 2, 0]  # a new block with other experts
+    s = routing_stats(c, [0, 0, 0, 1])
+    assert s["distinct_per_layer_step"] == 3
+    assert s["similarity_lag1"] == pytest.approx(1.0)  # across blocks not compared
+    assert s["steps"] == 4
+
+
+def test_synthetic_routing_has_the_published_statistics():
+    from tidecli.bench.synthetic import SyntheticRouting
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.llada2 import ForwardInfo
+    from tidecli.model.presets import preset_config
+
+    cfg = config_from_dict(preset_config("mini"))
+    counts, blocks = [], []
+    r = SyntheticRouting(cfg, device=torch.device("cpu"))
+    for b in range(6):
+        for step in range(12):
+            r.begin(ForwardInfo("step", block=b, step=step), 32)
+            ids = np.stack([r.ids(j, 32).numpy() for j in range(cfg.num_moe_layers)])
+            assert all(len(set(row)) == 8 for layer in ids for row in layer)
+            counts.append(np.stack([np.bincount(x.ravel(), minlength=256) for x in ids]))
+            blocks.append(b)
+    s = routing_stats(np.stack(counts), blocks)
+    assert 62 <= s["distinct_per_layer_step"] <= 80
+    assert 0.975 <= s["similarity_lag1"] <= 0.995
+    assert 0.93 <= s["similarity_lag5"] <= 0.975
+    # the same (block, step) gives the same routing, whatever happened in between
+    r2 = SyntheticRouting(cfg, device=torch.device("cpu"))
+    r2.begin(ForwardInfo("step", block=5, step=11), 32)
+    assert torch.equal(r2.ids(0, 32), r.ids(0, 32))
+
+
+def test_run_points_cover_every_policy_budget_and_tau():
+    spec = BenchSpec(policies=["resident", "lru", "tide"], vram=[10.0], experts=[8],
+                     workloads=["model", "synthetic"], taus=[2, 4])
+    pts = run_points(spec)
+    assert len(pts) == 2 * (1 + 2 * (1 + 2))
+    assert {p.budget for p in pts} == {"all", "10 GiB", "B=8"}
+
+
+def test_ratios_against_the_best_baseline_and_resident():
+    runs = [
+        {"workload": "m", "policy": "resident", "budget": "all", "steps_per_s": 20.0},
+        {"workload": "m", "policy": "lru", "budget": "B=4", "steps_per_s": 2.0},
+        {"workload": "m", "policy": "static", "budget": "B=4", "steps_per_s": 4.0},
+        {"workload": "m", "policy": "tide", "budget": "B=4", "steps_per_s": 10.0},
+        {"workload": "m", "policy": "tide", "budget": "B=8", "skipped": "x"},
+    ]
+    add_ratios(runs)
+    assert runs[3]["vs_best_baseline"] == 2.5 and runs[3]["vs_resident"] == 0.5
+    assert runs[1]["vs_best_baseline"] == 0.5
+    assert runs[0]["vs_best_baseline"] is None and runs[0]["vs_resident"] == 1.0
+    assert "vs_resident" not in runs[4]
+
+
+RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "experts_per_layer",
+            "tokens",
+            "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
+            "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb", "promotions",
+            "stall_ms", "peak_vram_gib", "identical", "exact_expected", "token_agreement",
+            "vs_best_baseline", "vs_resident"}
+BOUND_KEYS = {"workload", "budget", "tau", "oracle_h2d_gb", "tide_h2d_gb", "tide_over_oracle",
+              "best_hit_rate", "tide_hit_rate"}
+
+
+def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
+    from tidecli.engine import Engine, EngineOptions
+
+    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), build_runtime=False,
+                 quiet=True)
+    spec = BenchSpec(policies=["resident", "lru", "static", "tide"], experts=[6],
+                     workloads=["model", "synthetic"], taus=[2, 4],
+                     prompts=["Hello there"], gen_length=40, warmup_tokens=8)
+    eng.host_store()
+    report = Bench(eng, spec).run()
+    eng.close()
+    assert report["schema"] == "tide-bench/1"
+    assert len(report["runs"]) == 2 * 5
+    for r in report["runs"]:
+        assert set(r) == RUN_KEYS, r
+        assert r["identical"], r
+        assert r["tokens"] > 0 and r["steps"] > 0
+    tide = [r for r in report["runs"] if r["policy"] == "tide"]
+    assert all(r["vs_best_baseline"] is not None for r in tide)
+    assert len(report["bounds"]) == 4
+    for b in report["bounds"]:
+        assert BOUND_KEYS <= set(b)
+        assert b["oracle_h2d_gb"] > 0 and 0 < b["best_hit_rate"] <= 1
+        assert b["tide_hit_rate"] <= b["best_hit_rate"] + 1e-9
+    for w in ("model", "synthetic"):
+        assert report["workloads"][w]["routing"]["steps"] > 0
+    assert "synthetic" in report["workloads"]["synthetic"]["label"]
+
+
+def test_bench_cli_writes_json_and_table(tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from tidecli.cli import app
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--device", "cpu",
+                                   "--policies", "lru,tide", "--experts", "8",
+                                   "--workloads", "model", "--gen-length", "32",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert [r["policy"] for r in data["runs"]] == ["lru", "tide"]
+    assert "tide bench" in res.output
+
+
+def test_bench_cli_refuses_bad_options(tiny_ckpt, capsys):
+    from tidecli.cli import main
+
+    for args, msg in ((["--policies", "fast"], "unknown policy"),
+                      (["--policies", "tide"], "need a budget"),
+                      (["--vram", "ten"], "not a number"),
+                      (["--experts", "4", "--tau", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--model", str(tiny_ckpt), *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1
+        assert err.startswith("error: ") and msg in err, (args, err)
+        assert "Traceback" not in err

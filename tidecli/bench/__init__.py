@@ -1,0 +1,1 @@
+"""`tide bench`: residency policies side by side, with bounds and routing statistics."""

@@ -1,0 +1,344 @@
+"""The benchmark harness: every workload × budget × policy (× τ) in one process.
+
+The dense weights and the host expert store are loaded once; each run swaps the expert runtime
+(engine.set_runtime), warms up (CUDA graphs captured, caches filled), then generates the same
+prompts with the same settings. Every run of a workload must give the same tokens as its first
+run (the policies are lossless); a mismatch is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tidecli.bench.oracle import best_hit_rate, oracle_loads, routing_stats
+from tidecli.errors import OutOfDeviceMemory, TideError
+
+SCHEMA = "tide-bench/1"
+BASELINES = ("lru", "static")
+
+PROMPTS = [
+    "Explain why the sky is blue to a ten-year-old.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Summarise the causes of the French Revolution in five bullet points.",
+    "A train leaves at 9:40 and arrives at 13:05. How long is the journey? Show your steps.",
+]
+
+
+@dataclass
+class BenchSpec:
+    policies: list[str] = field(default_factory=lambda: ["resident", "lru", "static", "tide"])
+    vram: list[float | None] = field(default_factory=list)  # GiB budgets
+    experts: list[int] = field(default_factory=list)  # or uniform experts-per-layer budgets
+    workloads: list[str] = field(default_factory=lambda: ["model", "synthetic"])
+    taus: list[int] = field(default_factory=lambda: [4])
+    misses: list[str] = field(default_factory=lambda: ["auto"])  # static/tide miss placement
+    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    gen_length: int = 256
+    threshold: float = 0.95
+    repeat: int = 1
+    warmup_tokens: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        from tidecli.experts.policies import POLICIES
+
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad or not self.policies:
+            raise TideError(f"unknown policy {', '.join(bad) or '(none)'}",
+                            f"choose among {', '.join(POLICIES)}")
+        wl = [w for w in self.workloads if w not in ("model", "synthetic")]
+        if wl or not self.workloads:
+            raise TideError(f"unknown workload {', '.join(wl) or '(none)'}",
+                            "use model, synthetic or both: --workloads model,synthetic")
+        if any(v is not None and v <= 0 for v in self.vram):
+            raise TideError("--vram budgets must be positive", "e.g. --vram 10,18")
+        if any(b < 1 for b in self.experts):
+            raise TideError("--experts budgets must be at least 1", "e.g. --experts 16,64")
+        if any(p != "resident" for p in self.policies) and not (self.vram or self.experts):
+            raise TideError("offload policies need a budget", "add --vram 10,18 or --experts 64")
+        if not self.misses or any(m not in ("auto", "cpu", "gpu") for m in self.misses):
+            raise TideError("--misses takes auto, cpu and/or gpu", "e.g. --misses auto,cpu")
+        if any(t < 1 for t in self.taus):
+            raise TideError("--tau values must be at least 1", "e.g. --tau 1,2,4,8")
+        if not self.prompts or self.repeat < 1 or self.gen_length < 1:
+            raise TideError("nothing to run: give prompts, --repeat ≥ 1 and --gen-length ≥ 1",
+                            "e.g. --gen-length 256 --repeat 1")
+
+
+@dataclass
+class RunPoint:
+    workload: str
+    policy: str
+    vram: float | None
+    tau: int | None
+    experts: int | None = None
+    misses: str | None = None
+
+    @property
+    def budget(self) -> str:
+        if self.vram is not None:
+            return f"{self.vram:g} GiB"
+        return f"B={self.experts}" if self.experts is not None else "all"
+
+
+def run_points(spec: BenchSpec) -> list[RunPoint]:
+    pts: list[RunPoint] = []
+    for w in spec.workloads:
+        if "resident" in spec.policies:
+            pts.append(RunPoint(w, "resident", None, None))
+        budgets = [(v, None) for v in spec.vram] + [(None, b) for b in spec.experts]
+        for v, b in budgets:
+            for p in spec.policies:
+                if p == "resident":
+                    continue
+                for m in (spec.misses if p in ("static", "tide") else [None]):
+                    for t in (spec.taus if p == "tide" else [None]):
+                        pts.append(RunPoint(w, p, v, t, b, m))
+    return pts
+
+
+Progress = Callable[[str], None]
+
+
+class Bench:
+    def __init__(self, engine, spec: BenchSpec, *, profile=None,
+                 progress: Progress | None = None) -> None:
+        spec.validate()
+        self.engine = engine
+        self.spec = spec
+        self.profile = profile
+        self.say = progress or (lambda msg: None)
+        self.prompt_ids = [engine.prompt_ids(p) for p in spec.prompts]
+        self.expected: dict[str, list[list[int]]] = {}
+        self.traces: dict[str, dict] = {}
+
+    # ---- one generation -------------------------------------------------------------------------
+
+    def _settings(self, gen_length: int):
+        from tidecli.decode.diffusion import DecodeSettings
+
+        return DecodeSettings(gen_length=gen_length, threshold=self.spec.threshold,
+                              block_length=self.engine.opts.block_length)
+
+    def _generate(self, ids: list[int], gen_length: int):
+        d = self.engine.decoder(ids, self._settings(gen_length))
+        for _ in d.steps():
+            pass
+        return d.result
+
+    def _set_workload(self, name: str) -> None:
+        model = self.engine.model
+        if name == "synthetic":
+            from tidecli.bench.synthetic import SyntheticRouting
+
+            model.routing = SyntheticRouting(self.engine.cfg, device=self.engine.device,
+                                             block_length=self.engine.opts.block_length,
+                                             seed=self.spec.seed)
+        else:
+            model.routing = None
+        model.reset_programs()
+
+    # ---- a trace per workload (routing statistics and the oracle) -------------------------------
+
+    def _record_trace(self, workload: str) -> None:
+        rt = self.engine.runtime
+        counts, blocks, per_prompt = [], [], []
+        for ids in self.prompt_ids:
+            tr = rt.enable_trace()
+            self.engine.model.reset_programs()  # the captured step must record the routing too
+            self._generate(ids, self.spec.gen_length)
+            rt.trace = None
+            steps = tr.steps_only()
+            arr = steps.array()
+            counts.append(arr)
+            blocks.extend(b + 1000 * len(per_prompt) for b in steps.blocks)
+            per_prompt.append(tr.array())  # every forward, in order, for the oracle
+        self.engine.model.reset_programs()
+        stats = routing_stats(np.concatenate(counts), blocks)
+        self.traces[workload] = {"stats": stats, "forwards": per_prompt, "steps": counts}
+
+    # ---- runs -----------------------------------------------------------------------------------
+
+    def _measure(self, pt: RunPoint) -> dict:
+        import torch
+
+        eng = self.engine
+        cuda = eng.device.type == "cuda"
+        spec = self.spec
+        self._generate(self.prompt_ids[0], min(spec.warmup_tokens, spec.gen_length))
+        if cuda:
+            torch.cuda.synchronize(eng.device)
+            torch.cuda.reset_peak_memory_stats(eng.device)
+        eng.runtime.reset_stats()
+        tokens = steps = 0
+        wall = 0.0
+        outputs = []
+        for _ in range(spec.repeat):
+            for ids in self.prompt_ids:
+                res = self._generate(ids, spec.gen_length)
+                tokens += len(res.token_ids)
+                steps += res.steps
+                wall += res.wall_seconds
+                outputs.append(res.token_ids)
+        s = eng.runtime.run_stats.summary()
+        want = self.expected.setdefault(pt.workload, outputs)
+        row = {
+            "workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
+            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses,
+            "experts_per_layer": _budgets(eng),
+            "tokens": tokens, "steps": steps, "wall_s": round(wall, 4),
+            "tokens_per_s": round(tokens / wall, 3) if wall else 0.0,
+            "steps_per_s": round(steps / wall, 3) if wall else 0.0,
+            "tokens_per_step": round(tokens / steps, 3) if steps else 0.0,
+            "step_ms": round(1000 * wall / steps, 3) if steps else None,
+            "hit_rate": round(s["hit_rate"], 4),
+            "cpu_share": round(s["cpu_share"], 4),
+            "cpu_calls": s["cpu_calls"],
+            "fetched_calls": s["fetched_calls"],
+            "h2d_gb": round(s["bytes_h2d"] / 1e9, 4),
+            "promotions": s["promotions"],
+            "stall_ms": s["stall_ms"],
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated(eng.device) / 2**30, 3)
+            if cuda else None,
+            "identical": outputs == want,
+            # what exactness promises: the GPU kernel computes every expert (see README)
+            "exact_expected": pt.policy in ("resident", "lru") or pt.misses == "gpu",
+            "token_agreement": round(_agreement(outputs, want), 4),
+        }
+        return row
+
+    def run(self) -> dict:
+        spec = self.spec
+        runs: list[dict] = []
+        points = run_points(spec)
+        current = None
+        for n, pt in enumerate(points, 1):
+            if pt.workload != current:
+                current = pt.workload
+                self._set_workload(pt.workload)
+                self.expected.pop(pt.workload, None)
+            label = f"[{n}/{len(points)}] {pt.workload} · {pt.policy} · {pt.budget}" + \
+                (f" · τ={pt.tau}" if pt.tau is not None else "") + \
+                (f" · misses {pt.misses}" if pt.misses is not None else "")
+            self.say(label)
+            try:
+                self.engine.set_runtime(policy=pt.policy, vram_gib=pt.vram, tau=pt.tau,
+                                        experts_per_layer=pt.experts, experts_per_layer_map=None,
+                                        misses=pt.misses or "auto")
+                if pt.workload not in self.traces:
+                    self._record_trace(pt.workload)
+                runs.append(self._measure(pt))
+            except (TideError, OutOfDeviceMemory) as exc:
+                runs.append(_skipped(pt, exc.message))
+            except Exception as exc:  # noqa: BLE001 - only a device OOM is survivable
+                if type(exc).__name__ != "OutOfMemoryError":
+                    raise
+                runs.append(_skipped(pt, "out of device memory"))
+        add_ratios(runs)
+        return {
+            "schema": SCHEMA,
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": {"gen_length": spec.gen_length, "threshold": spec.threshold,
+                         "repeat": spec.repeat, "prompts": len(spec.prompts),
+                         "block_length": self.engine.opts.block_length},
+            "workloads": {w: {"label": _label(w), "routing": t["stats"]}
+                          for w, t in self.traces.items()},
+            "runs": runs,
+            "bounds": self._bounds(runs),
+        }
+
+    # ---- bounds ---------------------------------------------------------------------------------
+
+    def _bounds(self, runs: list[dict]) -> list[dict]:
+        cfg = self.engine.cfg
+        ebytes = cfg.expert_bytes(self.engine.dtype.itemsize)
+        out = []
+        for r in runs:
+            if r.get("skipped") or r["policy"] != "tide":
+                continue
+            tr = self.traces[r["workload"]]
+            budgets = [r["experts_per_layer"][str(layer)] for layer in cfg.moe_layers]
+            # every forward of the run in order (prompts × repeats), from an empty GPU
+            seq = np.concatenate(tr["forwards"] * self.spec.repeat)
+            loads = oracle_loads(seq, budgets)
+            oracle_gb = loads * ebytes / 1e9
+            row = {"workload": r["workload"], "budget": r["budget"], "tau": r["tau"],
+                   "misses": r["misses"],
+                   "oracle_h2d_gb": round(oracle_gb, 4), "tide_h2d_gb": r["h2d_gb"],
+                   "tide_over_oracle": round(r["h2d_gb"] / oracle_gb, 3) if oracle_gb else None,
+                   "best_hit_rate": round(best_hit_rate(seq, budgets), 4),
+                   "tide_hit_rate": r["hit_rate"]}
+            bound = self._step_bound(tr, oracle_gb / self.spec.repeat)
+            if bound is not None:
+                row.update(bound)
+                if r["step_ms"]:
+                    row["tide_step_ms"] = r["step_ms"]
+                    row["tide_over_bound"] = round(r["step_ms"] / row["lower_bound_ms"], 3)
+            out.append(row)
+        return out
+
+    def _step_bound(self, tr: dict, oracle_gb: float) -> dict | None:
+        """max(GPU time to read the step's active weights, PCIe time of the oracle's copies)."""
+        p = self.profile
+        if p is None or not getattr(p, "gpu_mem_gbps", None):
+            return None
+        from tidecli.experts.budget import device_dense_bytes
+
+        cfg = self.engine.cfg
+        steps = sum(c.shape[0] for c in tr["steps"])
+        if not steps:
+            return None
+        distinct = float(np.mean([(c > 0).sum(-1).sum(-1).mean() for c in tr["steps"]]))
+        active = device_dense_bytes(cfg, self.engine.dtype.itemsize) + \
+            distinct * cfg.expert_bytes(self.engine.dtype.itemsize)
+        gpu_ms = active / (p.gpu_mem_gbps * 1e9) * 1e3
+        h2d = p.h2d_pinned_expert_gbps or p.h2d_pinned_gbps
+        pcie_ms = oracle_gb / steps / h2d * 1e3 if h2d else 0.0
+        return {"gpu_weights_ms": round(gpu_ms, 3), "pcie_ms": round(pcie_ms, 3),
+                "lower_bound_ms": round(max(gpu_ms, pcie_ms), 3)}
+
+
+def _agreement(out: list[list[int]], ref: list[list[int]]) -> float:
+    """Share of the reference's tokens that the run reproduced at the same position."""
+    total = sum(len(r) for r in ref)
+    same = sum(int(a == b) for o, r in zip(out, ref, strict=True)
+               for a, b in zip(o, r, strict=False))
+    return same / total if total else 1.0
+
+
+def _skipped(pt: RunPoint, why: str) -> dict:
+    return {"workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
+            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "skipped": why}
+
+
+def _label(workload: str) -> str:
+    if workload == "synthetic":
+        from tidecli.bench.synthetic import SyntheticRouting
+
+        return SyntheticRouting.label
+    return "the model's own routing"
+
+
+def _budgets(engine) -> dict[str, int]:
+    b = getattr(engine.runtime, "budgets", None)
+    if b is None:
+        return {str(layer): engine.cfg.num_experts for layer in engine.cfg.moe_layers}
+    return {str(k): int(v) for k, v in b.items()}
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """vs_best_baseline: steps/s over the best of lru and static at the same workload and budget;
+    vs_resident: over resident on the same workload."""
+    ok = [r for r in runs if not r.get("skipped")]
+    for r in ok:
+        base = [b["steps_per_s"] for b in ok if b["policy"] in BASELINES
+                and b["workload"] == r["workload"] and b["budget"] == r["budget"]]
+        res = [b["steps_per_s"] for b in ok if b["policy"] == "resident"
+               and b["workload"] == r["workload"]]
+        r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
+            else None
+        r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None

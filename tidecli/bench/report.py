@@ -1,0 +1,147 @@
+"""Bench results as a rich table (stderr), JSON (atomic) and an optional matplotlib plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from tidecli.errors import TideError
+from tidecli.fsutil import atomic_write_bytes, atomic_write_text
+
+
+def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def runs_table(report: dict) -> Table:
+    t = Table(title="tide bench", title_justify="left", header_style="bold")
+    for col in ("workload", "policy", "budget", "τ", "misses", "tok/s", "steps/s", "tok/step",
+                "hit %",
+                "CPU calls", "H2D GB", "stall ms", "peak GiB", "× best base", "× resident",
+                "same tokens"):
+        t.add_column(col, justify="left" if col in ("workload", "policy") else "right")
+    for r in report["runs"]:
+        if r.get("skipped"):
+            t.add_row(r["workload"], r["policy"], r["budget"], _f(r["tau"], "{}"),
+                      _f(r["misses"], "{}"), "skipped",
+                      *[""] * 10)
+            continue
+        t.add_row(r["workload"], r["policy"], r["budget"], _f(r["tau"], "{}"),
+                  _f(r["misses"], "{}"), _f(r["tokens_per_s"], "{:.1f}"),
+                  _f(r["steps_per_s"], "{:.2f}"),
+                  _f(r["tokens_per_step"]), _f(100 * r["hit_rate"], "{:.1f}"),
+                  f"{r['cpu_calls']:,}", _f(r["h2d_gb"], "{:.3f}"), _f(r["stall_ms"], "{:.0f}"),
+                  _f(r["peak_vram_gib"]), _f(r.get("vs_best_baseline"), "{:.2f}×"),
+                  _f(r.get("vs_resident"), "{:.2f}×"),
+                  _same(r))
+    return t
+
+
+def _same(r: dict) -> str:
+    if r["identical"]:
+        return "yes"
+    share = f"{100 * r['token_agreement']:.0f}% same"
+    # CPU-computed experts round differently in bf16; only the GPU-kernel runs promise bits
+    return f"[red]NO[/red] ({share})" if r["exact_expected"] else f"no, {share} (CPU bf16)"
+
+
+def bounds_table(report: dict) -> Table | None:
+    if not report["bounds"]:
+        return None
+    t = Table(title="bounds (tide runs)", title_justify="left", header_style="bold")
+    for col in ("workload", "budget", "τ", "misses", "oracle H2D GB", "tide H2D GB", "× oracle",
+                "tide hit %", "best hit %",
+                "GPU weights ms", "PCIe ms", "bound ms", "tide step ms", "× bound"):
+        t.add_column(col, justify="left" if col == "workload" else "right")
+    for b in report["bounds"]:
+        t.add_row(b["workload"], b["budget"], _f(b["tau"], "{}"), _f(b["misses"], "{}"),
+                  _f(b["oracle_h2d_gb"], "{:.3f}"), _f(b["tide_h2d_gb"], "{:.3f}"),
+                  _f(b["tide_over_oracle"]), _f(100 * b["tide_hit_rate"], "{:.1f}"),
+                  _f(100 * b["best_hit_rate"], "{:.1f}"), _f(b.get("gpu_weights_ms")),
+                  _f(b.get("pcie_ms")),
+                  _f(b.get("lower_bound_ms")), _f(b.get("tide_step_ms")),
+                  _f(b.get("tide_over_bound")))
+    return t
+
+
+def routing_table(report: dict) -> Table:
+    t = Table(title="routing of each workload (per MoE layer and denoising step)",
+              title_justify="left", header_style="bold")
+    for col in ("workload", "distinct experts", "similarity 1 step", "similarity 5 steps",
+                "steps"):
+        t.add_column(col, justify="left" if col == "workload" else "right")
+    for name, w in report["workloads"].items():
+        s = w["routing"]
+        t.add_row(f"{name}: {w['label']}", _f(s.get("distinct_per_layer_step"), "{:.1f}"),
+                  _f(s.get("similarity_lag1"), "{:.3f}"), _f(s.get("similarity_lag5"), "{:.3f}"),
+                  str(s.get("steps", 0)))
+    return t
+
+
+def skipped_lines(report: dict) -> list[str]:
+    return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}: {r['skipped']}"
+            for r in report["runs"] if r.get("skipped")]
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    return atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise TideError("--plot needs matplotlib",
+                        "pip install 'tide-dllm[plot]' (or matplotlib), or drop --plot") from exc
+
+
+def write_plot(report: dict, path: str | Path) -> Path:
+    """steps/s against the VRAM budget, one line per policy (and τ), one panel per workload."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if not r.get("skipped")]
+    workloads = list(dict.fromkeys(r["workload"] for r in runs))
+    fig, axes = plt.subplots(1, max(1, len(workloads)), figsize=(5.5 * max(1, len(workloads)), 4),
+                             squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=False):
+        rows = [r for r in runs if r["workload"] == w]
+        by_vram = any(r["vram_gib"] is not None for r in rows)
+
+        def x_of(r: dict, by_vram: bool = by_vram) -> float | None:
+            if by_vram:
+                return r["vram_gib"]
+            b = r.get("experts_per_layer") or {}
+            return None if r["policy"] == "resident" else float(min(b.values(), default=0))
+
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            x = x_of(r)
+            if x is None:
+                continue
+            name = r["policy"] + (f" τ={r['tau']}" if r["tau"] is not None else "") + \
+                (f" ({r['misses']})" if r.get("misses") not in (None, "auto") else "")
+            lines.setdefault(name, []).append((x, r["steps_per_s"]))
+        for name, pts in lines.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for r in rows:
+            if r["policy"] == "resident":
+                ax.axhline(r["steps_per_s"], color="grey", linestyle="--",
+                           label="resident (all experts on GPU)")
+        ax.set_title(f"{w} routing" + (" (synthetic)" if w == "synthetic" else ""))
+        ax.set_xlabel("VRAM budget (GiB)" if by_vram else "experts per layer on the GPU")
+        ax.set_ylabel("denoising steps / s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,190 @@
+"""`tide bench`: policies × budgets (× τ) on the same prompts in one process.
+
+Imported by cli.py at start-up: nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from tidecli.errors import TideError
+
+
+def _floats(text: str, name: str) -> list[float]:
+    out: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            out.append(float(part))
+        except ValueError as exc:
+            raise TideError(f"--{name}: {part!r} is not a number", f"e.g. --{name} 10,18") from exc
+    return out
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise TideError(f"--{name} takes whole numbers", f"e.g. --{name} 1,2,4,8") from exc
+
+
+def _prompts(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TideError(f"cannot read {path}: {exc.strerror or exc}",
+                        "give a text file with one prompt per line") from exc
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TideError(f"{path} is not valid JSON ({exc.msg})",
+                            "give a JSON list of strings, or a text file") from exc
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise TideError(f"{path} must hold a JSON list of strings",
+                            'e.g. ["Hello", "Hi"]')
+        prompts = items
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise TideError(f"{path} holds no prompts", "one prompt per line")
+    return prompts
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench(
+        model: str | None = typer.Option(None, "--model", "-m",
+                                         help="Checkpoint folder, Hub id or 'demo'."),
+        policies: str = typer.Option("resident,lru,static,tide", help="Policies to compare."),
+        vram: str | None = typer.Option(None, help="VRAM budgets in GiB, comma separated, "
+                                                   "e.g. 10,18."),
+        experts: str | None = typer.Option(None, help="Or uniform budgets in experts per "
+                                                      "layer, e.g. 16,64."),
+        workloads: str = typer.Option("model,synthetic",
+                                      help="model (the checkpoint's routing) and/or synthetic "
+                                           "(published LLaDA2.0-mini routing statistics)."),
+        tau: str = typer.Option("4", help="tide refresh intervals to sweep, e.g. 1,2,4,8."),
+        misses: str = typer.Option("auto", help="static/tide miss placement to sweep: auto, "
+                                                "cpu, gpu (e.g. auto,cpu)."),
+        prompts: Path | None = typer.Option(None, help="Prompts: text file (one per line) or "
+                                                       "JSON list; a built-in set otherwise."),
+        gen_length: int = typer.Option(256, help="Tokens to generate per prompt."),
+        threshold: float = typer.Option(0.95, help="Decoding confidence threshold."),
+        repeat: int = typer.Option(1, help="Passes over the prompts per run."),
+        json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
+        plot: Path | None = typer.Option(None, help="Plot steps/s against budget (PNG)."),
+        profile: str | None = typer.Option(None, help="Hardware profile for the lower bound "
+                                                      "(default: this machine's saved one)."),
+        device: str = typer.Option("auto", help="auto, cuda or cpu."),
+        dtype: str = typer.Option("auto", help="auto, bf16 or fp32."),
+        cpu_threads: int = typer.Option(0, help="CPU threads for missed experts (0: default)."),
+        graphs: bool = typer.Option(True, "--graphs/--no-graphs",
+                                    help="CUDA: replay steps as captured CUDA graphs."),
+    ) -> None:
+        """Compare residency policies side by side: speed, hits, transfers, bounds."""
+        run_bench(model=model, policies=policies, vram=vram, experts=experts,
+                  workloads=workloads, tau=tau, misses=misses,
+                  prompts=prompts, gen_length=gen_length, threshold=threshold, repeat=repeat,
+                  json_out=json_out, plot=plot, profile=profile, device=device, dtype=dtype,
+                  cpu_threads=cpu_threads, graphs=graphs)
+
+
+def _profile(spec: str | None):
+    from tidecli.hardware.store import resolve_profile
+
+    try:
+        return resolve_profile(spec)
+    except TideError:
+        if spec is not None:
+            raise
+        return None  # no saved profile: the bounds that need one are left out
+
+
+def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts, gen_length,
+              threshold, repeat, json_out, plot, profile, device, dtype, cpu_threads,
+              graphs) -> None:
+    from rich.console import Console
+
+    from tidecli.bench.harness import PROMPTS, Bench, BenchSpec
+    from tidecli.bench.report import (
+        bounds_table,
+        check_plot_available,
+        routing_table,
+        runs_table,
+        skipped_lines,
+        write_json,
+        write_plot,
+    )
+    from tidecli.engine import Engine, EngineOptions
+    from tidecli.ui.console import byte_progress, err
+
+    spec = BenchSpec(policies=[p.strip() for p in policies.split(",") if p.strip()],
+                     vram=_floats(vram, "vram") if vram else [],
+                     experts=_ints(experts, "experts") if experts else [],
+                     workloads=[w.strip() for w in workloads.split(",") if w.strip()],
+                     taus=_ints(tau, "tau"),
+                     misses=[m.strip() for m in misses.split(",") if m.strip()],
+                     prompts=_prompts(prompts) or list(PROMPTS),
+                     gen_length=gen_length, threshold=threshold, repeat=repeat)
+    spec.validate()
+    if plot is not None:
+        check_plot_available()
+    prof = _profile(profile)
+    # the first run's runtime is built by the bench itself; start from the resident default
+    opts = EngineOptions(model=model, device=device, dtype=dtype, policy="resident",
+                         cpu_threads=cpu_threads, graphs=graphs)
+    with byte_progress() as progress:
+        engine = Engine(opts, progress=progress, build_runtime=False)
+        if any(p != "resident" for p in spec.policies):
+            engine.host_store(progress)  # once, shared by every run (resident copies from it)
+    try:
+        bench = Bench(engine, spec, profile=prof,
+                      progress=lambda msg: err.print(msg, style="dim", markup=False))
+        report = bench.run()
+        report["model"] = str(engine.path)
+        report["device"] = str(engine.device)
+        report["dtype"] = str(engine.dtype).replace("torch.", "")
+        if prof is not None:
+            report["profile"] = prof.name
+        if engine.device.type == "cuda":
+            import torch
+
+            report["gpu"] = torch.cuda.get_device_name(engine.device)
+    finally:
+        engine.close()
+    from tidecli import __version__
+
+    report["tide_version"] = __version__
+    # on a pipe or a log file the tables keep their width instead of folding into 80 columns
+    out = err if err.is_terminal else Console(stderr=True, width=200, highlight=False)
+    out.print(routing_table(report))
+    out.print(runs_table(report))
+    for line in skipped_lines(report):
+        out.print(line, style="yellow", markup=False, soft_wrap=True)
+    bt = bounds_table(report)
+    if bt is not None:
+        out.print(bt)
+    elif prof is None:
+        err.print("no hardware profile: the step-time bound is left out (run `tide profile`)",
+                  style="dim")
+    if json_out is not None:
+        write_json(report, json_out)
+        err.print(f"results written to {json_out}")
+    if plot is not None:
+        write_plot(report, plot)
+        err.print(f"plot written to {plot}")
+    if not sys.stdout.isatty() and json_out is None:
+        sys.stdout.write(json.dumps(report) + "\n")
+    bad = [r for r in report["runs"]
+           if not r.get("skipped") and r["exact_expected"] and not r["identical"]]
+    if bad:
+        raise TideError(f"{len(bad)} run(s) that compute every expert with the GPU kernel gave "
+                        "different tokens from the first run of their workload",
+                        "this is a bug: please report it with the JSON output")
