@@ -27,6 +27,11 @@ app = typer.Typer(
 
 POLICY_HELP = "Expert residency: resident, lru, static or tide."
 VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
+RAM_HELP = ("Host RAM budget in GiB for the experts (those kept in RAM + staging buffers); "
+            "experts beyond it are read from disk when used (slower, same tokens). Default: the "
+            "available RAM minus 2 GiB.")
+MISSES_HELP = ("static/tide: where experts missing from the GPU run: auto (CPU and GPU together, "
+               "split by measured cost), cpu, or gpu (bitwise the resident run's tokens).")
 MODEL_HELP = ("Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
               "Env: TIDE_MODEL.")
 
@@ -73,6 +78,7 @@ def generate(
     trace: Path | None = typer.Option(None, help="Record the routing trace (.npz) here."),
     policy: str = typer.Option("resident", help=POLICY_HELP),
     vram: float | None = typer.Option(None, help=VRAM_HELP),
+    ram: float | None = typer.Option(None, help=RAM_HELP),
     experts_per_layer: int | None = typer.Option(None, help="Force a uniform expert budget."),
     tau: int | None = typer.Option(None, help="tide: refresh every TAU steps of a block."),
     stall_refresh: bool = typer.Option(False, "--stall-refresh",
@@ -85,6 +91,7 @@ def generate(
     calibration: Path | None = typer.Option(None, help="static: popularity from this trace."),
     graphs: bool = typer.Option(True, "--graphs/--no-graphs",
                                 help="CUDA: replay each step as captured CUDA graphs."),
+    misses: str = typer.Option("auto", help=MISSES_HELP),
 ) -> None:
     """Generate a reply to one prompt."""
     from tidecli.commands.generate import run_generate
@@ -92,10 +99,10 @@ def generate(
 
     opts = EngineOptions(
         model=model, device=device, dtype=dtype, policy=policy, block_length=block_length,
-        vram_gib=vram, experts_per_layer=experts_per_layer, tau=tau,
+        vram_gib=vram, ram_gib=ram, experts_per_layer=experts_per_layer, tau=tau,
         stall_refresh=stall_refresh, warm_start=not cold_start,
         skip_last_step=not refresh_last_step, cpu_threads=cpu_threads,
-        calibration=str(calibration) if calibration else None, graphs=graphs)
+        calibration=str(calibration) if calibration else None, graphs=graphs, misses=misses)
     run_generate(
         prompt=prompt, opts=opts, gen_length=gen_length, block_length=block_length,
         threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
@@ -111,11 +118,14 @@ def synth(
     seed: int = typer.Option(0, help="Random seed for the weights."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
     device: str = typer.Option("auto", help="Where to draw the random weights (auto, cpu, cuda)."),
+    logit_scale: float | None = typer.Option(
+        None, help="Sharpen the lm_head (default per preset: a few tokens commit per step)."),
 ) -> None:
     """Write a synthetic checkpoint of the real LLaDA2 format (random weights)."""
     from tidecli.commands.synth import run_synth
 
-    run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device)
+    run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device,
+              logit_scale=logit_scale)
 
 
 # Commands that live in their own modules register themselves (imported without torch).
@@ -131,40 +141,60 @@ def _fail(message: str, hint: str | None) -> None:
     sys.stderr.flush()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. the pageable-memory fallback) as one line, without source location."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    (file or sys.stderr).write(f"warning: {text}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line (and a hint) per user error, exit 1; Ctrl-C exits 130."""
-    import click
+    import warnings
 
     debug = os.environ.get("TIDE_DEBUG") == "1"
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        code = _run(argv, debug=debug)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None, *, debug: bool) -> int:
+    """Run the app and map every way it can end to an exit code (0, 1, 130 or click's)."""
+    import click
+
+    from tidecli.errors import out_of_memory
+
     try:
         code = app(args=argv, standalone_mode=False, prog_name="tide")
-        sys.exit(code if isinstance(code, int) else 0)
+        if code == 130:  # typer >= 0.16 turns Ctrl-C into Exit(130) itself; older ones raise
+            sys.stderr.write("\ninterrupted\n")
+        return code if isinstance(code, int) else 0
     except TideError as exc:
         if debug:
             raise
         _fail(exc.message, exc.hint)
-        sys.exit(1)
-    except click.exceptions.Abort:
+        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
         if debug:
             raise
         sys.stderr.write("\ninterrupted\n")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        sys.stderr.write("\ninterrupted\n")
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except BrokenPipeError:
-        sys.exit(0)
+        return 0
     except Exception as exc:  # an engine bug: still no traceback without TIDE_DEBUG
         if debug:
             raise
+        known = out_of_memory(exc)
+        if known is not None:  # torch's out-of-memory errors, raised from deep in a step
+            _fail(known.message, known.hint)
+            return 1
         first = str(exc).splitlines()[0] if str(exc) else ""
         _fail(f"internal error: {type(exc).__name__}: {first}",
               "run again with TIDE_DEBUG=1 for the traceback, and please report it")
-        sys.exit(1)
+        return 1

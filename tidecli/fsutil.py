@@ -108,7 +108,12 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # put the previous folder back under its name
+                os.replace(old, target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

@@ -28,7 +28,7 @@ from tidecli.decode.session import (
     reply_stats,
     unescape_message,
 )
-from tidecli.errors import OutOfDeviceMemory, TideError
+from tidecli.errors import TideError, out_of_memory
 from tidecli.ui.console import byte_progress, err
 from tidecli.ui.live import layer_table, make_console, startup_panel
 from tidecli.ui.summary import generation_line
@@ -174,11 +174,12 @@ class ChatApp:
             self.note("stopped before the reply began")
             return
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError":  # torch's; torch is not imported here
+            oom = out_of_memory(exc, hint="/set gen_length smaller or /reset, or restart with a "
+                                          "lower --vram or --experts-per-layer")
+            if oom is None:
                 raise
-            self.error(OutOfDeviceMemory(
-                "the GPU ran out of memory during this reply",
-                "lower --vram or --experts-per-layer, /set gen_length smaller, or /reset"))
+            # nothing of this reply is recorded; the next one starts from a fresh decoder
+            self.error(type(oom)(f"{oom.message} during this reply", oom.hint))
             return
         stats = reply_stats(result, eng.runtime.run_stats.to_dict())
         s.record(Turn(user=text, assistant=answer, interrupted=interrupted, stats=stats,
@@ -237,6 +238,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
              transcript: Path | None = None, pcie_peak_gbps: float | None = None) -> None:
     from tidecli.engine import Engine
 
+    settings.validate()  # out-of-range options fail before the model loads
     with byte_progress() as progress:
         engine = Engine(opts, progress=progress)
     try:

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
         live: bool = typer.Option(True, "--live/--no-live",
                                   help="Draw replies live as they are denoised (on a terminal)."),
+        misses: str = typer.Option("auto", help="static/tide: where missed experts run: auto, "
+                                               "cpu or gpu (bitwise exact)."),
         load: Path | None = typer.Option(None, "--load",
                                          help="Continue from a transcript saved with /save."),
     ) -> None:
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
         opts = EngineOptions(model=model, device=device, dtype=dtype, policy=policy,
                              block_length=block_length, vram_gib=vram,
                              experts_per_layer=experts_per_layer, tau=tau,
-                             cpu_threads=cpu_threads)
+                             cpu_threads=cpu_threads, misses=misses)
         settings = DecodeSettings(gen_length=gen_length, block_length=block_length,
                                   threshold=threshold, editing_threshold=editing_threshold,
                                   temperature=temperature, seed=seed)

@@ -57,8 +57,11 @@ def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
         gen_length=gen_length, block_length=block_length, threshold=threshold,
         editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, use_cache=not reference)
+    settings.validate()  # out-of-range options fail before the model loads
     with byte_progress() as progress:
         engine = Engine(opts, progress=progress)
+    for note in engine.notices:
+        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
     try:
         settings.validate(engine.cfg.max_position_embeddings)
         ids = engine.prompt_ids(prompt, system=system, raw=raw)

@@ -8,7 +8,7 @@ from tidecli.ui.console import byte_progress, err
 
 
 def run_synth(*, out: Path, preset: str, layers: int | None, seed: int, force: bool,
-              device: str) -> None:
+              device: str, logit_scale: float | None = None) -> None:
     from tidecli.model.synth import plan, write_checkpoint
 
     p = plan(preset, layers=layers)
@@ -17,5 +17,6 @@ def run_synth(*, out: Path, preset: str, layers: int | None, seed: int, force: b
               f"to {out}")
     with byte_progress() as progress:
         write_checkpoint(out, preset=preset, layers=layers, seed=seed, force=force, device=device,
+                         logit_scale=logit_scale,
                          progress=lambda done, total: progress("writing", done, total))
     err.print(f"done: {out}")

@@ -37,14 +37,20 @@ class DecodeSettings:
     seed: int | None = None
     use_cache: bool = True  # False → the slow reference path (whole window every step)
 
-    def validate(self, max_positions: int) -> None:
+    def validate(self, max_positions: int | None = None) -> None:
+        """Refuse out-of-range settings; without `max_positions` (the model not loaded yet) the
+        block length is only checked to be positive."""
+
         def bad(msg: str, hint: str) -> TideError:
             return TideError(msg, hint)
 
         if self.gen_length < 1:
             raise bad(f"--gen-length must be at least 1, got {self.gen_length}",
                       "ask for a positive number of tokens")
-        if self.block_length < 1 or max_positions % self.block_length:
+        if self.block_length < 1:
+            raise bad(f"--block-length must be at least 1, got {self.block_length}",
+                      "use 32 (the trained block length)")
+        if max_positions is not None and max_positions % self.block_length:
             raise bad(f"--block-length {self.block_length} does not divide the model's "
                       f"{max_positions} positions", "use 32 (the trained block length)")
         if not 0 < self.threshold <= 1:
@@ -53,8 +59,9 @@ class DecodeSettings:
         if self.editing_threshold is not None and not 0 <= self.editing_threshold <= 1:
             raise bad(f"--editing-threshold must be in [0, 1], got {self.editing_threshold}",
                       "0.5 (quality) or 0.0 (speed) are the 2.1 model-card values")
-        if self.temperature < 0:
-            raise bad("--temperature must not be negative", "0 means greedy")
+        if not 0 <= self.temperature < math.inf:  # also refuses nan
+            raise bad(f"--temperature must not be negative or infinite, got {self.temperature}",
+                      "0 means greedy")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise bad("--top-p must be in (0, 1]", "e.g. 0.9")
         if self.top_k is not None and self.top_k < 1:

@@ -137,15 +137,18 @@ class ChatSession:
         """Replace system, settings and turns with a transcript's (the model is not changed)."""
         if not isinstance(d, dict) or d.get("format") != TRANSCRIPT_FORMAT:
             raise TideError("not a tide chat transcript", "save one with /save FILE")
+        system = d.get("system")
         try:
+            if system is not None and not isinstance(system, str):
+                raise TypeError("system is not text")
             settings = settings_from_dict(d.get("settings") or {}, self.settings)
             turns = [Turn.from_dict(t) for t in d.get("turns") or []]
-        except (KeyError, TypeError, ValueError) as exc:
+            if self.max_positions is not None:
+                settings.validate(self.max_positions)  # a TideError names a bad value
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TideError(f"the transcript is damaged: {exc}", "save a new one") from exc
-        if self.max_positions is not None:
-            settings.validate(self.max_positions)
         self.settings, self.turns = settings, turns
-        self.set_system(d.get("system"))
+        self.set_system(system)
 
     def save(self, path: str | Path) -> Path:
         from tidecli.fsutil import atomic_write_json

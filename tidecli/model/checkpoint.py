@@ -154,13 +154,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise TideError(f"missing shard {path.name} in {path.parent}",
                         "re-download the checkpoint: the index names a file that is not there") \
             from exc
-    except OSError as exc:
-        raise TideError(f"cannot read {path}: {exc.strerror or exc}",
+    except (OSError, ValueError) as exc:  # ValueError: a name the OS cannot take
+        raise TideError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
                         "check the file's permissions") \
             from exc
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _bad_file(path, "its header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise _bad_file(path, "its header is not a JSON object")
@@ -169,23 +169,41 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        label = _label(name)
         try:
             dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            b, e = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_whole(d) for d in entry["shape"])
+            b, e = (_whole(x) for x in entry["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
-            raise _bad_file(path, f"header entry for {name} is malformed") from exc
-        if dtype not in DTYPES or any(d < 0 for d in shape):
-            raise _bad_file(path, f"{name} has dtype {dtype!r} / shape {list(shape)}")
+            raise _bad_file(path, f"header entry for {label} is malformed") from exc
+        if not isinstance(dtype, str) or dtype not in DTYPES or any(d < 0 for d in shape):
+            raise _bad_file(path, f"{label} has dtype {dtype!r:.20} / shape {list(shape)!s:.60}")
         numel = 1
         for d in shape:
             numel *= d
         if e - b != numel * DTYPES[dtype][0] or b < 0:
-            raise _bad_file(path, f"{name} byte range does not match its shape")
+            raise _bad_file(path, f"{label} byte range does not match its shape")
         if data_start + e > size:
-            raise _bad_file(path, f"{name} runs past the end of the file (truncated download?)")
+            raise _bad_file(path, f"{label} runs past the end of the file (truncated download?)")
         infos[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
+    # The format lays tensors out back to back; overlapping ranges mean a corrupt header.
+    spans = sorted(infos.values(), key=lambda t: (t.begin, t.end))
+    for prev, cur in zip(spans, spans[1:], strict=False):
+        if cur.begin < prev.end:
+            raise _bad_file(path, f"{_label(prev.name)} and {_label(cur.name)} overlap")
     return infos
+
+
+def _label(name: str) -> str:
+    """A tensor name from a header as it can appear in a one-line message."""
+    return name if name.isprintable() and len(name) < 200 else f"{name!r:.80}"
+
+
+def _whole(value: object) -> int:
+    """A header number: a JSON integer (booleans, fractions and strings are malformed)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r:.20}")
+    return value
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
@@ -194,15 +212,19 @@ def _weight_map(folder: Path) -> dict[str, str]:
         try:
             raw = json.loads(index.read_text(encoding="utf-8"))
             wmap = raw["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                RecursionError) as exc:
             raise TideError(f"{INDEX_FILE} in {folder} is unreadable",
                             "re-download the checkpoint's index file") from exc
         if not isinstance(wmap, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
             raise TideError(f"{INDEX_FILE} has a malformed weight_map", "re-download it")
         for shard in set(wmap.values()):
-            if os.sep in shard or shard.startswith("..") or "/" in shard:
-                raise TideError(f"{INDEX_FILE} names an odd shard path {shard!r}", "re-download it")
+            # a bare, printable file name inside the folder: no separators, no way out
+            if not shard or not shard.isprintable() or shard.startswith("..") \
+                    or any(c in shard for c in "/\\") or os.sep in shard:
+                raise TideError(f"{INDEX_FILE} names an odd shard path {shard!r:.60}",
+                                "re-download it")
         return wmap
     if (folder / SINGLE_FILE).is_file():
         return {name: SINGLE_FILE for name in read_header(folder / SINGLE_FILE)}

@@ -55,7 +55,7 @@ class ModelConfig:
     model_type: str = "llada2_moe"
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
+        if self.head_dim == 0 and self.num_attention_heads > 0:  # else validate() refuses it
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     # Derived quantities used by loading, memory accounting and the planner.
@@ -113,19 +113,29 @@ class ModelConfig:
         return asdict(self)
 
 
+# No real size comes near this; larger values only overflow float arithmetic further on.
+MAX_INT = 2**31 - 1
+
+
 def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TideError(f"config.json: {name} must be a whole number, got {value!r}",
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise TideError(f"config.json: {name} must be a whole number, got {value!r:.40}",
                         "fix config.json or re-download the checkpoint")
-    if isinstance(value, float) and not value.is_integer():
-        raise TideError(f"config.json: {name} must be a whole number, got {value!r}",
+    if abs(value) > MAX_INT:
+        raise TideError(f"config.json: {name} is implausibly large (over {MAX_INT})",
                         "fix config.json or re-download the checkpoint")
     return int(value)
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TideError(f"config.json: {name} must be a finite number, got {value!r}",
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, int | float) and \
+            math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise TideError(f"config.json: {name} must be a finite number, got {value!r:.40}",
                         "fix config.json or re-download the checkpoint")
     return float(value)
 
@@ -140,7 +150,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         model_type = "llada2_moe"  # some published configs omit model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TideError(
-            f"unsupported model_type {model_type!r} in config.json",
+            f"unsupported model_type {model_type!r:.40} in config.json",
             f"tide runs {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (the LLaDA2.x family)",
         )
     missing = [k for k in REQUIRED if raw.get(k) is None]
@@ -158,7 +168,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
             kwargs[f.name] = _as_float(f.name, value)
         elif f.type == "bool":
             if not isinstance(value, bool):
-                raise TideError(f"config.json: {f.name} must be true or false, got {value!r}",
+                raise TideError(f"config.json: {f.name} must be true or false, got {value!r:.40}",
                                 "fix config.json")
             kwargs[f.name] = value
         else:
@@ -167,8 +177,9 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     # The reference modeling code hard-wires sigmoid scoring and an fp32 router whatever
     # score_function / router_dtype say; only a config that asks for something else is refused.
     if raw.get("score_function") not in (None, "sigmoid"):
-        raise TideError(f"config.json: score_function {raw['score_function']!r} is not supported",
-                        "LLaDA2 checkpoints use sigmoid routing")
+        raise TideError(
+            f"config.json: score_function {raw['score_function']!r:.40} is not supported",
+            "LLaDA2 checkpoints use sigmoid routing")
     cfg = ModelConfig(**kwargs)
     validate(cfg)
     return cfg
@@ -197,7 +208,7 @@ def validate(cfg: ModelConfig) -> None:
                   f"{cfg.topk_group} kept groups")
     if cfg.n_group > 1 and per_group < 2:
         raise bad("group-limited routing needs at least 2 experts per group")
-    if not 0 < cfg.partial_rotary_factor <= 1 or cfg.rotary_dim % 2:
+    if not 0 < cfg.partial_rotary_factor <= 1 or cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
         raise bad(f"partial_rotary_factor {cfg.partial_rotary_factor} gives an odd or empty "
                   f"rotary slice of head_dim {cfg.head_dim}")
     if cfg.rms_norm_eps <= 0 or cfg.rope_theta <= 0:
@@ -216,7 +227,8 @@ def load_config(folder: str | Path) -> ModelConfig:
                         "point --model at a LLaDA2 checkpoint folder (it holds config.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TideError(f"cannot read {path}: {exc}", "re-download the checkpoint's config.json") \
-            from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        what = "it nests too deeply" if isinstance(exc, RecursionError) else exc
+        raise TideError(f"cannot read {path}: {what}",
+                        "re-download the checkpoint's config.json") from exc
     return config_from_dict(raw)

@@ -40,7 +40,7 @@ def load_dense(
         def get(name: str, *, to: torch.device = device, as_dtype: torch.dtype | None = dtype):
             info = ckpt.tensors[name]
             t = reader.read(info)
-            check_finite(name, t)
+            check_finite(name, t, shard=info.file.name)
             if progress:
                 progress(info.nbytes)
             return t.to(device=to, dtype=as_dtype or t.dtype)

@@ -67,8 +67,13 @@ class ShardReader:
         self.close()
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Refuse weights holding NaN or inf: they would poison every token that touches them."""
+def check_finite(name: str, t: torch.Tensor, *, shard: str | None = None) -> None:
+    """Refuse weights holding NaN or inf: they would poison every token that touches them.
+
+    Refused rather than warned about: one such weight turns every later activation of the
+    tokens routed through it into NaN, so the output would be garbage without another sign.
+    """
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        where = shard or "the shard that holds it"
         raise TideError(f"{name} contains NaN or inf values",
-                        "the checkpoint is corrupt; re-download the shard that holds it")
+                        f"the checkpoint is corrupt; re-download {where}")

@@ -337,8 +337,11 @@ def startup_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("slot memory", _size(info["slot_pool_bytes"])))
     store = info.get("host_store") or {}
     if store.get("bytes"):
+        tiers = store.get("tiers") or {}
+        disk = f", {tiers['disk_experts']} experts read from disk" \
+            if tiers.get("disk_experts") else ""
         rows.append(("host experts", _size(store["bytes"]) + (" pinned" if store.get("pinned")
-                                                              else "")))
+                                                              else "") + disk))
     tps = info.get("predicted_tokens_per_s", plan.get("predicted_tokens_per_s"))
     if tps:
         sps = info.get("predicted_steps_per_s", plan.get("predicted_steps_per_s"))
