@@ -225,9 +225,8 @@ class Engine:
 
         return psutil.virtual_memory().available / 2**30 / 2
 
-    def _resident(self, progress: LoadProgress | None):
-        from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
-
+    def _byte_ticker(self, progress: LoadProgress | None, stage: str) -> Callable[[int], None]:
+        """tick(n) adds n bytes to `stage`'s progress out of every routed expert's bytes."""
         total = self.ckpt.routed_expert_bytes()
         done = 0
 
@@ -235,8 +234,13 @@ class Engine:
             nonlocal done
             done += n
             if progress:
-                progress("experts", done, total)
+                progress(stage, done, total)
+        return tick
 
+    def _resident(self, progress: LoadProgress | None):
+        from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
+
+        tick = self._byte_ticker(progress, "experts")
         host = getattr(self._store, "layers", None)
         if host is not None:  # already in host memory: copy from there
             pools = {layer: buf.to(self.device, self.dtype) for layer, buf in host.items()}
@@ -280,15 +284,7 @@ class Engine:
         if self._store is None:
             from tidecli.experts.store import HostExpertStore
 
-            total = self.ckpt.routed_expert_bytes()
-            done = 0
-
-            def tick(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress:
-                    progress("host experts", done, total)
-
+            tick = self._byte_ticker(progress, "host experts")
             self._store = self._tiered_store(tick)
             if self._store is None:
                 self._store = HostExpertStore(self.ckpt, pin=self.device.type == "cuda",
@@ -335,30 +331,33 @@ class Engine:
             f"{host.disk_experts} are read from disk when used (slower, same tokens)")
         return store
 
+    def _trace_counts(self):
+        """The calibration trace's counts [F, L, E] and its layers, or None without one."""
+        if not self.opts.calibration:
+            return None
+        from tidecli.experts.trace import RoutingTrace
+
+        tr = RoutingTrace.load(self.opts.calibration)
+        if tr.num_experts != self.cfg.num_experts or tr.moe_layers != self.cfg.moe_layers:
+            raise TideError("the calibration trace was recorded with another model",
+                            "record one with this model: tide generate --trace FILE")
+        return tr.array().astype("int64"), tr.moe_layers
+
     def _popularity(self):
         """Per MoE layer, in how many forward passes each expert was used (calibration trace)."""
-        if not self.opts.calibration:
+        got = self._trace_counts()
+        if got is None:
             return None
-        from tidecli.experts.trace import RoutingTrace
-
-        tr = RoutingTrace.load(self.opts.calibration)
-        if tr.num_experts != self.cfg.num_experts or tr.moe_layers != self.cfg.moe_layers:
-            raise TideError("the calibration trace was recorded with another model",
-                            "record one with this model: tide generate --trace FILE")
-        used = (tr.array() > 0).sum(axis=0)
-        return {layer: used[j] for j, layer in enumerate(tr.moe_layers)}
+        used = (got[0] > 0).sum(axis=0)
+        return {layer: used[j] for j, layer in enumerate(got[1])}
 
     def _calibration(self):
-        if not self.opts.calibration:
+        """Per MoE layer, how many tokens each expert received (calibration trace)."""
+        got = self._trace_counts()
+        if got is None:
             return None
-        from tidecli.experts.trace import RoutingTrace
-
-        tr = RoutingTrace.load(self.opts.calibration)
-        if tr.num_experts != self.cfg.num_experts or tr.moe_layers != self.cfg.moe_layers:
-            raise TideError("the calibration trace was recorded with another model",
-                            "record one with this model: tide generate --trace FILE")
-        totals = tr.array().astype("int64").sum(axis=0)
-        return {layer: totals[j] for j, layer in enumerate(tr.moe_layers)}
+        totals = got[0].sum(axis=0)
+        return {layer: totals[j] for j, layer in enumerate(got[1])}
 
     # ---- prompts and generations ----------------------------------------------------------------
 
