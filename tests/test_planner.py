@@ -409,14 +409,9 @@ def test_fit_calibration_recovers_a_known_correction(truth, overlap):
 
 
 def _main(argv, capsys):
-    from tidecli.cli import main
+    from tests.clihelp import tide
 
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+    return tide(argv, capsys)
 
 
 @pytest.fixture

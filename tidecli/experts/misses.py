@@ -3,9 +3,10 @@
 A missed expert can be computed on the CPU (its rows stay in host memory) or copied over PCIe
 into a scratch slot and computed by the GPU's own kernel, beside the resident experts. The two
 run at the same time, so a layer's misses finish fastest when split so that both sides end
-together; which side is cheaper depends on the machine (on a PCIe 5 link one expert copies in
-~0.13 ms while a CPU needs ~0.2 ms for it; on PCIe 4 it is the other way round). Costs are
-learned online from measured copy and CPU times.
+together; which side is cheaper depends on the machine (measured on an H200 host with PCIe 5,
+2026-11-29, docs/benchmarks.md: one expert copies in ~0.13 ms, a CPU call takes ~0.2-0.26 ms;
+slower links and faster CPUs move the balance toward the CPU). Costs are learned online from
+measured copy and CPU times.
 
 Modes: "cpu" (every miss on the CPU, the paper's runtime), "gpu" (every miss through the
 scratch slots: the GPU computes everything with one kernel, so tokens are bitwise those of the
@@ -37,6 +38,14 @@ class MissSplitter:
         self.views = pool_views(self.buf, hidden, inter) if self.buf is not None else None
         self.fetch_ms, self.cpu_ms = fetch_ms, cpu_ms  # per expert, running estimates
         self.cuda = device.type == "cuda"
+        self._host_idx: torch.Tensor | None = None
+
+    def _index_buffer(self, n: int) -> torch.Tensor:
+        """A reusable (pinned on CUDA) int64 host buffer of at least n entries. Reused across
+        layers: the next layer's host phase starts only after this layer's uploads ran."""
+        if self._host_idx is None or self._host_idx.numel() < n:
+            self._host_idx = torch.empty(max(n, 1), dtype=torch.long, pin_memory=self.cuda)
+        return self._host_idx
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +85,11 @@ class MissSplitter:
         Returns (pairs, copy start, copy end)."""
         pairs_done = 0
         first = last = None
+        # one host buffer for every round's (pair, slot) indices, copied in one upload per round
+        # at distinct offsets, so no round overwrites an upload still in flight
+        host = self._index_buffer(2 * len(flat))
+        slot_lut = np.full(int(flat.max()) + 1, -1, dtype=np.int64)
+        used = 0
         todo = list(experts)
         while todo:
             group, todo = todo[: self.slots], todo[self.slots:]
@@ -88,13 +102,16 @@ class MissSplitter:
                 batch.release_after = end
                 first = first if first is not None else start
                 last = end
-            rows = np.nonzero(np.isin(flat, group))[0]  # pair indices, ascending
-            pair_slot = torch.from_numpy(np.array([slot_of[int(e)] for e in flat[rows]],
-                                                  dtype=np.int64))
-            idx = torch.from_numpy(rows)
-            if self.cuda:
-                pair_slot = pair_slot.pin_memory().to(self.device, non_blocking=True)
-                idx = idx.pin_memory().to(self.device, non_blocking=True)
+            slot_lut[:] = -1
+            slot_lut[group] = np.arange(len(group))
+            rows = np.nonzero(slot_lut[flat] >= 0)[0]  # pair indices, ascending
+            n = len(rows)
+            both = host[used: used + 2 * n].view(2, n)
+            both[0].copy_(torch.from_numpy(rows))
+            both[1].copy_(torch.from_numpy(slot_lut[flat[rows]]))
+            used += 2 * n
+            both = both.to(self.device, non_blocking=True) if self.cuda else both
+            idx, pair_slot = both[0], both[1]
             x = hidden.index_select(0, idx // k)
             gate_up, down = self.views
             if self.kernel == "grouped_mm":
