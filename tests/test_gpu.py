@@ -195,3 +195,51 @@ def test_misses_on_the_gpu_are_bitwise_exact(tiny_ckpt, policy):
     m.use_program = True
     assert _gen(m, list(range(2000, 2045)), gen_length=96).token_ids == ref
     assert m.experts.run_stats.summary()["cpu_calls"] == 0
+
+
+def test_device_view_reads_pinned_memory_and_gathers_rows():
+    from tidecli.experts.gather import copy_rows, device_view, stream_available
+
+    if stream_available(torch.device("cuda")):
+        pytest.skip(stream_available(torch.device("cuda")))
+    host = torch.randn(16, 6144).bfloat16().pin_memory()
+    view = device_view(host, torch.device("cuda"))
+    assert view.is_cuda and view.shape == host.shape and view.dtype == host.dtype
+    assert torch.equal(view[3].cpu(), host[3])
+    dst = torch.zeros(4, 6144, dtype=torch.bfloat16, device="cuda")
+    src_idx = torch.tensor([7, -1, 2, -1], device="cuda")
+    copy_rows(view, src_idx, dst, torch.tensor([1, 0, 3, 2], device="cuda"))
+    assert torch.equal(dst[1].cpu(), host[7]) and torch.equal(dst[3].cpu(), host[2])
+    assert not dst[0].any() and not dst[2].any()
+
+
+@pytest.mark.parametrize("b,overlap", [(0, "0"), (6, "0"), (6, "1")])
+def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, overlap, monkeypatch):
+    """misses=stream: the step never leaves the GPU (one graph), experts missing from the slots
+    are gathered into them or read from pinned RAM by the same kernel: resident's tokens."""
+    from tidecli.experts.gather import stream_available
+    from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy
+    from tidecli.experts.store import HostExpertStore
+    from tidecli.experts.stream import StreamRuntime
+
+    if stream_available(torch.device("cuda")):
+        pytest.skip(stream_available(torch.device("cuda")))
+    monkeypatch.setenv("TIDE_STREAM_OVERLAP", overlap)
+    ref = _program_tokens("resident", tiny_ckpt, capture=True)
+    for factory in (StaticPolicy, lambda: TidePolicy(TideOptions(tau=1)),
+                    lambda: TidePolicy(TideOptions(tau=3))):
+        for capture in (True, False):
+            def make(ckpt, factory=factory):
+                return StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
+                                     {layer: b for layer in ckpt.config.moe_layers}, factory(),
+                                     device=torch.device("cuda"), dtype=torch.bfloat16)
+
+            m = _cuda_model(tiny_ckpt, make)
+            m.use_program, m.capture = True, capture
+            out = [_gen(m, list(range(2000, 2045)), gen_length=96).token_ids for _ in range(2)]
+            assert out[0] == out[1] == ref, (m.experts.name, capture)
+            if capture:
+                assert all(len(p.graphs) == 1 for p in m._programs.values())  # one per step
+            s = m.experts.run_stats.summary()
+            assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+            m.experts.close()

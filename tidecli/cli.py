@@ -31,7 +31,9 @@ RAM_HELP = ("Host RAM budget in GiB for the experts (those kept in RAM + staging
             "experts beyond it are read from disk when used (slower, same tokens). Default: the "
             "available RAM minus 2 GiB.")
 MISSES_HELP = ("static/tide: where experts missing from the GPU run: auto (CPU and GPU together, "
-               "split by measured cost), cpu, or gpu (bitwise the resident run's tokens).")
+               "split by measured cost), cpu, gpu (copied through scratch slots), or stream "
+               "(the GPU reads them from pinned RAM inside the step, no host round trip); gpu "
+               "and stream give bitwise the resident run's tokens.")
 MODEL_HELP = ("Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
               "Env: TIDE_MODEL.")
 

@@ -43,7 +43,9 @@ class EngineOptions:
     cpu_dtype: str = "auto"
     context_tokens: int = 4096  # KV cache reserved in the budget
     calibration: str | None = None  # routing trace for the static policy
-    misses: str = "auto"  # static/tide misses: auto (split CPU/GPU by cost) | cpu | gpu (exact)
+    # static/tide misses: auto (split CPU/GPU by cost) | cpu | gpu (exact) | stream (the GPU
+    # reads missed experts from pinned RAM inside the step; no host round trip; exact)
+    misses: str = "auto"
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
     # host RAM for the expert store (experts kept in RAM + staging ring); None → what is
     # available: every expert when they fit, else the rest stay on disk (with a notice)
@@ -136,13 +138,13 @@ class Engine:
     def _check_options(self) -> dict[int, int] | None:
         """Refuse a bad policy, thread count or budget; returns the per-layer expert budgets
         (None: no limit asked for)."""
-        from tidecli.experts.policies import POLICIES
+        from tidecli.experts.policies import MISS_MODES, POLICIES
 
         o = self.opts
         if o.policy not in POLICIES:
             raise TideError(f"unknown policy {o.policy!r}", f"choose one of {', '.join(POLICIES)}")
-        if o.misses not in ("auto", "cpu", "gpu"):
-            raise TideError(f"unknown --misses {o.misses!r}", "use auto, cpu or gpu")
+        if o.misses not in MISS_MODES:
+            raise TideError(f"unknown --misses {o.misses!r}", f"use {', '.join(MISS_MODES)}")
         if o.cpu_threads < 0:
             raise TideError(f"--cpu-threads must not be negative, got {o.cpu_threads}",
                             "0 uses torch's default")
@@ -215,7 +217,7 @@ class Engine:
     def _uses_scratch(self) -> bool:
         o = self.opts
         return self.device.type == "cuda" and o.policy in ("static", "tide") and \
-            o.misses != "cpu"
+            o.misses in ("auto", "gpu")
 
     def _device_free_gib(self) -> float:
         if self.device.type == "cuda":
@@ -272,11 +274,34 @@ class Engine:
         else:
             policy = ResidentPolicy()
         store = self.host_store(progress)
+        if o.misses == "stream" and o.policy in ("static", "tide"):
+            from tidecli.experts.stream import StreamRuntime
+
+            why = self.stream_blocker(store)
+            if why:
+                raise TideError(f"--misses stream is not available: {why}",
+                                "use --misses auto")
+            return StreamRuntime(self.cfg, store, budgets, policy, device=self.device,
+                                 dtype=self.dtype, kernel=o.kernel)
         cpu_dtype = None if o.cpu_dtype == "auto" else pick_dtype(o.cpu_dtype, self.device)
         return OffloadRuntime(self.cfg, store, budgets, policy, device=self.device,
                               dtype=self.dtype, cpu_threads=o.cpu_threads, cpu_mode=o.cpu_mode,
                               cpu_dtype=cpu_dtype, kernel=o.kernel, misses=o.misses,
                               scratch_slots=self.SCRATCH_SLOTS)
+
+    def stream_blocker(self, store) -> str | None:
+        """Why misses cannot be streamed from host memory here (None: they can)."""
+        from tidecli.experts.gather import stream_available
+        from tidecli.experts.store import HostExpertStore
+
+        if not isinstance(store, HostExpertStore):
+            return "some experts live on disk (the tiered store)"
+        if self.device.type == "cuda" and store.dtype != self.dtype:  # raw rows are read
+            return (f"the experts are stored as {store.dtype} but the model runs in "
+                    f"{self.dtype}")
+        if self.device.type == "cuda" and not store.pinned:
+            return "the host experts are not in pinned memory"
+        return stream_available(self.device)
 
     def host_store(self, progress: LoadProgress | None = None):
         """The routed experts on the host, loaded once and kept: all in (pinned) RAM when they

@@ -48,3 +48,35 @@ if [ "$STAGE" = e ]; then
     --workloads synthetic --prompts tools/bench_prompts.txt --gen-length 128 \
     --profile h200 --json "$OUT/bench-mini-sticky.json" 2>&1 | grep -v "^\[" | tail -30
 fi
+if [ "$STAGE" = f ]; then
+  # pinned-memory reads from inside a step (zero-copy probe), then issue 8's tiered flash run
+  echo "== uva probe"; timeout 120 python3 tools/uva_probe.py "$OUT/uva.json" 2>&1 | tail -45
+  echo "== synth flash --layers 4"; T synth "$W/flash4" --preset flash --layers 4 --force 2>&1 | tail -1
+  du -sh "$W/flash4"
+  # a quarter of the routed experts' bytes in RAM: 3 MoE layers x 256 x 24 MiB = 18 GiB -> 4.5
+  for mode in cold warm; do
+    echo "== tiered flash4 --ram 4.5 ($mode page cache)"
+    python3 tools/disk_run.py --$mode "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
+      -m "$W/flash4" --policy tide --vram 7.25 --ram 4.5 --gen-length 128 --json --no-live \
+      > "$OUT/tiered-$mode.json" 2> "$OUT/tiered-$mode.err"; tail -3 "$OUT/tiered-$mode.err"
+  done
+  echo "== all in RAM"
+  python3 tools/disk_run.py --warm "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
+    -m "$W/flash4" --policy tide --vram 7.25 --gen-length 128 --json --no-live \
+    > "$OUT/tiered-ram.json" 2> "$OUT/tiered-ram.err"; tail -3 "$OUT/tiered-ram.err"
+fi
+if [ "$STAGE" = g ]; then
+  # streamed misses: GPU tests, then the policies on full-size mini
+  echo "== gpu tests"; timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -8
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  B="bench -m $W/mini --prompts tools/bench_prompts.txt --gen-length 128 --profile h200"
+  echo "== A: synthetic 10 GiB, stream, tau sweep"
+  TO 200 $B --vram 10 --policies resident,lru,static,tide --misses stream --tau 1,2,4,8 \
+    --workloads synthetic --json "$OUT/bench-stream-syn10.json" 2>&1 | grep -v "^\[" | tail -32
+  echo "== B: overlap variant, synthetic 10 GiB"
+  TIDE_STREAM_OVERLAP=1 TO 90 $B --vram 10 --policies tide --misses stream --tau 1,4 \
+    --workloads synthetic --json "$OUT/bench-stream-overlap.json" 2>&1 | grep -v "^\[" | tail -14
+  echo "== C: model routing 10,18 GiB + synthetic 18"
+  TO 200 $B --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1,4 \
+    --workloads model,synthetic --json "$OUT/bench-stream-all.json" 2>&1 | grep -v "^\[" | tail -40
+fi

@@ -60,8 +60,10 @@ class BenchSpec:
             raise TideError("--experts budgets must be at least 1", "e.g. --experts 16,64")
         if any(p != "resident" for p in self.policies) and not (self.vram or self.experts):
             raise TideError("offload policies need a budget", "add --vram 10,18 or --experts 64")
-        if not self.misses or any(m not in ("auto", "cpu", "gpu") for m in self.misses):
-            raise TideError("--misses takes auto, cpu and/or gpu", "e.g. --misses auto,cpu")
+        from tidecli.experts.policies import MISS_MODES
+
+        if not self.misses or any(m not in MISS_MODES for m in self.misses):
+            raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
         if any(t < 1 for t in self.taus):
             raise TideError("--tau values must be at least 1", "e.g. --tau 1,2,4,8")
         if not self.prompts or self.repeat < 1 or self.gen_length < 1:
@@ -206,7 +208,7 @@ class Bench:
             if cuda else None,
             "identical": outputs == want,
             # what exactness promises: the GPU kernel computes every expert (see README)
-            "exact_expected": pt.policy in ("resident", "lru") or pt.misses == "gpu",
+            "exact_expected": pt.policy in ("resident", "lru") or pt.misses in ("gpu", "stream"),
             "token_agreement": round(_agreement(outputs, want), 4),
         }
         return row
@@ -255,7 +257,10 @@ class Bench:
 
     def _bounds(self, runs: list[dict]) -> list[dict]:
         cfg = self.engine.cfg
-        ebytes = cfg.expert_bytes(self.engine.dtype.itemsize)
+        # the bytes a copy moves are the host store's (bf16), whatever the device computes in
+        store = self.engine._store
+        ebytes = cfg.expert_bytes((store.dtype if store is not None else self.engine.dtype)
+                                  .itemsize)
         out = []
         for r in runs:
             if r.get("skipped") or r["policy"] != "tide":

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         live: bool = typer.Option(True, "--live/--no-live",
                                   help="Draw replies live as they are denoised (on a terminal)."),
         misses: str = typer.Option("auto", help="static/tide: where missed experts run: auto, "
-                                               "cpu or gpu (bitwise exact)."),
+                                               "cpu, gpu or stream (gpu, stream: bitwise "
+                                               "exact)."),
         load: Path | None = typer.Option(None, "--load",
                                          help="Continue from a transcript saved with /save."),
     ) -> None:

@@ -65,6 +65,17 @@ class Policy:
     def after_compute(self, layer: int, counts: np.ndarray, info: ForwardInfo) -> Moves:
         return []
 
+    # streamed misses (experts/stream.py): the step runs without the host, so a policy either
+    # lets the GPU place a forward's missing experts itself, or places them on the host between
+    # forward passes
+    def stream_keep(self, info: ForwardInfo) -> bool:
+        """May the GPU give this forward's missing experts the slots of unused residents?"""
+        return False
+
+    def places_on_host(self, info: ForwardInfo) -> bool:
+        """Does `before_compute` still have host-side placements to make (after a forward)?"""
+        return False
+
     def describe(self) -> dict:
         return {"policy": self.name}
 
@@ -129,6 +140,9 @@ class StaticPolicy(Policy):
     def wants_ids_first(self, layer, info):
         return layer not in self.placed
 
+    def places_on_host(self, info):
+        return len(self.placed) < len(self.pools)
+
     def before_compute(self, layer, counts, info):
         if layer in self.placed:
             return []
@@ -164,6 +178,9 @@ class TidePolicy(Policy):
         if info.kind != "step" or info.step % self.opts.tau:
             return False
         return not (self.opts.skip_last_step and info.last_step)
+
+    def stream_keep(self, info):
+        return info.kind == "prefill" or self._refresh_step(-1, info)
 
     def _cold(self, pool: SlotPool) -> bool:
         return len(pool.resident()) * 2 < pool.slots
@@ -201,3 +218,4 @@ class TidePolicy(Policy):
 
 
 POLICIES = ("resident", "lru", "static", "tide")
+MISS_MODES = ("auto", "cpu", "gpu", "stream")  # where static/tide compute their misses

@@ -11,7 +11,8 @@ class LayerCounters:
     fetched_calls: int = 0  # pairs computed on the GPU after fetching their expert for them
     cpu_calls: int = 0  # (token, expert) pairs computed on the CPU
     promotions: int = 0  # experts copied host → GPU
-    bytes_h2d: int = 0  # expert bytes copied host → GPU
+    bytes_h2d: int = 0  # expert bytes copied host → GPU (or read from host memory by the GPU)
+    streamed: int = 0  # experts whose weights the GPU read from host memory without keeping them
     copy_ms: float = 0.0  # time the copies took on the copy stream
     cpu_ms: float = 0.0  # CPU time computing misses
     stall_ms: float = 0.0  # time the GPU waited for copies or CPU results
@@ -66,6 +67,7 @@ class ExpertStats:
             "hit_rate": (t.gpu_hits / pairs) if pairs else 1.0,
             "promotions": t.promotions,
             "bytes_h2d": t.bytes_h2d,
+            "streamed": t.streamed,
             "copy_ms": round(t.copy_ms, 3),
             "cpu_ms": round(t.cpu_ms, 3),
             "stall_ms": round(t.stall_ms, 3),

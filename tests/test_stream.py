@@ -1,0 +1,114 @@
+"""Streamed misses (experts/stream.py) on the CPU device: the device-side placement gives the
+all-resident tokens at every budget and τ, its tables stay a consistent pair of inverse maps
+whose slots hold the right bytes, and the counters add up."""
+
+import pytest
+import torch
+
+from tests.conftest import load_model
+from tests.test_offload import PROMPT, _gen
+from tidecli.experts.gather import copy_rows, word_dtype
+from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy
+
+
+def _stream(factory, b):
+    from tidecli.experts.store import HostExpertStore
+    from tidecli.experts.stream import StreamRuntime
+
+    def make(ckpt):
+        store = HostExpertStore(ckpt, pin=False)
+        budgets = {layer: b for layer in ckpt.config.moe_layers}
+        return StreamRuntime(ckpt.config, store, budgets, factory(), device=torch.device("cpu"),
+                             dtype=torch.float32)
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    model, _ = load_model(tiny_ckpt)
+    return _gen(model).token_ids
+
+
+POLICIES = {
+    "tide1": lambda: TidePolicy(TideOptions(tau=1)),
+    "tide3": lambda: TidePolicy(TideOptions(tau=3)),
+    "tide-cold": lambda: TidePolicy(TideOptions(tau=2, warm_start=False)),
+    "static": StaticPolicy,
+}
+
+
+def _check_tables(rt):
+    rt.sync_host_tables()
+    for layer, pool in rt.pools.pools.items():
+        store_rows = rt.store.layers[layer]
+        seen = 0
+        for s, e in enumerate(pool.expert_of_slot.tolist()):
+            if e < 0:
+                continue
+            seen += 1
+            assert pool.slot_of_expert[e] == s
+            assert torch.equal(pool.buf[s], store_rows[e].to(pool.buf.dtype))
+        assert seen == int((pool.slot_of_expert >= 0).sum())
+        assert seen <= pool.slots
+
+
+CASES = [(name, b, True) for name in sorted(POLICIES) for b in (0, 3, 12, 32)] + \
+    [("tide1", 3, False), ("static", 12, False)]  # the eager path (prefill runs it too)
+
+
+@pytest.mark.parametrize("name,b,program", CASES)
+def test_streamed_misses_give_the_resident_tokens(tiny_ckpt, reference, name, b, program):
+    model, _ = load_model(tiny_ckpt, runtime=_stream(POLICIES[name], b))
+    out = _gen(model, program=program)
+    assert out.token_ids == reference
+    rt = model.experts
+    s = rt.run_stats.summary()
+    assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"] and s["cpu_calls"] == 0
+    if b == 0:
+        assert s["gpu_hits"] == 0 and s["promotions"] == 0
+    if b == 32 and name == "tide1":  # every expert fits: after the first uses, all hit
+        assert s["hit_rate"] > 0.9
+    if name.startswith("tide") and b:
+        assert s["promotions"] > 0
+    _check_tables(rt)
+
+
+def test_between_refreshes_the_placement_is_frozen(tiny_ckpt, reference):
+    """τ larger than any block: only the prompt (and each block's step 0) places experts."""
+    model, _ = load_model(tiny_ckpt, runtime=_stream(lambda: TidePolicy(TideOptions(tau=64)), 6))
+    out = _gen(model)
+    assert out.token_ids == reference
+    rt1, _ = load_model(tiny_ckpt, runtime=_stream(lambda: TidePolicy(TideOptions(tau=1)), 6))
+    _gen(rt1)
+    frozen = model.experts.run_stats.summary()
+    every = rt1.experts.run_stats.summary()
+    assert frozen["promotions"] < every["promotions"]
+    assert frozen["streamed"] > every["streamed"]
+
+
+def test_static_places_once_on_the_host(tiny_ckpt, reference):
+    model, _ = load_model(tiny_ckpt, runtime=_stream(StaticPolicy, 8))
+    assert _gen(model).token_ids == reference
+    s = model.experts.run_stats.summary()
+    layers = model.cfg.num_moe_layers
+    assert s["promotions"] == 8 * layers  # the prompt's top 8 per layer, never changed
+
+
+def test_copy_rows_skips_entries_marked_minus_one():
+    src = torch.arange(24, dtype=torch.float32).view(6, 4)
+    dst = torch.zeros(3, 4)
+    copy_rows(src, torch.tensor([5, -1, 0]), dst, torch.tensor([2, 0, 1]))
+    assert torch.equal(dst[2], src[5]) and torch.equal(dst[1], src[0])
+    assert torch.equal(dst[0], torch.zeros(4))
+    copy_rows(src, torch.tensor([-1, -1]), dst, torch.tensor([0, 1]))  # nothing to move
+    assert word_dtype(12288) == torch.int64 and word_dtype(6) == torch.int16
+
+
+def test_stream_needs_experts_in_ram(tiny_ckpt):
+    """With a RAM budget that leaves experts on disk, --misses stream says why and what to do."""
+    from tidecli.engine import Engine, EngineOptions
+    from tidecli.errors import TideError
+
+    with pytest.raises(TideError, match="on disk"):
+        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", experts_per_layer=4,
+                             misses="stream", ram_gib=0.001), quiet=True)

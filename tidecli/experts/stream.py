@@ -1,0 +1,271 @@
+"""Streamed misses: the GPU reads a missed expert from pinned host memory itself, inside the step.
+
+The host-driven runtime (offload.py) stops after every MoE layer's router: the routing goes to
+the host, which decides what to copy or compute, and the GPU waits for it. Here the whole step
+is device work, captured as one CUDA graph, and the placement lives in device tables:
+
+1. the layer's pairs are looked up in its slot table (expert → slot, -1 when not resident);
+2. on a refresh step the experts the step needs and lacks take the slots of residents it does
+   not use, least recently used first — their rows are gathered from pinned RAM into the slots
+   by a kernel (experts/gather.py), as many as there are such slots;
+3. every pair whose expert now has a slot runs in one grouped GEMM over the slots; the pairs of
+   experts left without one (between refreshes, or when the step needs more experts than the
+   layer has slots) run in a grouped GEMM that reads its weights from pinned RAM over PCIe.
+
+No expert's arithmetic depends on where its weights were read from, so tokens are those of the
+all-resident run. Between refreshes (steps t ≢ 0 mod τ) the placement is frozen, as in TIDE;
+with τ = 1 every step refreshes and the slots act as an LRU cache kept by the GPU. The host
+reads the step's counters once, after it. A policy that places experts on the host (static)
+does so between forward passes.
+
+Needs the experts in pinned RAM (not the tiered store) in the model's dtype, and on CUDA the
+Triton compiler (for the gather kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
+from tidecli.experts.gather import copy_rows, device_view
+from tidecli.experts.policies import Policy
+from tidecli.experts.pools import PoolSet
+from tidecli.experts.runtime import ExpertRuntime
+from tidecli.experts.store import HostExpertStore
+from tidecli.model.config import ModelConfig
+from tidecli.model.llada2 import ForwardInfo
+
+# per-layer counters written by the device each forward pass
+_HITS, _PLACED, _PLACED_PAIRS, _STREAMED, _STREAMED_PAIRS = range(5)
+
+
+class StreamRuntime(ExpertRuntime):
+    needs_host = False
+
+    def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
+                 policy: Policy, *, device: torch.device, dtype: torch.dtype,
+                 kernel: str = "auto") -> None:
+        super().__init__(cfg, device, dtype)
+        self.name = policy.name
+        self.store, self.policy, self.budgets = store, policy, budgets
+        self.pools = PoolSet(store, budgets, device=device, dtype=dtype)
+        policy.attach(self.pools.pools, cfg.num_experts)
+        if kernel == "auto":
+            from tidecli.experts.compute import grouped_mm_available
+
+            kernel = "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
+        self.kernel = kernel
+        self.cuda = device.type == "cuda"
+        m, e = cfg.num_moe_layers, cfg.num_experts
+        bmax = max(budgets.values(), default=0)
+        self.bmax = bmax
+        dev = device
+        # device truth of the placement; column E (table) and bmax (owner, last) take the
+        # writes of entries that place nothing, so every update has a static shape
+        self.table = torch.full((m, e + 1), -1, dtype=torch.long, device=dev)
+        self.owner = torch.full((m, bmax + 1), -1, dtype=torch.long, device=dev)
+        self.last = torch.full((m, bmax + 1), -1, dtype=torch.long, device=dev)
+        self.counters = torch.zeros((m, 5), dtype=torch.long, device=dev)
+        self.counts = torch.zeros((m, e), dtype=torch.long, device=dev)
+        self._keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: this forward refreshes
+        self._clock = torch.zeros((), dtype=torch.long, device=dev)
+        self._ticks = 0
+        self._host = {layer: device_view(store.layers[layer], device) for layer in cfg.moe_layers}
+        self._host_views = {layer: pool_views(v, cfg.hidden_size, cfg.moe_intermediate_size)
+                            for layer, v in self._host.items()}
+        self._ar_e = torch.arange(e, device=dev)
+        self._ar_b = torch.arange(bmax, device=dev)
+        self._last_block: int | None = None
+        # experiment switch: gathers on a side stream, overlapping the residents' GEMMs
+        self._side = torch.cuda.Stream(device) if self.cuda and \
+            os.environ.get("TIDE_STREAM_OVERLAP") == "1" else None
+        self.expert_bytes = self.pools.expert_bytes
+
+    # ---- forward bookkeeping --------------------------------------------------------------------
+
+    def begin_forward(self, info: ForwardInfo) -> None:
+        super().begin_forward(info)
+        opts = getattr(self.policy, "opts", None)
+        if info.kind == "step" and info.block != self._last_block:
+            self._last_block = info.block
+            if opts is not None and not opts.warm_start:  # ablation: each block starts empty
+                self.table.fill_(-1)
+                self.owner.fill_(-1)
+                self.last.fill_(-1)
+        self._ticks += 1
+        # Python scalars: fill kernels, no host-to-device copy to order
+        self._keep.fill_(1 if self.policy.stream_keep(info) else 0)
+        self._clock.fill_(self._ticks)
+
+    def end_forward(self):
+        ctr = self.counters.cpu().numpy()  # the one host sync of a forward pass
+        counts = self.counts.cpu().numpy() if self._needs_counts() else None
+        ebytes = self.expert_bytes
+        for j, layer in enumerate(self.cfg.moe_layers):
+            c = self.forward_stats.layer(layer)
+            row = ctr[j]
+            c.gpu_hits += int(row[_HITS])
+            c.fetched_calls += int(row[_PLACED_PAIRS] + row[_STREAMED_PAIRS])
+            c.promotions += int(row[_PLACED])
+            c.bytes_h2d += int(row[_PLACED] + row[_STREAMED]) * ebytes
+            c.streamed += int(row[_STREAMED])
+            if counts is not None and self.trace is not None:
+                self._trace_counts[j] = counts[j]
+        if counts is not None:
+            self._host_placement(counts)
+        return super().end_forward()
+
+    def _needs_counts(self) -> bool:
+        return self.trace is not None or self.policy.places_on_host(self.info)
+
+    def _host_placement(self, counts: np.ndarray) -> None:
+        """Moves the policy makes on the host (static's one-time placement), applied before the
+        next forward pass: the host mirror is refreshed, rows copied, device tables rewritten."""
+        if not self.policy.places_on_host(self.info):
+            return
+        self.sync_host_tables()
+        for j, layer in enumerate(self.cfg.moe_layers):
+            if not self.policy.wants_ids_first(layer, self.info):
+                continue
+            moves = self.policy.before_compute(layer, counts[j], self.info)
+            if not moves:
+                continue
+            pool = self.pools.pools[layer]
+            for s, e in moves:
+                old = int(pool.expert_of_slot[s])
+                if old >= 0:
+                    pool.slot_of_expert[old] = -1
+                pool.expert_of_slot[s] = e
+                pool.slot_of_expert[e] = s
+                pool.buf[s].copy_(self.store.layers[layer][e], non_blocking=True)
+            c = self.forward_stats.layer(layer)
+            c.promotions += len(moves)
+            c.bytes_h2d += len(moves) * self.expert_bytes
+            self._push_tables(j, pool)
+
+    def _push_tables(self, j: int, pool) -> None:
+        e, b = self.cfg.num_experts, pool.slots
+        table = np.full(e + 1, -1, dtype=np.int64)
+        table[:e] = pool.slot_of_expert
+        owner = np.full(self.bmax + 1, -1, dtype=np.int64)
+        owner[:b] = pool.expert_of_slot
+        self.table[j].copy_(torch.from_numpy(table))
+        self.owner[j].copy_(torch.from_numpy(owner))
+
+    def sync_host_tables(self) -> None:
+        """Copy the device placement into the pools' host tables (for inspection and for
+        host-side policies); waits for the device."""
+        table = self.table.cpu().numpy()
+        owner = self.owner.cpu().numpy()
+        for j, layer in enumerate(self.cfg.moe_layers):
+            pool = self.pools.pools[layer]
+            pool.slot_of_expert[:] = table[j, : self.cfg.num_experts]
+            pool.expert_of_slot[:] = owner[j, : pool.slots]
+
+    def host_after(self, layer, io, pair_out, over, over_mask):
+        self._tokens = int(io.ids.shape[0])
+
+    # ---- the device phase -----------------------------------------------------------------------
+
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        j = self.layer_index[layer]
+        pool = self.pools.pools[layer]
+        b, e = pool.slots, self.cfg.num_experts
+        flat = ids.reshape(-1)
+        table = self.table[j]
+        counts = self.counts[j]
+        counts.zero_()
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        used = counts > 0
+        slot0 = table[flat]
+        placed_n = torch.zeros((), dtype=torch.long, device=flat.device)
+        if b > 0 and self._side is not None:
+            # the gathers into free slots overlap the residents' GEMMs (other slots)
+            main = torch.cuda.current_stream(self.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                placed_n = self._place(j, pool, used)
+            hit = self._grouped(hidden, slot0, pool.gate_up, pool.down)
+            main.wait_stream(self._side)
+            slot = table[flat]
+            placed = (slot0 < 0) & (slot >= 0)
+            late = self._grouped(hidden, torch.where(placed, slot, -1), pool.gate_up, pool.down)
+            out = torch.where(placed[:, None], late, hit)
+        else:
+            if b > 0:
+                placed_n = self._place(j, pool, used)
+            slot = table[flat]
+            out = self._grouped(hidden, slot, pool.gate_up, pool.down)
+        if b > 0:  # mark the slots this step reads as just used
+            self.last[j].index_put_((torch.where(slot >= 0, slot, self.bmax),), self._clock)
+        rest = slot < 0
+        if self.cuda or bool(rest.any()):
+            streamed = self._from_host(layer, hidden, torch.where(rest, flat, -1))
+            out = torch.where(rest[:, None], streamed, out)
+        missing_after = used & (table[:e] < 0)
+        self.counters[j].copy_(torch.stack([
+            (slot0 >= 0).sum(), placed_n, ((slot0 < 0) & ~rest).sum(),
+            missing_after.sum(), rest.sum()]))
+        return out
+
+    def _place(self, j: int, pool, used: torch.Tensor) -> torch.Tensor:
+        """On a refresh forward: the used experts without a slot take the slots whose experts
+        this step does not use, least recently used first (free slots before any). Returns how
+        many were placed (a device scalar)."""
+        b, e, bmax = pool.slots, self.cfg.num_experts, self.bmax
+        table, owner, last = self.table[j], self.owner[j], self.last[j]
+        own = owner[:b]
+        busy = (own >= 0) & used[own.clamp(min=0)]
+        missing = used & (table[:e] < 0)
+        pos = torch.cumsum(missing, 0) - 1  # rank of each missing expert, by id
+        n_place = torch.minimum(missing.sum(), (~busy).sum()) * self._keep
+        big = torch.iinfo(torch.long).max
+        victims = torch.argsort(torch.where(busy, big, last[:b]), stable=True)  # [b]
+        # the j-th missing expert (j < n_place) goes to victims[j]
+        ranked = torch.full((bmax + 1,), -1, dtype=torch.long, device=used.device)
+        ranked.index_put_((torch.where(missing & (pos < b), pos, bmax),), self._ar_e)
+        src = torch.where(self._ar_b[:b] < n_place, ranked[:b], -1)
+        take = src >= 0
+        old = own[victims]
+        table.index_put_((torch.where(take & (old >= 0), old, e),),
+                         torch.full_like(old, -1))
+        table.index_put_((torch.where(take, src, e),), torch.where(take, victims, -1))
+        owner.index_put_((torch.where(take, victims, bmax),), torch.where(take, src, -1))
+        copy_rows(self._host[pool.layer], src, pool.buf, victims)
+        return n_place
+
+    def _grouped(self, hidden: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "grouped_mm":
+            return run_grouped_mm(hidden, pair_slot, gate_up, down, self.k)
+        out = torch.zeros((pair_slot.numel(), hidden.shape[1]), dtype=hidden.dtype,
+                          device=hidden.device)
+        run_grouped_loop(hidden, pair_slot, gate_up, down, self.k, out)
+        return out
+
+    def _from_host(self, layer: int, hidden: torch.Tensor,
+                   pair_expert: torch.Tensor) -> torch.Tensor:
+        """Pairs whose expert has no slot, computed with weights read from pinned RAM."""
+        if self.kernel == "grouped_mm":
+            gate_up, down = self._host_views[layer]
+            return run_grouped_mm(hidden, pair_expert, gate_up, down, self.k)
+        # CPU device (or no grouped kernel): the needed rows in the model's dtype, then the loop
+        need = torch.unique(pair_expert[pair_expert >= 0])
+        rows = self.store.layers[layer][need.cpu()].to(self.device, self.dtype)
+        lut = torch.full((self.cfg.num_experts + 1,), -1, dtype=torch.long, device=self.device)
+        lut[need] = torch.arange(need.numel(), device=self.device)
+        slot = lut[torch.where(pair_expert >= 0, pair_expert, self.cfg.num_experts)]
+        gate_up, down = pool_views(rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size)
+        return self._grouped(hidden, slot, gate_up, down)
+
+    def describe(self) -> dict:
+        return {**self.policy.describe(), "kernel": self.kernel, "misses": "stream",
+                "experts_per_layer": {str(k): v for k, v in self.budgets.items()},
+                "host_store": self.store.info.to_dict(),
+                "slot_pool_bytes": self.pools.nbytes(), "scratch_bytes": 0}
+
+    def close(self) -> None:
+        self.store.close()
