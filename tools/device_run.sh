@@ -80,3 +80,11 @@ if [ "$STAGE" = g ]; then
   TO 200 $B --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1,4 \
     --workloads model,synthetic --json "$OUT/bench-stream-all.json" 2>&1 | grep -v "^\[" | tail -40
 fi
+if [ "$STAGE" = h ]; then
+  # every policy on full-size mini, both budgets and workloads, one process (streamed misses)
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  TO 480 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+    --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1 \
+    --workloads model,synthetic --json "$OUT/bench-mini-stream.json" --plot "$OUT/bench-mini-stream.png" \
+    2>&1 | grep -v "^\[" | tail -45
+fi
