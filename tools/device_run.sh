@@ -85,6 +85,6 @@ if [ "$STAGE" = h ]; then
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   TO 480 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1 \
-    --workloads model,synthetic --json "$OUT/bench-mini-stream.json" --plot "$OUT/bench-mini-stream.png" \
+    --workloads model,synthetic --json "$OUT/bench-mini-stream.json" \
     2>&1 | grep -v "^\[" | tail -45
 fi
