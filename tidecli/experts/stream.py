@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
+from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PoolSet
@@ -79,9 +80,9 @@ class StreamRuntime(ExpertRuntime):
         self._ar_e = torch.arange(e, device=dev)
         self._ar_b = torch.arange(bmax, device=dev)
         self._last_block: int | None = None
-        # experiment switch: gathers on a side stream, overlapping the residents' GEMMs
-        self._side = torch.cuda.Stream(device) if self.cuda and \
-            os.environ.get("TIDE_STREAM_OVERLAP") == "1" else None
+        # one kernel plans each layer (experts/fused.py); the torch ops below are the reference
+        self.fused = fused_available(device) and os.environ.get("TIDE_STREAM_FUSED") != "0"
+        self._plans: dict[tuple[int, int], LayerPlan] = {}
         self.expert_bytes = self.pools.expert_bytes
 
     # ---- forward bookkeeping --------------------------------------------------------------------
@@ -175,6 +176,8 @@ class StreamRuntime(ExpertRuntime):
         pool = self.pools.pools[layer]
         b, e = pool.slots, self.cfg.num_experts
         flat = ids.reshape(-1)
+        if self.fused and LayerPlan.fits(flat.numel(), e, b):
+            return self._device_begin_fused(j, layer, pool, hidden, flat)
         table = self.table[j]
         counts = self.counts[j]
         counts.zero_()
@@ -182,23 +185,10 @@ class StreamRuntime(ExpertRuntime):
         used = counts > 0
         slot0 = table[flat]
         placed_n = torch.zeros((), dtype=torch.long, device=flat.device)
-        if b > 0 and self._side is not None:
-            # the gathers into free slots overlap the residents' GEMMs (other slots)
-            main = torch.cuda.current_stream(self.device)
-            self._side.wait_stream(main)
-            with torch.cuda.stream(self._side):
-                placed_n = self._place(j, pool, used)
-            hit = self._grouped(hidden, slot0, pool.gate_up, pool.down)
-            main.wait_stream(self._side)
-            slot = table[flat]
-            placed = (slot0 < 0) & (slot >= 0)
-            late = self._grouped(hidden, torch.where(placed, slot, -1), pool.gate_up, pool.down)
-            out = torch.where(placed[:, None], late, hit)
-        else:
-            if b > 0:
-                placed_n = self._place(j, pool, used)
-            slot = table[flat]
-            out = self._grouped(hidden, slot, pool.gate_up, pool.down)
+        if b > 0:
+            placed_n = self._place(j, pool, used)
+        slot = table[flat]
+        out = self._grouped(hidden, slot, pool.gate_up, pool.down)
         if b > 0:  # mark the slots this step reads as just used
             self.last[j].index_put_((torch.where(slot >= 0, slot, self.bmax),), self._clock)
         rest = slot < 0
@@ -210,6 +200,21 @@ class StreamRuntime(ExpertRuntime):
             (slot0 >= 0).sum(), placed_n, ((slot0 < 0) & ~rest).sum(),
             missing_after.sum(), rest.sum()]))
         return out
+
+    def _device_begin_fused(self, j: int, layer: int, pool, hidden: torch.Tensor,
+                            flat: torch.Tensor) -> torch.Tensor:
+        n = flat.numel()
+        lp = self._plans.get((j, n))
+        if lp is None:
+            lp = self._plans[(j, n)] = LayerPlan(n, self.cfg.num_experts, pool.slots, self.device)
+        lp.run(flat, self.table[j], self.owner[j], self.last[j], self._keep, self._clock,
+               self.counts[j], self.counters[j], self.k)
+        copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
+        out = torch.empty((n + 1, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+        grouped_rows(hidden, lp.prow, lp.pdst, lp.poffs, pool.gate_up, pool.down, out)
+        gate_up, down = self._host_views[layer]
+        grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out)
+        return out[:n]
 
     def _place(self, j: int, pool, used: torch.Tensor) -> torch.Tensor:
         """On a refresh forward: the used experts without a slot take the slots whose experts

@@ -1,0 +1,41 @@
+"""The fused per-layer plan (experts/fused.py) against the torch reference path of the streamed
+runtime, run in Triton's interpreter on the CPU: same tokens as the resident run, and the same
+placement decisions, tables and counters as the reference, forward by forward."""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():  # there the compiled kernel runs, in tests/test_gpu.py
+    pytest.skip("the interpreter check is for machines without a GPU", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its library follows the mode
+pytest.importorskip("triton")
+
+from tests.conftest import load_model  # noqa: E402
+from tests.test_offload import _gen  # noqa: E402
+from tests.test_stream import _check_tables, _stream  # noqa: E402
+from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy  # noqa: E402
+
+
+def _run(path, factory, b, fused):
+    model, _ = load_model(path, runtime=_stream(factory, b))
+    rt = model.experts
+    rt.fused = fused
+    out = _gen(model, program=True, gen_length=48)
+    return out.token_ids, rt
+
+
+# the interpreter runs a kernel in numpy, slowly: a few cases that cover every branch (no slots,
+# LRU eviction each step, frozen placement between refreshes, the host's one-time placement)
+@pytest.mark.parametrize("policy,b", [("tide1", 5), ("tide3", 20), ("static", 0)])
+def test_fused_plan_matches_the_reference(tiny_ckpt, b, policy):
+    factory = {"tide1": lambda: TidePolicy(TideOptions(tau=1)),
+               "tide3": lambda: TidePolicy(TideOptions(tau=3)), "static": StaticPolicy}[policy]
+    ref_tokens, ref = _run(tiny_ckpt, factory, b, fused=False)
+    tokens, rt = _run(tiny_ckpt, factory, b, fused=True)
+    assert rt._plans  # the fused path ran
+    assert tokens == ref_tokens
+    assert rt.run_stats.summary() == ref.run_stats.summary()
+    assert torch.equal(rt.table, ref.table) and torch.equal(rt.owner, ref.owner)
+    _check_tables(rt)

@@ -1,0 +1,187 @@
+"""One kernel for a layer's placement decisions (streamed misses), instead of ~80 small ones.
+
+`StreamRuntime._place` and `run_grouped_mm` spell the per-layer work in torch ops: readable, and
+kept as the reference, but each op is a kernel launch; in a captured step of 20 MoE layers they
+added ~8 ms to a 10 ms step (measured on an H200, 2026-11-29, docs/benchmarks.md). Here a single
+Triton program (one block of threads: a layer has at most a few hundred experts, slots and
+pairs) does all of it:
+
+- the experts the layer's pairs use (a histogram), the ones without a slot, and — on a refresh
+  forward — their placement into the slots of residents this forward does not use, least
+  recently used first: tables updated in place, the (expert, slot) list for the gather kernel;
+- each pair's slot after placement, the slots' last use;
+- the pairs sorted by slot and by expert with the group ends, ready for grouped GEMMs over the
+  slots and over the experts in pinned RAM (invalid entries point at a dummy row);
+- the layer's counters and routing counts.
+
+Then `grouped_rows` runs one expert group set: gather rows, two grouped GEMMs, scatter back.
+Tests run the kernel in Triton's interpreter on the CPU and compare it with the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
+MAX_GROUPS = 1024  # experts or slots per layer
+_KEY = 2048  # pairs are < _KEY: sort keys are group * _KEY + pair
+_KERNEL = None
+
+
+def fused_available(device: torch.device) -> bool:
+    """On CUDA with Triton (tests run the kernel on the CPU in Triton's interpreter)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def layer_plan(ids, table, owner, last, keep_ptr, clock_ptr, counts,
+                   src_out, dst_out, prow, pdst, poffs, hrow, hdst, hoffs, ctr,
+                   scr_used, scr_vic, P, E, B, K,
+                   PB: tl.constexpr, EB: tl.constexpr, BB: tl.constexpr, KEY: tl.constexpr):
+        p = tl.arange(0, PB)
+        pm = p < P
+        pe = tl.load(ids + p, mask=pm, other=0).to(tl.int32)
+        slot0 = tl.load(table + pe, mask=pm, other=-1)
+        # experts used this forward (bin E takes the padding lanes)
+        ex = tl.arange(0, EB)
+        em = ex < E
+        cnt = tl.histogram(tl.where(pm, pe, E), EB)
+        used = em & (cnt > 0)
+        tl.store(counts + ex, cnt.to(tl.int64), mask=em)
+        tab = tl.load(table + ex, mask=em, other=0)
+        missing = used & (tab < 0)
+        n_miss = tl.sum(missing.to(tl.int32), 0)
+        rank = tl.cumsum(missing.to(tl.int32), 0) - 1
+        tl.store(scr_used + ex, used.to(tl.int32))
+        tl.debug_barrier()
+        # slots: busy when their expert is used; victims = the others, free ones first, then
+        # least recently used
+        s = tl.arange(0, BB)
+        sm = s < B
+        own = tl.load(owner + s, mask=sm, other=-1)
+        own_used = tl.load(scr_used + own, mask=sm & (own >= 0), other=0)
+        busy = sm & (own >= 0) & (own_used > 0)
+        avail = sm & (busy == 0)
+        n_avail = tl.sum(avail.to(tl.int32), 0)
+        n_place = tl.minimum(n_miss, n_avail) * tl.load(keep_ptr).to(tl.int32)
+        lst = tl.load(last + s, mask=sm, other=0)
+        big = tl.full([BB], 1 << 40, tl.int64)
+        vkey = tl.where(avail, lst + 1, big) * KEY + s.to(tl.int64)
+        victims = (tl.sort(vkey, 0) % KEY).to(tl.int32)
+        tl.store(scr_vic + s, victims)
+        tl.debug_barrier()
+        place = missing & (rank < n_place)
+        dst = tl.load(scr_vic + rank, mask=place, other=0)
+        old = tl.load(owner + dst, mask=place, other=-1)
+        tl.store(src_out + rank, ex.to(tl.int64), mask=place)
+        tl.store(dst_out + rank, dst.to(tl.int64), mask=place)
+        tl.store(src_out + s, tl.full([BB], -1, tl.int64), mask=sm & (s >= n_place))
+        tl.store(dst_out + s, s.to(tl.int64), mask=sm & (s >= n_place))
+        tl.debug_barrier()  # every load of the old tables is done
+        tl.store(table + old, tl.full([EB], -1, tl.int64), mask=place & (old >= 0))
+        tl.store(table + ex, dst.to(tl.int64), mask=place)
+        tl.store(owner + dst, ex.to(tl.int64), mask=place)
+        tl.debug_barrier()
+        slot = tl.load(table + pe, mask=pm, other=-1)
+        inpool = pm & (slot >= 0)
+        clock = tl.load(clock_ptr)
+        tl.store(last + slot, tl.zeros([PB], tl.int64) + clock, mask=inpool)
+        # pairs by slot (pool) and by expert (pinned RAM); padding lanes sort last
+        pk = tl.where(inpool, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
+        po = tl.sort(pk, 0) % KEY
+        pv = p < tl.sum(inpool.to(tl.int32), 0)  # sorted lanes holding a pool pair
+        tl.store(prow + p, tl.where(pv, po // K, 0).to(tl.int64), mask=pm)
+        tl.store(pdst + p, tl.where(pv, po, P).to(tl.int64), mask=pm)
+        pc = tl.cumsum(tl.histogram(tl.where(inpool, slot.to(tl.int32), BB - 1), BB), 0)
+        tl.store(poffs + s, pc.to(tl.int32), mask=s < tl.maximum(B, 1))
+        inhost = pm & (slot < 0)
+        hk = tl.where(inhost, pe, tl.where(pm, EB, EB + 1)) * KEY + p
+        ho = tl.sort(hk, 0) % KEY
+        hv = p < tl.sum(inhost.to(tl.int32), 0)
+        tl.store(hrow + p, tl.where(hv, ho // K, 0).to(tl.int64), mask=pm)
+        tl.store(hdst + p, tl.where(hv, ho, P).to(tl.int64), mask=pm)
+        hc = tl.cumsum(tl.histogram(tl.where(inhost, pe, E), EB), 0)
+        tl.store(hoffs + ex, hc.to(tl.int32), mask=em)
+        # counters: hits, placed experts, pairs served by them, experts read in place, pairs
+        tl.store(ctr + 0, tl.sum((pm & (slot0 >= 0)).to(tl.int64), 0))
+        tl.store(ctr + 1, n_place.to(tl.int64))
+        tl.store(ctr + 2, tl.sum((pm & (slot0 < 0) & (slot >= 0)).to(tl.int64), 0))
+        tl.store(ctr + 3, (n_miss - n_place).to(tl.int64))
+        tl.store(ctr + 4, tl.sum(inhost.to(tl.int64), 0))
+
+    _KERNEL = layer_plan
+    return _KERNEL
+
+
+class LayerPlan:
+    """Static buffers for one layer's fused plan (reused every forward pass)."""
+
+    def __init__(self, pairs: int, experts: int, slots: int, device: torch.device) -> None:
+        self.P, self.E, self.B = pairs, experts, slots
+        # spare bins: E for experts, BB-1 (never a slot, nor the first) for slots
+        self.PB, self.EB, self.BB = _pow2(pairs), _pow2(experts + 1), _pow2(slots + 2)
+        long = dict(dtype=torch.long, device=device)
+        self.src = torch.full((max(slots, 1),), -1, **long)
+        self.dst = torch.zeros((max(slots, 1),), **long)
+        self.prow = torch.zeros(pairs, **long)
+        self.pdst = torch.zeros(pairs, **long)
+        self.poffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
+        self.hrow = torch.zeros(pairs, **long)
+        self.hdst = torch.zeros(pairs, **long)
+        self.hoffs = torch.zeros(experts, dtype=torch.int32, device=device)
+        self.scr_used = torch.zeros(self.EB, dtype=torch.int32, device=device)
+        self.scr_vic = torch.zeros(self.BB, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def fits(pairs: int, experts: int, slots: int) -> bool:
+        return pairs <= MAX_PAIRS and experts < MAX_GROUPS and slots < MAX_GROUPS
+
+    def run(self, flat: torch.Tensor, table: torch.Tensor, owner: torch.Tensor,
+            last: torch.Tensor, keep: torch.Tensor, clock: torch.Tensor, counts: torch.Tensor,
+            ctr: torch.Tensor, k: int) -> None:
+        _kernel()[(1,)](flat, table, owner, last, keep, clock, counts, self.src, self.dst,
+                        self.prow, self.pdst, self.poffs, self.hrow, self.hdst, self.hoffs, ctr,
+                        self.scr_used, self.scr_vic, self.P, self.E, self.B, k,
+                        PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY)
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) spelled out (rows past the last group stay zero)."""
+    out = torch.zeros((x.shape[0], w.shape[-1]), dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[g].to(x.dtype)
+        start = end
+    return out
+
+
+def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                 offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                 out: torch.Tensor) -> None:
+    """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
+    (offs: group ends); entries past the last group write the dummy row out[-1]."""
+    mm = torch._grouped_mm if hidden.is_cuda else grouped_mm_reference
+    xs = hidden.index_select(0, rows)
+    h = mm(xs, gate_up.transpose(-2, -1), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    y = mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+    out.index_copy_(0, dst, y.to(out.dtype))
