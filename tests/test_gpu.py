@@ -213,8 +213,8 @@ def test_device_view_reads_pinned_memory_and_gathers_rows():
     assert not dst[0].any() and not dst[2].any()
 
 
-@pytest.mark.parametrize("b,overlap", [(0, "0"), (6, "0"), (6, "1")])
-def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, overlap, monkeypatch):
+@pytest.mark.parametrize("b,fused", [(0, True), (6, True), (6, False)])
+def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
     """misses=stream: the step never leaves the GPU (one graph), experts missing from the slots
     are gathered into them or read from pinned RAM by the same kernel: resident's tokens."""
     from tidecli.experts.gather import stream_available
@@ -224,15 +224,17 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, overlap, monkeypatch):
 
     if stream_available(torch.device("cuda")):
         pytest.skip(stream_available(torch.device("cuda")))
-    monkeypatch.setenv("TIDE_STREAM_OVERLAP", overlap)
     ref = _program_tokens("resident", tiny_ckpt, capture=True)
     for factory in (StaticPolicy, lambda: TidePolicy(TideOptions(tau=1)),
                     lambda: TidePolicy(TideOptions(tau=3))):
         for capture in (True, False):
             def make(ckpt, factory=factory):
-                return StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
-                                     {layer: b for layer in ckpt.config.moe_layers}, factory(),
-                                     device=torch.device("cuda"), dtype=torch.bfloat16)
+                rt = StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
+                                   {layer: b for layer in ckpt.config.moe_layers}, factory(),
+                                   device=torch.device("cuda"), dtype=torch.bfloat16)
+                assert rt.fused  # Triton ships with PyTorch's CUDA wheels
+                rt.fused = fused  # False: the torch reference path
+                return rt
 
             m = _cuda_model(tiny_ckpt, make)
             m.use_program, m.capture = True, capture
@@ -240,6 +242,7 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, overlap, monkeypatch):
             assert out[0] == out[1] == ref, (m.experts.name, capture)
             if capture:
                 assert all(len(p.graphs) == 1 for p in m._programs.values())  # one per step
+            assert bool(m.experts._plans) == fused
             s = m.experts.run_stats.summary()
             assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
             m.experts.close()

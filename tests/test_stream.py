@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import load_model
-from tests.test_offload import PROMPT, _gen
+from tests.test_offload import _gen
 from tidecli.experts.gather import copy_rows, word_dtype
 from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy
 

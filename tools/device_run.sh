@@ -88,3 +88,15 @@ if [ "$STAGE" = h ]; then
     --workloads model,synthetic --json "$OUT/bench-mini-stream.json" \
     2>&1 | grep -v "^\[" | tail -45
 fi
+if [ "$STAGE" = i ]; then
+  echo "== gpu tests (streamed)"; timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -k "streamed or device_view" -p no:cacheprovider 2>&1 | tail -4
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  TO 270 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+    --vram 10,18 --policies resident,lru,tide --misses stream --tau 1 --workloads model,synthetic \
+    --json "$OUT/bench-mini-fused.json" 2>&1 | grep -v "^\[" | tail -24
+  rm -rf "$W/mini"
+  T synth "$W/flash4" --preset flash --layers 4 --force 2>&1 | tail -1
+  TO 200 bench -m "$W/flash4" --prompts tools/bench_prompts.txt --gen-length 64 --profile h200 \
+    --vram 7.25 --policies resident,lru,static,tide --misses stream --tau 1 \
+    --workloads model,synthetic --json "$OUT/bench-flash4.json" 2>&1 | grep -v "^\[" | tail -30
+fi

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E741  (timed lambdas run inside their loop iteration; I is the MoE width)
 """Can the GPU read missed experts straight from pinned host memory inside a step's graph?
 
 Measures, for one layer of mini-sized experts in pinned RAM: a CUDA view of the pinned buffer,
