@@ -94,8 +94,8 @@ def test_ratios_against_the_best_baseline_and_resident():
     assert "vs_resident" not in runs[4]
 
 
-RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "experts_per_layer",
-            "tokens",
+RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses_used",
+            "experts_per_layer", "tokens",
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
             "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb", "promotions",
             "stall_ms", "peak_vram_gib", "identical", "exact_expected", "token_agreement",

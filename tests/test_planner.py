@@ -390,7 +390,7 @@ def test_fit_calibration_recovers_a_known_correction(truth, overlap):
     trace = fifo_trace(layers=4, experts=256, distinct=60, turnover=6, blocks=3, steps=12)
     cfg = config_from_dict(preset_config("mini", layers=5))
     trace.moe_layers = cfg.moe_layers
-    plan = make_plan(config=cfg, profile=CONSUMER[0], vram_gib=1.5, trace=trace)
+    plan = make_plan(config=cfg, profile=CONSUMER[0], vram_gib=1.5, trace=trace, misses="cpu")
     model = predictor(plan=plan, config=cfg, profile=CONSUMER[0], trace=trace)
     truth = replace(truth, overlap=overlap)
     real = model(truth)  # what a machine behaving like `truth` would show
@@ -494,7 +494,9 @@ def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
     cal = obj["calibration"]
     assert cal["measured"]["steps"] >= 2 and cal["measured"]["step_ms"] > 0
     assert cal["measured_plan"]["experts_per_layer"] == {str(i): 12 for i in cfg.moe_layers}
-    assert cal["measured"]["cpu_ms"] > 0  # 12 of 32 experts resident: misses ran on the CPU
+    # 12 of 32 experts resident, all in RAM on a GPU profile: the plan streams its misses,
+    # and the run it measures does too (no CPU calls)
+    assert obj["misses"] == "stream" and cal["measured"]["cpu_ms"] == 0
     assert cal["scales"]["overlap"] is False
     # the fitted scales reproduce what was measured, for the measured plan
     measured = cal["measured"]["step_ms"]
@@ -502,3 +504,31 @@ def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
     assert obj["routing_source"] == "trace"
     assert sum(obj["experts_per_layer"].values()) <= cfg.num_moe_layers * 12
     assert "calibration on cpu" in err
+
+
+def test_streamed_misses_plan_tau_one_and_no_cpu_work():
+    """With every expert in RAM on a GPU, misses are streamed: the τ program is the block's
+    streamed reads (which only grow with τ), the breakdown has no CPU term, and the step is
+    dense + resident experts + the missed experts' PCIe reads."""
+    for prof in CONSUMER:
+        plan = make_plan(config=MINI, profile=prof, vram_gib=12)
+        if plan.tiered:  # mini's 28.5 GiB of experts do not fit this machine's RAM
+            assert plan.misses == "cpu"
+            continue
+        assert plan.misses == "stream" and plan.to_dict()["misses"] == "stream"
+        assert plan.tau == 1
+        assert list(plan.tau_costs_ms) == sorted(plan.tau_costs_ms)
+        bd = plan.breakdown
+        assert bd.cpu_miss_ms == 0 and bd.cpu_stall_ms == 0 and bd.pcie_ms > 0
+        assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
+                                                       + bd.pcie_ms)
+        _check_sane(plan, MINI)
+    cpu = make_plan(config=MINI, profile=CONSUMER[-1], vram_gib=12, misses="cpu")
+    assert cpu.misses == "cpu" and cpu.breakdown.cpu_miss_ms > 0
+
+
+def test_a_disk_tier_plans_cpu_misses():
+    plan = make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48)
+    assert plan.tiered and plan.misses == "cpu"
+    with pytest.raises(TideError, match="every expert in RAM"):
+        make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48, misses="stream")

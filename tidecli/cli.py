@@ -25,17 +25,13 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-POLICY_HELP = "Expert residency: resident, lru, static or tide."
-VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
-RAM_HELP = ("Host RAM budget in GiB for the experts (those kept in RAM + staging buffers); "
-            "experts beyond it are read from disk when used (slower, same tokens). Default: the "
-            "available RAM minus 2 GiB.")
-MISSES_HELP = ("static/tide: where experts missing from the GPU run: auto (CPU and GPU together, "
-               "split by measured cost), cpu, gpu (copied through scratch slots), or stream "
-               "(the GPU reads them from pinned RAM inside the step, no host round trip); gpu "
-               "and stream give bitwise the resident run's tokens.")
-MODEL_HELP = ("Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
-              "Env: TIDE_MODEL.")
+from tidecli.commands.help_text import (  # noqa: E402
+    MISSES_HELP,
+    MODEL_HELP,
+    POLICY_HELP,
+    RAM_HELP,
+    VRAM_HELP,
+)
 
 
 def _version(value: bool) -> None:

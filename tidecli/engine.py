@@ -43,8 +43,9 @@ class EngineOptions:
     cpu_dtype: str = "auto"
     context_tokens: int = 4096  # KV cache reserved in the budget
     calibration: str | None = None  # routing trace for the static policy
-    # static/tide misses: auto (split CPU/GPU by cost) | cpu | gpu (exact) | stream (the GPU
-    # reads missed experts from pinned RAM inside the step; no host round trip; exact)
+    # static/tide misses: stream (the GPU places or reads missed experts from pinned RAM inside
+    # the step; no host round trip; exact) | split (CPU and GPU scratch slots by measured cost)
+    # | cpu | gpu (scratch slots; exact) | auto: stream on CUDA when possible, else split
     misses: str = "auto"
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
     # host RAM for the expert store (experts kept in RAM + staging ring); None → what is
@@ -216,8 +217,23 @@ class Engine:
 
     def _uses_scratch(self) -> bool:
         o = self.opts
-        return self.device.type == "cuda" and o.policy in ("static", "tide") and \
-            o.misses in ("auto", "gpu")
+        if self.device.type != "cuda" or o.policy not in ("static", "tide"):
+            return False
+        return o.misses in ("gpu", "split") or (o.misses == "auto" and not self._may_stream())
+
+    def _may_stream(self) -> bool:
+        """Will `--misses auto` stream (before the host store exists, from the same facts)?"""
+        from tidecli.experts.gather import stream_available
+        from tidecli.experts.store import RAM_MARGIN, available_ram
+        from tidecli.model.tensorio import torch_dtype
+
+        if self._store is not None:
+            return self.stream_blocker(self._store) is None
+        if stream_available(self.device) or \
+                torch_dtype(self.ckpt.expert_dtype()) != self.dtype:
+            return False
+        ram = self.opts.ram_gib * 2**30 if self.opts.ram_gib else available_ram() - RAM_MARGIN
+        return self.ckpt.routed_expert_bytes() <= ram
 
     def _device_free_gib(self) -> float:
         if self.device.type == "cuda":
@@ -274,19 +290,22 @@ class Engine:
         else:
             policy = ResidentPolicy()
         store = self.host_store(progress)
-        if o.misses == "stream" and o.policy in ("static", "tide"):
-            from tidecli.experts.stream import StreamRuntime
-
+        misses = o.misses
+        if o.policy in ("static", "tide") and misses in ("auto", "stream"):
             why = self.stream_blocker(store)
-            if why:
+            if misses == "stream" and why:
                 raise TideError(f"--misses stream is not available: {why}",
                                 "use --misses auto")
-            return StreamRuntime(self.cfg, store, budgets, policy, device=self.device,
-                                 dtype=self.dtype, kernel=o.kernel)
+            if not why and (misses == "stream" or self.device.type == "cuda"):
+                from tidecli.experts.stream import StreamRuntime
+
+                return StreamRuntime(self.cfg, store, budgets, policy, device=self.device,
+                                     dtype=self.dtype, kernel=o.kernel)
+            misses = "split"
         cpu_dtype = None if o.cpu_dtype == "auto" else pick_dtype(o.cpu_dtype, self.device)
         return OffloadRuntime(self.cfg, store, budgets, policy, device=self.device,
                               dtype=self.dtype, cpu_threads=o.cpu_threads, cpu_mode=o.cpu_mode,
-                              cpu_dtype=cpu_dtype, kernel=o.kernel, misses=o.misses,
+                              cpu_dtype=cpu_dtype, kernel=o.kernel, misses=misses,
                               scratch_slots=self.SCRATCH_SLOTS)
 
     def stream_blocker(self, store) -> str | None:

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
                                            "(published LLaDA2.0-mini routing statistics)."),
         tau: str = typer.Option("4", help="tide refresh intervals to sweep, e.g. 1,2,4,8."),
         misses: str = typer.Option("auto", help="static/tide miss placement to sweep: auto, "
-                                                "cpu, gpu, stream (e.g. auto,stream)."),
+                                                "stream, split, cpu, gpu (e.g. stream,split)."),
         prompts: Path | None = typer.Option(None, help="Prompts: text file (one per line) or "
                                                        "JSON list; a built-in set otherwise."),
         gen_length: int = typer.Option(256, help="Tokens to generate per prompt."),

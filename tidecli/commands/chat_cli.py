@@ -7,10 +7,7 @@ from pathlib import Path
 
 import typer
 
-POLICY_HELP = "Expert residency: resident, lru, static or tide."
-VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
-MODEL_HELP = ("Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
-              "Env: TIDE_MODEL.")
+from tidecli.commands.help_text import MISSES_HELP, MODEL_HELP, POLICY_HELP, RAM_HELP, VRAM_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +26,7 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, help="Seed for sampling."),
         policy: str = typer.Option("resident", help=POLICY_HELP),
         vram: float | None = typer.Option(None, help=VRAM_HELP),
+        ram: float | None = typer.Option(None, help=RAM_HELP),
         experts_per_layer: int | None = typer.Option(None, help="Force a uniform expert "
                                                                 "budget."),
         tau: int | None = typer.Option(None, help="tide: refresh every TAU steps of a block."),
@@ -37,9 +35,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
         live: bool = typer.Option(True, "--live/--no-live",
                                   help="Draw replies live as they are denoised (on a terminal)."),
-        misses: str = typer.Option("auto", help="static/tide: where missed experts run: auto, "
-                                               "cpu, gpu or stream (gpu, stream: bitwise "
-                                               "exact)."),
+        misses: str = typer.Option("auto", help=MISSES_HELP),
         load: Path | None = typer.Option(None, "--load",
                                          help="Continue from a transcript saved with /save."),
     ) -> None:
@@ -49,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from tidecli.engine import EngineOptions
 
         opts = EngineOptions(model=model, device=device, dtype=dtype, policy=policy,
-                             block_length=block_length, vram_gib=vram,
+                             block_length=block_length, vram_gib=vram, ram_gib=ram,
                              experts_per_layer=experts_per_layer, tau=tau,
                              cpu_threads=cpu_threads, misses=misses)
         settings = DecodeSettings(gen_length=gen_length, block_length=block_length,

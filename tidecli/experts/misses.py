@@ -10,8 +10,9 @@ measured copy and CPU times.
 
 Modes: "cpu" (every miss on the CPU, the paper's runtime), "gpu" (every miss through the
 scratch slots: the GPU computes everything with one kernel, so tokens are bitwise those of the
-all-resident run), "auto" (split by cost). The scratch slots never disturb the planned
-placement.
+all-resident run), "split" (by cost; "auto" is accepted for it). The scratch slots never disturb
+the planned placement. (Streaming misses from pinned RAM inside the step, without the host, is
+experts/stream.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
 
-MODES = ("auto", "cpu", "gpu")
+MODES = ("split", "auto", "cpu", "gpu")
 
 
 class MissSplitter:
@@ -66,6 +67,7 @@ class MissSplitter:
         order = sorted(range(len(experts)), key=lambda i: (-tokens[i], experts[i]))
         if self.mode == "gpu":
             return [experts[i] for i in order], []
+        # "split" (or "auto")
         n = len(experts)
         best_k, best = 0, n * self.cpu_ms
         for k in range(1, n + 1):

@@ -62,7 +62,7 @@ class OffloadRuntime(ExpertRuntime):
             torch.set_num_threads(threads)
         self.cpu = CpuExperts(hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size,
                               dtype=cpu_dtype, threads=threads, mode=cpu_mode)
-        if not self.cuda and misses == "auto":
+        if not self.cuda and misses in ("auto", "split"):
             misses = "cpu"  # on a CPU device both sides are the same CPU
         if policy.miss_mode == "fetch":
             misses = "cpu"  # unused: this policy streams its misses through its own slots

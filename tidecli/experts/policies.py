@@ -218,4 +218,5 @@ class TidePolicy(Policy):
 
 
 POLICIES = ("resident", "lru", "static", "tide")
-MISS_MODES = ("auto", "cpu", "gpu", "stream")  # where static/tide compute their misses
+# where static/tide compute their misses (engine.py: EngineOptions.misses)
+MISS_MODES = ("auto", "stream", "split", "cpu", "gpu")

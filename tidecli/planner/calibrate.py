@@ -69,7 +69,7 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         cpu_mode=plan.cpu_mode, context_tokens=plan.context_tokens,
         ram_gib=plan.ram_budget_bytes / GIB if plan.tiered else None,
         ram_experts_map=dict(plan.experts_in_ram) if plan.tiered else None,
-        staging_experts=plan.staging_experts if plan.tiered else None)
+        staging_experts=plan.staging_experts if plan.tiered else None, misses=plan.misses)
     try:
         engine = Engine(opts, progress=progress, quiet=True)
     except torch.OutOfMemoryError as exc:
@@ -168,7 +168,7 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
     after = model(cal)
     new = make_plan(config=config, profile=profile, vram_gib=plan.vram_budget_bytes / GIB,
                     workload=replace(workload, tokens_per_step=None), trace=m.trace,
-                    ram_gib=ram_gib, calibration=cal, model_name=plan.model)
+                    ram_gib=ram_gib, calibration=cal, model_name=plan.model, misses=plan.misses)
     warnings = list(new.warnings)
     off = m.step_ms / plan.predicted_step_ms if plan.predicted_step_ms > 0 else 1.0
     if off > OFF_BY or off < 1 / OFF_BY:

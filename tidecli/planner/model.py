@@ -12,6 +12,12 @@ part of each refresh's copies that does not fit under one step's compute (copies
 With a disk tier (`Problem.ram`: experts per layer kept in RAM), missed experts outside RAM are
 read first, by reader threads alongside the CPU work: the host side of a layer then takes
 max(CPU misses, disk reads).
+
+Streamed misses (`Problem.misses == "stream"`, experts/stream.py): the GPU reads each missed
+expert from pinned RAM itself, inside the step, at C_IO; on a refresh step it keeps it in a slot
+(the read *is* the promotion), between refreshes it reads it again. Nothing overlaps it, so a
+layer costs GPU hits + missed experts · C_IO, and the τ program is the block's streamed
+reads: misses only grow with τ, so τ = 1 wins whenever streaming applies.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ class Problem:
     stats: RoutingStats
     steps: int  # T: denoising steps per block
     ram: np.ndarray | None = None  # [L] experts per layer kept in host RAM; None → all of them
+    misses: str = "cpu"  # "cpu": misses on the host (the paper); "stream": read by the GPU
+
+    @property
+    def streamed(self) -> bool:
+        return self.misses == "stream"
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,8 @@ def tau_objective(p: Problem, budgets: np.ndarray, tau: int) -> float:
     """Σ_ℓ I/O_ℓ(τ) + CPU_ℓ(τ), milliseconds per block; with a disk tier the reads of missed
     experts outside RAM are added to the CPU term."""
     v = _per_layer(p, budgets, tau)
+    if p.streamed:
+        return float((p.stats.distinct * v["miss_experts"]).sum()) * p.steps * p.costs.c_io_ms
     total = 0.0
     reads = p.stats.distinct * v["miss_experts"] * disk_share(p)  # disk reads per step
     total += float(reads.sum()) * p.steps * p.costs.disk_expert_ms
@@ -141,6 +154,8 @@ def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
     st, co = p.stats, p.costs
     mp, me = st.block_mean_miss(tau, p.steps)
     gpu = st.distinct[:, None] * (1 - me) * co.gpu_expert_ms
+    if p.streamed:
+        return gpu + st.distinct[:, None] * me * co.c_io_ms
     cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_call)
     disk = st.distinct[:, None] * me * disk_share(p)[:, None] * co.disk_expert_ms
     layer = layer_time(gpu, cpu, disk, co.overlap)
@@ -153,6 +168,14 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
     co, st = p.costs, p.stats
     v = _per_layer(p, budgets, tau)
     gpu = st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms
+    if p.streamed:
+        read = st.distinct * v["miss_experts"]  # experts per layer and step, over PCIe
+        stream_ms = float(read.sum()) * co.c_io_ms
+        kept = float(read.sum()) if tau == 1 else float(read.sum()) / tau  # refresh steps keep
+        return Breakdown(
+            gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=0.0,
+            cpu_stall_ms=0.0, pcie_ms=stream_ms, pcie_stall_ms=stream_ms,
+            hit_rate=float(1 - v["miss_pairs"].mean()), promotions_per_step=kept)
     cpu = st.pairs * v["miss_pairs"] * v["c_cpu"]
     reads = st.distinct * v["miss_experts"] * disk_share(p)
     base = layer_time(gpu, cpu, 0.0, co.overlap)

@@ -46,6 +46,7 @@ class Plan:
     experts_in_ram: dict[int, int] = field(default_factory=dict)
     staging_experts: int = 0
     disk_gbps: float | None = None  # set when some experts stay on disk
+    misses: str = "cpu"  # "stream": the GPU reads missed experts from pinned RAM (no disk tier)
 
     @property
     def predicted_step_ms(self) -> float:
@@ -109,6 +110,7 @@ class Plan:
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "experts_per_layer_uniform": bs[0] if self.uniform and bs else None,
             "tau": self.tau,
+            "misses": self.misses,
             "cpu_threads": self.cpu_threads,
             "cpu_mode": self.cpu_mode,
             "predicted_step_ms": round(self.predicted_step_ms, 4),

@@ -93,9 +93,11 @@ def _disk_warning(cfg: ModelConfig, host, gbps: float) -> str:
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
               workload: Workload | None = None, trace: RoutingTrace | None = None,
               ram_gib: float | None = None, calibration: Calibration | None = None,
-              model_name: str = "") -> Plan:
+              model_name: str = "", misses: str = "auto") -> Plan:
     """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
-    VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit."""
+    VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit.
+    `misses`: "stream", "cpu", or "auto" — streamed when the profile has a GPU and every expert
+    stays in RAM (what the runtime's --misses auto does), else on the CPU."""
     cfg, wl = config, workload or Workload()
     wl.validate()
     warnings: list[str] = []
@@ -150,7 +152,12 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     # a disk tier only matters when experts live on the host (not when all fit on the GPU)
     tiered = host is not None and host.tiered and uniform_b < e
     ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
-    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram)
+    if misses == "auto":
+        misses = "stream" if profile.gpu_name and not tiered else "cpu"
+    if misses == "stream" and tiered:
+        raise TideError("streamed misses need every expert in RAM, and this plan has a disk tier",
+                        "raise --ram, or plan with CPU misses")
+    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=misses)
     tau, tau_costs = solve_tau(problem, uniform)
     budgets, breakdown = uniform, predict(problem, uniform, tau)
     alternatives = {"uniform": breakdown.step_ms}
@@ -165,7 +172,8 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if tiered:
         ram, ram_alts = split_ram(problem, budgets, tau, host)
         alternatives.update(ram_alts)
-        problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram)
+        problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram,
+                          misses=misses)
         tau, tau_costs = solve_tau(problem, budgets)
         breakdown = predict(problem, budgets, tau)
         host = replace(host, ram_per_layer={layer: int(r) for layer, r in
@@ -178,7 +186,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if tiered:
         warnings.append(_disk_warning(cfg, host, gbps))
     mean_distinct = float(stats.distinct.mean())
-    if budgets.min() < 0.5 * mean_distinct:
+    if budgets.min() < 0.5 * mean_distinct and misses != "stream":
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
@@ -211,7 +219,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         num_experts=e, ram_budget_bytes=host.budget if host is not None else 0,
         experts_in_ram=dict(host.ram_per_layer) if tiered else {},
         staging_experts=host.staging_experts if tiered else 0,
-        disk_gbps=gbps if tiered else None)
+        disk_gbps=gbps if tiered else None, misses=misses)
 
 
 def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
@@ -238,8 +246,8 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
         costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
                                cpu_threads=plan.cpu_threads, calibration=calibration)
-        return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram), budgets,
-                       plan.tau)
+        return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram,
+                               misses=plan.misses), budgets, plan.tau)
 
     return run
 

@@ -70,9 +70,14 @@ def plan_table(plan: Plan) -> Table:
                       f"{plan.alternatives['per_layer']:.2f} ms/step")
     costs = ", ".join(f"{c:.1f}" for c in plan.tau_costs_ms[:12])
     more = " …" if len(plan.tau_costs_ms) > 12 else ""
-    t.add_row("τ (refresh interval)", f"{plan.tau}   (I/O + CPU ms per block for τ = 1, 2, …: "
+    what = "streamed reads" if plan.misses == "stream" else "I/O + CPU"
+    t.add_row("τ (refresh interval)", f"{plan.tau}   ({what} ms per block for τ = 1, 2, …: "
                                       f"{costs}{more})")
-    t.add_row("CPU threads", f"{plan.cpu_threads} ({plan.cpu_mode})")
+    if plan.misses == "stream":
+        t.add_row("misses", "streamed: the GPU reads missed experts from pinned RAM inside the "
+                            "step and keeps them on refresh steps (no CPU work)")
+    else:
+        t.add_row("CPU threads", f"{plan.cpu_threads} ({plan.cpu_mode})")
     t.add_row("decoding", f"block {plan.block_length}, {plan.steps_per_block} steps/block, "
                           f"{plan.tokens_per_step:.2f} tokens/step")
     t.add_row("routing", f"{plan.routing_source}: ~"
@@ -83,10 +88,14 @@ def plan_table(plan: Plan) -> Table:
               f"{plan.steps_per_s:.2f} steps/s · [bold]{plan.tokens_per_s:.2f} tokens/s[/bold]")
     t.add_row("  GPU dense", f"{bd.gpu_dense_ms:.2f} ms")
     t.add_row("  GPU experts", f"{bd.gpu_expert_ms:.2f} ms (hit rate {bd.hit_rate * 100:.1f}%)")
-    t.add_row("  CPU misses", f"{bd.cpu_miss_ms:.2f} ms, of which the GPU waits "
-                              f"{bd.cpu_stall_ms:.2f} ms")
-    t.add_row("  PCIe promotions", f"{bd.pcie_ms:.2f} ms ({bd.promotions_per_step:.1f} experts"
-                                   f"/step), stall {bd.pcie_stall_ms:.2f} ms")
+    if plan.misses == "stream":
+        t.add_row("  PCIe misses", f"{bd.pcie_ms:.2f} ms (read by the GPU, "
+                                   f"{bd.promotions_per_step:.1f} experts/step kept)")
+    else:
+        t.add_row("  CPU misses", f"{bd.cpu_miss_ms:.2f} ms, of which the GPU waits "
+                                  f"{bd.cpu_stall_ms:.2f} ms")
+        t.add_row("  PCIe promotions", f"{bd.pcie_ms:.2f} ms ({bd.promotions_per_step:.1f} "
+                                       f"experts/step), stall {bd.pcie_stall_ms:.2f} ms")
     if plan.tiered:
         t.add_row("  disk reads", f"{bd.disk_ms:.2f} ms ({bd.disk_reads_per_step:.1f} experts"
                                   f"/step), stall {bd.disk_stall_ms:.2f} ms beyond the CPU's")
