@@ -28,7 +28,7 @@ def main() -> None:
                       meta={"block_length": a.block_length, "workload": "synthetic"})
     for b in range(a.blocks):
         for s in range(a.steps):
-            assign = gen._step(b, s)  # [M, T, k]
+            assign = gen.step(b, s)  # [M, T, k]
             counts = np.stack([np.bincount(assign[j].reshape(-1), minlength=cfg.num_experts)
                                for j in range(cfg.num_moe_layers)])
             tr.append(counts, kind="step", block=b, step=s, tokens=a.block_length)

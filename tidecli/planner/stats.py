@@ -2,25 +2,28 @@
 miss fractions by placement age (f), per-step drift of the hot set (d), distinct experts per step.
 
 Two sources: a recorded `RoutingTrace` (`trace_stats`), or the statistics the TIDE and dMoE
-papers publish (`published_stats`). docs/planner.md derives both.
+papers publish (`published_stats`): measured, with the same estimator, on a trace drawn from the
+generative model of those figures (planner/published.py) that the benchmark also replays.
+docs/planner.md derives both.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 
 from tidecli.errors import TideError
 from tidecli.experts.trace import RoutingTrace
 from tidecli.model.config import ModelConfig
+from tidecli.planner.published import PublishedRouting
 
 # Published: ≈ 70 distinct experts of 256 (top-8) per layer for a 32-token step of LLaDA2.0-mini;
 # cosine similarity of a layer's expert use ≈ 0.985 one step apart and ≈ 0.95 five steps apart.
 PUBLISHED_DISTINCT = 70.0
-PUBLISHED_AT = (256, 8, 32)  # (experts, experts per token, tokens per step) of that figure
 PUBLISHED_SIMILARITY = ((1, 0.985), (5, 0.95))
+PUBLISHED_STEPS = 240  # denoising steps of the generated trace the defaults are measured on
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,61 +74,34 @@ def refresh_ages(tau: int, steps: int) -> list[int]:
 # ---- published statistics -----------------------------------------------------------------------
 
 
-def similarity_curve(ages: np.ndarray) -> np.ndarray:
-    """ρ(a) = ρ∞ + (1 − ρ∞)·r^a through both published points (ρ(0) = 1): a hot set that keeps a
-    persistent core and renews the rest geometrically."""
-    (a1, s1), (a5, s5) = PUBLISHED_SIMILARITY
-    target = (1 - s5) / (1 - s1)  # = (1 − r^a5) / (1 − r^a1), increasing in r
-    lo, hi = 1e-9, 1 - 1e-9
-    for _ in range(100):
-        r = (lo + hi) / 2
-        if (1 - r**a5) / (1 - r**a1) < target:
-            lo = r
-        else:
-            hi = r
-    r = (lo + hi) / 2
-    floor = 1 - (1 - s1) / (1 - r**a1)
-    return floor + (1 - floor) * r ** np.asarray(ages, dtype=np.float64)
-
-
-def default_distinct(cfg: ModelConfig, *, block_length: int) -> float:
-    """Distinct experts per step. The published 70 of 256 for 32 tokens × top-8 equals n_eff ≈ 10
-    *independent* tokens drawing top-8 uniformly (tokens of a block route alike); we keep that
-    share n_eff / tokens and apply it to this model's experts, top-k and block length."""
-    e0, k0, n0 = PUBLISHED_AT
-    n_eff0 = math.log(1 - PUBLISHED_DISTINCT / e0) / math.log(1 - k0 / e0)
-    e, k = cfg.num_experts, cfg.num_experts_per_tok
-    n_eff = n_eff0 * block_length / n0
-    distinct = e * (1 - (1 - k / e) ** n_eff)
-    return float(min(distinct, e, block_length * k))
+@lru_cache(maxsize=64)
+def _published_layer(experts: int, per_token: int, block_length: int, steps: int,
+                     max_age: int) -> RoutingStats:
+    """One layer's statistics on a trace of the published model (every layer draws alike)."""
+    gen = PublishedRouting(num_experts=experts, experts_per_token=per_token, num_layers=1,
+                           block_length=block_length)
+    tr = RoutingTrace(1, experts, [0])
+    for b in range(max(2, -(-PUBLISHED_STEPS // steps))):
+        for s in range(steps):
+            tr.append(gen.counts(b, s), kind="step", block=b, step=s, tokens=block_length)
+    return _stats(tr, max_age)
 
 
 def published_stats(cfg: ModelConfig, *, block_length: int, max_age: int) -> RoutingStats:
-    """Every layer alike. The used experts of a step are taken as equally loaded (so the top-B
-    of a step covers B/D of its pairs, a conservative reading), and ρ(a) as the share of a step's
-    hot set still used a steps later. Slots beyond D hold earlier experts, which a newly used
-    expert hits by chance: (B − D)/(E − D)."""
-    e, layers = cfg.num_experts, cfg.num_moe_layers
-    d_used = default_distinct(cfg, block_length=block_length)
-    rho = similarity_curve(np.arange(max_age + 1))
-    b = np.arange(e + 1, dtype=np.float64)
-    held = np.minimum(b, d_used) / d_used
-    spare = np.clip(b - d_used, 0, None) / (e - d_used) if e > d_used else np.ones_like(b)
-    cover = held[None, :] * rho[:, None] + (1 - rho[:, None]) * spare[None, :]
-    miss = np.clip(1 - cover, 0.0, 1.0)
-    turnover = 1 - rho[1] if max_age >= 1 else 1 - similarity_curve(np.array([1]))[0]
-    # B ≤ D: each refresh replaces the slots whose expert left the hot set; B > D: the target is
-    # the whole used set and only new experts not sitting in a spare slot are copied
-    drift = np.where(b <= d_used, turnover,
-                     d_used * turnover * (1 - spare) / np.maximum(b, 1))
-    drift[0] = 0.0
-    pairs = float(block_length * cfg.num_experts_per_tok)
-    return RoutingStats(
-        source="published", pairs=pairs, distinct=np.full(layers, d_used),
-        miss_pairs=np.repeat(miss[None], layers, axis=0),
-        miss_experts=np.repeat(miss[None], layers, axis=0),
-        drift=np.repeat(drift[None], layers, axis=0),
-        tokens_per_call=np.full((layers, e + 1), max(1.0, pairs / d_used)))
+    """Every layer alike: the statistics of a trace drawn from the published figures' model
+    (≈ 70 distinct experts of 256 per 32-token step, similarity 0.985 → 0.95 over 5 steps), in
+    blocks of `max_age` + 1 steps. Its popularity is not this model's: no RAM-tier cover."""
+    one = _published_layer(cfg.num_experts, cfg.num_experts_per_tok, block_length,
+                           max(2, max_age + 1), max_age)
+    layers = cfg.num_moe_layers
+
+    def rep(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, layers, axis=0)
+
+    return replace(one, source="published", distinct=rep(one.distinct),
+                   miss_pairs=rep(one.miss_pairs), miss_experts=rep(one.miss_experts),
+                   drift=rep(one.drift), tokens_per_call=rep(one.tokens_per_call),
+                   steps_per_block=None, ram_cover=None)
 
 
 # ---- estimates from a routing trace --------------------------------------------------------------
@@ -154,6 +130,10 @@ def trace_stats(trace: RoutingTrace, *, cfg: ModelConfig, max_age: int) -> Routi
     if len(tr) < 2:
         raise TideError("the routing trace holds fewer than 2 denoising steps",
                         "record a longer one: tide generate --trace FILE")
+    return _stats(tr, max_age)
+
+
+def _stats(tr: RoutingTrace, max_age: int) -> RoutingStats:
     counts = tr.array().astype(np.int64)  # [F, L, E]
     _f, layers, e = counts.shape
     sum_p = np.zeros((layers, max_age + 1, e + 1))
