@@ -97,7 +97,8 @@ def test_ratios_against_the_best_baseline_and_resident():
 RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses_used",
             "experts_per_layer", "tokens",
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
-            "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb", "promotions",
+            "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
+            "promotions",
             "stall_ms", "peak_vram_gib", "identical", "exact_expected", "token_agreement",
             "vs_best_baseline", "vs_resident"}
 BOUND_KEYS = {"workload", "budget", "tau", "oracle_h2d_gb", "tide_h2d_gb", "tide_over_oracle",
@@ -121,6 +122,8 @@ def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
         assert set(r) == RUN_KEYS, r
         assert r["identical"], r
         assert r["tokens"] > 0 and r["steps"] > 0
+        # a denoising step alone leaves out the prompt's prefill and the commit passes
+        assert 0 < r["denoise_step_ms"] <= r["step_ms"]
     tide = [r for r in report["runs"] if r["policy"] == "tide"]
     assert all(r["vs_best_baseline"] is not None for r in tide)
     assert len(report["bounds"]) == 4
