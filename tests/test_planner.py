@@ -542,3 +542,18 @@ def test_a_disk_tier_plans_cpu_misses():
     assert plan.tiered and plan.misses == "cpu"
     with pytest.raises(TideError, match="every expert in RAM"):
         make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48, misses="stream")
+
+
+def test_plan_command_misses_choice(config_only, profile_json, capsys):
+    plans = {}
+    for misses in ("auto", "stream", "cpu"):
+        code, out, err = _main(["plan", "--model", str(config_only), "--profile",
+                                str(profile_json), "--vram", "10", "--misses", misses, "--json"],
+                               capsys)
+        assert code == 0, err
+        plans[misses] = json.loads(out)
+    assert plans["auto"]["misses"] == plans["stream"]["misses"] == "stream"
+    assert plans["cpu"]["misses"] == "cpu" and plans["cpu"]["breakdown"]["cpu_miss_ms"] > 0
+    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+                            "--misses", "gpu"], capsys)
+    assert code == 1 and err.startswith("error: unknown --misses")

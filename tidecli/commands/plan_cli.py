@@ -46,11 +46,15 @@ def register(app: typer.Typer) -> None:
             False, "--calibrate", help="Run the plan on real denoising steps on this machine, "
                                        "correct the cost model and plan again."),
         device: str = typer.Option("auto", help="--calibrate: auto, cuda or cpu."),
+        misses: str = typer.Option(
+            "auto", help="Where missed experts run: stream (read by the GPU from pinned RAM), "
+                         "cpu (the paper's runtime), or auto (stream when the profile has a GPU "
+                         "and every expert fits RAM, as the runtime does)."),
     ) -> None:
         """Plan expert offload for a model on a GPU: budgets, τ, CPU threads, predicted speed."""
         run_plan(model=model, profile=profile, vram=vram, json_out=json_out, trace=trace,
                  gen_length=gen_length, block_length=block_length, threshold=threshold,
-                 context=context, ram=ram, calibrate=calibrate, device=device)
+                 context=context, ram=ram, calibrate=calibrate, device=device, misses=misses)
 
 
 def _hub_config(repo_id: str) -> Path:
@@ -108,10 +112,14 @@ def _profile(spec: str | None):
 
 def run_plan(*, model: str | None, profile: str | None, vram: float | None, json_out: bool,
              trace: Path | None, gen_length: int, block_length: int, threshold: float,
-             context: int, ram: float | None, calibrate: bool, device: str) -> None:
+             context: int, ram: float | None, calibrate: bool, device: str,
+             misses: str = "auto") -> None:
     from tidecli.experts.trace import RoutingTrace
     from tidecli.planner import Workload, make_plan
     from tidecli.ui.plan_view import render_plan
+
+    if misses not in ("auto", "stream", "cpu"):
+        raise TideError(f"unknown --misses {misses!r}", "use auto, stream or cpu")
 
     folder, cfg, name = _model(model, weights=calibrate)
     prof = _profile(profile)
@@ -119,7 +127,7 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
                         context_tokens=context)
     routing = RoutingTrace.load(trace) if trace is not None else None
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                     ram_gib=ram, model_name=name)
+                     ram_gib=ram, model_name=name, misses=misses)
     if calibrate:
         from tidecli.planner.calibrate import calibrate_plan
         from tidecli.ui.console import byte_progress, err
