@@ -544,12 +544,12 @@ def test_a_disk_tier_plans_cpu_misses():
         make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48, misses="stream")
 
 
-def test_plan_command_misses_choice(config_only, profile_json, capsys):
+def test_plan_command_misses_choice(config_only, profile_json, tmp_path, capsys):
+    big = CONSUMER[-1].save(tmp_path / "rtx5090.json")  # 192 GB of RAM: mini's experts fit
     plans = {}
     for misses in ("auto", "stream", "cpu"):
-        code, out, err = _main(["plan", "--model", str(config_only), "--profile",
-                                str(profile_json), "--vram", "10", "--misses", misses, "--json"],
-                               capsys)
+        code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(big),
+                                "--vram", "10", "--misses", misses, "--json"], capsys)
         assert code == 0, err
         plans[misses] = json.loads(out)
     assert plans["auto"]["misses"] == plans["stream"]["misses"] == "stream"
@@ -557,3 +557,7 @@ def test_plan_command_misses_choice(config_only, profile_json, capsys):
     code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--misses", "gpu"], capsys)
     assert code == 1 and err.startswith("error: unknown --misses")
+    # 32 GB of RAM: mini's 28.5 GiB of experts get a disk tier, which cannot stream
+    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+                            "--misses", "stream"], capsys)
+    assert code == 1 and "every expert in RAM" in err
