@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One device session: CUDA tests, hardware profile, full-size synthetic mini (graphs vs eager,
-# live chat capture) and the policy benchmark. Usage: tools/device_run.sh WORKDIR OUTDIR STAGE
+# The GPU measurements behind docs/benchmarks.md, by stage: CUDA tests, hardware profile,
+# full-size synthetic mini (graphs vs eager, live chat capture), the policy benchmarks, the
+# pinned-memory probe, layer-truncated flash (bench and disk tier).
+# Usage: tools/device_run.sh WORKDIR OUTDIR STAGE
 set -u
 W=$1; OUT=$2; STAGE=$3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TIDE_CACHE_DIR=$W/cache TIDE_CONFIG_DIR=$W/config
