@@ -268,3 +268,9 @@ def test_synth_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+
+
+@pytest.mark.parametrize("ram", ["nan", "-1"])
+def test_bad_ram_is_refused_whatever_the_policy(tiny_ckpt, capsys, ram):
+    """Even the resident policy, which keeps no host store, refuses a nonsense --ram."""
+    user_error(gen(tiny_ckpt, "--ram", ram), capsys, "--ram must be positive", hint="--ram")

@@ -146,6 +146,8 @@ class Engine:
             raise TideError(f"unknown policy {o.policy!r}", f"choose one of {', '.join(POLICIES)}")
         if o.misses not in MISS_MODES:
             raise TideError(f"unknown --misses {o.misses!r}", f"use {', '.join(MISS_MODES)}")
+        if o.ram_gib is not None and not 0 < o.ram_gib < float("inf"):  # also refuses nan
+            raise TideError(f"--ram must be positive, got {o.ram_gib:g}", "e.g. --ram 48")
         if o.cpu_threads < 0:
             raise TideError(f"--cpu-threads must not be negative, got {o.cpu_threads}",
                             "0 uses torch's default")
@@ -224,7 +226,6 @@ class Engine:
     def _may_stream(self) -> bool:
         """Will `--misses auto` stream (before the host store exists, from the same facts)?"""
         from tidecli.experts.gather import stream_available
-        from tidecli.experts.store import RAM_MARGIN, available_ram
         from tidecli.model.tensorio import torch_dtype
 
         if self._store is not None:
@@ -232,8 +233,24 @@ class Engine:
         if stream_available(self.device) or \
                 torch_dtype(self.ckpt.expert_dtype()) != self.dtype:
             return False
-        ram = self.opts.ram_gib * 2**30 if self.opts.ram_gib else available_ram() - RAM_MARGIN
-        return self.ckpt.routed_expert_bytes() <= ram
+        return self.ckpt.routed_expert_bytes() <= self._ram_budget()
+
+    def _ram_budget(self) -> int:
+        """Bytes of RAM for the expert store: --ram (checked against what is available), else
+        what is available minus the margin."""
+        from tidecli.experts.budget import GIB
+        from tidecli.experts.store import RAM_MARGIN, available_ram
+
+        o = self.opts
+        have = available_ram() - RAM_MARGIN
+        if o.ram_gib is None:
+            return max(0, have)
+        budget = int(o.ram_gib * GIB)
+        if budget > have:
+            raise TideError(f"--ram {o.ram_gib:g} GiB is more than the "
+                            f"{max(0, have) / GIB:.1f} GiB of RAM available (keeping "
+                            f"{RAM_MARGIN / GIB:.0f} GiB free)", "lower --ram")
+        return budget
 
     def _device_free_gib(self) -> float:
         if self.device.type == "cuda":
@@ -340,23 +357,12 @@ class Engine:
         available): as many per layer in RAM as it holds (a plan's counts, else uniform), the
         rest read from the checkpoint's files on demand. None when everything fits."""
         from tidecli.experts.budget import GIB, host_tiers
-        from tidecli.experts.store import RAM_MARGIN, available_ram
         from tidecli.experts.tiered import TieredExpertStore
         from tidecli.model.tensorio import torch_dtype
 
         o = self.opts
         need = self.ckpt.routed_expert_bytes()
-        have = available_ram() - RAM_MARGIN
-        if o.ram_gib is not None:
-            if not 0 < o.ram_gib < float("inf"):  # also refuses nan
-                raise TideError(f"--ram must be positive, got {o.ram_gib:g}", "e.g. --ram 48")
-            budget = int(o.ram_gib * GIB)
-            if budget > have:
-                raise TideError(f"--ram {o.ram_gib:g} GiB is more than the "
-                                f"{max(0, have) / GIB:.1f} GiB of RAM available (keeping "
-                                f"{RAM_MARGIN / GIB:.0f} GiB free)", "lower --ram")
-        else:
-            budget = max(0, have)
+        budget = self._ram_budget()
         if need <= budget:
             return None
         itemsize = torch_dtype(self.ckpt.expert_dtype()).itemsize

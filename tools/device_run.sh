@@ -75,9 +75,6 @@ if [ "$STAGE" = g ]; then
   echo "== A: synthetic 10 GiB, stream, tau sweep"
   TO 200 $B --vram 10 --policies resident,lru,static,tide --misses stream --tau 1,2,4,8 \
     --workloads synthetic --json "$OUT/bench-stream-syn10.json" 2>&1 | grep -v "^\[" | tail -32
-  echo "== B: overlap variant, synthetic 10 GiB"
-  TIDE_STREAM_OVERLAP=1 TO 90 $B --vram 10 --policies tide --misses stream --tau 1,4 \
-    --workloads synthetic --json "$OUT/bench-stream-overlap.json" 2>&1 | grep -v "^\[" | tail -14
   echo "== C: model routing 10,18 GiB + synthetic 18"
   TO 200 $B --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1,4 \
     --workloads model,synthetic --json "$OUT/bench-stream-all.json" 2>&1 | grep -v "^\[" | tail -40

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -16,32 +15,15 @@ import torch
 
 from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
 from tidecli.experts.cpu import CpuExperts
+from tidecli.hardware.timing import median_cuda_ms, median_wall_ms
 
 
 def cuda_ms(fn, reps=30, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_cuda_ms(fn, warmup=warm, repeats=reps)
 
 
 def wall_ms(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    return median_wall_ms(fn, warmup=warm, repeats=reps)
 
 
 def grouped_vs_loop(h=2048, i=512, e=256, t=32, k=8, distinct=70):

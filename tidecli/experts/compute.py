@@ -53,6 +53,24 @@ def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_
         out[idx] = expert_mlp(x[idx // k], gate_up[s], down[s])
 
 
+def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto" → grouped_mm where it runs (sm90+, bf16), else the loop; other names pass."""
+    if kernel == "auto":
+        return "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
+    return kernel
+
+
+def run_pairs(kernel: str, x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
+              down: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-pair rows [T·k, H] of the slots' experts (zero rows where pair_slot is -1), with the
+    grouped kernel or the reference loop."""
+    if kernel == "grouped_mm":
+        return run_grouped_mm(x, pair_slot, gate_up, down, k)
+    out = torch.zeros((pair_slot.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
+    run_grouped_loop(x, pair_slot, gate_up, down, k, out)
+    return out
+
+
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
+from tidecli.experts.compute import pool_views, run_pairs
 
 MODES = ("split", "auto", "cpu", "gpu")
 
@@ -116,12 +116,7 @@ class MissSplitter:
             idx, pair_slot = both[0], both[1]
             x = hidden.index_select(0, idx // k)
             gate_up, down = self.views
-            if self.kernel == "grouped_mm":
-                out = run_grouped_mm(x, pair_slot, gate_up, down, 1)
-            else:
-                out = torch.zeros((len(rows), hidden.shape[1]), dtype=hidden.dtype,
-                                  device=hidden.device)
-                run_grouped_loop(x, pair_slot.tolist(), gate_up, down, 1, out)
+            out = run_pairs(self.kernel, x, pair_slot, gate_up, down, 1)
             over.index_copy_(0, idx, out.to(over.dtype))
             over_mask.index_fill_(0, idx, True)
             pairs_done += len(rows)

@@ -24,18 +24,18 @@ import time
 import numpy as np
 import torch
 
-from tidecli.experts.compute import grouped_mm_available, run_grouped_loop, run_grouped_mm
+from tidecli.experts.compute import run_pairs
 from tidecli.experts.cpu import CpuExperts
 from tidecli.experts.misses import MissSplitter
 from tidecli.experts.policies import Policy, ResidentPolicy
-from tidecli.experts.pools import PoolSet
-from tidecli.experts.runtime import ExpertRuntime, LayerIO
+from tidecli.experts.pools import PooledRuntime
+from tidecli.experts.runtime import LayerIO
 from tidecli.experts.stats import ExpertStats, LayerCounters
 from tidecli.experts.store import ExpertSource
 from tidecli.model.config import ModelConfig
 
 
-class OffloadRuntime(ExpertRuntime):
+class OffloadRuntime(PooledRuntime):
     needs_host = True
 
     def __init__(self, cfg: ModelConfig, store: ExpertSource, budgets: dict[int, int],
@@ -43,17 +43,7 @@ class OffloadRuntime(ExpertRuntime):
                  cpu_threads: int = 0, cpu_mode: str = "intra",
                  cpu_dtype: torch.dtype | None = None,
                  kernel: str = "auto", misses: str = "cpu", scratch_slots: int = 16) -> None:
-        super().__init__(cfg, device, dtype)
-        self.name = policy.name
-        self.store = store
-        self.policy = policy
-        self.budgets = budgets
-        self.pools = PoolSet(store, budgets, device=device, dtype=dtype)
-        policy.attach(self.pools.pools, cfg.num_experts)
-        if kernel == "auto":
-            kernel = "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
-        self.kernel = kernel
-        self.cuda = device.type == "cuda"
+        super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
         if cpu_dtype is None:
             # on a CPU device the "GPU" side computes in the model dtype: match it bitwise
             cpu_dtype = dtype if not self.cuda else torch.bfloat16
@@ -69,7 +59,7 @@ class OffloadRuntime(ExpertRuntime):
         self.misses = MissSplitter(mode=misses, slots=min(scratch_slots, cfg.num_experts),
                                    row=store.row, hidden=cfg.hidden_size,
                                    inter=cfg.moe_intermediate_size, device=device, dtype=dtype,
-                                   kernel=kernel)
+                                   kernel=self.kernel)
         self._miss_copies: list[tuple[int, object, object]] = []  # (experts, start, end)
         self._events: list[tuple[int, object, object]] = []  # (layer, start, end) stalls
         self._stage: dict[str, torch.Tensor] = {}
@@ -146,11 +136,7 @@ class OffloadRuntime(ExpertRuntime):
     def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         pool = self.pools.pools[layer]
         pair_slot = pool.table_dev[ids.reshape(-1)]
-        if self.kernel == "grouped_mm":
-            return run_grouped_mm(hidden, pair_slot, pool.gate_up, pool.down, self.k)
-        out = torch.zeros((ids.numel(), hidden.shape[1]), dtype=hidden.dtype, device=self.device)
-        run_grouped_loop(hidden, pair_slot.tolist(), pool.gate_up, pool.down, self.k, out)
-        return out
+        return run_pairs(self.kernel, hidden, pair_slot, pool.gate_up, pool.down, self.k)
 
     def host_after(self, layer: int, io: LayerIO, pair_out: torch.Tensor,
                    over: torch.Tensor | None, over_mask: torch.Tensor | None) -> None:

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views
+from tidecli.experts.compute import pick_kernel, pool_views
+from tidecli.experts.runtime import ExpertRuntime
 from tidecli.experts.store import ExpertSource
 
 
@@ -178,3 +179,18 @@ class PoolSet:
             out.append((layer, ms, n))
         self._copy_timing.clear()
         return out
+
+
+class PooledRuntime(ExpertRuntime):
+    """What every runtime with slot pools and a policy starts from: the host store, the pools
+    (sized by `budgets`), the policy attached to them, and the expert kernel."""
+
+    def __init__(self, cfg, store: ExpertSource, budgets: dict[int, int], policy, *,
+                 device: torch.device, dtype: torch.dtype, kernel: str = "auto") -> None:
+        super().__init__(cfg, device, dtype)
+        self.name = policy.name
+        self.store, self.policy, self.budgets = store, policy, budgets
+        self.pools = PoolSet(store, budgets, device=device, dtype=dtype)
+        policy.attach(self.pools.pools, cfg.num_experts)
+        self.kernel = pick_kernel(kernel, device, dtype)
+        self.cuda = device.type == "cuda"

@@ -19,13 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tidecli.experts.compute import (
-    combine,
-    grouped_mm_available,
-    pool_views,
-    run_grouped_loop,
-    run_grouped_mm,
-)
+from tidecli.experts.compute import combine, pick_kernel, pool_views, run_pairs
 from tidecli.experts.stats import ExpertStats
 from tidecli.experts.trace import RoutingTrace
 from tidecli.model.checkpoint import Checkpoint
@@ -223,9 +217,7 @@ class ResidentRuntime(ExpertRuntime):
         self.views = {layer: pool_views(buf, cfg.hidden_size, cfg.moe_intermediate_size)
                       for layer, buf in pools.items()}
         self.pools = pools
-        if kernel == "auto":
-            kernel = "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
-        self.kernel = kernel
+        self.kernel = pick_kernel(kernel, device, dtype)
         self._dev_counts: dict[int, torch.Tensor] = {}
 
     def host_after(self, layer, io, pair_out, over, over_mask):
@@ -241,12 +233,7 @@ class ResidentRuntime(ExpertRuntime):
             self._dev_counts[layer] = torch.zeros(
                 self.cfg.num_experts, dtype=torch.long, device=ids.device).scatter_add_(
                 0, pair_slot, torch.ones_like(pair_slot))
-        if self.kernel == "grouped_mm":
-            return run_grouped_mm(hidden, pair_slot, gate_up, down, self.k)
-        pair_out = torch.zeros((pair_slot.numel(), hidden.shape[1]), dtype=hidden.dtype,
-                               device=hidden.device)
-        run_grouped_loop(hidden, pair_slot, gate_up, down, self.k, pair_out)
-        return pair_out
+        return run_pairs(self.kernel, hidden, pair_slot, gate_up, down, self.k)
 
     def describe(self) -> dict:
         return {"policy": self.name, "kernel": self.kernel}

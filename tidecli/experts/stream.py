@@ -24,17 +24,14 @@ Triton compiler (for the gather kernel).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views, run_grouped_loop, run_grouped_mm
+from tidecli.experts.compute import pool_views, run_pairs
 from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.policies import Policy
-from tidecli.experts.pools import PoolSet
-from tidecli.experts.runtime import ExpertRuntime
+from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
 from tidecli.model.llada2 import ForwardInfo
@@ -43,23 +40,13 @@ from tidecli.model.llada2 import ForwardInfo
 _HITS, _PLACED, _PLACED_PAIRS, _STREAMED, _STREAMED_PAIRS = range(5)
 
 
-class StreamRuntime(ExpertRuntime):
+class StreamRuntime(PooledRuntime):
     needs_host = False
 
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
                  kernel: str = "auto") -> None:
-        super().__init__(cfg, device, dtype)
-        self.name = policy.name
-        self.store, self.policy, self.budgets = store, policy, budgets
-        self.pools = PoolSet(store, budgets, device=device, dtype=dtype)
-        policy.attach(self.pools.pools, cfg.num_experts)
-        if kernel == "auto":
-            from tidecli.experts.compute import grouped_mm_available
-
-            kernel = "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
-        self.kernel = kernel
-        self.cuda = device.type == "cuda"
+        super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
         m, e = cfg.num_moe_layers, cfg.num_experts
         bmax = max(budgets.values(), default=0)
         self.bmax = bmax
@@ -81,7 +68,7 @@ class StreamRuntime(ExpertRuntime):
         self._ar_b = torch.arange(bmax, device=dev)
         self._last_block: int | None = None
         # one kernel plans each layer (experts/fused.py); the torch ops below are the reference
-        self.fused = fused_available(device) and os.environ.get("TIDE_STREAM_FUSED") != "0"
+        self.fused = fused_available(device)
         self._plans: dict[tuple[int, int], LayerPlan] = {}
         self.expert_bytes = self.pools.expert_bytes
 
@@ -188,7 +175,7 @@ class StreamRuntime(ExpertRuntime):
         if b > 0:
             placed_n = self._place(j, pool, used)
         slot = table[flat]
-        out = self._grouped(hidden, slot, pool.gate_up, pool.down)
+        out = run_pairs(self.kernel, hidden, slot, pool.gate_up, pool.down, self.k)
         if b > 0:  # mark the slots this step reads as just used
             self.last[j].index_put_((torch.where(slot >= 0, slot, self.bmax),), self._clock)
         rest = slot < 0
@@ -242,21 +229,12 @@ class StreamRuntime(ExpertRuntime):
         copy_rows(self._host[pool.layer], src, pool.buf, victims)
         return n_place
 
-    def _grouped(self, hidden: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "grouped_mm":
-            return run_grouped_mm(hidden, pair_slot, gate_up, down, self.k)
-        out = torch.zeros((pair_slot.numel(), hidden.shape[1]), dtype=hidden.dtype,
-                          device=hidden.device)
-        run_grouped_loop(hidden, pair_slot, gate_up, down, self.k, out)
-        return out
-
     def _from_host(self, layer: int, hidden: torch.Tensor,
                    pair_expert: torch.Tensor) -> torch.Tensor:
         """Pairs whose expert has no slot, computed with weights read from pinned RAM."""
         if self.kernel == "grouped_mm":
             gate_up, down = self._host_views[layer]
-            return run_grouped_mm(hidden, pair_expert, gate_up, down, self.k)
+            return run_pairs(self.kernel, hidden, pair_expert, gate_up, down, self.k)
         # CPU device (or no grouped kernel): the needed rows in the model's dtype, then the loop
         need = torch.unique(pair_expert[pair_expert >= 0])
         rows = self.store.layers[layer][need.cpu()].to(self.device, self.dtype)
@@ -264,7 +242,7 @@ class StreamRuntime(ExpertRuntime):
         lut[need] = torch.arange(need.numel(), device=self.device)
         slot = lut[torch.where(pair_expert >= 0, pair_expert, self.cfg.num_experts)]
         gate_up, down = pool_views(rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size)
-        return self._grouped(hidden, slot, gate_up, down)
+        return run_pairs(self.kernel, hidden, slot, gate_up, down, self.k)
 
     def describe(self) -> dict:
         return {**self.policy.describe(), "kernel": self.kernel, "misses": "stream",
