@@ -29,6 +29,7 @@ from tidecli.commands.help_text import (  # noqa: E402
     MISSES_HELP,
     MODEL_HELP,
     POLICY_HELP,
+    PROFILE_HELP,
     RAM_HELP,
     VRAM_HELP,
 )
@@ -90,6 +91,7 @@ def generate(
     graphs: bool = typer.Option(True, "--graphs/--no-graphs",
                                 help="CUDA: replay each step as captured CUDA graphs."),
     misses: str = typer.Option("auto", help=MISSES_HELP),
+    profile: str | None = typer.Option(None, help=PROFILE_HELP),
 ) -> None:
     """Generate a reply to one prompt."""
     from tidecli.commands.generate import run_generate
@@ -100,7 +102,8 @@ def generate(
         vram_gib=vram, ram_gib=ram, experts_per_layer=experts_per_layer, tau=tau,
         stall_refresh=stall_refresh, warm_start=not cold_start,
         skip_last_step=not refresh_last_step, cpu_threads=cpu_threads,
-        calibration=str(calibration) if calibration else None, graphs=graphs, misses=misses)
+        calibration=str(calibration) if calibration else None, graphs=graphs, misses=misses,
+        profile=profile, threshold=threshold)
     run_generate(
         prompt=prompt, opts=opts, gen_length=gen_length, block_length=block_length,
         threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps,

@@ -53,6 +53,11 @@ class EngineOptions:
     ram_gib: float | None = None
     ram_experts_map: dict[int, int] | None = None  # experts per layer kept in RAM (a plan's)
     staging_experts: int | None = None  # ring buffers for experts read from disk (None → 16)
+    # tide without --tau or budgets follows the planner: with this hardware profile (a reference
+    # name or a file; None → this machine's saved one, measured once when missing; on a CPU
+    # device only when given) and this decoding threshold
+    profile: str | None = None
+    threshold: float = 0.95
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,6 +90,8 @@ class Engine:
                  quiet: bool = False, build_runtime: bool = True) -> None:
         self.opts = opts
         self.memory_plan = None
+        self.plan = None  # the planner's plan the tide policy follows (planner/auto.py)
+        self._plan_key: tuple | None = None
         self.notices: list[str] = []  # one-line facts a command shows the user (never printed here)
         self.path: Path = resolve_model(opts.model, quiet=quiet)
         self.ckpt = Checkpoint.open(self.path)
@@ -151,7 +158,25 @@ class Engine:
         if o.cpu_threads < 0:
             raise TideError(f"--cpu-threads must not be negative, got {o.cpu_threads}",
                             "0 uses torch's default")
+        self.plan = self._runtime_plan()
         return self._budgets()
+
+    def _runtime_plan(self):
+        """The planner's B_ℓ and τ for tide when neither is given (on a CPU device only with
+        an explicit --profile: there is no GPU to plan for); None otherwise."""
+        o = self.opts
+        if o.policy != "tide" or o.tau is not None or o.experts_per_layer is not None or \
+                o.experts_per_layer_map is not None:
+            return None
+        if self.device.type != "cuda" and o.profile is None:
+            return None
+        key = (o.vram_gib, o.ram_gib, o.misses, o.block_length, o.context_tokens, o.profile,
+               o.threshold)
+        if key != self._plan_key:  # planned once per option set: free VRAM drops after loading
+            from tidecli.planner.auto import runtime_plan
+
+            self.plan, self._plan_key = runtime_plan(self), key
+        return self.plan
 
     def _build_runtime(self, progress: LoadProgress | None):
         o = self.opts
@@ -167,8 +192,11 @@ class Engine:
         from tidecli.experts.budget import uniform_budget
 
         o, cfg = self.opts, self.cfg
-        if o.experts_per_layer_map is not None:  # per-layer B_ℓ, as a plan gives them
-            budgets = {int(k): int(v) for k, v in o.experts_per_layer_map.items()}
+        given = o.experts_per_layer_map
+        if given is None and self.plan is not None:
+            given = self.plan.experts_per_layer
+        if given is not None:  # per-layer B_ℓ, as a plan gives them
+            budgets = {int(k): int(v) for k, v in given.items()}
             if set(budgets) != set(cfg.moe_layers) or \
                     any(not 0 <= v <= cfg.num_experts for v in budgets.values()):
                 raise TideError("the per-layer expert budgets do not fit this model (every MoE "
@@ -297,7 +325,8 @@ class Engine:
 
         o = self.opts
         if o.policy == "tide":
-            policy = TidePolicy(TideOptions(tau=o.tau or 4, stall_refresh=o.stall_refresh,
+            tau = o.tau or (self.plan.tau if self.plan is not None else 4)
+            policy = TidePolicy(TideOptions(tau=tau, stall_refresh=o.stall_refresh,
                                             warm_start=o.warm_start,
                                             skip_last_step=o.skip_last_step))
         elif o.policy == "lru":
@@ -320,8 +349,11 @@ class Engine:
                                      dtype=self.dtype, kernel=o.kernel)
             misses = "split"
         cpu_dtype = None if o.cpu_dtype == "auto" else pick_dtype(o.cpu_dtype, self.device)
+        threads = o.cpu_threads
+        if not threads and self.plan is not None and self.plan.misses == "cpu":
+            threads = self.plan.cpu_threads
         return OffloadRuntime(self.cfg, store, budgets, policy, device=self.device,
-                              dtype=self.dtype, cpu_threads=o.cpu_threads, cpu_mode=o.cpu_mode,
+                              dtype=self.dtype, cpu_threads=threads, cpu_mode=o.cpu_mode,
                               cpu_dtype=cpu_dtype, kernel=o.kernel, misses=misses,
                               scratch_slots=self.SCRATCH_SLOTS)
 
@@ -366,8 +398,11 @@ class Engine:
         if need <= budget:
             return None
         itemsize = torch_dtype(self.ckpt.expert_dtype()).itemsize
-        host = host_tiers(self.cfg, budget, dtype_bytes=itemsize,
-                          staging_experts=o.staging_experts, ram_per_layer=o.ram_experts_map)
+        ram_map, staging = o.ram_experts_map, o.staging_experts
+        if ram_map is None and self.plan is not None and self.plan.tiered:
+            ram_map, staging = dict(self.plan.experts_in_ram), self.plan.staging_experts
+        host = host_tiers(self.cfg, budget, dtype_bytes=itemsize, staging_experts=staging,
+                          ram_per_layer=ram_map)
         popularity = self._popularity()
         skip = None  # static + calibration: its GPU placement is fixed, keep the next ones
         if o.policy == "static" and popularity is not None:
@@ -457,6 +492,13 @@ class Engine:
         }
         if self.memory_plan is not None:
             out["memory_plan"] = self.memory_plan.to_dict()
+        if self.plan is not None:
+            p = self.plan
+            out["plan"] = {"profile": p.profile, "tau": p.tau, "misses": p.misses,
+                           "experts_per_layer": {str(k): v for k, v in
+                                                 p.experts_per_layer.items()},
+                           "predicted_step_ms": round(p.predicted_step_ms, 3),
+                           "calibrated": "calibration" in p.constants}
         if self.device.type == "cuda":
             out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out

@@ -34,7 +34,7 @@ class BenchSpec:
     vram: list[float | None] = field(default_factory=list)  # GiB budgets
     experts: list[int] = field(default_factory=list)  # or uniform experts-per-layer budgets
     workloads: list[str] = field(default_factory=lambda: ["model", "synthetic"])
-    taus: list[int] = field(default_factory=lambda: [4])
+    taus: list[int | str] = field(default_factory=lambda: ["plan"])  # "plan": the planner's
     misses: list[str] = field(default_factory=lambda: ["auto"])  # static/tide miss placement
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     gen_length: int = 256
@@ -64,8 +64,9 @@ class BenchSpec:
 
         if not self.misses or any(m not in MISS_MODES for m in self.misses):
             raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
-        if any(t < 1 for t in self.taus):
-            raise TideError("--tau values must be at least 1", "e.g. --tau 1,2,4,8")
+        if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
+                                for t in self.taus):
+            raise TideError("--tau values must be 'plan' or at least 1", "e.g. --tau plan,1,2,4,8")
         if not self.prompts or self.repeat < 1 or self.gen_length < 1:
             raise TideError("nothing to run: give prompts, --repeat ≥ 1 and --gen-length ≥ 1",
                             "e.g. --gen-length 256 --repeat 1")
@@ -79,6 +80,7 @@ class RunPoint:
     tau: int | None
     experts: int | None = None
     misses: str | None = None
+    planned: bool = False  # tide with the planner's τ and budgets (at this VRAM budget)
 
     @property
     def budget(self) -> str:
@@ -99,11 +101,27 @@ def run_points(spec: BenchSpec) -> list[RunPoint]:
                     continue
                 for m in (spec.misses if p in ("static", "tide") else [None]):
                     for t in (spec.taus if p == "tide" else [None]):
-                        pts.append(RunPoint(w, p, v, t, b, m))
+                        plan = t == "plan" and b is None  # --experts fixes the budgets
+                        tau = None if plan or t is None else (4 if t == "plan" else int(t))
+                        pts.append(RunPoint(w, p, v, tau, b, m, planned=plan))
     return pts
 
 
 Progress = Callable[[str], None]
+
+
+def _plan_fields(eng, measured_ms: float | None) -> dict:
+    """A planned run: the τ used, and the plan's predicted step time against the measured one
+    (denoising steps only). On a CPU device without --profile nothing is planned (τ 4)."""
+    plan = eng.plan
+    if plan is None:
+        return {"planned": False, "tau": eng.runtime.describe().get("tau")}
+    out = {"planned": True, "tau": plan.tau, "plan_profile": plan.profile,
+           "predicted_step_ms": round(plan.predicted_step_ms, 3),
+           "plan_calibrated": "calibration" in plan.constants}
+    if measured_ms:
+        out["measured_over_predicted"] = round(measured_ms / plan.predicted_step_ms, 4)
+    return out
 
 
 class Bench:
@@ -217,6 +235,8 @@ class Bench:
             "exact_expected": pt.policy in ("resident", "lru") or used in ("gpu", "stream"),
             "token_agreement": round(_agreement(outputs, want), 4),
         }
+        if pt.planned:
+            row.update(_plan_fields(eng, row["denoise_step_ms"]))
         return row
 
     def run(self) -> dict:
@@ -231,6 +251,7 @@ class Bench:
                 self.expected.pop(pt.workload, None)
             label = f"[{n}/{len(points)}] {pt.workload} · {pt.policy} · {pt.budget}" + \
                 (f" · τ={pt.tau}" if pt.tau is not None else "") + \
+                (" · planned" if pt.planned else "") + \
                 (f" · misses {pt.misses}" if pt.misses is not None else "")
             self.say(label)
             try:

@@ -28,7 +28,8 @@ def runs_table(report: dict) -> Table:
                       _f(r["misses"], "{}"), "skipped",
                       *[""] * 10)
             continue
-        t.add_row(r["workload"], r["policy"], r["budget"], _f(r["tau"], "{}"),
+        tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
+        t.add_row(r["workload"], r["policy"], r["budget"], tau,
                   _f(r["misses"], "{}"), _f(r["tokens_per_s"], "{:.1f}"),
                   _f(r["steps_per_s"], "{:.2f}"),
                   _f(r["tokens_per_step"]), _f(100 * r["hit_rate"], "{:.1f}"),
@@ -63,6 +64,26 @@ def bounds_table(report: dict) -> Table | None:
                   _f(b.get("pcie_ms")),
                   _f(b.get("lower_bound_ms")), _f(b.get("tide_step_ms")),
                   _f(b.get("tide_over_bound")))
+    return t
+
+
+def plan_table(report: dict) -> Table | None:
+    """Planned tide runs: the plan's predicted step time against the measured one."""
+    rows = [r for r in report["runs"] if r.get("planned")]
+    if not rows:
+        return None
+    t = Table(title="the planner against the measurement (denoising steps)", title_justify="left",
+              header_style="bold")
+    for col in ("workload", "budget", "τ", "misses", "profile", "calibrated", "predicted ms",
+                "measured ms", "error"):
+        t.add_column(col, justify="left" if col in ("workload", "profile") else "right")
+    for r in rows:
+        ratio = r.get("measured_over_predicted")
+        err = None if ratio is None else 1 / ratio - 1  # predicted against measured
+        t.add_row(r["workload"], r["budget"], _f(r["tau"], "{}"), _f(r.get("misses_used"), "{}"),
+                  r.get("plan_profile", ""), "yes" if r.get("plan_calibrated") else "no",
+                  _f(r["predicted_step_ms"]), _f(r.get("denoise_step_ms")),
+                  _f(None if err is None else 100 * err, "{:+.0f} %"))
     return t
 
 

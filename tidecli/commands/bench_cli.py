@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -29,7 +30,14 @@ def _ints(text: str, name: str) -> list[int]:
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError as exc:
-        raise TideError(f"--{name} takes whole numbers", f"e.g. --{name} 1,2,4,8") from exc
+        hint = "e.g. --tau plan,1,2,4,8" if name == "tau" else f"e.g. --{name} 1,2,4,8"
+        raise TideError(f"--{name} takes whole numbers", hint) from exc
+
+
+def _taus(text: str) -> list[int | str]:
+    """--tau: whole numbers and 'plan'."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return ["plan" if p == "plan" else _ints(p, "tau")[0] for p in parts]
 
 
 def _prompts(path: Path | None) -> list[str] | None:
@@ -70,7 +78,9 @@ def register(app: typer.Typer) -> None:
         workloads: str = typer.Option("model,synthetic",
                                       help="model (the checkpoint's routing) and/or synthetic "
                                            "(published LLaDA2.0-mini routing statistics)."),
-        tau: str = typer.Option("4", help="tide refresh intervals to sweep, e.g. 1,2,4,8."),
+        tau: str = typer.Option("plan", help="tide refresh intervals to sweep, e.g. plan,1,2,4,8 "
+                                "('plan': the planner's τ and expert budgets, with its "
+                                "predicted step time beside the measured one)."),
         misses: str = typer.Option("auto", help="static/tide miss placement to sweep: auto, "
                                                 "stream, split, cpu, gpu (e.g. stream,split)."),
         prompts: Path | None = typer.Option(None, help="Prompts: text file (one per line) or "
@@ -116,20 +126,22 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     from tidecli.bench.report import (
         bounds_table,
         check_plot_available,
+        plan_table,
         routing_table,
         runs_table,
         skipped_lines,
         write_json,
         write_plot,
     )
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.commands.open_engine import open_engine, plans_on_this_machine
+    from tidecli.engine import EngineOptions
     from tidecli.ui.console import byte_progress, err
 
     spec = BenchSpec(policies=[p.strip() for p in policies.split(",") if p.strip()],
                      vram=_floats(vram, "vram") if vram else [],
                      experts=_ints(experts, "experts") if experts else [],
                      workloads=[w.strip() for w in workloads.split(",") if w.strip()],
-                     taus=_ints(tau, "tau"),
+                     taus=_taus(tau),
                      misses=[m.strip() for m in misses.split(",") if m.strip()],
                      prompts=_prompts(prompts) or list(PROMPTS),
                      gen_length=gen_length, threshold=threshold, repeat=repeat)
@@ -139,9 +151,12 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     prof = _profile(profile)
     # the first run's runtime is built by the bench itself; start from the resident default
     opts = EngineOptions(model=model, device=device, dtype=dtype, policy="resident",
-                         cpu_threads=cpu_threads, graphs=graphs)
+                         cpu_threads=cpu_threads, graphs=graphs, profile=profile,
+                         threshold=threshold)
+    planned = "tide" in spec.policies and "plan" in spec.taus and profile is None
+    engine = open_engine(opts, build_runtime=False,
+                         plans=planned and plans_on_this_machine(replace(opts, policy="tide")))
     with byte_progress() as progress:
-        engine = Engine(opts, progress=progress, build_runtime=False)
         if any(p != "resident" for p in spec.policies):
             engine.host_store(progress)  # once, shared by every run (resident copies from it)
     try:
@@ -168,6 +183,9 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     out.print(runs_table(report))
     for line in skipped_lines(report):
         out.print(line, style="yellow", markup=False, soft_wrap=True)
+    pt = plan_table(report)
+    if pt is not None:
+        out.print(pt)
     bt = bounds_table(report)
     if bt is not None:
         out.print(bt)

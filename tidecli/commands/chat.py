@@ -29,7 +29,7 @@ from tidecli.decode.session import (
     unescape_message,
 )
 from tidecli.errors import TideError, out_of_memory
-from tidecli.ui.console import byte_progress, err
+from tidecli.ui.console import err
 from tidecli.ui.live import layer_table, make_console, startup_panel
 from tidecli.ui.summary import generation_line
 
@@ -236,11 +236,10 @@ def _readline_history() -> Callable[[], None]:
 
 def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
              transcript: Path | None = None, pcie_peak_gbps: float | None = None) -> None:
-    from tidecli.engine import Engine
+    from tidecli.commands.open_engine import open_engine
 
     settings.validate()  # out-of-range options fail before the model loads
-    with byte_progress() as progress:
-        engine = Engine(opts, progress=progress)
+    engine = open_engine(opts)
     try:
         settings.validate(engine.cfg.max_position_embeddings)
         session = ChatSession(settings=settings, system=system, model=str(engine.path),

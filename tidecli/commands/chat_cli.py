@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from tidecli.commands.help_text import MISSES_HELP, MODEL_HELP, POLICY_HELP, RAM_HELP, VRAM_HELP
+from tidecli.commands.help_text import (
+    MISSES_HELP,
+    MODEL_HELP,
+    POLICY_HELP,
+    PROFILE_HELP,
+    RAM_HELP,
+    VRAM_HELP,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +43,7 @@ def register(app: typer.Typer) -> None:
         live: bool = typer.Option(True, "--live/--no-live",
                                   help="Draw replies live as they are denoised (on a terminal)."),
         misses: str = typer.Option("auto", help=MISSES_HELP),
+        profile: str | None = typer.Option(None, help=PROFILE_HELP),
         load: Path | None = typer.Option(None, "--load",
                                          help="Continue from a transcript saved with /save."),
     ) -> None:
@@ -47,7 +55,8 @@ def register(app: typer.Typer) -> None:
         opts = EngineOptions(model=model, device=device, dtype=dtype, policy=policy,
                              block_length=block_length, vram_gib=vram, ram_gib=ram,
                              experts_per_layer=experts_per_layer, tau=tau,
-                             cpu_threads=cpu_threads, misses=misses)
+                             cpu_threads=cpu_threads, misses=misses, profile=profile,
+                             threshold=threshold)
         settings = DecodeSettings(gen_length=gen_length, block_length=block_length,
                                   threshold=threshold, editing_threshold=editing_threshold,
                                   temperature=temperature, seed=seed)

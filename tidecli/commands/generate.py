@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tidecli.decode.session import SoftInterrupt, drive
-from tidecli.ui.console import byte_progress, err
+from tidecli.ui.console import err
 from tidecli.ui.live import LiveState, LiveView, PlainStream, make_console, startup_panel
 from tidecli.ui.summary import generation_line
 
@@ -48,8 +48,8 @@ def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
                  system: str | None, raw: bool, json_out: bool, reference: bool,
                  trace: Path | None, live: bool = True,
                  pcie_peak_gbps: float | None = None) -> None:
+    from tidecli.commands.open_engine import open_engine
     from tidecli.decode.diffusion import DecodeSettings
-    from tidecli.engine import Engine
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -58,10 +58,7 @@ def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
         editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, use_cache=not reference)
     settings.validate()  # out-of-range options fail before the model loads
-    with byte_progress() as progress:
-        engine = Engine(opts, progress=progress)
-    for note in engine.notices:
-        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    engine = open_engine(opts)
     try:
         settings.validate(engine.cfg.max_position_embeddings)
         ids = engine.prompt_ids(prompt, system=system, raw=raw)

@@ -1,6 +1,9 @@
 """Option help shared by the commands (plain strings: imported at start-up)."""
 
-POLICY_HELP = "Expert residency: resident, lru, static or tide."
+POLICY_HELP = ("Expert residency: resident, lru, static or tide (without --tau or "
+               "--experts-per-layer, tide follows the planner's plan for this machine).")
+PROFILE_HELP = ("tide: hardware profile to plan with (a reference name such as rtx4090, or a "
+                "file). Default: this machine's saved profile, measured once when missing.")
 VRAM_HELP = "GPU memory budget in GiB for tide's allocations (dense + KV + expert slots)."
 RAM_HELP = ("Host RAM budget in GiB for the experts (those kept in RAM + staging buffers); "
             "experts beyond it are read from disk when used (slower, same tokens). Default: the "

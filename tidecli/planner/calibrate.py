@@ -6,10 +6,19 @@ tide, its B_ℓ and τ) for a couple of blocks on a fixed prompt with the routin
 the measured step time and the runtime's counters (cpu_ms, copy_ms) with what the model
 predicts *for the same routing*, fit a correction per term, and re-solve with the recorded
 trace and the corrections. The engine (and torch) is imported inside the functions only.
+
+Streamed misses are read inside the step, so no counter times them: the same blocks run a
+second time with three quarters of the slots (same prompt, so the same routing and tokens),
+and the step time against the experts read per step gives the cost of one read (the slope)
+apart from the fixed part. The corrections are saved for this machine and model; the plan the
+runtime follows by default (planner/auto.py) applies them.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +26,8 @@ from pathlib import Path
 from tidecli.errors import TideError
 from tidecli.experts.budget import GIB
 from tidecli.experts.trace import RoutingTrace
+from tidecli.fsutil import atomic_write_json, config_dir
+from tidecli.hardware import probe
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.model.config import ModelConfig
 from tidecli.planner.costs import Calibration
@@ -32,6 +43,9 @@ CALIBRATION_PROMPT = ("Write a Python function that returns the n-th Fibonacci n
 SCALE_RANGE = (1e-3, 1e4)
 MAX_LAUNCH_MS = 1e4  # per layer: beyond any plausible fixed cost
 OFF_BY = 2.0  # warn when the uncalibrated prediction is off by more than this factor
+CALIBRATION_SCHEMA = "tide-calibration/1"
+SECOND_SLOTS = 0.75  # streamed misses: the second run keeps this share of each layer's slots
+MIN_LEVER = 1.2  # ... and must read this many times the experts of the first to fit a slope
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,11 +59,31 @@ class Measurement:
     stall_ms: float
     hit_rate: float
     trace: RoutingTrace
+    reads: float = 0.0  # experts moved host → GPU per step (copied or read by the GPU)
+    # streamed misses: (slots per layer, step ms, reads per step) of the run with fewer slots
+    second: tuple[dict[int, int], float, float] | None = None
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "steps": self.steps, "step_ms": round(self.step_ms, 4),
-                "cpu_ms": round(self.cpu_ms, 4), "copy_ms": round(self.copy_ms, 4),
-                "stall_ms": round(self.stall_ms, 4), "hit_rate": round(self.hit_rate, 4)}
+        out = {"device": self.device, "steps": self.steps, "step_ms": round(self.step_ms, 4),
+               "cpu_ms": round(self.cpu_ms, 4), "copy_ms": round(self.copy_ms, 4),
+               "stall_ms": round(self.stall_ms, 4), "hit_rate": round(self.hit_rate, 4),
+               "reads_per_step": round(self.reads, 3)}
+        if self.second is not None:
+            out["fewer_slots"] = {"slots": sum(self.second[0].values()),
+                                  "step_ms": round(self.second[1], 4),
+                                  "reads_per_step": round(self.second[2], 3)}
+        return out
+
+    def read_ms(self) -> float | None:
+        """Streamed misses: the measured cost of one expert read (the slope between the two
+        runs), None without a second run or when it read too few more experts to tell."""
+        if self.second is None:
+            return None
+        _slots, ms2, reads2 = self.second
+        if reads2 < self.reads * MIN_LEVER or reads2 - self.reads < 1.0:
+            return None
+        slope = (ms2 - self.step_ms) / (reads2 - self.reads)
+        return slope if slope > 0 else None
 
 
 def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
@@ -76,31 +110,46 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         raise TideError("the plan's expert slots do not fit this GPU's free memory",
                         "calibrate with this machine's profile (omit --profile) or a lower --vram"
                         ) from exc
-    rows: list[tuple[float, float, float, float, float]] = []
+    settings = DecodeSettings(gen_length=blocks * plan.block_length,
+                              block_length=plan.block_length, threshold=threshold)
+    second = None
     try:
-        settings = DecodeSettings(gen_length=blocks * plan.block_length,
-                                  block_length=plan.block_length, threshold=threshold)
         ids = engine.prompt_ids(prompt)
         trace = engine.runtime.enable_trace()
-        engine.runtime.reset_stats()
-        decoder = engine.decoder(ids, settings)
-        for ev in decoder.steps():
-            if ev.global_step == 1:  # a cold pool is filled before computing: not steady state
-                continue
-            s = ev.expert_stats or {}
-            rows.append((ev.forward_ms, float(s.get("cpu_ms", 0.0)), float(s.get("copy_ms", 0.0)),
-                         float(s.get("stall_ms", 0.0)), float(s.get("hit_rate", 1.0))))
+        mean = _run_steps(engine, ids, settings)
+        if plan.misses == "stream" and engine.device.type == "cuda":
+            fewer = {k: max(1, int(v * SECOND_SLOTS)) for k, v in plan.experts_per_layer.items()}
+            engine.set_runtime(experts_per_layer_map=fewer)
+            m2 = _run_steps(engine, ids, settings)
+            second = (fewer, m2[0], m2[5])
         dev = engine.device
     finally:
         engine.close()
+    return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=int(mean[6]),
+                       step_ms=mean[0], cpu_ms=mean[1], copy_ms=mean[2], stall_ms=mean[3],
+                       hit_rate=mean[4], trace=trace, reads=mean[5], second=second)
+
+
+def _run_steps(engine, ids: list[int], settings) -> list[float]:
+    """Decode once; the means per steady step of (step ms, cpu ms, copy ms, stall ms, hit rate,
+    experts moved), then the number of steps."""
+    engine.runtime.reset_stats()
+    rt = engine.runtime
+    expert = getattr(rt, "expert_bytes", 0) or getattr(getattr(rt, "pools", None),
+                                                          "expert_bytes", 0)
+    rows: list[tuple[float, ...]] = []
+    for ev in engine.decoder(ids, settings).steps():
+        if ev.global_step == 1:  # a cold pool is filled before computing: not steady state
+            continue
+        s = ev.expert_stats or {}
+        moved = float(s.get("bytes_h2d", 0)) / expert if expert else 0.0
+        rows.append((ev.forward_ms, float(s.get("cpu_ms", 0.0)), float(s.get("copy_ms", 0.0)),
+                     float(s.get("stall_ms", 0.0)), float(s.get("hit_rate", 1.0)), moved))
     if not rows:
         raise TideError("calibration ran no steady denoising step",
                         "try again; the prompt ended after its first step")
     n = len(rows)
-    mean = [sum(r[i] for r in rows) / n for i in range(5)]
-    return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=n, step_ms=mean[0],
-                       cpu_ms=mean[1], copy_ms=mean[2], stall_ms=mean[3], hit_rate=mean[4],
-                       trace=trace)
+    return [sum(r[i] for r in rows) / n for i in range(6)] + [float(n)]
 
 
 def _ratio(measured: float, predicted: float) -> float:
@@ -124,9 +173,11 @@ def _solve_increasing(fn: Callable[[float], float], target: float, lo: float,
 
 
 def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
-                    measured: Measurement) -> Calibration:
+                    measured: Measurement, c_io_ms: float | None = None) -> Calibration:
     """The CPU and PCIe scales come straight from the runtime's counters (cpu_ms, copy_ms
-    against the model's CPU misses and copies for the same routing). What remains of the
+    against the model's CPU misses and copies for the same routing); for streamed misses the
+    PCIe scale is the measured cost of one read (`Measurement.read_ms`) over the model's
+    `c_io_ms`, and stays 1 when the runs could not tell it. What remains of the
     measured step is put on the fixed per-layer cost (launches, host syncs, Python: what
     bandwidth microbenchmarks miss), solved so that the model gives the measured step time;
     only if the model is too slow even with no fixed cost are the device's bandwidth terms
@@ -135,6 +186,9 @@ def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
     base = predictor(Calibration(overlap=measured.overlap))
     cpu = _ratio(measured.cpu_ms, base.cpu_miss_ms)
     io = _ratio(measured.copy_ms, base.pcie_ms)
+    read_ms = measured.read_ms()
+    if measured.second is not None:  # streamed: the copy counters are not timed
+        io = _ratio(read_ms, c_io_ms) if read_ms is not None and c_io_ms else 1.0
 
     def with_launch(ms: float) -> Calibration:
         return Calibration(cpu_scale=cpu, io_scale=io, launch_ms_per_layer=ms,
@@ -164,7 +218,7 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
                 threshold=workload.threshold, cpu_threads=cpu_threads, progress=progress)
     model = predictor(plan=plan, config=config, profile=profile, trace=m.trace)
     with_trace = model(Calibration(overlap=m.overlap))
-    cal = fit_calibration(predictor=model, measured=m)
+    cal = fit_calibration(predictor=model, measured=m, c_io_ms=plan.constants.get("c_io_ms"))
     after = model(cal)
     new = make_plan(config=config, profile=profile, vram_gib=plan.vram_budget_bytes / GIB,
                     workload=replace(workload, tokens_per_step=None), trace=m.trace,
@@ -189,4 +243,48 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
         "scales": cal.to_dict(),
         "measured_over_predicted": round(off, 4),
     }
+    if m.read_ms() is not None:
+        info["measured_read_ms"] = round(m.read_ms(), 5)
+    info["saved_to"] = str(save_calibration(profile=profile, model=model_path,
+                                            misses=plan.misses, calibration=cal, info=info))
     return replace(new, warnings=tuple(warnings)).with_calibration(info)
+
+
+# ---- saved corrections --------------------------------------------------------------------------
+
+
+def calibration_path(*, profile: HardwareProfile, model: str | Path, misses: str) -> Path:
+    """Where the corrections for this profile (machine), model folder and miss mode live."""
+    folder = Path(model).expanduser().resolve()
+    digest = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+    name = f"{probe.slug(profile.name)}--{probe.slug(folder.name)}-{digest}--{misses}.json"
+    return config_dir() / "calibrations" / name
+
+
+def save_calibration(*, profile: HardwareProfile, model: str | Path, misses: str,
+                     calibration: Calibration, info: dict | None = None) -> Path:
+    path = calibration_path(profile=profile, model=model, misses=misses)
+    return atomic_write_json(path, {"schema": CALIBRATION_SCHEMA, "profile": profile.name,
+                                    "model": str(Path(model).expanduser().resolve()),
+                                    "misses": misses, "created": datetime.date.today().isoformat(),
+                                    "scales": calibration.to_dict(), "measured": info or {}})
+
+
+def load_calibration(*, profile: HardwareProfile, model: str | Path,
+                     misses: str) -> Calibration | None:
+    """The corrections `tide plan --calibrate` saved for this profile, model and miss mode, or
+    None; an unreadable file is a one-line error."""
+    path = calibration_path(profile=profile, model=model, misses=misses)
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        sc = raw["scales"]
+        launch = sc.get("launch_ms_per_layer")
+        return Calibration(gpu_scale=float(sc["gpu_scale"]), cpu_scale=float(sc["cpu_scale"]),
+                           io_scale=float(sc["io_scale"]),
+                           launch_ms_per_layer=None if launch is None else float(launch),
+                           overlap=bool(sc.get("overlap", True)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TideError(f"the saved calibration {path} cannot be read ({exc.__class__.__name__})",
+                        "delete it, or run `tide plan --calibrate` again") from exc

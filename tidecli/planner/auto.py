@@ -1,0 +1,64 @@
+"""The plan the runtime follows by default: `--policy tide` without `--tau` or expert budgets.
+
+The engine asks for it before loading any weight. It plans with this machine's saved hardware
+profile (measured once, quick, when there is none), the engine's own VRAM and RAM budgets, and
+where the engine will put missed experts (streamed or on the host), then applies the calibration
+`tide plan --calibrate` saved for this model on this machine, if any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tidecli.experts.budget import GIB
+from tidecli.hardware.profile import HardwareProfile
+from tidecli.planner.plan import Plan
+
+Progress = Callable[[str, int, int], None]
+
+
+def machine_profile(spec: str | None, *, notices: list[str] | None = None,
+                    progress: Progress | None = None) -> HardwareProfile:
+    """`spec` (a reference name or a file) when given; else this machine's saved profile,
+    measured (quick) and saved first when there is none, with a notice saying so."""
+    from tidecli.hardware.store import load_saved_profile, resolve_profile, save_profile
+
+    if spec is not None:
+        return resolve_profile(spec)
+    prof = load_saved_profile()
+    if prof is not None:
+        return prof
+    from tidecli.hardware.measure import measure_profile
+
+    prof = measure_profile(quick=True, progress=progress)
+    path = save_profile(prof)
+    if notices is not None:
+        notices.append(f"no hardware profile for this machine yet: measured a quick one and saved "
+                       f"it to {path} (`tide profile` measures a full one)")
+    return prof
+
+
+def runtime_plan(engine: Any) -> Plan:
+    """The plan for `engine`'s model, options and device (see the module docstring)."""
+    from tidecli.planner.calibrate import load_calibration
+    from tidecli.planner.solver import make_plan
+    from tidecli.planner.workload import Workload
+
+    o, cfg = engine.opts, engine.cfg
+    profile = machine_profile(o.profile, notices=engine.notices)
+    cuda = engine.device.type == "cuda"
+    stream = o.misses == "stream" or (o.misses == "auto" and cuda and engine._may_stream())
+    vram = o.vram_gib if o.vram_gib is not None else engine._device_free_gib()
+    # the planner counts bf16 bytes; a run in another dtype has the same slots in scaled bytes
+    scale = 2 / engine.dtype.itemsize
+    if cuda and not stream and o.misses in ("auto", "split", "gpu"):  # scratch slots come first
+        vram -= engine.SCRATCH_SLOTS * cfg.expert_bytes(engine.dtype.itemsize) / GIB
+    ram = engine._ram_budget() / GIB * scale
+    workload = Workload(block_length=o.block_length, threshold=o.threshold,
+                        context_tokens=o.context_tokens)
+    misses = "stream" if stream else "cpu"
+    calibration = load_calibration(profile=profile, model=engine.path, misses=misses)
+    return make_plan(config=cfg, profile=profile, vram_gib=vram * scale, workload=workload,
+                     ram_gib=ram, calibration=calibration, model_name=str(engine.path),
+                     misses=misses)
