@@ -99,3 +99,27 @@ if [ "$STAGE" = i ]; then
     --vram 7.25 --policies resident,lru,static,tide --misses stream --tau 1 \
     --workloads model,synthetic --json "$OUT/bench-flash4.json" 2>&1 | grep -v "^\[" | tail -30
 fi
+if [ "$STAGE" = j ]; then
+  # the planner against the measurement: uncalibrated plans, --calibrate at 10 GiB (saved, so
+  # the bench's planned runs use it), then the synthetic workload with a τ sweep and the plan
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  for v in 10 18; do
+    T plan -m "$W/mini" --profile h200 --vram $v --json > "$OUT/plan$v.json" 2>/dev/null
+  done
+  echo "== calibrate at 10 GiB"
+  TO 200 plan -m "$W/mini" --profile h200 --vram 10 --calibrate --json > "$OUT/cal10.json" \
+    2> "$OUT/cal10.err"; tail -22 "$OUT/cal10.err"
+  TO 420 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+    --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1,2,3,4,5,6,7,8 \
+    --workloads synthetic --json "$OUT/bench-plan-syn.json" 2>&1 | grep -v "^\[" | tail -40
+fi
+if [ "$STAGE" = k ]; then
+  echo "== gpu tests"; timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  echo "== calibrate at 18 GiB"
+  TO 200 plan -m "$W/mini" --profile h200 --vram 18 --calibrate --json > "$OUT/cal18.json" \
+    2> "$OUT/cal18.err"; tail -22 "$OUT/cal18.err"
+  TO 300 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+    --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1 \
+    --workloads model,synthetic --json "$OUT/bench-plan-cal18.json" 2>&1 | grep -v "^\[" | tail -40
+fi

@@ -117,7 +117,7 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         ids = engine.prompt_ids(prompt)
         trace = engine.runtime.enable_trace()
         mean = _run_steps(engine, ids, settings)
-        if plan.misses == "stream" and engine.device.type == "cuda":
+        if plan.misses == "stream":
             fewer = {k: max(1, int(v * SECOND_SLOTS)) for k, v in plan.experts_per_layer.items()}
             engine.set_runtime(experts_per_layer_map=fewer)
             m2 = _run_steps(engine, ids, settings)

@@ -1,0 +1,228 @@
+"""The runtime follows the planner by default; profiles measured once; saved calibrations;
+streamed calibration's read timing; `tide bench --tau plan`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_planner import gpu_profile
+from tidecli.errors import TideError
+from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
+from tidecli.model.config import load_config
+from tidecli.planner import Calibration, make_plan, predictor
+from tidecli.planner.calibrate import (
+    Measurement,
+    calibration_path,
+    fit_calibration,
+    load_calibration,
+    save_calibration,
+)
+
+
+def _profile_file(tmp_path, name="test GPU"):
+    threads = torch.get_num_threads()
+    prof = gpu_profile(name, vram_gib=8, mem_gbps=500, h2d_gbps=20, cores=threads, ram_gib=32,
+                       cpu_1tok_ms=0.05, gpu_expert_ms=0.02, threads=threads)
+    return prof, prof.save(tmp_path / "p.json")
+
+
+def _vram_for(cfg, slots_per_layer: int, dtype_bytes: int = 2) -> float:
+    """A budget (GiB, in bf16 bytes) that leaves room for this many experts per layer."""
+    fixed = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * 4096 + workspace_bytes(cfg, 32)
+    return (fixed + cfg.num_moe_layers * slots_per_layer * cfg.expert_bytes() + 100) / GIB * \
+        dtype_bytes / 2
+
+
+def _generate(eng, n=32):
+    from tidecli.decode.diffusion import DecodeSettings
+
+    ids = eng.prompt_ids("Hello there")
+    dec = eng.decoder(ids, DecodeSettings(gen_length=n, block_length=32, threshold=1e-7))
+    for _ev in dec.steps():
+        pass
+    return dec.x.tolist()  # the whole sequence, past any EOS
+
+
+def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
+    from tidecli.engine import Engine, EngineOptions
+
+    _prof, path = _profile_file(tmp_path)
+    cfg = load_config(tiny_ckpt)
+    # fp32 on the CPU: the budget is given in the run's bytes, the plan counts the same slots
+    vram = _vram_for(cfg, 12, dtype_bytes=4)
+    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", vram_gib=vram,
+                               profile=str(path), threshold=1e-7), quiet=True)
+    try:
+        plan = eng.plan
+        assert plan is not None and plan.profile == "test GPU"
+        assert eng.runtime.budgets == plan.experts_per_layer
+        assert sum(plan.experts_per_layer.values()) <= 12 * cfg.num_moe_layers
+        info = eng.describe()
+        assert info["tau"] == plan.tau and info["plan"]["tau"] == plan.tau
+        assert info["plan"]["predicted_step_ms"] > 0 and info["plan"]["calibrated"] is False
+        tokens = _generate(eng)
+    finally:
+        eng.close()
+    ref = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), quiet=True)
+    try:
+        assert _generate(ref) == tokens  # the planned placement is lossless
+    finally:
+        ref.close()
+
+
+def test_given_tau_or_budgets_or_a_cpu_device_without_profile_skip_the_plan(tiny_ckpt, tmp_path):
+    from tidecli.engine import Engine, EngineOptions
+
+    _prof, path = _profile_file(tmp_path)
+    for extra in ({"tau": 2, "profile": str(path)}, {"experts_per_layer": 5, "profile": str(path)},
+                  {"experts_per_layer": 5}):
+        eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", **extra),
+                     quiet=True)
+        try:
+            assert eng.plan is None
+            assert eng.describe()["tau"] == extra.get("tau", 4)
+        finally:
+            eng.close()
+
+
+def _cpu_profile():
+    from tidecli.hardware.profile import HardwareProfile
+
+    return HardwareProfile(name="CPU only on testhost", kind="measured", cpu_physical_cores=2,
+                           ram_total_bytes=8 * GIB, ram_available_bytes=6 * GIB,
+                           expert_shape=(2048, 512))
+
+
+def test_a_missing_machine_profile_is_measured_once_and_saved(monkeypatch):
+    import tidecli.hardware.measure as measure
+    from tidecli.hardware.store import load_saved_profile
+    from tidecli.planner.auto import machine_profile
+
+    calls = []
+
+    def fake(**kw):
+        calls.append(kw)
+        return _cpu_profile()
+
+    monkeypatch.setattr(measure, "measure_profile", fake)
+    monkeypatch.setattr("tidecli.hardware.store.current_gpu_name", lambda: None)
+    assert load_saved_profile() is None
+    notices: list[str] = []
+    first = machine_profile(None, notices=notices)
+    assert calls == [{"quick": True, "progress": None}]
+    assert len(notices) == 1 and "measured a quick one and saved it" in notices[0]
+    again = machine_profile(None, notices=notices)
+    assert len(calls) == 1 and len(notices) == 1  # saved: not measured again
+    assert again.name == first.name == load_saved_profile().name
+
+
+def test_saved_calibration_round_trip_and_corrupt_file(tmp_path, tiny_ckpt):
+    prof, _path = _profile_file(tmp_path)
+    cal = Calibration(gpu_scale=0.8, cpu_scale=2.0, io_scale=1.3, launch_ms_per_layer=0.07,
+                      overlap=True)
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream") is None
+    path = save_calibration(profile=prof, model=tiny_ckpt, misses="stream", calibration=cal)
+    assert path == calibration_path(profile=prof, model=tiny_ckpt, misses="stream")
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream") == cal
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="cpu") is None  # per mode
+    path.write_text("{not json")
+    with pytest.raises(TideError, match="cannot be read") as exc:
+        load_calibration(profile=prof, model=tiny_ckpt, misses="stream")
+    assert "calibrate" in exc.value.hint
+    path.unlink()
+
+
+def _stream_setup():
+    from tests.test_planner import CONSUMER, fifo_trace
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.presets import preset_config
+
+    trace = fifo_trace(layers=4, experts=256, distinct=60, turnover=6, blocks=3, steps=12)
+    cfg = config_from_dict(preset_config("mini", layers=5))
+    trace.moe_layers = cfg.moe_layers
+    plan = make_plan(config=cfg, profile=CONSUMER[0], vram_gib=1.5, trace=trace,
+                     misses="stream")
+    return trace, plan, predictor(plan=plan, config=cfg, profile=CONSUMER[0], trace=trace)
+
+
+def test_streamed_calibration_times_a_read_from_the_second_run():
+    trace, plan, model = _stream_setup()
+    c_io = plan.constants["c_io_ms"]
+    truth = Calibration(io_scale=1.6, launch_ms_per_layer=0.3)
+    real = model(truth)
+    reads = real.pcie_ms / (c_io * truth.io_scale)  # the model's reads per step
+    read_ms = c_io * truth.io_scale
+
+    def measured(reads2):
+        return Measurement(device="cuda:0", overlap=True, steps=20, step_ms=real.step_ms,
+                           cpu_ms=0.0, copy_ms=0.0, stall_ms=0.0, hit_rate=real.hit_rate,
+                           trace=trace, reads=reads,
+                           second=({1: 3}, real.step_ms + (reads2 - reads) * read_ms, reads2))
+
+    m = measured(reads * 2)
+    assert m.read_ms() == pytest.approx(read_ms)
+    cal = fit_calibration(predictor=model, measured=m, c_io_ms=c_io)
+    assert cal.io_scale == pytest.approx(1.6, rel=1e-6)
+    assert cal.launch_ms_per_layer == pytest.approx(0.3, abs=1e-6)
+    assert model(cal).step_ms == pytest.approx(real.step_ms, rel=1e-6)
+    # too few more reads to tell one read's cost: the profile's figure stays
+    weak = measured(reads * 1.05)
+    assert weak.read_ms() is None
+    assert fit_calibration(predictor=model, measured=weak, c_io_ms=c_io).io_scale == 1.0
+
+
+def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, capsys):
+    from tests.clihelp import tide
+    from tidecli.engine import Engine, EngineOptions
+
+    _prof, path = _profile_file(tmp_path)
+    cfg = load_config(tiny_ckpt)
+    vram = _vram_for(cfg, 12)
+    code, out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+                           "--vram", repr(vram), "--calibrate", "--device", "cpu",
+                           "--threshold", "1e-7", "--json"], capsys)
+    assert code == 0, err
+    cal = json.loads(out)["calibration"]
+    # streamed misses: a second run with three quarters of the slots, same prompt
+    fewer = cal["measured"]["fewer_slots"]
+    assert fewer["slots"] == cfg.num_moe_layers * 9 and fewer["step_ms"] > 0
+    assert fewer["reads_per_step"] >= cal["measured"]["reads_per_step"]
+    saved = json.loads(open(cal["saved_to"]).read())
+    assert saved["scales"] == cal["scales"] and saved["misses"] == "stream"
+    assert "saved for this machine and model" in err
+    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", dtype="bf16", policy="tide",
+                               misses="stream", vram_gib=vram, profile=str(path)), quiet=True)
+    try:
+        assert eng.plan.constants["calibration"] == cal["scales"]
+        assert eng.describe()["plan"]["calibrated"] is True
+    finally:
+        eng.close()
+
+
+def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
+    from tests.clihelp import tide
+    from tidecli.commands.bench_cli import _taus
+
+    assert _taus("plan,1,4") == ["plan", 1, 4]
+    with pytest.raises(TideError, match="whole numbers"):
+        _taus("plan,soon")
+    _prof, path = _profile_file(tmp_path)
+    cfg = load_config(tiny_ckpt)
+    out_json = tmp_path / "b.json"
+    code, _out, err = tide(["bench", "--model", str(tiny_ckpt), "--device", "cpu",
+                            "--policies", "tide", "--vram", repr(_vram_for(cfg, 12, 4)),
+                            "--tau", "plan,2", "--workloads", "model", "--gen-length", "32",
+                            "--profile", str(path), "--json", str(out_json)], capsys)
+    assert code == 0, err
+    runs = json.loads(out_json.read_text())["runs"]
+    planned = [r for r in runs if r.get("planned")]
+    assert len(planned) == 1 and runs[1]["tau"] == 2 and not runs[1].get("planned")
+    r = planned[0]
+    assert r["tau"] >= 1 and r["predicted_step_ms"] > 0 and r["plan_profile"] == "test GPU"
+    assert r["measured_over_predicted"] == pytest.approx(
+        r["denoise_step_ms"] / r["predicted_step_ms"], rel=1e-3)
+    assert r["identical"]
+    assert "the planner against the measurement" in err
