@@ -123,3 +123,15 @@ if [ "$STAGE" = k ]; then
     --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1 \
     --workloads model,synthetic --json "$OUT/bench-plan-cal18.json" 2>&1 | grep -v "^\[" | tail -40
 fi
+if [ "$STAGE" = l ]; then
+  # calibrate at one budget, predict both (synthetic workload): at 10 GiB, then at 18 GiB
+  T synth "$W/mini" --preset mini --force 2>&1 | tail -1
+  for c in 10 18; do
+    echo "== calibrate at $c GiB"
+    TO 200 plan -m "$W/mini" --profile h200 --vram $c --calibrate --json > "$OUT/cal$c.json" \
+      2> "$OUT/cal$c.err"; grep -A4 "fitted" "$OUT/cal$c.err"
+    TO 200 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+      --vram 10,18 --policies tide --misses stream --tau plan --workloads synthetic \
+      --json "$OUT/bench-cal$c.json" 2>&1 | grep -A8 "planner against"
+  done
+fi

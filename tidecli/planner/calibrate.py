@@ -44,8 +44,13 @@ SCALE_RANGE = (1e-3, 1e4)
 MAX_LAUNCH_MS = 1e4  # per layer: beyond any plausible fixed cost
 OFF_BY = 2.0  # warn when the uncalibrated prediction is off by more than this factor
 CALIBRATION_SCHEMA = "tide-calibration/1"
-SECOND_SLOTS = 0.75  # streamed misses: the second run keeps this share of each layer's slots
-MIN_LEVER = 1.2  # ... and must read this many times the experts of the first to fit a slope
+# streamed misses: the second run keeps at most this share of each layer's slots, and at most
+# this many times the experts a step of the first run used in that layer (so that it reads
+# clearly more: spare slots beyond a step's experts would only hold more of the same) ...
+SECOND_SLOTS = 0.75
+SECOND_OVER_DISTINCT = 1.25
+MIN_EXTRA_READS = 5.0  # ... and must read this many more experts per step,
+MIN_EXTRA_SHARE = 0.25  # and this share more, to time one read from the difference
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +85,8 @@ class Measurement:
         if self.second is None:
             return None
         _slots, ms2, reads2 = self.second
-        if reads2 < self.reads * MIN_LEVER or reads2 - self.reads < 1.0:
+        extra = reads2 - self.reads
+        if extra < MIN_EXTRA_READS or extra < MIN_EXTRA_SHARE * self.reads:
             return None
         slope = (ms2 - self.step_ms) / (reads2 - self.reads)
         return slope if slope > 0 else None
@@ -118,7 +124,7 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         trace = engine.runtime.enable_trace()
         mean = _run_steps(engine, ids, settings)
         if plan.misses == "stream":
-            fewer = {k: max(1, int(v * SECOND_SLOTS)) for k, v in plan.experts_per_layer.items()}
+            fewer = second_budgets(plan.experts_per_layer, trace)
             engine.set_runtime(experts_per_layer_map=fewer)
             m2 = _run_steps(engine, ids, settings)
             second = (fewer, m2[0], m2[5])
@@ -128,6 +134,20 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
     return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=int(mean[6]),
                        step_ms=mean[0], cpu_ms=mean[1], copy_ms=mean[2], stall_ms=mean[3],
                        hit_rate=mean[4], trace=trace, reads=mean[5], second=second)
+
+
+def second_budgets(budgets: dict[int, int], trace: RoutingTrace) -> dict[int, int]:
+    """Slots per layer for the second run of a streamed calibration (see SECOND_SLOTS)."""
+    counts = trace.steps_only().array()  # [steps, layers, experts]
+    used = (counts > 0).sum(axis=2).mean(axis=0) if len(counts) else None
+    out = {}
+    for j, layer in enumerate(trace.moe_layers):
+        b = budgets[layer]
+        cap = b * SECOND_SLOTS
+        if used is not None:
+            cap = min(cap, SECOND_OVER_DISTINCT * float(used[j]))
+        out[layer] = max(1, min(b, int(cap)))
+    return out
 
 
 def _run_steps(engine, ids: list[int], settings) -> list[float]:
