@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -189,7 +188,7 @@ def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, 
     cal = json.loads(out)["calibration"]
     # streamed misses: a second run with three quarters of the slots, same prompt
     fewer = cal["measured"]["fewer_slots"]
-    assert fewer["slots"] <= cfg.num_moe_layers * 9 and fewer["step_ms"] > 0
+    assert fewer["slots"] == cfg.num_moe_layers * 9 and fewer["step_ms"] > 0
     assert fewer["reads_per_step"] >= cal["measured"]["reads_per_step"]
     saved = json.loads(open(cal["saved_to"]).read())
     assert saved["scales"] == cal["scales"] and saved["misses"] == "stream"
@@ -227,17 +226,3 @@ def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
         r["denoise_step_ms"] / r["predicted_step_ms"], rel=1e-3)
     assert r["identical"]
     assert "the planner against the measurement" in err
-
-
-def test_the_second_run_reads_clearly_more():
-    from tidecli.experts.trace import RoutingTrace
-    from tidecli.planner.calibrate import second_budgets
-
-    tr = RoutingTrace(2, 64, [1, 2])
-    for step in range(4):  # layer 1 uses 8 experts a step, layer 2 uses 40
-        counts = np.zeros((2, 64), dtype=np.int64)
-        counts[0, :8] = 1
-        counts[1, step: step + 40] = 1
-        tr.append(counts, kind="step", block=0, step=step, tokens=32)
-    fewer = second_budgets({1: 60, 2: 60}, tr)
-    assert fewer == {1: 10, 2: 45}  # 1.25 × the experts a step used, at most 3/4 of the slots
