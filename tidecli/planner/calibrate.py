@@ -7,11 +7,14 @@ the measured step time and the runtime's counters (cpu_ms, copy_ms) with what th
 predicts *for the same routing*, fit a correction per term, and re-solve with the recorded
 trace and the corrections. The engine (and torch) is imported inside the functions only.
 
-Streamed misses are read inside the step, so no counter times them: the same blocks run a
-second time with three quarters of the slots (same prompt, so the same routing and tokens),
-and the step time against the experts read per step gives the cost of one read (the slope)
-apart from the fixed part. The corrections are saved for this machine and model; the plan the
-runtime follows by default (planner/auto.py) applies them.
+Streamed misses are read inside the step, so no counter times them: their cost stays the
+profile's per-expert copy time (PCIe scale 1), and the counters' experts read per step are
+shown beside the model's. Timing them from a second run with fewer slots was tried and dropped:
+on the H200 the slope between two short runs moved from 0.07 to 0.14 ms per read between
+machines and with the size of the step away (a read costs less when a layer reads many at
+once), while the profile's figure, 0.138 ms, matched the run nearest the plan. The corrections
+are saved for this machine and model; the plan the runtime follows by default
+(planner/auto.py) applies them.
 """
 
 from __future__ import annotations
@@ -44,12 +47,6 @@ SCALE_RANGE = (1e-3, 1e4)
 MAX_LAUNCH_MS = 1e4  # per layer: beyond any plausible fixed cost
 OFF_BY = 2.0  # warn when the uncalibrated prediction is off by more than this factor
 CALIBRATION_SCHEMA = "tide-calibration/1"
-# streamed misses: the second run keeps this share of each layer's slots, near the plan: the
-# cost of a read falls as a layer reads more experts at once (0.138 ms each at 1.2–2.2 reads per
-# layer and step on the H200, 0.072 ms at 3.3), so a larger step away would misjudge the plan's
-SECOND_SLOTS = 0.75
-MIN_EXTRA_READS = 5.0  # the second run must read this many more experts per step,
-MIN_EXTRA_SHARE = 0.25  # and this share more, to time one read from the difference
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,31 +61,12 @@ class Measurement:
     hit_rate: float
     trace: RoutingTrace
     reads: float = 0.0  # experts moved host → GPU per step (copied or read by the GPU)
-    # streamed misses: (slots per layer, step ms, reads per step) of the run with fewer slots
-    second: tuple[dict[int, int], float, float] | None = None
 
     def to_dict(self) -> dict:
-        out = {"device": self.device, "steps": self.steps, "step_ms": round(self.step_ms, 4),
-               "cpu_ms": round(self.cpu_ms, 4), "copy_ms": round(self.copy_ms, 4),
-               "stall_ms": round(self.stall_ms, 4), "hit_rate": round(self.hit_rate, 4),
-               "reads_per_step": round(self.reads, 3)}
-        if self.second is not None:
-            out["fewer_slots"] = {"slots": sum(self.second[0].values()),
-                                  "step_ms": round(self.second[1], 4),
-                                  "reads_per_step": round(self.second[2], 3)}
-        return out
-
-    def read_ms(self) -> float | None:
-        """Streamed misses: the measured cost of one expert read (the slope between the two
-        runs), None without a second run or when it read too few more experts to tell."""
-        if self.second is None:
-            return None
-        _slots, ms2, reads2 = self.second
-        extra = reads2 - self.reads
-        if extra < MIN_EXTRA_READS or extra < MIN_EXTRA_SHARE * self.reads:
-            return None
-        slope = (ms2 - self.step_ms) / (reads2 - self.reads)
-        return slope if slope > 0 else None
+        return {"device": self.device, "steps": self.steps, "step_ms": round(self.step_ms, 4),
+                "cpu_ms": round(self.cpu_ms, 4), "copy_ms": round(self.copy_ms, 4),
+                "stall_ms": round(self.stall_ms, 4), "hit_rate": round(self.hit_rate, 4),
+                "reads_per_step": round(self.reads, 3)}
 
 
 def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
@@ -117,27 +95,16 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
                         ) from exc
     settings = DecodeSettings(gen_length=blocks * plan.block_length,
                               block_length=plan.block_length, threshold=threshold)
-    second = None
     try:
         ids = engine.prompt_ids(prompt)
         trace = engine.runtime.enable_trace()
         mean = _run_steps(engine, ids, settings)
-        if plan.misses == "stream":
-            fewer = second_budgets(plan.experts_per_layer)
-            engine.set_runtime(experts_per_layer_map=fewer)
-            m2 = _run_steps(engine, ids, settings)
-            second = (fewer, m2[0], m2[5])
         dev = engine.device
     finally:
         engine.close()
     return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=int(mean[6]),
                        step_ms=mean[0], cpu_ms=mean[1], copy_ms=mean[2], stall_ms=mean[3],
-                       hit_rate=mean[4], trace=trace, reads=mean[5], second=second)
-
-
-def second_budgets(budgets: dict[int, int]) -> dict[int, int]:
-    """Slots per layer for the second run of a streamed calibration (see SECOND_SLOTS)."""
-    return {layer: max(1, int(b * SECOND_SLOTS)) for layer, b in budgets.items()}
+                       hit_rate=mean[4], trace=trace, reads=mean[5])
 
 
 def _run_steps(engine, ids: list[int], settings) -> list[float]:
@@ -183,11 +150,10 @@ def _solve_increasing(fn: Callable[[float], float], target: float, lo: float,
 
 
 def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
-                    measured: Measurement, c_io_ms: float | None = None) -> Calibration:
+                    measured: Measurement) -> Calibration:
     """The CPU and PCIe scales come straight from the runtime's counters (cpu_ms, copy_ms
-    against the model's CPU misses and copies for the same routing); for streamed misses the
-    PCIe scale is the measured cost of one read (`Measurement.read_ms`) over the model's
-    `c_io_ms`, and stays 1 when the runs could not tell it. What remains of the
+    against the model's CPU misses and copies for the same routing; streamed reads are not
+    timed, so their scale stays 1). What remains of the
     measured step is put on the fixed per-layer cost (launches, host syncs, Python: what
     bandwidth microbenchmarks miss), solved so that the model gives the measured step time;
     only if the model is too slow even with no fixed cost are the device's bandwidth terms
@@ -196,9 +162,6 @@ def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
     base = predictor(Calibration(overlap=measured.overlap))
     cpu = _ratio(measured.cpu_ms, base.cpu_miss_ms)
     io = _ratio(measured.copy_ms, base.pcie_ms)
-    read_ms = measured.read_ms()
-    if measured.second is not None:  # streamed: the copy counters are not timed
-        io = _ratio(read_ms, c_io_ms) if read_ms is not None and c_io_ms else 1.0
 
     def with_launch(ms: float) -> Calibration:
         return Calibration(cpu_scale=cpu, io_scale=io, launch_ms_per_layer=ms,
@@ -228,7 +191,7 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
                 threshold=workload.threshold, cpu_threads=cpu_threads, progress=progress)
     model = predictor(plan=plan, config=config, profile=profile, trace=m.trace)
     with_trace = model(Calibration(overlap=m.overlap))
-    cal = fit_calibration(predictor=model, measured=m, c_io_ms=plan.constants.get("c_io_ms"))
+    cal = fit_calibration(predictor=model, measured=m)
     after = model(cal)
     new = make_plan(config=config, profile=profile, vram_gib=plan.vram_budget_bytes / GIB,
                     workload=replace(workload, tokens_per_step=None), trace=m.trace,
@@ -246,15 +209,14 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
         "measured": m.to_dict(),
         "measured_plan": {"experts_per_layer": {str(k): v for k, v in
                                                 plan.experts_per_layer.items()},
-                          "tau": plan.tau, "cpu_threads": plan.cpu_threads},
+                          "tau": plan.tau, "cpu_threads": plan.cpu_threads,
+                          "misses": plan.misses},
         "predicted_profile_only": plan.breakdown.to_dict(),
         "predicted_with_trace": with_trace.to_dict(),
         "predicted_calibrated": after.to_dict(),
         "scales": cal.to_dict(),
         "measured_over_predicted": round(off, 4),
     }
-    if m.read_ms() is not None:
-        info["measured_read_ms"] = round(m.read_ms(), 5)
     info["saved_to"] = str(save_calibration(profile=profile, model=model_path,
                                             misses=plan.misses, calibration=cal, info=info))
     return replace(new, warnings=tuple(warnings)).with_calibration(info)
