@@ -94,8 +94,9 @@ def _cpu_profile():
                            expert_shape=(2048, 512))
 
 
-def test_a_missing_machine_profile_is_measured_once_and_saved(monkeypatch):
+def test_a_missing_machine_profile_is_measured_once_and_saved(monkeypatch, tmp_path, capsys):
     import tidecli.hardware.measure as measure
+    from tidecli.commands.open_engine import ensure_machine_profile
     from tidecli.hardware.store import load_saved_profile
     from tidecli.planner.auto import machine_profile
 
@@ -107,14 +108,23 @@ def test_a_missing_machine_profile_is_measured_once_and_saved(monkeypatch):
 
     monkeypatch.setattr(measure, "measure_profile", fake)
     monkeypatch.setattr("tidecli.hardware.store.current_gpu_name", lambda: None)
+    monkeypatch.setenv("TIDE_CONFIG_DIR", str(tmp_path / "engine"))
     assert load_saved_profile() is None
     notices: list[str] = []
     first = machine_profile(None, notices=notices)
-    assert calls == [{"quick": True, "progress": None}]
+    assert len(calls) == 1 and calls[0]["quick"] is True
     assert len(notices) == 1 and "measured a quick one and saved it" in notices[0]
     again = machine_profile(None, notices=notices)
     assert len(calls) == 1 and len(notices) == 1  # saved: not measured again
     assert again.name == first.name == load_saved_profile().name
+    # the commands' path: one line before measuring, nothing once saved
+    monkeypatch.setenv("TIDE_CONFIG_DIR", str(tmp_path / "command"))
+    capsys.readouterr()
+    ensure_machine_profile()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 2 and len(lines) == 1 and "no hardware profile" in lines[0]
+    ensure_machine_profile()
+    assert len(calls) == 2 and capsys.readouterr().err == ""
 
 
 def test_saved_calibration_round_trip_and_corrupt_file(tmp_path, tiny_ckpt):

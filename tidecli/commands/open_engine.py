@@ -22,20 +22,15 @@ def plans_on_this_machine(opts: Any) -> bool:
 
 def ensure_machine_profile() -> None:
     """Measure and save the quick profile now when this machine has none (one line says so)."""
-    from tidecli.hardware.store import load_saved_profile
-
-    if load_saved_profile() is not None:
-        return
-    from tidecli.planner.auto import machine_profile
+    from tidecli.hardware.store import load_or_create_profile
     from tidecli.ui.profile_view import measure_progress
 
-    err.print("no hardware profile for this machine yet: measuring a quick one for the planner, "
-              "once (`tide profile` measures a full one) …", style="yellow", markup=False)
-    notices: list[str] = []
+    def announce(message: str) -> None:
+        err.print(f"{message} (for the planner, once; `tide profile` measures a full one)",
+                  style="yellow", markup=False, soft_wrap=True)
+
     with measure_progress() as progress:
-        machine_profile(None, notices=notices, progress=progress)
-    for note in notices:
-        err.print(note, style="dim", markup=False, soft_wrap=True)
+        load_or_create_profile(announce=announce, progress=progress)
 
 
 def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = None) -> Any:

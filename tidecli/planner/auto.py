@@ -22,18 +22,14 @@ def machine_profile(spec: str | None, *, notices: list[str] | None = None,
                     progress: Progress | None = None) -> HardwareProfile:
     """`spec` (a reference name or a file) when given; else this machine's saved profile,
     measured (quick) and saved first when there is none, with a notice saying so."""
-    from tidecli.hardware.store import load_saved_profile, resolve_profile, save_profile
+    from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
 
     if spec is not None:
         return resolve_profile(spec)
-    prof = load_saved_profile()
-    if prof is not None:
-        return prof
-    from tidecli.hardware.measure import measure_profile
-
-    prof = measure_profile(quick=True, progress=progress)
-    path = save_profile(prof)
-    if notices is not None:
+    said: list[str] = []
+    prof = load_or_create_profile(announce=said.append, progress=progress)
+    if said and notices is not None:
+        path = saved_profile_path(prof.gpu_name, detect=False)
         notices.append(f"no hardware profile for this machine yet: measured a quick one and saved "
                        f"it to {path} (`tide profile` measures a full one)")
     return prof
