@@ -28,10 +28,11 @@ def _profile_file(tmp_path, name="test GPU"):
 
 
 def _vram_for(cfg, slots_per_layer: int, dtype_bytes: int = 2) -> float:
-    """A budget (GiB, in bf16 bytes) that leaves room for this many experts per layer."""
-    fixed = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * 4096 + workspace_bytes(cfg, 32)
-    return (fixed + cfg.num_moe_layers * slots_per_layer * cfg.expert_bytes() + 100) / GIB * \
-        dtype_bytes / 2
+    """A budget (GiB) that leaves room for this many experts per layer in that dtype."""
+    d = dtype_bytes
+    fixed = device_dense_bytes(cfg, d) + cfg.kv_bytes_per_token(d) * 4096 + \
+        workspace_bytes(cfg, 32)
+    return (fixed + cfg.num_moe_layers * slots_per_layer * cfg.expert_bytes(d) + 100) / GIB
 
 
 def _generate(eng, n=32):
@@ -49,7 +50,7 @@ def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
 
     _prof, path = _profile_file(tmp_path)
     cfg = load_config(tiny_ckpt)
-    # fp32 on the CPU: the budget is given in the run's bytes, the plan counts the same slots
+    # fp32 on the CPU: the plan counts the run's own bytes
     vram = _vram_for(cfg, 12, dtype_bytes=4)
     eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", vram_gib=vram,
                                profile=str(path), threshold=1e-7), quiet=True)
@@ -58,6 +59,7 @@ def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
         assert plan is not None and plan.profile == "test GPU"
         assert eng.runtime.budgets == plan.experts_per_layer
         assert sum(plan.experts_per_layer.values()) <= 12 * cfg.num_moe_layers
+        assert plan.expert_bytes == cfg.expert_bytes(4)
         info = eng.describe()
         assert info["tau"] == plan.tau and info["plan"]["tau"] == plan.tau
         assert info["plan"]["predicted_step_ms"] > 0 and info["plan"]["calibrated"] is False

@@ -498,6 +498,8 @@ class Engine:
                            "experts_per_layer": {str(k): v for k, v in
                                                  p.experts_per_layer.items()},
                            "predicted_step_ms": round(p.predicted_step_ms, 3),
+                           "predicted_steps_per_s": round(p.steps_per_s, 2),
+                           "predicted_tokens_per_s": round(p.tokens_per_s, 2),
                            "calibrated": "calibration" in p.constants}
         if self.device.type == "cuda":
             out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))

@@ -46,15 +46,14 @@ def runtime_plan(engine: Any) -> Plan:
     cuda = engine.device.type == "cuda"
     stream = o.misses == "stream" or (o.misses == "auto" and cuda and engine._may_stream())
     vram = o.vram_gib if o.vram_gib is not None else engine._device_free_gib()
-    # the planner counts bf16 bytes; a run in another dtype has the same slots in scaled bytes
-    scale = 2 / engine.dtype.itemsize
+    size = engine.dtype.itemsize
     if cuda and not stream and o.misses in ("auto", "split", "gpu"):  # scratch slots come first
-        vram -= engine.SCRATCH_SLOTS * cfg.expert_bytes(engine.dtype.itemsize) / GIB
-    ram = engine._ram_budget() / GIB * scale
+        vram -= engine.SCRATCH_SLOTS * cfg.expert_bytes(size) / GIB
+    ram = engine._ram_budget() / GIB
     workload = Workload(block_length=o.block_length, threshold=o.threshold,
                         context_tokens=o.context_tokens)
     misses = "stream" if stream else "cpu"
     calibration = load_calibration(profile=profile, model=engine.path, misses=misses)
-    return make_plan(config=cfg, profile=profile, vram_gib=vram * scale, workload=workload,
+    return make_plan(config=cfg, profile=profile, vram_gib=vram, workload=workload,
                      ram_gib=ram, calibration=calibration, model_name=str(engine.path),
-                     misses=misses)
+                     misses=misses, dtype_bytes=size)

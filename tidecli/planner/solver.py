@@ -93,11 +93,13 @@ def _disk_warning(cfg: ModelConfig, host, gbps: float) -> str:
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
               workload: Workload | None = None, trace: RoutingTrace | None = None,
               ram_gib: float | None = None, calibration: Calibration | None = None,
-              model_name: str = "", misses: str = "auto") -> Plan:
+              model_name: str = "", misses: str = "auto", dtype_bytes: int = 2) -> Plan:
     """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
     VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit.
     `misses`: "stream", "cpu", or "auto" — streamed when the profile has a GPU and every expert
-    stays in RAM (what the runtime's --misses auto does), else on the CPU."""
+    stays in RAM (what the runtime's --misses auto does), else on the CPU. `dtype_bytes`: the
+    size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) — memory
+    only: the host store and the profile's timings are bf16."""
     cfg, wl = config, workload or Workload()
     wl.validate()
     warnings: list[str] = []
@@ -109,9 +111,9 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         warnings.append(f"--vram {vram_gib:g} GiB exceeds the {profile.vram_total_bytes / GIB:.1f}"
                         f" GiB of {profile.gpu_name or profile.name}")
     budget = int(vram_gib * GIB)
-    layers, e, eb = cfg.num_moe_layers, cfg.num_experts, cfg.expert_bytes()
-    dense = device_dense_bytes(cfg)
-    kv = cfg.kv_bytes_per_token() * wl.context_tokens
+    layers, e, eb = cfg.num_moe_layers, cfg.num_experts, cfg.expert_bytes(dtype_bytes)
+    dense = device_dense_bytes(cfg, dtype_bytes)
+    kv = cfg.kv_bytes_per_token(dtype_bytes) * wl.context_tokens
     work = workspace_bytes(cfg, wl.block_length)
     minimum = dense + kv + work + layers * eb
     if minimum > budget:

@@ -326,6 +326,9 @@ def startup_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     tau = info.get("tau", plan.get("tau"))
     if tau is not None:
         rows.append(("τ", str(tau)))
+    if plan.get("profile"):  # the runtime follows the planner's plan
+        rows.append(("plan", f"planned for {plan['profile']}" +
+                     (" (calibrated on this machine)" if plan.get("calibrated") else "")))
     if info.get("cpu_threads"):
         rows.append(("CPU experts", f"{info['cpu_threads']} threads, {info.get('cpu_mode', '')}"
                      .rstrip(", ")))
