@@ -164,6 +164,13 @@ def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, 
     saved = json.loads(open(cal["saved_to"]).read())
     assert saved["scales"] == cal["scales"] and saved["misses"] == "stream"
     assert "saved for this machine and model" in err
+    # a plain `tide plan` on this machine shows the plan the runtime follows: corrected
+    code, out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+                           "--vram", repr(vram), "--threshold", "1e-7", "--json"], capsys)
+    assert code == 0, err
+    plain = json.loads(out)
+    assert plain["constants"]["calibration"] == cal["scales"]
+    assert any(n.startswith("corrected by `tide plan --calibrate`") for n in plain["notes"])
     eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", dtype="bf16", policy="tide",
                                misses="stream", vram_gib=vram, profile=str(path)), quiet=True)
     try:

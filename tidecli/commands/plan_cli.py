@@ -128,6 +128,14 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
     routing = RoutingTrace.load(trace) if trace is not None else None
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=misses)
+    if not calibrate:  # what the runtime would follow: with this machine's saved corrections
+        from tidecli.planner.calibrate import load_calibration
+
+        saved = load_calibration(profile=prof, model=folder, misses=plan.misses)
+        if saved is not None:
+            plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
+                             trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
+                             calibration=saved)
     if calibrate:
         from tidecli.planner.calibrate import calibrate_plan
         from tidecli.ui.console import byte_progress, err

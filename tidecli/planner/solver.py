@@ -192,6 +192,12 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
+    if calibration is not None:
+        launch = calibration.launch_ms_per_layer
+        notes.append("corrected by `tide plan --calibrate` on real steps: "
+                     + (f"fixed cost {launch:.3f} ms/layer, " if launch is not None else "")
+                     + f"GPU ×{calibration.gpu_scale:.2f}, CPU ×{calibration.cpu_scale:.2f}, "
+                     f"PCIe ×{calibration.io_scale:.2f}")
     if ram_note:
         notes.append(ram_note)
     if tiered and disk_note:
