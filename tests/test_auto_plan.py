@@ -64,6 +64,10 @@ def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
         assert info["tau"] == plan.tau and info["plan"]["tau"] == plan.tau
         assert info["plan"]["predicted_step_ms"] > 0 and info["plan"]["calibrated"] is False
         tokens = _generate(eng)
+        eng.set_runtime(policy="lru")  # another policy in the same process, then back
+        assert eng.plan is None
+        eng.set_runtime(policy="tide")
+        assert eng.plan is plan and eng.runtime.budgets == plan.experts_per_layer
     finally:
         eng.close()
     ref = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), quiet=True)

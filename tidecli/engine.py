@@ -91,7 +91,7 @@ class Engine:
         self.opts = opts
         self.memory_plan = None
         self.plan = None  # the planner's plan the tide policy follows (planner/auto.py)
-        self._plan_key: tuple | None = None
+        self._planned: tuple[tuple, object] | None = None  # (option key, plan) of the last plan
         self.notices: list[str] = []  # one-line facts a command shows the user (never printed here)
         self.path: Path = resolve_model(opts.model, quiet=quiet)
         self.ckpt = Checkpoint.open(self.path)
@@ -172,11 +172,11 @@ class Engine:
             return None
         key = (o.vram_gib, o.ram_gib, o.misses, o.block_length, o.context_tokens, o.profile,
                o.threshold)
-        if key != self._plan_key:  # planned once per option set: free VRAM drops after loading
-            from tidecli.planner.auto import runtime_plan
+        if self._planned is None or self._planned[0] != key:  # once per option set: the free
+            from tidecli.planner.auto import runtime_plan  # VRAM drops after loading
 
-            self.plan, self._plan_key = runtime_plan(self), key
-        return self.plan
+            self._planned = (key, runtime_plan(self))
+        return self._planned[1]
 
     def _build_runtime(self, progress: LoadProgress | None):
         o = self.opts
