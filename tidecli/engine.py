@@ -162,20 +162,16 @@ class Engine:
         return self._budgets()
 
     def _runtime_plan(self):
-        """The planner's B_ℓ and τ for tide when neither is given (on a CPU device only with
-        an explicit --profile: there is no GPU to plan for); None otherwise."""
+        """The planner's plan when tide follows it (planner/auto.py), else None."""
+        from tidecli.planner.auto import follows_plan, runtime_plan
+
         o = self.opts
-        if o.policy != "tide" or o.tau is not None or o.experts_per_layer is not None or \
-                o.experts_per_layer_map is not None:
-            return None
-        if self.device.type != "cuda" and o.profile is None:
+        if not follows_plan(o, cuda=self.device.type == "cuda"):
             return None
         key = (o.vram_gib, o.ram_gib, o.misses, o.block_length, o.context_tokens, o.profile,
                o.threshold)
         if self._planned is None or self._planned[0] != key:  # once per option set: the free
-            from tidecli.planner.auto import runtime_plan  # VRAM drops after loading
-
-            self._planned = (key, runtime_plan(self))
+            self._planned = (key, runtime_plan(self))  # VRAM drops after loading
         return self._planned[1]
 
     def _build_runtime(self, progress: LoadProgress | None):
@@ -493,14 +489,7 @@ class Engine:
         if self.memory_plan is not None:
             out["memory_plan"] = self.memory_plan.to_dict()
         if self.plan is not None:
-            p = self.plan
-            out["plan"] = {"profile": p.profile, "tau": p.tau, "misses": p.misses,
-                           "experts_per_layer": {str(k): v for k, v in
-                                                 p.experts_per_layer.items()},
-                           "predicted_step_ms": round(p.predicted_step_ms, 3),
-                           "predicted_steps_per_s": round(p.steps_per_s, 2),
-                           "predicted_tokens_per_s": round(p.tokens_per_s, 2),
-                           "calibrated": "calibration" in p.constants}
+            out["plan"] = self.plan.summary()
         if self.device.type == "cuda":
             out["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out

@@ -11,13 +11,13 @@ from tidecli.ui.console import byte_progress, err
 
 def plans_on_this_machine(opts: Any) -> bool:
     """Will the engine plan tide with this machine's saved profile (no --profile given)?"""
-    if opts.policy != "tide" or opts.profile is not None or opts.tau is not None or \
-            opts.experts_per_layer is not None or opts.experts_per_layer_map is not None:
-        return False
     import torch
 
-    return opts.device.startswith("cuda") or (opts.device == "auto" and
+    from tidecli.planner.auto import follows_plan
+
+    cuda = opts.device.startswith("cuda") or (opts.device == "auto" and
                                               torch.cuda.is_available())
+    return opts.profile is None and follows_plan(opts, cuda=cuda)
 
 
 def ensure_machine_profile() -> None:

@@ -18,6 +18,15 @@ from tidecli.planner.plan import Plan
 Progress = Callable[[str, int, int], None]
 
 
+def follows_plan(opts: Any, *, cuda: bool) -> bool:
+    """Does an engine with these options follow the planner? tide without --tau or expert
+    budgets; on a CPU device only with an explicit --profile (there is no GPU to plan for)."""
+    if opts.policy != "tide" or opts.tau is not None or opts.experts_per_layer is not None or \
+            opts.experts_per_layer_map is not None:
+        return False
+    return cuda or opts.profile is not None
+
+
 def machine_profile(spec: str | None, *, notices: list[str] | None = None,
                     progress: Progress | None = None) -> HardwareProfile:
     """`spec` (a reference name or a file) when given; else this machine's saved profile,

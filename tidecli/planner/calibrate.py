@@ -10,11 +10,11 @@ trace and the corrections. The engine (and torch) is imported inside the functio
 Streamed misses are read inside the step, so no counter times them: their cost stays the
 profile's per-expert copy time (PCIe scale 1), and the counters' experts read per step are
 shown beside the model's. Timing them from a second run with fewer slots was tried and dropped:
-on the H200 the slope between two short runs moved from 0.07 to 0.14 ms per read between
-machines and with the size of the step away (a read costs less when a layer reads many at
-once), while the profile's figure, 0.138 ms, matched the run nearest the plan. The corrections
-are saved for this machine and model; the plan the runtime follows by default
-(planner/auto.py) applies them.
+on the H200 (2026-11-29, `tide plan --calibrate` on synthetic mini, docs/benchmarks.md section 4)
+the slope between two short runs moved from 0.07 to 0.14 ms per read between runs and with
+the size of the step away (a read costs less when a layer reads many at once), while the
+profile's figure, 0.138 ms, matched the run nearest the plan. The corrections are saved for
+this machine and model; the plan the runtime follows by default (planner/auto.py) applies them.
 """
 
 from __future__ import annotations

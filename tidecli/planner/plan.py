@@ -98,6 +98,15 @@ class Plan:
                      "read_gbps": self.disk_gbps},
         }
 
+    def summary(self) -> dict[str, Any]:
+        """What a run following this plan shows (the engine's describe())."""
+        return {"profile": self.profile, "tau": self.tau, "misses": self.misses,
+                "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
+                "predicted_step_ms": round(self.predicted_step_ms, 3),
+                "predicted_steps_per_s": round(self.steps_per_s, 2),
+                "predicted_tokens_per_s": round(self.tokens_per_s, 2),
+                "calibrated": "calibration" in self.constants}
+
     def with_calibration(self, info: dict[str, Any]) -> Plan:
         return replace(self, calibration=info)
 
