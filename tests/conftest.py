@@ -50,21 +50,3 @@ def tiny_ckpt_b(tmp_path_factory):
         tmp_path_factory.mktemp("ckpt") / "tiny_b", preset="tiny", seed=7, layers=3,
         overrides={"num_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4},
         device="cpu")
-
-
-def load_model(path, *, dtype=torch.float32, runtime=None):
-    """A model on the CPU with every expert resident (or the given runtime factory)."""
-    from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
-    from tidecli.model.checkpoint import Checkpoint
-    from tidecli.model.llada2 import LLaDA2Model
-    from tidecli.model.loader import load_dense
-
-    ckpt = Checkpoint.open(path)
-    cpu = torch.device("cpu")
-    weights = load_dense(ckpt, device=cpu, dtype=dtype)
-    if runtime is None:
-        pools = load_expert_pools(ckpt, device=cpu, dtype=dtype)
-        rt = ResidentRuntime(ckpt.config, pools, device=cpu, dtype=dtype)
-    else:
-        rt = runtime(ckpt)
-    return LLaDA2Model(ckpt.config, weights, rt, device=cpu, dtype=dtype), ckpt

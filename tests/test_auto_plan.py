@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from tests.test_planner import gpu_profile
 from tidecli.errors import TideError
 from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
 from tidecli.model.config import load_config
@@ -18,6 +17,8 @@ from tidecli.planner.calibrate import (
     load_calibration,
     save_calibration,
 )
+
+from helpers import gpu_profile, tide
 
 
 def _profile_file(tmp_path, name="test GPU"):
@@ -150,7 +151,6 @@ def test_saved_calibration_round_trip_and_corrupt_file(tmp_path, tiny_ckpt):
 
 
 def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, capsys):
-    from tests.clihelp import tide
     from tidecli.engine import Engine, EngineOptions
 
     _prof, path = _profile_file(tmp_path)
@@ -185,7 +185,6 @@ def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, 
 
 
 def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
-    from tests.clihelp import tide
     from tidecli.commands.bench_cli import _taus
 
     assert _taus("plan,1,4") == ["plan", 1, 4]

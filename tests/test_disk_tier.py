@@ -9,14 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from tests.test_planner import (
-    FLASH,
-    MINI,
-    _main,
-    _toy,
-    fifo_trace,
-    gpu_profile,
-)
 from tidecli.errors import TideError
 from tidecli.experts.budget import GIB, RAM_MARGIN, device_dense_bytes, workspace_bytes
 from tidecli.hardware.disk import measure_disk
@@ -28,13 +20,15 @@ from tidecli.planner.costs import FALLBACK_DISK_GBPS, disk_gbps
 from tidecli.planner.model import Problem
 from tidecli.planner.tiers import HOST_OVERHEAD_BYTES, host_embedding_bytes
 
+from helpers import FLASH, MINI, fifo_trace, gpu_profile, tide, toy_problem
+
 # a 24 GB card in a 64 GB desktop (as `tide profile` would write it, no disk figure)
 DESKTOP = gpu_profile("RTX 3090 24 GB", vram_gib=24, mem_gbps=936, h2d_gbps=24, cores=16,
                       ram_gib=64, cpu_1tok_ms=0.12, gpu_expert_ms=0.02)
 
 
 def test_disk_term_by_hand():
-    base = _toy()
+    base = toy_problem()
     p = Problem(cfg=base.cfg, costs=base.costs, stats=base.stats, steps=base.steps,
                 ram=np.array([1, 1]))
     from dataclasses import replace
@@ -133,14 +127,14 @@ def test_plan_command_shows_the_three_tiers(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(preset_config("flash")))
     prof = DESKTOP.save(tmp_path / "desktop.json")
-    code, out, err = _main(["plan", "--model", str(folder), "--profile", str(prof),
+    code, out, err = tide(["plan", "--model", str(folder), "--profile", str(prof),
                             "--json"], capsys)
     assert code == 0, err
     for tier in ("tier 1: GPU", "tier 2: RAM", "tier 3: disk", "disk reads"):
         assert tier in err
     obj = json.loads(out)
     assert obj["tiers"]["disk"]["experts"] > 0 and obj["predicted_tokens_per_s"] > 0
-    code, out, err = _main(["plan", "--model", str(folder), "--profile", str(prof), "--ram",
+    code, out, err = tide(["plan", "--model", str(folder), "--profile", str(prof), "--ram",
                             "40", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["tiers"]["ram"]["budget_bytes"] == 40 * GIB
@@ -190,7 +184,7 @@ def test_profile_measures_the_disk_of_the_model_folder(tiny_ckpt, capsys, monkey
         return DESKTOP
 
     monkeypatch.setattr(measure, "measure_profile", fake_measure)
-    code, _, err = _main(["profile", "--model", str(tiny_ckpt), "--no-save"], capsys)
+    code, _, err = tide(["profile", "--model", str(tiny_ckpt), "--no-save"], capsys)
     assert code == 0, err
     assert got["disk_folder"] == tiny_ckpt
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import clone, edit_json, gen, shards, tide, user_error
 
 from tidecli.model.checkpoint import INDEX_FILE, Checkpoint
+
+from helpers import clone, edit_json, gen, shards, tide, user_error
 
 # ---- model path, config.json --------------------------------------------------------------------
 

@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from clihelp import gen, tide, user_error
 from rich.console import Console
 
 from tidecli.errors import TideError
 from tidecli.model.checkpoint import Checkpoint
+
+from helpers import gen, tide, user_error
 
 # ---- host memory --------------------------------------------------------------------------------
 

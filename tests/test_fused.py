@@ -12,17 +12,16 @@ if torch.cuda.is_available():  # there the compiled kernel runs, in tests/test_g
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its library follows the mode
 pytest.importorskip("triton")
 
-from tests.conftest import load_model  # noqa: E402
-from tests.test_offload import _gen  # noqa: E402
-from tests.test_stream import _check_tables, _stream  # noqa: E402
 from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy  # noqa: E402
+
+from helpers import check_tables, decode_cpu, load_model, stream_runtime  # noqa: E402
 
 
 def _run(path, factory, b, fused):
-    model, _ = load_model(path, runtime=_stream(factory, b))
+    model, _ = load_model(path, runtime=stream_runtime(factory, b))
     rt = model.experts
     rt.fused = fused
-    out = _gen(model, program=True, gen_length=48)
+    out = decode_cpu(model, program=True, gen_length=48)
     return out.token_ids, rt
 
 
@@ -38,4 +37,4 @@ def test_fused_plan_matches_the_reference(tiny_ckpt, b, policy):
     assert tokens == ref_tokens
     assert rt.run_stats.summary() == ref.run_stats.summary()
     assert torch.equal(rt.table, ref.table) and torch.equal(rt.owner, ref.owner)
-    _check_tables(rt)
+    check_tables(rt)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
 from tidecli.experts.compute import (
     combine,
     grouped_mm_available,
@@ -12,8 +11,9 @@ from tidecli.experts.compute import (
     run_grouped_mm,
 )
 
+from helpers import cuda_model, decode_cuda
+
 pytestmark = pytest.mark.gpu
-MASK, EOS = 156895, 156892
 
 
 def _rel(a, b):
@@ -39,28 +39,6 @@ def test_grouped_mm_matches_the_loop():
     assert _rel(combine(fast, w, torch.bfloat16), combine(ref, w, torch.bfloat16)) < 1e-2
 
 
-def _cuda_model(path, runtime=None):
-    from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
-    from tidecli.model.checkpoint import Checkpoint
-    from tidecli.model.llada2 import LLaDA2Model
-    from tidecli.model.loader import load_dense
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    ckpt = Checkpoint.open(path)
-    w = load_dense(ckpt, device=dev, dtype=dt, embed_device=torch.device("cpu"))
-    rt = runtime(ckpt) if runtime else ResidentRuntime(
-        ckpt.config, load_expert_pools(ckpt, device=dev, dtype=dt), device=dev, dtype=dt)
-    return LLaDA2Model(ckpt.config, w, rt, device=dev, dtype=dt)
-
-
-def _gen(model, prompt, **kw):
-    d = BlockDiffusionDecoder(model, prompt, DecodeSettings(**kw), mask_id=MASK, eos_ids={EOS},
-                              device=torch.device("cuda"))
-    for _ in d.steps():
-        pass
-    return d.result
-
-
 def _offload(policy_factory, b):
     from tidecli.experts.offload import OffloadRuntime
     from tidecli.experts.store import HostExpertStore
@@ -79,11 +57,11 @@ def test_policies_are_token_identical_on_cuda(tiny_ckpt, b):
     from tidecli.experts.policies import LruPolicy, StaticPolicy, TideOptions, TidePolicy
 
     prompt = list(range(2000, 2045))
-    ref = _gen(_cuda_model(tiny_ckpt), prompt, gen_length=96)
+    ref = decode_cuda(cuda_model(tiny_ckpt), prompt, gen_length=96)
     for factory in (LruPolicy, StaticPolicy, lambda: TidePolicy(TideOptions(tau=3)),
                     lambda: TidePolicy(TideOptions(tau=2, stall_refresh=True))):
-        model = _cuda_model(tiny_ckpt, _offload(factory, b))
-        out = _gen(model, prompt, gen_length=96)
+        model = cuda_model(tiny_ckpt, _offload(factory, b))
+        out = decode_cuda(model, prompt, gen_length=96)
         s = model.experts.run_stats.summary()
         assert out.token_ids == ref.token_ids, (model.experts.name, b)
         assert s["gpu_hits"] + s["fetched_calls"] + s["cpu_calls"] == s["pairs"]
@@ -94,8 +72,8 @@ def test_cpu_misses_keep_logits_within_bf16_rounding(tiny_ckpt):
     from tidecli.experts.policies import StaticPolicy
     from tidecli.model.llada2 import ForwardInfo, KVCache
 
-    full = _cuda_model(tiny_ckpt)
-    part = _cuda_model(tiny_ckpt, _offload(StaticPolicy, 6))
+    full = cuda_model(tiny_ckpt)
+    part = cuda_model(tiny_ckpt, _offload(StaticPolicy, 6))
     x = torch.randint(0, 150000, (64,), device="cuda")
     out = []
     for m in (full, part):
@@ -125,10 +103,10 @@ def _factory(policy):
 
 
 def _program_tokens(policy, path, *, capture):
-    m = _cuda_model(path, _factory(policy))
+    m = cuda_model(path, _factory(policy))
     m.use_program, m.capture = True, capture
     prompt = list(range(2000, 2045))
-    out = [_gen(m, prompt, gen_length=96).token_ids for _ in range(2)]  # replayed twice
+    out = [decode_cuda(m, prompt, gen_length=96).token_ids for _ in range(2)]  # replayed twice
     assert out[0] == out[1]
     if capture:
         assert m._programs and all(p.graphs for p in m._programs.values())
@@ -150,7 +128,7 @@ def test_step_program_logits_match_the_eager_path_within_bf16(tiny_ckpt):
     eager path over the filled prefix: the same math, rounded differently in bf16."""
     from tidecli.model.llada2 import ForwardInfo
 
-    m = _cuda_model(tiny_ckpt)
+    m = cuda_model(tiny_ckpt)
     x = torch.randint(0, 150000, (64,), device="cuda")
     cache = m.cache_for(64)
     m.prefill(x[:32], cache, ForwardInfo("prefill"))
@@ -167,10 +145,10 @@ def test_synthetic_routing_replays_in_graphs(tiny_ckpt):
     prompt = list(range(2000, 2045))
     outs = []
     for program in (False, True):
-        m = _cuda_model(tiny_ckpt)
+        m = cuda_model(tiny_ckpt)
         m.use_program = program
         m.routing = SyntheticRouting(m.cfg, device=torch.device("cuda"))
-        outs.append(_gen(m, prompt, gen_length=64).token_ids)
+        outs.append(decode_cuda(m, prompt, gen_length=64).token_ids)
     assert outs[0] == outs[1]
 
 
@@ -191,9 +169,9 @@ def test_misses_on_the_gpu_are_bitwise_exact(tiny_ckpt, policy):
                               scratch_slots=4)
 
     ref = _program_tokens("resident", tiny_ckpt, capture=True)
-    m = _cuda_model(tiny_ckpt, make)
+    m = cuda_model(tiny_ckpt, make)
     m.use_program = True
-    assert _gen(m, list(range(2000, 2045)), gen_length=96).token_ids == ref
+    assert decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids == ref
     assert m.experts.run_stats.summary()["cpu_calls"] == 0
 
 
@@ -236,9 +214,10 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
                 rt.fused = fused  # False: the torch reference path
                 return rt
 
-            m = _cuda_model(tiny_ckpt, make)
+            m = cuda_model(tiny_ckpt, make)
             m.use_program, m.capture = True, capture
-            out = [_gen(m, list(range(2000, 2045)), gen_length=96).token_ids for _ in range(2)]
+            out = [decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
+                   for _ in range(2)]
             assert out[0] == out[1] == ref, (m.experts.name, capture)
             if capture:
                 assert all(len(p.graphs) == 1 for p in m._programs.values())  # one per step

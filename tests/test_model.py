@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from tests.conftest import load_model
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
 from tidecli.model.llada2 import ForwardInfo, KVCache
+
+from helpers import load_model
 
 MASK, EOS = 156895, 156892
 

@@ -4,18 +4,12 @@ step program gives the eager tokens, and the counters add up."""
 import pytest
 import torch
 
-from tests.conftest import load_model
-from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
 from tidecli.experts.policies import (
     LruPolicy,
     ResidentPolicy,
-    StaticPolicy,
-    TideOptions,
-    TidePolicy,
 )
 
-MASK, EOS = 156895, 156892
-PROMPT = list(range(3000, 3041))
+from helpers import POLICIES, decode_cpu, load_model
 
 
 def _offload(factory, b):
@@ -30,36 +24,17 @@ def _offload(factory, b):
     return make
 
 
-def _gen(model, *, program=False, **kw):
-    model.use_program = program
-    kw.setdefault("gen_length", 96)
-    d = BlockDiffusionDecoder(model, PROMPT, DecodeSettings(**kw), mask_id=MASK, eos_ids={EOS},
-                              device=torch.device("cpu"))
-    for _ in d.steps():
-        pass
-    return d.result
-
-
-POLICIES = {
-    "lru": LruPolicy,
-    "static": StaticPolicy,
-    "tide": lambda: TidePolicy(TideOptions(tau=3)),
-    "tide-stall": lambda: TidePolicy(TideOptions(tau=2, stall_refresh=True)),
-    "tide-cold": lambda: TidePolicy(TideOptions(tau=4, warm_start=False)),
-}
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     model, _ = load_model(tiny_ckpt)
-    return _gen(model).token_ids
+    return decode_cpu(model).token_ids
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("b", [1, 5, 16])
 def test_every_policy_gives_the_resident_tokens(tiny_ckpt, reference, name, b):
     model, _ = load_model(tiny_ckpt, runtime=_offload(POLICIES[name], b))
-    out = _gen(model)
+    out = decode_cpu(model)
     assert out.token_ids == reference
     s = model.experts.run_stats.summary()
     assert s["pairs"] > 0
@@ -71,7 +46,7 @@ def test_every_policy_gives_the_resident_tokens(tiny_ckpt, reference, name, b):
 
 def test_resident_policy_through_the_offload_runtime(tiny_ckpt, reference):
     model, ckpt = load_model(tiny_ckpt, runtime=_offload(ResidentPolicy, 32))
-    assert _gen(model).token_ids == reference
+    assert decode_cpu(model).token_ids == reference
     s = model.experts.run_stats.summary()
     assert s["cpu_calls"] == 0 and s["gpu_hits"] == s["pairs"]
 
@@ -88,21 +63,21 @@ def test_step_program_gives_the_eager_tokens(tiny_ckpt, reference, name):
     factory = {"resident": None, "lru": _offload(LruPolicy, 6),
                "tide": _offload(POLICIES["tide"], 6)}[name]
     model, _ = load_model(tiny_ckpt, runtime=factory)
-    assert _gen(model, program=True).token_ids == reference
+    assert decode_cpu(model, program=True).token_ids == reference
     # and again on the same (reused) program and cache
-    assert _gen(model, program=True).token_ids == reference
+    assert decode_cpu(model, program=True).token_ids == reference
 
 
 def test_step_program_with_editing(tiny_ckpt_b):
     model, _ = load_model(tiny_ckpt_b, runtime=_offload(POLICIES["tide"], 5))
-    eager = _gen(model, editing_threshold=0.5, gen_length=64).token_ids
-    assert _gen(model, program=True, editing_threshold=0.5, gen_length=64).token_ids == eager
+    eager = decode_cpu(model, editing_threshold=0.5, gen_length=64).token_ids
+    assert decode_cpu(model, program=True, editing_threshold=0.5, gen_length=64).token_ids == eager
 
 
 def test_tide_hits_more_than_it_misses_on_a_small_budget(tiny_ckpt):
     """Within a block the routing barely changes: the refreshed set serves most pairs."""
     model, _ = load_model(tiny_ckpt, runtime=_offload(POLICIES["tide"], 12))
-    _gen(model)
+    decode_cpu(model)
     s = model.experts.run_stats.summary()
     assert s["gpu_hits"] > s["cpu_calls"]
     assert s["promotions"] > 0
@@ -126,7 +101,7 @@ def test_misses_through_the_scratch_slots_give_the_resident_tokens(tiny_ckpt, re
     """misses=gpu: every miss is copied into a scratch slot (3 here: several rounds per layer)
     and computed by the device kernel."""
     model, _ = load_model(tiny_ckpt, runtime=_offload_misses(POLICIES[name], 5, "gpu"))
-    assert _gen(model).token_ids == reference
+    assert decode_cpu(model).token_ids == reference
     s = model.experts.run_stats.summary()
     assert s["cpu_calls"] == 0 and s["fetched_calls"] > 0
     assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]

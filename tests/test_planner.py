@@ -22,7 +22,6 @@ from tidecli.model.presets import preset_config
 from tidecli.planner import (
     Calibration,
     HardwareCosts,
-    RoutingStats,
     Workload,
     cpu_cost,
     io_cost,
@@ -42,27 +41,7 @@ from tidecli.planner.stats import (
     refresh_ages,
 )
 
-MINI = config_from_dict(preset_config("mini"))
-FLASH = config_from_dict(preset_config("flash"))
-TINY = config_from_dict(preset_config("tiny"))
-
-
-def gpu_profile(name, *, vram_gib, mem_gbps, h2d_gbps, cores, ram_gib, cpu_1tok_ms,
-                gpu_expert_ms, threads=None) -> HardwareProfile:
-    """A profile like `tide profile` writes, with public-spec figures for consumer cards."""
-    threads = threads or cores
-    cpu = {t: {1: cpu_1tok_ms * f, 4: cpu_1tok_ms * 1.2 * f, 32: cpu_1tok_ms * 1.9 * f,
-               256: cpu_1tok_ms * 6 * f}
-           for t, f in ((threads, 1.0), (max(1, threads // 2), 1.4))}
-    return HardwareProfile(
-        name=name, kind="reference", gpu_name=name, vram_total_bytes=int(vram_gib * GIB),
-        gpu_mem_gbps=mem_gbps, h2d_pinned_gbps=h2d_gbps * 1.05, h2d_pinned_expert_gbps=h2d_gbps,
-        copy_latency_ms=0.01, gpu_expert_ms={1: gpu_expert_ms * 0.7, 32: gpu_expert_ms,
-                                             256: gpu_expert_ms * 3},
-        cpu_expert_ms=cpu, cpu_best_threads=threads, cpu_physical_cores=cores,
-        ram_total_bytes=int(ram_gib * GIB), ram_available_bytes=int(ram_gib * 0.8 * GIB),
-        ram_read_gbps=60.0, expert_shape=(2048, 512))
-
+from helpers import FLASH, MINI, fifo_trace, gpu_profile, tide, toy_problem
 
 CONSUMER = [
     gpu_profile("RTX 3060 12 GB", vram_gib=12, mem_gbps=360, h2d_gbps=24, cores=8, ram_gib=32,
@@ -107,23 +86,8 @@ def test_paper_terms_by_hand():
     assert cpu_cost(c_cpu_ms=0.2, steps=8, experts=10, f=0.3) == pytest.approx(4.8)
 
 
-def _toy(*, c_io=1.0, overlap=True) -> Problem:
-    """2 layers × 4 experts, 8 pairs and 4 distinct experts per step, miss = 1 − B/4 at every
-    age, drift 0.25, 2 tokens per missed call; one expert call on the CPU = 1 ms."""
-    b = np.arange(5)
-    miss = np.broadcast_to(1 - b / 4, (2, 4, 5)).copy()
-    drift = np.broadcast_to(np.where(b > 0, 0.25, 0.0), (2, 5)).copy()
-    stats = RoutingStats(source="published", pairs=8.0, distinct=np.array([4.0, 4.0]),
-                         miss_pairs=miss, miss_experts=miss.copy(), drift=drift,
-                         tokens_per_call=np.full((2, 5), 2.0))
-    costs = HardwareCosts(c_io_ms=c_io, gpu_expert_ms=0.5, dense_ms=2.0, dense_read_ms=1.0,
-                          launch_ms=1.0, cpu_threads=4, cpu_points=((1.0, 1.0), (4.0, 1.0)),
-                          overlap=overlap)
-    return Problem(cfg=TINY, costs=costs, stats=stats, steps=4)
-
-
 def test_step_time_by_hand():
-    p = _toy()
+    p = toy_problem()
     bd = predict(p, np.array([2, 2]), 2)
     # per layer: GPU 4·(1−½)·0.5 = 1 ms, CPU 8·½ pairs · (1 ms / 2 tokens) = 2 ms → pays 2
     assert bd.gpu_dense_ms == 2.0 and bd.gpu_expert_ms == pytest.approx(2.0)
@@ -133,17 +97,17 @@ def test_step_time_by_hand():
     assert bd.step_ms == pytest.approx(6.0)
     assert bd.hit_rate == pytest.approx(0.5)
     # no overlap (a CPU device): the layer pays GPU + CPU, and the copies in full
-    bd = predict(_toy(overlap=False), np.array([2, 2]), 2)
+    bd = predict(toy_problem(overlap=False), np.array([2, 2]), 2)
     assert bd.step_ms == pytest.approx(2.0 + 2.0 + 4.0 + 0.875)
     # slow copies: 17.5 ms per refresh against 6 ms of compute stall the rest, every 2nd step
-    bd = predict(_toy(c_io=10.0), np.array([2, 2]), 2)
+    bd = predict(toy_problem(c_io=10.0), np.array([2, 2]), 2)
     assert bd.pcie_stall_ms == pytest.approx((17.5 - 6.0) / 2)
     assert bd.step_ms == pytest.approx(6.0 + 5.75)
 
 
 def test_tau_objective_by_hand():
     # per layer: I/O 1·(2·4/2)·(1 − 0.75²) = 1.75; f = ½·8/2 = 2 per slot → CPU 0.5·4·2·2 = 8
-    assert tau_objective(_toy(), np.array([2, 2]), 2) == pytest.approx(2 * (1.75 + 8.0))
+    assert tau_objective(toy_problem(), np.array([2, 2]), 2) == pytest.approx(2 * (1.75 + 8.0))
 
 
 def test_refresh_ages_follow_the_async_runtime():
@@ -299,29 +263,6 @@ def test_workload_sets_the_steps_per_block():
 # ---- the estimator of d and f -------------------------------------------------------------------
 
 
-def fifo_trace(*, layers, experts, distinct, turnover, blocks, steps, per_layer=None):
-    """Each layer uses `distinct` experts per step, all equally; every step the `turnover` oldest
-    leave and that many never-used ones join (first-in first-out): drift d = turnover/distinct
-    and the miss share of a placement a steps old is a·turnover/distinct, exactly."""
-    tr = RoutingTrace(layers, experts, list(range(1, layers + 1)))
-    fresh = [0] * layers
-    hot = []
-    for j in range(layers):
-        n = (per_layer or [distinct] * layers)[j]
-        hot.append(list(range(n)))
-        fresh[j] = n
-    for b in range(blocks):
-        for s in range(steps):
-            counts = np.zeros((layers, experts), dtype=np.int64)
-            for j in range(layers):
-                counts[j, hot[j]] = 4
-            tr.append(counts, kind="step", block=b, step=s, tokens=32)
-            for j in range(layers):
-                hot[j] = hot[j][turnover:] + [(fresh[j] + i) % experts for i in range(turnover)]
-                fresh[j] += turnover
-    return tr
-
-
 def _cfg_for(trace: RoutingTrace):
     return config_from_dict(preset_config("tiny", layers=trace.num_layers + 1, overrides={
         "num_experts": trace.num_experts, "n_group": 4, "topk_group": 2}))
@@ -418,12 +359,6 @@ def test_fit_calibration_recovers_a_known_correction(truth, overlap):
 # ---- the command --------------------------------------------------------------------------------
 
 
-def _main(argv, capsys):
-    from tests.clihelp import tide
-
-    return tide(argv, capsys)
-
-
 @pytest.fixture
 def config_only(tmp_path):
     folder = tmp_path / "mini"
@@ -438,7 +373,7 @@ def profile_json(tmp_path):
 
 
 def test_plan_command_json_from_a_config_only_folder(config_only, profile_json, capsys):
-    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+    code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--json"], capsys)
     assert code == 0, err
     obj = json.loads(out)
@@ -450,7 +385,7 @@ def test_plan_command_json_from_a_config_only_folder(config_only, profile_json, 
 
 
 def test_plan_command_errors_are_one_line(config_only, profile_json, capsys):
-    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+    code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--vram", "1"], capsys)
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
@@ -496,7 +431,7 @@ def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
     fixed = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * 4096 + workspace_bytes(cfg, 32)
     vram = (fixed + cfg.num_moe_layers * 12 * cfg.expert_bytes() + 100) / GIB  # 12 of 32 a layer
     # a random model is never confident: a tiny threshold keeps the blocks to a few steps
-    code, out, err = _main(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+    code, out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
                             "--vram", repr(vram), "--calibrate", "--device", "cpu",
                             "--threshold", "1e-7", "--json"], capsys)
     assert code == 0, err
@@ -548,16 +483,16 @@ def test_plan_command_misses_choice(config_only, profile_json, tmp_path, capsys)
     big = CONSUMER[-1].save(tmp_path / "rtx5090.json")  # 192 GB of RAM: mini's experts fit
     plans = {}
     for misses in ("auto", "stream", "cpu"):
-        code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(big),
+        code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(big),
                                 "--vram", "10", "--misses", misses, "--json"], capsys)
         assert code == 0, err
         plans[misses] = json.loads(out)
     assert plans["auto"]["misses"] == plans["stream"]["misses"] == "stream"
     assert plans["cpu"]["misses"] == "cpu" and plans["cpu"]["breakdown"]["cpu_miss_ms"] > 0
-    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+    code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--misses", "gpu"], capsys)
     assert code == 1 and err.startswith("error: unknown --misses")
     # 32 GB of RAM: mini's 28.5 GiB of experts get a disk tier, which cannot stream
-    code, out, err = _main(["plan", "--model", str(config_only), "--profile", str(profile_json),
+    code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--misses", "stream"], capsys)
     assert code == 1 and "every expert in RAM" in err

@@ -5,28 +5,16 @@ whose slots hold the right bytes, and the counters add up."""
 import pytest
 import torch
 
-from tests.conftest import load_model
-from tests.test_offload import _gen
 from tidecli.experts.gather import copy_rows, word_dtype
 from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy
 
-
-def _stream(factory, b):
-    from tidecli.experts.store import HostExpertStore
-    from tidecli.experts.stream import StreamRuntime
-
-    def make(ckpt):
-        store = HostExpertStore(ckpt, pin=False)
-        budgets = {layer: b for layer in ckpt.config.moe_layers}
-        return StreamRuntime(ckpt.config, store, budgets, factory(), device=torch.device("cpu"),
-                             dtype=torch.float32)
-    return make
+from helpers import check_tables, decode_cpu, load_model, stream_runtime
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     model, _ = load_model(tiny_ckpt)
-    return _gen(model).token_ids
+    return decode_cpu(model).token_ids
 
 
 POLICIES = {
@@ -37,29 +25,14 @@ POLICIES = {
 }
 
 
-def _check_tables(rt):
-    rt.sync_host_tables()
-    for layer, pool in rt.pools.pools.items():
-        store_rows = rt.store.layers[layer]
-        seen = 0
-        for s, e in enumerate(pool.expert_of_slot.tolist()):
-            if e < 0:
-                continue
-            seen += 1
-            assert pool.slot_of_expert[e] == s
-            assert torch.equal(pool.buf[s], store_rows[e].to(pool.buf.dtype))
-        assert seen == int((pool.slot_of_expert >= 0).sum())
-        assert seen <= pool.slots
-
-
 CASES = [(name, b, True) for name in sorted(POLICIES) for b in (0, 3, 12, 32)] + \
     [("tide1", 3, False), ("static", 12, False)]  # the eager path (prefill runs it too)
 
 
 @pytest.mark.parametrize("name,b,program", CASES)
 def test_streamed_misses_give_the_resident_tokens(tiny_ckpt, reference, name, b, program):
-    model, _ = load_model(tiny_ckpt, runtime=_stream(POLICIES[name], b))
-    out = _gen(model, program=program)
+    model, _ = load_model(tiny_ckpt, runtime=stream_runtime(POLICIES[name], b))
+    out = decode_cpu(model, program=program)
     assert out.token_ids == reference
     rt = model.experts
     s = rt.run_stats.summary()
@@ -70,16 +43,18 @@ def test_streamed_misses_give_the_resident_tokens(tiny_ckpt, reference, name, b,
         assert s["hit_rate"] > 0.9
     if name.startswith("tide") and b:
         assert s["promotions"] > 0
-    _check_tables(rt)
+    check_tables(rt)
 
 
 def test_between_refreshes_the_placement_is_frozen(tiny_ckpt, reference):
     """τ larger than any block: only the prompt (and each block's step 0) places experts."""
-    model, _ = load_model(tiny_ckpt, runtime=_stream(lambda: TidePolicy(TideOptions(tau=64)), 6))
-    out = _gen(model)
+    model, _ = load_model(tiny_ckpt,
+                          runtime=stream_runtime(lambda: TidePolicy(TideOptions(tau=64)), 6))
+    out = decode_cpu(model)
     assert out.token_ids == reference
-    rt1, _ = load_model(tiny_ckpt, runtime=_stream(lambda: TidePolicy(TideOptions(tau=1)), 6))
-    _gen(rt1)
+    rt1, _ = load_model(tiny_ckpt,
+                        runtime=stream_runtime(lambda: TidePolicy(TideOptions(tau=1)), 6))
+    decode_cpu(rt1)
     frozen = model.experts.run_stats.summary()
     every = rt1.experts.run_stats.summary()
     assert frozen["promotions"] < every["promotions"]
@@ -87,8 +62,8 @@ def test_between_refreshes_the_placement_is_frozen(tiny_ckpt, reference):
 
 
 def test_static_places_once_on_the_host(tiny_ckpt, reference):
-    model, _ = load_model(tiny_ckpt, runtime=_stream(StaticPolicy, 8))
-    assert _gen(model).token_ids == reference
+    model, _ = load_model(tiny_ckpt, runtime=stream_runtime(StaticPolicy, 8))
+    assert decode_cpu(model).token_ids == reference
     s = model.experts.run_stats.summary()
     layers = model.cfg.num_moe_layers
     assert s["promotions"] == 8 * layers  # the prompt's top 8 per layer, never changed

@@ -14,8 +14,6 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import load_model
-from tests.test_offload import POLICIES, _gen
 from tidecli.errors import TideError
 from tidecli.experts.budget import GIB, host_tiers, spread
 from tidecli.experts.offload import OffloadRuntime
@@ -23,6 +21,8 @@ from tidecli.experts.policies import ResidentPolicy
 from tidecli.experts.store import HostExpertStore
 from tidecli.experts.tiered import TieredExpertStore, choose_ram_experts, expert_runs
 from tidecli.model.checkpoint import Checkpoint
+
+from helpers import POLICIES, cuda_model, decode_cpu, decode_cuda, load_model
 
 RAM_EXPERTS = 20  # of 3 layers × 32: the budget leaves 5 in RAM per layer, 81 on disk
 
@@ -46,7 +46,7 @@ def _tiered(factory, b, *, n=RAM_EXPERTS, staging=None, keep=None):
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     model, _ = load_model(tiny_ckpt)
-    return _gen(model).token_ids
+    return decode_cpu(model).token_ids
 
 
 # ---- accounting ---------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_disk_rows_equal_the_loaded_rows_in_any_file_layout(tiny_ckpt, tmp_path)
 def test_every_policy_gives_the_resident_tokens_from_disk(tiny_ckpt, reference, name, b):
     stores: list[TieredExpertStore] = []
     model, ckpt = load_model(tiny_ckpt, runtime=_tiered(POLICIES[name], b, keep=stores))
-    assert _gen(model).token_ids == reference
+    assert decode_cpu(model).token_ids == reference
     store = stores[0]
     s = model.experts.run_stats.summary()
     assert s["disk_reads"] > 0 and s["bytes_disk"] == s["disk_reads"] * store.expert_bytes
@@ -129,7 +129,7 @@ def test_every_policy_gives_the_resident_tokens_from_disk(tiny_ckpt, reference, 
 
 def test_resident_policy_loads_every_slot_from_disk(tiny_ckpt, reference):
     model, _ = load_model(tiny_ckpt, runtime=_tiered(ResidentPolicy, 32))
-    assert _gen(model).token_ids == reference
+    assert decode_cpu(model).token_ids == reference
     assert model.experts.run_stats.summary()["cpu_calls"] == 0
     model.experts.close()
 
@@ -139,7 +139,7 @@ def test_a_two_buffer_ring_still_gives_the_tokens(tiny_ckpt, reference, name):
     stores: list[TieredExpertStore] = []
     model, _ = load_model(tiny_ckpt, runtime=_tiered(POLICIES[name], 4, n=4, staging=2,
                                                       keep=stores))
-    assert _gen(model).token_ids == reference
+    assert decode_cpu(model).token_ids == reference
     assert stores[0].ring.allocated == 2 and stores[0].host.ram_experts == 2
     model.experts.close()
 
@@ -157,7 +157,7 @@ def test_nothing_grows_across_a_long_generation(tiny_ckpt, reference):
     proc = psutil.Process()
     seen = []
     for i in range(6):
-        assert _gen(model, gen_length=128).token_ids[:len(reference)] == reference
+        assert decode_cpu(model, gen_length=128).token_ids[:len(reference)] == reference
         seen.append((store.ring.allocated, store.host_bytes, threading.active_count(),
                      _open_fds()))
         if i == 1:
@@ -253,9 +253,6 @@ def test_generate_with_ram_gives_the_same_tokens(tiny_ckpt, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["lru", "static", "tide", "tide-stall"])
 def test_cuda_tiered_store_gives_the_resident_tokens(tiny_ckpt, name):
-    from tests.test_gpu import _cuda_model
-    from tests.test_gpu import _gen as cuda_gen
-
     def make(ckpt):
         host = host_tiers(ckpt.config, _budget(ckpt.config), staging_experts=4)
         store = TieredExpertStore(ckpt, host, pin=True)
@@ -265,11 +262,11 @@ def test_cuda_tiered_store_gives_the_resident_tokens(tiny_ckpt, name):
                               dtype=torch.bfloat16)
 
     prompt = list(range(2000, 2045))
-    ref = cuda_gen(_cuda_model(tiny_ckpt), prompt, gen_length=96).token_ids
-    model = _cuda_model(tiny_ckpt, make)
+    ref = decode_cuda(cuda_model(tiny_ckpt), prompt, gen_length=96).token_ids
+    model = cuda_model(tiny_ckpt, make)
     for program in (False, True):  # eager, then the step program (CUDA graphs)
         model.use_program = program
-        assert cuda_gen(model, prompt, gen_length=96).token_ids == ref, program
+        assert decode_cuda(model, prompt, gen_length=96).token_ids == ref, program
     store = model.experts.store
     assert model.experts.run_stats.summary()["disk_reads"] > 0
     assert store.ring.allocated <= 4 and all(b.is_pinned() for b in store.ring.bufs)
