@@ -192,11 +192,11 @@ def test_load_or_create_measures_once_then_reuses(monkeypatch):
 # ---------------------------------------------------------------- reference profiles
 
 
-def test_reference_profiles_are_shipped_and_mirrored():
+def test_reference_profiles_are_shipped_and_found():
     assert store.list_reference_profiles() == sorted(REFERENCE + MEASURED)
+    found = store._reference_files()
     for name in REFERENCE + MEASURED:
-        shipped = REPO / "tidecli" / "data" / "profiles" / f"{name}.json"
-        assert (REPO / "profiles" / f"{name}.json").read_bytes() == shipped.read_bytes()
+        assert found[name].read_bytes() == (REPO / "profiles" / f"{name}.json").read_bytes()
 
 
 @pytest.mark.parametrize("name", REFERENCE)
@@ -406,13 +406,15 @@ def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
 
 
 def test_reference_profiles_ship_inside_the_package():
-    """profiles/ (what people read) and tidecli/data/profiles/ (what installs) hold the same."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    shown = {p.name: p.read_bytes() for p in (root / "profiles").glob("*.json")}
-    packaged = {p.name: p.read_bytes() for p in (root / "tidecli/data/profiles").glob("*.json")}
-    assert shown and shown == packaged
+    """The build installs profiles/ (the one copy) as the package tidecli.profiles: setup.py
+    lists the package, pyproject.toml maps it to the folder and ships its .json files."""
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"]["tidecli.profiles"] == "profiles"
+    assert cfg["package-data"]["tidecli.profiles"] == ["*.json"]
+    assert '"tidecli.profiles"' in (REPO / "setup.py").read_text()
+    shown = sorted(p.stem for p in (REPO / "profiles").glob("*.json"))
+    assert shown and shown == store.list_reference_profiles()
 
 
 @pytest.mark.parametrize("name", MEASURED)

@@ -1,8 +1,8 @@
 """Where hardware profiles live: this machine's saved profile and the shipped reference ones.
 
 Saved profiles are `config_dir()/profiles/<host>-<gpu>.json` (written atomically). Reference
-profiles ship inside the package (`tidecli/data/profiles/`, mirrored in the repository's
-`profiles/`) and are found by name, e.g. `rtx4090`.
+profiles are the repository's `profiles/` folder, installed as the package `tidecli.profiles`
+(setup.py), and are found by name, e.g. `rtx4090`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,18 @@ def load_saved_profile(gpu_name: str | None = None, *,
 # ---------------------------------------------------------------- reference profiles
 
 
+def _reference_folder():
+    """The package `tidecli.profiles` once tide is installed (a wheel or `pip install -e`); the
+    repository's `profiles/` when tide runs from a source tree that is not installed."""
+    try:
+        return importlib.resources.files("tidecli.profiles")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "profiles"
+
+
 def _reference_files() -> dict[str, Path]:
     """name → file of every shipped reference profile."""
-    folder = importlib.resources.files("tidecli") / "data" / "profiles"
+    folder = _reference_folder()
     found: dict[str, Path] = {}
     if folder.is_dir():
         for entry in folder.iterdir():
@@ -108,11 +117,6 @@ def resolve_profile(spec: str | None) -> HardwareProfile:
     if saved.is_file():
         return load_profile_file(saved)
     return load_reference_profile(spec)
-
-
-def reference_summaries() -> list[HardwareProfile]:
-    """Every reference profile, loaded (for `tide profile --list`)."""
-    return [load_profile_file(p) for p in _reference_files().values()]
 
 
 def load_or_create_profile(*, quick: bool = True, announce: Callable[[str], None],
