@@ -271,3 +271,50 @@ def test_cuda_tiered_store_gives_the_resident_tokens(tiny_ckpt, name):
     assert model.experts.run_stats.summary()["disk_reads"] > 0
     assert store.ring.allocated <= 4 and all(b.is_pinned() for b in store.ring.bufs)
     model.experts.close()
+
+
+def _engine_run(path, ram_gib, *, graphs, **options):
+    """One generation through the engine (tide, 8 of the 32 experts per layer on the device,
+    misses on the device: exact); its tokens, the device slots whose bytes differ from their
+    expert's in the files, and the run's counters."""
+    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.engine import Engine, EngineOptions
+    from tidecli.experts.runtime import read_expert_packed
+    from tidecli.model.tensorio import ShardReader
+
+    eng = Engine(EngineOptions(model=str(path), policy="tide", experts_per_layer=8,
+                               ram_gib=ram_gib, misses="gpu", graphs=graphs, **options),
+                 quiet=True)
+    try:
+        dec = eng.decoder(eng.prompt_ids("Explain why the sky is blue to a ten-year-old."),
+                          DecodeSettings(gen_length=128))
+        for _ in dec.steps():
+            pass
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        bad = 0
+        with ShardReader() as reader:
+            for layer, pool in eng.runtime.pools.pools.items():
+                row = torch.empty(pool.buf.shape[1], dtype=pool.buf.dtype)
+                for s, e in enumerate(pool.expert_of_slot.tolist()):
+                    if e < 0:
+                        continue
+                    read_expert_packed(reader, eng.ckpt, layer, e, row, check=False)
+                    bad += not torch.equal(pool.buf[s].cpu(), row)
+        return dec.result.token_ids, bad, eng.runtime.run_stats.summary()
+    finally:
+        eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_engine_with_most_experts_on_disk_gives_the_all_in_ram_tokens(tiny_ckpt, graphs):
+    """The same prompt with every expert in RAM and with most on disk, twice each: the same
+    tokens every time, and every GPU slot holds its expert's bytes as stored in the files."""
+    ram = _budget(Checkpoint.open(tiny_ckpt).config) / GIB
+    runs = {name: _engine_run(tiny_ckpt, gib, graphs=graphs)
+            for name, gib in (("ram", None), ("ram2", None), ("disk", ram), ("disk2", ram))}
+    for name, (tokens, bad, stats) in runs.items():
+        assert tokens == runs["ram"][0], name
+        assert bad == 0, name
+        assert (stats["disk_reads"] > 0) == name.startswith("disk"), (name, stats["disk_reads"])
