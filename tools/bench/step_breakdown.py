@@ -1,6 +1,6 @@
 """Resident generation on a checkpoint with the time of a step split into its parts.
 
-Usage: PYTHONPATH=. python tools/step_breakdown.py MODEL [--gen-length N] [--out DIR]
+Usage: PYTHONPATH=. python tools/bench/step_breakdown.py MODEL [--gen-length N] [--out DIR]
 Reports steps/s, the per-step split (attention, router, experts, shared expert, lm_head, ...),
 and the HBM-bandwidth bound for the bytes one step reads.
 """

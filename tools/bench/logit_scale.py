@@ -1,6 +1,7 @@
 """Tokens per step of synthetic checkpoints against the lm_head scale (to pick synth defaults).
 
-Usage: PYTHONPATH=. python tools/logit_scale.py WORKDIR --preset mini --layers 4 --scales 10,20,40
+Usage (with PYTHONPATH=.):
+    python tools/bench/logit_scale.py WORKDIR --preset mini --layers 4 --scales 10,20,40
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU microbenchmarks behind design choices (grouped kernels, copies, CPU experts).
 
-Usage: PYTHONPATH=. python tools/gpu_checks.py [--out DIR]
+Usage: PYTHONPATH=. python tools/bench/gpu_checks.py [--out DIR]
 Prints a table per check and writes gpu_checks.json into --out.
 """
 

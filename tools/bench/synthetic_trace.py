@@ -1,6 +1,6 @@
 """Write the routing trace of the bench's synthetic workload (bench/synthetic.py) for a model
 config, so `tide plan --trace` predicts with the same routing the benchmark replays.
-Usage: python3 tools/synthetic_trace.py MODEL_DIR OUT.npz [--blocks 8] [--steps 25]"""
+Usage: python3 tools/bench/synthetic_trace.py MODEL_DIR OUT.npz [--blocks 8] [--steps 25]"""
 
 from __future__ import annotations
 

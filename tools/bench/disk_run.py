@@ -3,7 +3,7 @@ actually read (system-wide counters, so page-cache hits do not count), wall time
 child's peak RSS. `--cold` first drops the model folder's files from the page cache
 (posix_fadvise DONTNEED, no root needed for clean pages).
 
-Usage: python3 tools/disk_run.py (--cold|--warm) MODEL_DIR -- TIDE_ARGS...
+Usage: python3 tools/bench/disk_run.py (--cold|--warm) MODEL_DIR -- TIDE_ARGS...
 The command's stdout passes through; the summary goes to stderr as one JSON line.
 """
 

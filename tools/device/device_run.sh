@@ -2,7 +2,7 @@
 # The GPU measurements behind docs/benchmarks.md, by stage: CUDA tests, hardware profile,
 # full-size synthetic mini (graphs vs eager, live chat capture), the policy benchmarks, the
 # pinned-memory probe, layer-truncated flash (bench and disk tier).
-# Usage: tools/device_run.sh WORKDIR OUTDIR STAGE
+# Usage: tools/device/device_run.sh WORKDIR OUTDIR STAGE
 set -u
 W=$1; OUT=$2; STAGE=$3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TIDE_CACHE_DIR=$W/cache TIDE_CONFIG_DIR=$W/config
@@ -24,46 +24,46 @@ fi
 if [ "$STAGE" = c ]; then
   [ -d "$W/mini" ] || T synth "$W/mini" --preset mini 2>&1 | tail -1
   echo "== chat capture (tide, 10 GiB)"
-  timeout 200 python3 tools/chat_capture.py "$OUT" -- --model "$W/mini" --policy tide --vram 10 --gen-length 160
+  timeout 200 python3 tools/device/chat_capture.py "$OUT" -- --model "$W/mini" --policy tide --vram 10 --gen-length 160
 fi
 if [ "$STAGE" = b ]; then
   echo "== gpu tests"; timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -x -p no:cacheprovider 2>&1 | tail -4
   [ -d "$W/mini" ] || T synth "$W/mini" --preset mini 2>&1 | tail -1
   TO 500 bench -m "$W/mini" --vram 10,18 --policies resident,lru,static,tide --tau 4 \
-    --workloads model,synthetic --prompts tools/bench_prompts.txt --gen-length 128 \
+    --workloads model,synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
     --profile h200 --json "$OUT/bench-mini.json" 2>&1 | tail -60
 fi
 if [ "$STAGE" = d ]; then
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   python3 -c "import json,sys;c=json.load(open(sys.argv[1]));print('layers',c['num_hidden_layers'],'experts',c['num_experts'])" "$W/mini/config.json"
   TO 330 bench -m "$W/mini" --vram 10,18 --policies resident,lru,static,tide --tau 4 \
-    --workloads model,synthetic --prompts tools/bench_prompts.txt --gen-length 128 \
+    --workloads model,synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
     --profile h200 --json "$OUT/bench-mini.json" 2>&1 | tail -40
   TO 170 bench -m "$W/mini" --vram 10 --policies tide --tau 1,4 --misses cpu,gpu \
-    --workloads synthetic --prompts tools/bench_prompts.txt --gen-length 128 \
+    --workloads synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
     --profile h200 --json "$OUT/bench-mini-misses.json" 2>&1 | tail -25
 fi
 if [ "$STAGE" = e ]; then
   echo "== gpu tests"; timeout 90 python3 -m pytest -q -m gpu tests/test_gpu.py -k "misses or step_program" -p no:cacheprovider 2>&1 | tail -4
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   TO 300 bench -m "$W/mini" --vram 10 --policies resident,lru,tide --tau 1,4 --misses auto,gpu \
-    --workloads synthetic --prompts tools/bench_prompts.txt --gen-length 128 \
+    --workloads synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
     --profile h200 --json "$OUT/bench-mini-sticky.json" 2>&1 | grep -v "^\[" | tail -30
 fi
 if [ "$STAGE" = f ]; then
   # pinned-memory reads from inside a step (zero-copy probe), then issue 8's tiered flash run
-  echo "== uva probe"; timeout 120 python3 tools/uva_probe.py "$OUT/uva.json" 2>&1 | tail -45
+  echo "== uva probe"; timeout 120 python3 tools/bench/uva_probe.py "$OUT/uva.json" 2>&1 | tail -45
   echo "== synth flash --layers 4"; T synth "$W/flash4" --preset flash --layers 4 --force 2>&1 | tail -1
   du -sh "$W/flash4"
   # a quarter of the routed experts' bytes in RAM: 3 MoE layers x 256 x 24 MiB = 18 GiB -> 4.5
   for mode in cold warm; do
     echo "== tiered flash4 --ram 4.5 ($mode page cache)"
-    python3 tools/disk_run.py --$mode "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
+    python3 tools/bench/disk_run.py --$mode "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
       -m "$W/flash4" --policy tide --vram 7.25 --ram 4.5 --gen-length 128 --json --no-live \
       > "$OUT/tiered-$mode.json" 2> "$OUT/tiered-$mode.err"; tail -3 "$OUT/tiered-$mode.err"
   done
   echo "== all in RAM"
-  python3 tools/disk_run.py --warm "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
+  python3 tools/bench/disk_run.py --warm "$W/flash4" -- generate "Explain why the sky is blue to a ten-year-old." \
     -m "$W/flash4" --policy tide --vram 7.25 --gen-length 128 --json --no-live \
     > "$OUT/tiered-ram.json" 2> "$OUT/tiered-ram.err"; tail -3 "$OUT/tiered-ram.err"
 fi
@@ -71,7 +71,7 @@ if [ "$STAGE" = g ]; then
   # streamed misses: GPU tests, then the policies on full-size mini
   echo "== gpu tests"; timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -8
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
-  B="bench -m $W/mini --prompts tools/bench_prompts.txt --gen-length 128 --profile h200"
+  B="bench -m $W/mini --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200"
   echo "== A: synthetic 10 GiB, stream, tau sweep"
   TO 200 $B --vram 10 --policies resident,lru,static,tide --misses stream --tau 1,2,4,8 \
     --workloads synthetic --json "$OUT/bench-stream-syn10.json" 2>&1 | grep -v "^\[" | tail -32
@@ -82,7 +82,7 @@ fi
 if [ "$STAGE" = h ]; then
   # every policy on full-size mini, both budgets and workloads, one process (streamed misses)
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
-  TO 480 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+  TO 480 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1 \
     --workloads model,synthetic --json "$OUT/bench-mini-stream.json" \
     2>&1 | grep -v "^\[" | tail -45
@@ -90,12 +90,12 @@ fi
 if [ "$STAGE" = i ]; then
   echo "== gpu tests (streamed)"; timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -k "streamed or device_view" -p no:cacheprovider 2>&1 | tail -4
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
-  TO 270 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+  TO 270 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau 1 --workloads model,synthetic \
     --json "$OUT/bench-mini-fused.json" 2>&1 | grep -v "^\[" | tail -24
   rm -rf "$W/mini"
   T synth "$W/flash4" --preset flash --layers 4 --force 2>&1 | tail -1
-  TO 200 bench -m "$W/flash4" --prompts tools/bench_prompts.txt --gen-length 64 --profile h200 \
+  TO 200 bench -m "$W/flash4" --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
     --vram 7.25 --policies resident,lru,static,tide --misses stream --tau 1 \
     --workloads model,synthetic --json "$OUT/bench-flash4.json" 2>&1 | grep -v "^\[" | tail -30
 fi
@@ -109,7 +109,7 @@ if [ "$STAGE" = j ]; then
   echo "== calibrate at 10 GiB"
   TO 200 plan -m "$W/mini" --profile h200 --vram 10 --calibrate --json > "$OUT/cal10.json" \
     2> "$OUT/cal10.err"; tail -22 "$OUT/cal10.err"
-  TO 420 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+  TO 420 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1,2,3,4,5,6,7,8 \
     --workloads synthetic --json "$OUT/bench-plan-syn.json" 2>&1 | grep -v "^\[" | tail -40
 fi
@@ -119,7 +119,7 @@ if [ "$STAGE" = k ]; then
   echo "== calibrate at 18 GiB"
   TO 200 plan -m "$W/mini" --profile h200 --vram 18 --calibrate --json > "$OUT/cal18.json" \
     2> "$OUT/cal18.err"; tail -22 "$OUT/cal18.err"
-  TO 300 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+  TO 300 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1 \
     --workloads model,synthetic --json "$OUT/bench-plan-cal18.json" 2>&1 | grep -v "^\[" | tail -40
 fi
@@ -130,7 +130,7 @@ if [ "$STAGE" = l ]; then
     echo "== calibrate at $c GiB"
     TO 200 plan -m "$W/mini" --profile h200 --vram $c --calibrate --json > "$OUT/cal$c.json" \
       2> "$OUT/cal$c.err"; grep -A4 "fitted" "$OUT/cal$c.err"
-    TO 200 bench -m "$W/mini" --prompts tools/bench_prompts.txt --gen-length 128 --profile h200 \
+    TO 200 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
       --vram 10,18 --policies tide --misses stream --tau plan --workloads synthetic \
       --json "$OUT/bench-cal$c.json" 2>&1 | grep -A8 "planner against"
   done

@@ -4,7 +4,8 @@
 Measures, for one layer of mini-sized experts in pinned RAM: a CUDA view of the pinned buffer,
 gathering rows by a device index (index_select, and a Triton kernel that skips empty entries)
 against copy-engine copies, the same under graph capture, overlap with a GEMM on another stream,
-and grouped_mm reading weights straight from host memory. Usage: python3 tools/uva_probe.py OUT.json
+and grouped_mm reading weights straight from host memory.
+Usage: python3 tools/bench/uva_probe.py OUT.json
 """
 
 from __future__ import annotations

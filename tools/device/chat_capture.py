@@ -1,7 +1,7 @@
 """Drive `tide chat` in a real pseudo-terminal and keep every byte it draws, with timestamps,
 so a frame mid-generation can be rendered afterwards (e.g. with pyte).
 
-Usage: python tools/chat_capture.py OUT_DIR -- [tide chat options]
+Usage: python tools/device/chat_capture.py OUT_DIR -- [tide chat options]
 Writes OUT_DIR/chat.raw (the terminal stream) and OUT_DIR/chat.json (byte offsets of events).
 """
 
