@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from tidecli.cli import main
-from tidecli.experts.budget import GIB
 from tidecli.experts.policies import (
     LruPolicy,
     StaticPolicy,
@@ -28,6 +27,7 @@ from tidecli.model.config import config_from_dict
 from tidecli.model.presets import preset_config
 from tidecli.planner import HardwareCosts, RoutingStats
 from tidecli.planner.model import Problem
+from tidecli.units import GIB
 
 MASK, EOS = 156895, 156892
 

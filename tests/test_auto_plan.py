@@ -4,19 +4,21 @@ streamed calibration's read timing; `tide bench --tau plan`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
+from tidecli.memory import device_dense_bytes, workspace_bytes
 from tidecli.model.config import load_config
 from tidecli.planner import Calibration
-from tidecli.planner.calibrate import (
+from tidecli.planner.calibration import (
     calibration_path,
     load_calibration,
     save_calibration,
 )
+from tidecli.units import GIB
 
 from helpers import gpu_profile, tide
 
@@ -47,13 +49,14 @@ def _generate(eng, n=32):
 
 
 def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
     _prof, path = _profile_file(tmp_path)
     cfg = load_config(tiny_ckpt)
     # fp32 on the CPU: the plan counts the run's own bytes
     vram = _vram_for(cfg, 12, dtype_bytes=4)
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", vram_gib=vram,
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide", vram_gib=vram,
                                profile=str(path), threshold=1e-7), quiet=True)
     try:
         plan = eng.plan
@@ -62,16 +65,17 @@ def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
         assert sum(plan.experts_per_layer.values()) <= 12 * cfg.num_moe_layers
         assert plan.expert_bytes == cfg.expert_bytes(4)
         info = eng.describe()
-        assert info["tau"] == plan.tau and info["plan"]["tau"] == plan.tau
-        assert info["plan"]["predicted_step_ms"] > 0 and info["plan"]["calibrated"] is False
+        assert info.runtime.tau == plan.tau and info.plan.tau == plan.tau
+        assert info.plan.predicted_step_ms > 0 and info.plan.calibrated is False
         tokens = _generate(eng)
-        eng.set_runtime(policy="lru")  # another policy in the same process, then back
+        tide = eng.opts.residency  # another policy in the same process, then back
+        eng.set_runtime(residency=replace(tide, policy="lru"))
         assert eng.plan is None
-        eng.set_runtime(policy="tide")
+        eng.set_runtime(residency=tide)
         assert eng.plan is plan and eng.runtime.budgets == plan.experts_per_layer
     finally:
         eng.close()
-    ref = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), quiet=True)
+    ref = Engine(engine_options(model=str(tiny_ckpt), device="cpu"), quiet=True)
     try:
         assert _generate(ref) == tokens  # the planned placement is lossless
     finally:
@@ -79,16 +83,17 @@ def test_tide_without_tau_follows_the_plan(tiny_ckpt, tmp_path):
 
 
 def test_given_tau_or_budgets_or_a_cpu_device_without_profile_skip_the_plan(tiny_ckpt, tmp_path):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
     _prof, path = _profile_file(tmp_path)
     for extra in ({"tau": 2, "profile": str(path)}, {"experts_per_layer": 5, "profile": str(path)},
                   {"experts_per_layer": 5}):
-        eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", **extra),
+        eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide", **extra),
                      quiet=True)
         try:
             assert eng.plan is None
-            assert eng.describe()["tau"] == extra.get("tau", 4)
+            assert eng.describe().runtime.tau == extra.get("tau", 4)
         finally:
             eng.close()
 
@@ -103,9 +108,9 @@ def _cpu_profile():
 
 def test_a_missing_machine_profile_is_measured_once_and_saved(monkeypatch, tmp_path, capsys):
     import tidecli.hardware.measure as measure
-    from tidecli.commands.open_engine import ensure_machine_profile
+    from tidecli.commands.setup import ensure_machine_profile
     from tidecli.hardware.store import load_saved_profile
-    from tidecli.planner.auto import machine_profile
+    from tidecli.runtime.autoplan import machine_profile
 
     calls = []
 
@@ -151,7 +156,8 @@ def test_saved_calibration_round_trip_and_corrupt_file(tmp_path, tiny_ckpt):
 
 
 def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, capsys):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
     _prof, path = _profile_file(tmp_path)
     cfg = load_config(tiny_ckpt)
@@ -175,17 +181,17 @@ def test_calibration_is_saved_and_the_default_plan_uses_it(tiny_ckpt, tmp_path, 
     plain = json.loads(out)
     assert plain["constants"]["calibration"] == cal["scales"]
     assert any(n.startswith("corrected by `tide plan --calibrate`") for n in plain["notes"])
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", dtype="bf16", policy="tide",
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", dtype="bf16", policy="tide",
                                misses="stream", vram_gib=vram, profile=str(path)), quiet=True)
     try:
         assert eng.plan.constants["calibration"] == cal["scales"]
-        assert eng.describe()["plan"]["calibrated"] is True
+        assert eng.describe().plan.calibrated is True
     finally:
         eng.close()
 
 
 def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
-    from tidecli.commands.bench_cli import _taus
+    from tidecli.commands.bench import _taus
 
     assert _taus("plan,1,4") == ["plan", 1, 4]
     with pytest.raises(TideError, match="whole numbers"):

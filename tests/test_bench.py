@@ -48,7 +48,7 @@ def test_routing_stats_on_a_known_trace():
 def test_synthetic_routing_has_the_published_statistics():
     from tidecli.bench.synthetic import SyntheticRouting
     from tidecli.model.config import config_from_dict
-    from tidecli.model.llada2 import ForwardInfo
+    from tidecli.model.moe import ForwardInfo
     from tidecli.model.presets import preset_config
 
     cfg = config_from_dict(preset_config("mini"))
@@ -106,9 +106,10 @@ BOUND_KEYS = {"workload", "budget", "tau", "oracle_h2d_gb", "tide_h2d_gb", "tide
 
 
 def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), build_runtime=False,
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu"), build_runtime=False,
                  quiet=True)
     spec = BenchSpec(policies=["resident", "lru", "static", "tide"], experts=[6],
                      workloads=["model", "synthetic"], taus=[2, 4],

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from tidecli.commands.chat import ChatApp
+from tidecli.commands.chat_app import ChatApp
 from tidecli.decode.diffusion import DecodeSettings, GenerationResult
 from tidecli.decode.session import (
     ChatSession,
@@ -21,7 +21,7 @@ from tidecli.decode.session import (
     unescape_message,
 )
 from tidecli.errors import OutOfDeviceMemory, TideError
-from tidecli.experts.stats import ExpertStats
+from tidecli.model.counters import ExpertStats, LayerCounters
 
 MASK, EOS = 99, 98
 
@@ -161,7 +161,7 @@ class FakeDecoder:
                     block_start=start + 4 * b, gen_start=start, committed=[], edited=[],
                     block_tokens=blk, mask_id=MASK, forward_ms=1.0, elapsed_s=0.1,
                     tokens_done=len(self.tokens), block_done=upto == 4,
-                    expert_stats={"pairs": 8, "gpu_hits": 8, "cpu_calls": 0, "bytes_h2d": 0})
+                    experts=LayerCounters(gpu_hits=8))
         self.result = self._result(True)
 
     def _result(self, finished):
@@ -298,9 +298,10 @@ def test_loop_exits_cleanly_on_eof_and_ctrl_c(app):
 
 
 def test_real_tiny_model_two_turns(tiny_ckpt, capsys):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), quiet=True)
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu"), quiet=True)
     try:
         out = io.StringIO()
         s = ChatSession(settings=DecodeSettings(gen_length=12), max_positions=4096)

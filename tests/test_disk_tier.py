@@ -10,15 +10,21 @@ import numpy as np
 import pytest
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, RAM_MARGIN, device_dense_bytes, workspace_bytes
 from tidecli.hardware.disk import measure_disk
 from tidecli.hardware.profile import HardwareProfile
+from tidecli.memory import (
+    HOST_OVERHEAD_BYTES,
+    RAM_MARGIN,
+    device_dense_bytes,
+    host_embedding_bytes,
+    workspace_bytes,
+)
 from tidecli.model.config import config_from_dict
 from tidecli.model.presets import preset_config
 from tidecli.planner import make_plan, predict
 from tidecli.planner.costs import FALLBACK_DISK_GBPS, disk_gbps
 from tidecli.planner.model import Problem
-from tidecli.planner.tiers import HOST_OVERHEAD_BYTES, host_embedding_bytes
+from tidecli.units import GIB
 
 from helpers import FLASH, MINI, fifo_trace, gpu_profile, tide, toy_problem
 

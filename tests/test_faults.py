@@ -218,7 +218,7 @@ def test_out_of_range_options(tiny_ckpt, capsys, monkeypatch, extra, message):
     def no_loading(*a, **kw):
         raise AssertionError("options must be refused before the weights load")
 
-    monkeypatch.setattr("tidecli.engine.load_dense", no_loading)
+    monkeypatch.setattr("tidecli.runtime.engine.load_dense", no_loading)
     user_error(gen(tiny_ckpt, *extra), capsys, message)
 
 
@@ -231,23 +231,23 @@ def test_vram_below_the_dense_part(tiny_ckpt, capsys):
 
 
 def test_ctrl_c_while_loading_exits_130(tiny_ckpt, monkeypatch, capsys):
-    import tidecli.engine
+    import tidecli.runtime.engine
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tidecli.engine, "load_dense", interrupted)
+    monkeypatch.setattr(tidecli.runtime.engine, "load_dense", interrupted)
     code, out, err = tide(gen(tiny_ckpt), capsys)
     assert code == 130 and out == "" and err.strip() == "interrupted"
 
 
 def test_an_unexpected_exception_is_one_line(tiny_ckpt, monkeypatch, capsys):
-    import tidecli.engine
+    import tidecli.runtime.engine
 
     def bug(*a, **kw):
         raise ZeroDivisionError("integer division by zero")
 
-    monkeypatch.setattr(tidecli.engine, "load_dense", bug)
+    monkeypatch.setattr(tidecli.runtime.engine, "load_dense", bug)
     user_error(gen(tiny_ckpt), capsys, "internal error: ZeroDivisionError: integer division",
                hint="TIDE_DEBUG=1")
 

@@ -71,14 +71,14 @@ def test_pinned_allocation_failing_falls_back_to_pageable(tiny_ckpt, monkeypatch
 
 
 def test_warnings_are_one_line_on_the_cli(tiny_ckpt, monkeypatch, capsys):
-    import tidecli.engine
+    import tidecli.runtime.engine
 
     def resolve(spec, **kw):
         warnings.warn("pinned host memory is not available (x); experts use pageable memory",
                       RuntimeWarning, stacklevel=2)
         raise TideError("stop here", "nothing")
 
-    monkeypatch.setattr(tidecli.engine, "resolve_model", resolve)
+    monkeypatch.setattr(tidecli.runtime.engine, "resolve_model", resolve)
     code, _, err = tide(gen(tiny_ckpt), capsys)
     assert code == 1 and err.splitlines() == [
         "warning: pinned host memory is not available (x); experts use pageable memory",
@@ -115,9 +115,10 @@ def test_out_of_memory_during_generate(tiny_ckpt, monkeypatch, capsys):
 def reference_answer(tiny_ckpt):
     from tidecli.decode.diffusion import DecodeSettings
     from tidecli.decode.session import drive
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu"), quiet=True)
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu"), quiet=True)
     try:
         result, _ = drive(eng.decoder(eng.prompt_ids("Hello"), DecodeSettings(gen_length=4)))
         return eng.tokenizer.decode(result.token_ids)
@@ -128,12 +129,13 @@ def reference_answer(tiny_ckpt):
 @pytest.mark.parametrize("policy", ["resident", "lru"])
 def test_out_of_memory_in_chat_leaves_the_session_usable(tiny_ckpt, reference_answer,
                                                           monkeypatch, capsys, policy):
-    from tidecli.commands.chat import ChatApp
+    from tidecli.commands.chat_app import ChatApp
     from tidecli.decode.diffusion import DecodeSettings
     from tidecli.decode.session import ChatSession
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
-    opts = EngineOptions(model=str(tiny_ckpt), device="cpu", policy=policy,
+    opts = engine_options(model=str(tiny_ckpt), device="cpu", policy=policy,
                          experts_per_layer=8 if policy == "lru" else None)
     eng = Engine(opts, quiet=True)
     try:
@@ -197,7 +199,7 @@ def test_failed_profile_and_transcript_writes_keep_the_old_file(tmp_path, monkey
 
 @pytest.mark.parametrize("where", ["parent_is_a_file", "target_is_a_folder", "disk_full"])
 def test_save_to_an_unwritable_path(tmp_path, monkeypatch, capsys, where):
-    from tidecli.commands.chat import ChatApp
+    from tidecli.commands.chat_app import ChatApp
     from tidecli.decode.diffusion import DecodeSettings
     from tidecli.decode.session import ChatSession
 

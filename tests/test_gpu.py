@@ -10,6 +10,7 @@ from tidecli.experts.compute import (
     run_grouped_loop,
     run_grouped_mm,
 )
+from tidecli.model.program import StepPrograms
 
 from helpers import cuda_model, decode_cuda
 
@@ -104,7 +105,7 @@ def _factory(policy):
 
 def _program_tokens(policy, path, *, capture):
     m = cuda_model(path, _factory(policy))
-    m.use_program, m.capture = True, capture
+    m = StepPrograms(m, capture=capture)
     prompt = list(range(2000, 2045))
     out = [decode_cuda(m, prompt, gen_length=96).token_ids for _ in range(2)]  # replayed twice
     assert out[0] == out[1]
@@ -133,8 +134,7 @@ def test_step_program_logits_match_the_eager_path_within_bf16(tiny_ckpt):
     cache = m.cache_for(64)
     m.prefill(x[:32], cache, ForwardInfo("prefill"))
     eager = m.block_forward(x[32:], 32, cache, ForwardInfo("step")).clone()
-    m.use_program = True
-    prog = m.block_forward(x[32:], 32, cache, ForwardInfo("step"),
+    prog = StepPrograms(m).block_forward(x[32:], 32, cache, ForwardInfo("step"),
                            ids_host=x[32:].tolist()).clone()
     assert _rel(prog, eager) < 2e-2
 
@@ -146,8 +146,8 @@ def test_synthetic_routing_replays_in_graphs(tiny_ckpt):
     outs = []
     for program in (False, True):
         m = cuda_model(tiny_ckpt)
-        m.use_program = program
-        m.routing = SyntheticRouting(m.cfg, device=torch.device("cuda"))
+        m.router = SyntheticRouting(m.cfg, device=torch.device("cuda"))
+        m = StepPrograms(m) if program else m
         outs.append(decode_cuda(m, prompt, gen_length=64).token_ids)
     assert outs[0] == outs[1]
 
@@ -170,7 +170,7 @@ def test_misses_on_the_gpu_are_bitwise_exact(tiny_ckpt, policy):
 
     ref = _program_tokens("resident", tiny_ckpt, capture=True)
     m = cuda_model(tiny_ckpt, make)
-    m.use_program = True
+    m = StepPrograms(m)
     assert decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids == ref
     assert m.experts.run_stats.summary()["cpu_calls"] == 0
 
@@ -215,7 +215,7 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
                 return rt
 
             m = cuda_model(tiny_ckpt, make)
-            m.use_program, m.capture = True, capture
+            m = StepPrograms(m, capture=capture)
             out = [decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
                    for _ in range(2)]
             assert out[0] == out[1] == ref, (m.experts.name, capture)

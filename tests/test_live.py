@@ -7,16 +7,16 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
+from tidecli.model.counters import LayerCounters
 from tidecli.ui.live import (
     LiveState,
     LiveView,
     PlainStream,
-    layer_table,
     render_frame,
     split_complete_lines,
-    startup_rows,
     status_lines,
 )
+from tidecli.ui.panels import layer_table, startup_rows
 
 MASK, EOS = 99, 98
 WORDS = {1: " the", 2: " tide", 3: " turns", 4: " slowly", 5: " and", 6: " then", 7: " fast",
@@ -38,10 +38,10 @@ def event(*, block, step, gstep, block_start, tokens, committed=(), edited=(), g
         block=block, step=step, global_step=gstep, block_start=block_start, gen_start=gen_start,
         committed=list(committed), edited=list(edited), block_tokens=list(tokens), mask_id=MASK,
         forward_ms=50.0, elapsed_s=elapsed if elapsed is not None else gstep * 0.5,
-        tokens_done=max(0, block_start - gen_start) + gen, block_done=done, expert_stats=stats)
+        tokens_done=max(0, block_start - gen_start) + gen, block_done=done, experts=stats)
 
 
-STATS = {"pairs": 100, "gpu_hits": 90, "cpu_calls": 10, "bytes_h2d": 2_000_000_000}
+STATS = LayerCounters(gpu_hits=90, cpu_calls=10, bytes_h2d=2_000_000_000)  # 100 pairs
 
 
 def script() -> list[SimpleNamespace]:
@@ -86,7 +86,7 @@ def test_frame_before_the_first_step_and_without_experts():
     s = state(policy="resident", tau=None, vram_used_bytes=None, pcie_peak_gbps=None)
     assert frame_text(s).splitlines()[-2:] == [
         "waiting for the first denoising step (prompt prefill)", "resident"]
-    s.apply(script()[0].__class__(**{**vars(script()[0]), "expert_stats": None}))
+    s.apply(script()[0].__class__(**{**vars(script()[0]), "experts": None}))
     lines = status_lines(s)
     assert lines[-1] == "resident" and "hit" not in lines[-1]
 
@@ -184,16 +184,26 @@ def test_generate_on_a_pipe_has_no_control_codes(tiny_ckpt, capsys):
 
 
 def test_startup_rows_print_what_is_present():
-    rows = dict(startup_rows({
-        "model": "/m/demo", "device": "cuda", "dtype": "bfloat16", "policy": "tide",
-        "kernel": "grouped_mm", "tau": 4, "experts_per_layer": {"1": 64, "2": 64},
-        "memory_plan": {"budget_bytes": 12 << 30, "dense_bytes": 2 << 30,
-                        "kv_cache_bytes": 1 << 30},
-        "plan": {"predicted_tokens_per_s": 41.5, "predicted_steps_per_s": 12.0}}))
+    from tidecli.experts.info import RuntimeInfo
+    from tidecli.memory import DeviceMemory
+    from tidecli.planner.plan import PlanSummary
+    from tidecli.runtime.engine import EngineInfo
+
+    plan = PlanSummary(profile="", tau=4, misses="stream", experts_per_layer={},
+                       predicted_step_ms=1.0, predicted_steps_per_s=12.0,
+                       predicted_tokens_per_s=41.5, calibrated=False)
+    rows = dict(startup_rows(EngineInfo(
+        model="/m/demo", device="cuda", dtype="bfloat16",
+        runtime=RuntimeInfo(policy="tide", kernel="grouped_mm", tau=4,
+                            experts_per_layer={1: 64, 2: 64}),
+        memory=DeviceMemory(budget=12 << 30, dense=2 << 30, kv_cache=1 << 30, workspace=0,
+                            expert_bytes=6 << 20, num_experts=256, num_moe_layers=2),
+        plan=plan)))
     assert rows["experts resident"] == "64 per MoE layer" and rows["τ"] == "4"
     assert rows["predicted"] == "41.5 tok/s, 12.0 steps/s"
     assert rows["VRAM budget"].startswith("12.00 GiB")
-    assert dict(startup_rows({"policy": "resident"})) == {"policy": "resident"}
+    assert dict(startup_rows(EngineInfo(runtime=RuntimeInfo(policy="resident")))) == \
+        {"policy": "resident"}
 
 
 def test_layer_table_renders_hit_and_cpu_share():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
-from tidecli.model.llada2 import ForwardInfo, KVCache
+from tidecli.model.llada2 import KVCache
+from tidecli.model.moe import ForwardInfo
 
 from helpers import load_model
 

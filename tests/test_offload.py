@@ -118,9 +118,9 @@ def test_miss_split_balances_copies_against_the_cpu():
                             fetch_ms=fetch_ms, cpu_ms=cpu_ms)
 
     experts, tokens = [1, 2, 3, 4, 5, 6], [1, 5, 1, 2, 1, 3]
-    gpu, cpu = splitter("auto", 0.1, 0.2).split(experts, tokens)
+    gpu, cpu = splitter("split", 0.1, 0.2).split(experts, tokens)
     assert sorted(gpu + cpu) == experts
     assert len(gpu) == 4 and gpu[:2] == [2, 6]  # the busiest experts go to the GPU
-    assert splitter("auto", 1.0, 0.1).split(experts, tokens)[0] == []  # copies too slow
+    assert splitter("split", 1.0, 0.1).split(experts, tokens)[0] == []  # copies too slow
     assert splitter("cpu", 0.1, 0.2).split(experts, tokens) == ([], experts)
     assert len(splitter("gpu", 1.0, 0.1).split(experts, tokens)[0]) == 6

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
+from tidecli.memory import device_dense_bytes, workspace_bytes
 from tidecli.model.config import config_from_dict
 from tidecli.model.presets import preset_config
 from tidecli.planner import (
@@ -31,15 +31,17 @@ from tidecli.planner import (
     solve_tau,
     trace_stats,
 )
-from tidecli.planner.calibrate import Measurement, fit_calibration
+from tidecli.planner.allocate import allocate_slots
+from tidecli.planner.calibration import fit_calibration
 from tidecli.planner.costs import CUDA_CONTEXT_RESERVE_GIB
 from tidecli.planner.model import Problem, tau_objective
 from tidecli.planner.published import PublishedRouting
-from tidecli.planner.solver import allocate_slots
+from tidecli.planner.report import Measurement
 from tidecli.planner.stats import (
     published_stats,
     refresh_ages,
 )
+from tidecli.units import GIB
 
 from helpers import FLASH, MINI, fifo_trace, gpu_profile, tide, toy_problem
 
@@ -404,18 +406,26 @@ def test_plain_plan_imports_no_torch(config_only, profile_json):
 
 
 def test_engine_honours_per_layer_budgets(tiny_ckpt):
-    from tidecli.engine import Engine, EngineOptions
+    from dataclasses import replace
+
+    from tidecli.model.config import load_config
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    base = make_plan(config=load_config(tiny_ckpt), profile=CONSUMER[0], vram_gib=4)
+
+    def opts(budgets):  # the engine follows a plan passed whole: these budgets, τ 2
+        return replace(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide"),
+                       plan=replace(base, experts_per_layer=budgets, tau=2))
 
     budgets = {1: 3, 2: 5, 3: 7}
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
-                               experts_per_layer_map=budgets, tau=2), quiet=True)
+    eng = Engine(opts(budgets), quiet=True)
     try:
         assert eng.runtime.budgets == budgets
     finally:
         eng.close()
     with pytest.raises(TideError, match="do not fit this model"):
-        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
-                             experts_per_layer_map={1: 3}), quiet=True)
+        Engine(opts({1: 3}), quiet=True)
 
 
 def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
@@ -489,8 +499,14 @@ def test_plan_command_misses_choice(config_only, profile_json, tmp_path, capsys)
         plans[misses] = json.loads(out)
     assert plans["auto"]["misses"] == plans["stream"]["misses"] == "stream"
     assert plans["cpu"]["misses"] == "cpu" and plans["cpu"]["breakdown"]["cpu_miss_ms"] > 0
+    # one vocabulary for every command: the planner models every mode the runtime runs
+    for misses in ("split", "gpu"):
+        code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(big),
+                               "--vram", "10", "--misses", misses, "--json"], capsys)
+        assert code == 0, err
+        assert json.loads(out)["misses"] == misses
     code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
-                            "--misses", "gpu"], capsys)
+                           "--misses", "nope"], capsys)
     assert code == 1 and err.startswith("error: unknown --misses")
     # 32 GB of RAM: mini's 28.5 GiB of experts get a disk tier, which cannot stream
     code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),

@@ -81,9 +81,10 @@ def test_copy_rows_skips_entries_marked_minus_one():
 
 def test_stream_needs_experts_in_ram(tiny_ckpt):
     """With a RAM budget that leaves experts on disk, --misses stream says why and what to do."""
-    from tidecli.engine import Engine, EngineOptions
     from tidecli.errors import TideError
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
     with pytest.raises(TideError, match="on disk"):
-        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide", experts_per_layer=4,
-                             misses="stream", ram_gib=0.001), quiet=True)
+        Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
+                              experts_per_layer=4, misses="stream", ram_gib=0.001), quiet=True)

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, host_tiers, spread
 from tidecli.experts.offload import OffloadRuntime
 from tidecli.experts.policies import ResidentPolicy
 from tidecli.experts.store import HostExpertStore
 from tidecli.experts.tiered import TieredExpertStore, choose_ram_experts, expert_runs
+from tidecli.memory import host_tiers, spread
 from tidecli.model.checkpoint import Checkpoint
+from tidecli.units import GIB
 
 from helpers import POLICIES, cuda_model, decode_cpu, decode_cuda, load_model
 
@@ -199,31 +200,32 @@ def test_a_nan_in_an_expert_on_disk_is_refused_when_read(tiny_ckpt, tmp_path):
 
 
 def test_engine_ram_budget_tiers_the_store(tiny_ckpt):
-    from tidecli.engine import Engine, EngineOptions
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
     cfg = Checkpoint.open(tiny_ckpt).config
     gib = _budget(cfg) / GIB
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
                                experts_per_layer=5, ram_gib=gib), quiet=True)
     try:
         store = eng.runtime.store
         assert isinstance(store, TieredExpertStore) and store.host.disk_experts == 81
         assert len(eng.notices) == 1 and "read from disk" in eng.notices[0]
-        tiers = eng.describe()["host_store"]["tiers"]
+        tiers = eng.describe().runtime.host_store.tiers
         assert tiers["ram_experts"] == 15 and tiers["staging_experts"] == 5
     finally:
         eng.close()
-    eng = Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
                                experts_per_layer=5, ram_gib=1.0), quiet=True)
     try:  # everything fits: the plain store, no notice
         assert isinstance(eng.runtime.store, HostExpertStore) and not eng.notices
     finally:
         eng.close()
     with pytest.raises(TideError, match="more than the"):
-        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+        Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
                              ram_gib=1e6), quiet=True)
     with pytest.raises(TideError, match="not even enough"):
-        Engine(EngineOptions(model=str(tiny_ckpt), device="cpu", policy="tide",
+        Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
                              ram_gib=cfg.expert_bytes() / GIB), quiet=True)
 
 
@@ -261,12 +263,14 @@ def test_cuda_tiered_store_gives_the_resident_tokens(tiny_ckpt, name):
                               POLICIES[name](), device=torch.device("cuda"),
                               dtype=torch.bfloat16)
 
+    from tidecli.model.program import StepPrograms
+
     prompt = list(range(2000, 2045))
     ref = decode_cuda(cuda_model(tiny_ckpt), prompt, gen_length=96).token_ids
     model = cuda_model(tiny_ckpt, make)
     for program in (False, True):  # eager, then the step program (CUDA graphs)
-        model.use_program = program
-        assert decode_cuda(model, prompt, gen_length=96).token_ids == ref, program
+        runner = StepPrograms(model) if program else model
+        assert decode_cuda(runner, prompt, gen_length=96).token_ids == ref, program
     store = model.experts.store
     assert model.experts.run_stats.summary()["disk_reads"] > 0
     assert store.ring.allocated <= 4 and all(b.is_pinned() for b in store.ring.bufs)
@@ -278,11 +282,12 @@ def _engine_run(path, ram_gib, *, graphs, **options):
     misses on the device: exact); its tokens, the device slots whose bytes differ from their
     expert's in the files, and the run's counters."""
     from tidecli.decode.diffusion import DecodeSettings
-    from tidecli.engine import Engine, EngineOptions
     from tidecli.experts.runtime import read_expert_packed
     from tidecli.model.tensorio import ShardReader
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
 
-    eng = Engine(EngineOptions(model=str(path), policy="tide", experts_per_layer=8,
+    eng = Engine(engine_options(model=str(path), policy="tide", experts_per_layer=8,
                                ram_gib=ram_gib, misses="gpu", graphs=graphs, **options),
                  quiet=True)
     try:

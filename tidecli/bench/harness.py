@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from tidecli.bench.oracle import best_hit_rate, oracle_loads, routing_stats
 from tidecli.errors import OutOfDeviceMemory, TideError
+from tidecli.experts.modes import MISS_MODES, parse_misses
 
 SCHEMA = "tide-bench/1"
 BASELINES = ("lru", "static")
@@ -60,8 +61,6 @@ class BenchSpec:
             raise TideError("--experts budgets must be at least 1", "e.g. --experts 16,64")
         if any(p != "resident" for p in self.policies) and not (self.vram or self.experts):
             raise TideError("offload policies need a budget", "add --vram 10,18 or --experts 64")
-        from tidecli.experts.policies import MISS_MODES
-
         if not self.misses or any(m not in MISS_MODES for m in self.misses):
             raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
         if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
@@ -115,7 +114,7 @@ def _plan_fields(eng, measured_ms: float | None) -> dict:
     (denoising steps only). On a CPU device without --profile nothing is planned (τ 4)."""
     plan = eng.plan
     if plan is None:
-        return {"planned": False, "tau": eng.runtime.describe().get("tau")}
+        return {"planned": False, "tau": eng.runtime.describe().tau}
     out = {"planned": True, "tau": plan.tau, "plan_profile": plan.profile,
            "predicted_step_ms": round(plan.predicted_step_ms, 3),
            "plan_calibrated": "calibration" in plan.constants}
@@ -142,7 +141,7 @@ class Bench:
         from tidecli.decode.diffusion import DecodeSettings
 
         return DecodeSettings(gen_length=gen_length, threshold=self.spec.threshold,
-                              block_length=self.engine.opts.block_length)
+                              block_length=self.engine.opts.workload.block_length)
 
     def _generate(self, ids: list[int], gen_length: int):
         """The result, and the milliseconds of its denoising steps alone (no prefill, no
@@ -154,16 +153,14 @@ class Bench:
         return d.result, step_ms
 
     def _set_workload(self, name: str) -> None:
-        model = self.engine.model
+        router = None
         if name == "synthetic":
             from tidecli.bench.synthetic import SyntheticRouting
 
-            model.routing = SyntheticRouting(self.engine.cfg, device=self.engine.device,
-                                             block_length=self.engine.opts.block_length,
-                                             seed=self.spec.seed)
-        else:
-            model.routing = None
-        model.reset_programs()
+            router = SyntheticRouting(self.engine.cfg, device=self.engine.device,
+                                      block_length=self.engine.opts.workload.block_length,
+                                      seed=self.spec.seed)
+        self.engine.set_router(router)
 
     # ---- a trace per workload (routing statistics and the oracle) -------------------------------
 
@@ -172,7 +169,7 @@ class Bench:
         counts, blocks, per_prompt = [], [], []
         for ids in self.prompt_ids:
             tr = rt.enable_trace()
-            self.engine.model.reset_programs()  # the captured step must record the routing too
+            self.engine.reset_programs()  # the captured step must record the routing too
             self._generate(ids, self.spec.gen_length)
             rt.trace = None
             steps = tr.steps_only()
@@ -180,7 +177,7 @@ class Bench:
             counts.append(arr)
             blocks.extend(b + 1000 * len(per_prompt) for b in steps.blocks)
             per_prompt.append(tr.array())  # every forward, in order, for the oracle
-        self.engine.model.reset_programs()
+        self.engine.reset_programs()
         stats = routing_stats(np.concatenate(counts), blocks)
         self.traces[workload] = {"stats": stats, "forwards": per_prompt, "steps": counts}
 
@@ -209,7 +206,7 @@ class Bench:
                 wall += res.wall_seconds
                 outputs.append(res.token_ids)
         s = eng.runtime.run_stats.summary()
-        used = eng.runtime.describe().get("misses") if pt.misses is not None else None
+        used = eng.runtime.describe().misses if pt.misses is not None else None
         want = self.expected.setdefault(pt.workload, outputs)
         row = {
             "workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
@@ -243,6 +240,7 @@ class Bench:
         spec = self.spec
         runs: list[dict] = []
         points = run_points(spec)
+        base = self.engine.opts
         current = None
         for n, pt in enumerate(points, 1):
             if pt.workload != current:
@@ -255,9 +253,11 @@ class Bench:
                 (f" · misses {pt.misses}" if pt.misses is not None else "")
             self.say(label)
             try:
-                self.engine.set_runtime(policy=pt.policy, vram_gib=pt.vram, tau=pt.tau,
-                                        experts_per_layer=pt.experts, experts_per_layer_map=None,
-                                        misses=pt.misses or "auto")
+                self.engine.set_runtime(residency=replace(
+                    base.residency, policy=pt.policy, tide=replace(base.residency.tide,
+                                                                   tau=pt.tau),
+                    misses=parse_misses(pt.misses or "auto")), budgets=replace(
+                    base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts))
                 if pt.workload not in self.traces:
                     self._record_trace(pt.workload)
                 runs.append(self._measure(pt))
@@ -273,7 +273,7 @@ class Bench:
             "date": time.strftime("%Y-%m-%d"),
             "settings": {"gen_length": spec.gen_length, "threshold": spec.threshold,
                          "repeat": spec.repeat, "prompts": len(spec.prompts),
-                         "block_length": self.engine.opts.block_length},
+                         "block_length": self.engine.opts.workload.block_length},
             "workloads": {w: {"label": _label(w), "routing": t["stats"]}
                           for w, t in self.traces.items()},
             "runs": runs,
@@ -284,10 +284,8 @@ class Bench:
 
     def _bounds(self, runs: list[dict]) -> list[dict]:
         cfg = self.engine.cfg
-        # the bytes a copy moves are the host store's (bf16), whatever the device computes in
-        store = self.engine._store
-        ebytes = cfg.expert_bytes((store.dtype if store is not None else self.engine.dtype)
-                                  .itemsize)
+        # the bytes a copy moves are the checkpoint's (bf16), whatever the device computes in
+        ebytes = self.engine.ckpt.routed_expert_bytes() // (cfg.num_moe_layers * cfg.num_experts)
         out = []
         for r in runs:
             if r.get("skipped") or r["policy"] != "tide":
@@ -319,7 +317,7 @@ class Bench:
         p = self.profile
         if p is None or not getattr(p, "gpu_mem_gbps", None):
             return None
-        from tidecli.experts.budget import device_dense_bytes
+        from tidecli.memory import device_dense_bytes
 
         cfg = self.engine.cfg
         steps = sum(c.shape[0] for c in tr["steps"])

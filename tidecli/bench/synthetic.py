@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 
 from tidecli.model.config import ModelConfig
-from tidecli.model.llada2 import ForwardInfo
+from tidecli.model.moe import ForwardInfo, Router
+from tidecli.model.router import route
+from tidecli.model.weights import RouterWeights
 from tidecli.planner.published import PublishedRouting
 
 
-class SyntheticRouting(PublishedRouting):
+class SyntheticRouting(PublishedRouting, Router):
     label = "synthetic (published LLaDA2.0-mini statistics)"
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, block_length: int = 32,
@@ -41,7 +43,7 @@ class SyntheticRouting(PublishedRouting):
         return {"workload": "synthetic", "pool": self.pool_size, "churn": self.churn,
                 "seed": self.seed}
 
-    # ---- the model's hook -----------------------------------------------------------------------
+    # ---- the model's router ---------------------------------------------------------------------
 
     def begin(self, info: ForwardInfo, tokens: int) -> None:
         if tokens == self.T and info.kind in ("step", "commit"):
@@ -63,12 +65,16 @@ class SyntheticRouting(PublishedRouting):
         draw = self._draw_tokens(self._rng(4, info.block, tokens), pools, tokens)
         self._current = torch.from_numpy(draw).to(self.device)
 
-    def ids(self, j: int, tokens: int) -> torch.Tensor:
-        """The expert choice of MoE layer j (index among MoE layers) for this forward: [t, k]."""
-        out = self._current[j]
+    def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
+                 static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's weights for its own choice, and the workload's expert choice of MoE
+        layer `moe_index` for this forward [t, k]: in a static program the buffer a block-length
+        step reads (its address is captured)."""
+        _ids, weights = route(x, w, cfg)
+        return (self._dev[moe_index] if static else self.ids(moe_index, x.shape[0])), weights
+
+    def ids(self, moe_index: int, tokens: int) -> torch.Tensor:
+        """The expert choice of MoE layer `moe_index` for this forward: [tokens, k]."""
+        out = self._current[moe_index]
         assert out.shape[0] == tokens, "begin() was not called for this forward"
         return out
-
-    def static_ids(self, j: int) -> torch.Tensor:
-        """The buffer a block-length step reads (captured step programs hold its address)."""
-        return self._dev[j]

@@ -1,211 +1,75 @@
-"""`tide chat`: a multi-turn conversation with line editing, slash commands and the live view.
-
-The conversation logic (turns, settings, transcripts) lives in tidecli/decode/session.py; this
-module reads input, dispatches slash commands and draws replies. Ctrl-C during a reply stops it
-after the current step: the committed prefix is shown and kept in the transcript (marked
-interrupted) but left out of the history the model sees. Ctrl-C or Ctrl-D at the prompt ends
-the session with exit code 0.
-"""
+"""`tide chat`: a multi-turn conversation with line editing, slash commands and the live view
+(the terminal itself: commands/chat_app.py). Ctrl-C during a reply stops it after the current
+step; Ctrl-C or Ctrl-D at the prompt ends the session with exit code 0."""
 
 from __future__ import annotations
 
-import difflib
-import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from tidecli.commands.generate import open_view
-from tidecli.decode.session import (
-    ChatSession,
-    Command,
-    SoftInterrupt,
-    Turn,
-    drive,
-    parse_command,
-    read_message,
-    reply_stats,
-    unescape_message,
+import typer
+
+from tidecli.commands.options import (
+    BlockLengthOpt,
+    CpuThreadsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EditingThresholdOpt,
+    ExpertsPerLayerOpt,
+    GenLengthOpt,
+    LiveOpt,
+    MissesOpt,
+    ModelOpt,
+    PolicyOpt,
+    ProfileOpt,
+    RamOpt,
+    SeedOpt,
+    SystemOpt,
+    TauOpt,
+    TemperatureOpt,
+    ThresholdOpt,
+    VramOpt,
 )
-from tidecli.errors import TideError, out_of_memory
-from tidecli.ui.console import err
-from tidecli.ui.live import layer_table, make_console, startup_panel
-from tidecli.ui.summary import generation_line
 
-PROMPT = "you> "
-MORE = "...> "
 HISTORY_FILE = "chat_history"
 
-HELP = """\
-/help                 this list
-/reset                forget the conversation (keeps the system prompt and settings)
-/system [TEXT|off]    show, set or clear the system prompt
-/set [NAME VALUE]     show the settings, or set threshold, gen_length,
-                      editing_threshold (a number or off), temperature, seed (or off)
-/stats                per-layer expert hit rate and CPU share of the last reply
-/save FILE            write the transcript (messages, settings, stats) as JSON
-/load FILE            continue from a saved transcript
-/exit                 quit (also /quit, Ctrl-D, or Ctrl-C at the prompt)
 
-Multi-line input: end a line with \\ to continue it, or paste between two lines of \"\"\".
-Start a message with // to send text that begins with a slash.
-Ctrl-C during a reply stops it after the current step; the partial text stays on screen and
-in /save, but is not part of what the model sees next (press it twice to stop mid-step)."""
+def chat(
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    gen_length: GenLengthOpt = 512,
+    block_length: BlockLengthOpt = 32,
+    threshold: ThresholdOpt = 0.95,
+    editing_threshold: EditingThresholdOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    seed: SeedOpt = None,
+    policy: PolicyOpt = "resident",
+    vram: VramOpt = None,
+    ram: RamOpt = None,
+    experts_per_layer: ExpertsPerLayerOpt = None,
+    tau: TauOpt = None,
+    cpu_threads: CpuThreadsOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    live: LiveOpt = True,
+    misses: MissesOpt = "auto",
+    profile: ProfileOpt = None,
+    load: Annotated[Path | None, typer.Option(
+        "--load", help="Continue from a transcript saved with /save.")] = None,
+) -> None:
+    """Chat with a model: multi-turn, slash commands (/help), live denoising view."""
+    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.runtime.options import engine_options
 
-COMMANDS = ("help", "reset", "system", "set", "stats", "save", "load", "exit", "quit")
-
-
-class ChatApp:
-    def __init__(self, engine: Any, session: ChatSession, *, out: Any, live: bool = True,
-                 info: dict[str, Any] | None = None,
-                 pcie_peak_gbps: float | None = None) -> None:
-        self.engine = engine
-        self.session = session
-        self.out = out
-        self.live = live
-        self.info = info if info is not None else {}
-        self.pcie_peak_gbps = pcie_peak_gbps
-
-    # ---- output ---------------------------------------------------------------------------------
-
-    def note(self, msg: str, style: str | None = "dim") -> None:
-        """One line of diagnostics on stderr (never wrapped, never parsed as markup)."""
-        err.print(msg, style=style, markup=False, highlight=False, soft_wrap=True)
-
-    def error(self, exc: TideError) -> None:
-        self.note(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""),
-                  style="red")
-
-    # ---- one line of input ----------------------------------------------------------------------
-
-    def handle(self, line: str) -> bool:
-        """Act on one message or slash command; False when the session should end."""
-        if not line.strip():
-            return True
-        cmd = parse_command(line)
-        if cmd is None:
-            self.reply(unescape_message(line).strip())
-            return True
-        try:
-            return self.command(cmd)
-        except TideError as exc:
-            self.error(exc)
-            return True
-
-    def command(self, cmd: Command) -> bool:
-        s = self.session
-        if cmd.name in ("exit", "quit"):
-            return False
-        if cmd.name == "help":
-            self.out.print(HELP, markup=False, highlight=False)
-        elif cmd.name == "reset":
-            n = len(s.turns)
-            s.reset()
-            self.note(f"conversation cleared ({n} turn{'s' if n != 1 else ''} forgotten)")
-        elif cmd.name == "system":
-            if not cmd.arg:
-                self.note(f"system prompt: {s.system!r}" if s.system else "no system prompt")
-            else:
-                s.set_system(None if cmd.arg.lower() in ("off", "none") else cmd.arg)
-                self.note("system prompt set" if s.system else "system prompt cleared")
-        elif cmd.name == "set":
-            name, _, value = cmd.arg.partition(" ")
-            if not name:
-                self.note(s.describe_settings(), style=None)
-            elif not value.strip():
-                raise TideError(f"/set {name} needs a value", f"e.g. /set {name} 0.9")
-            else:
-                self.note(s.set_option(name, value), style=None)
-        elif cmd.name == "stats":
-            self.show_stats()
-        elif cmd.name == "save":
-            if not cmd.arg:
-                raise TideError("/save needs a file name", "e.g. /save chat.json")
-            path = s.save(cmd.arg)
-            self.note(f"saved {len(s.turns)} turns to {path}")
-        elif cmd.name == "load":
-            if not cmd.arg:
-                raise TideError("/load needs a file name", "e.g. /load chat.json")
-            s.load(cmd.arg)
-            self.note(f"loaded {len(s.turns)} turns from {cmd.arg}")
-        else:
-            close = difflib.get_close_matches(cmd.name, COMMANDS, n=1)
-            guess = f"did you mean /{close[0]}? " if close else ""
-            self.note(f"unknown command /{cmd.name}: {guess}/help lists the commands",
-                      style="yellow")
-        return True
-
-    def show_stats(self) -> None:
-        stats = self.session.last_stats()
-        experts = (stats or {}).get("experts") or {}
-        if not stats:
-            self.note("no reply yet: /stats shows the last reply's expert counters")
-            return
-        self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
-                                  wall=stats["wall_seconds"], policy=self.engine.runtime.name,
-                                  hit_rate=(experts.get("summary") or {}).get("hit_rate")),
-                  style=None)
-        per_layer = experts.get("per_layer") or {}
-        if per_layer:
-            self.out.print(layer_table(per_layer, title="experts per MoE layer, last reply"))
-        else:
-            self.note("no expert counters for the last reply")
-
-    # ---- a reply --------------------------------------------------------------------------------
-
-    def reply(self, text: str) -> None:
-        eng, s = self.engine, self.session
-        settings = s.settings
-        try:
-            ids = eng.prompt_ids(text, system=s.system, history=s.history())
-            eng.runtime.reset_stats()  # /stats is about this reply only
-            decoder = eng.decoder(ids, settings)
-            view = open_view(eng, settings, info=self.info, console=self.out, live=self.live,
-                             pcie_peak_gbps=self.pcie_peak_gbps)
-            with SoftInterrupt() as stop, view:
-                result, interrupted = drive(decoder, view.update, should_stop=stop.is_set)
-                answer = eng.tokenizer.decode(result.token_ids)
-                view.finish(answer)
-        except TideError as exc:
-            self.error(exc)
-            return
-        except KeyboardInterrupt:  # before decoding began (tokenising, allocating the cache)
-            self.note("stopped before the reply began")
-            return
-        except Exception as exc:
-            oom = out_of_memory(exc, hint="/set gen_length smaller or /reset, or restart with a "
-                                          "lower --vram or --experts-per-layer")
-            if oom is None:
-                raise
-            # nothing of this reply is recorded; the next one starts from a fresh decoder
-            self.error(type(oom)(f"{oom.message} during this reply", oom.hint))
-            return
-        stats = reply_stats(result, eng.runtime.run_stats.to_dict())
-        s.record(Turn(user=text, assistant=answer, interrupted=interrupted, stats=stats,
-                      settings=asdict(settings)))
-        summary = (stats["experts"] or {}).get("summary") or {}
-        self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
-                                  wall=stats["wall_seconds"], policy=eng.runtime.name,
-                                  hit_rate=summary.get("hit_rate")))
-        if interrupted:
-            self.note(f"stopped after {stats['tokens']} committed tokens: shown and kept in "
-                      "/save, not added to the conversation", style="yellow")
-
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def loop(self, read: Callable[[str], str] | None = None, *, interactive: bool = True) -> None:
-        read = read or input
-        prompt, more = (PROMPT, MORE) if interactive else ("", "")
-        while True:
-            try:
-                line = read_message(read, prompt, more)
-            except (EOFError, KeyboardInterrupt):
-                if interactive:
-                    self.out.print()  # leave the prompt line
-                return
-            if not self.handle(line):
-                return
+    opts = engine_options(model=model, device=device, dtype=dtype, policy=policy, tau=tau,
+                          misses=misses, cpu_threads=cpu_threads, profile=profile,
+                          vram_gib=vram, ram_gib=ram, experts_per_layer=experts_per_layer,
+                          block_length=block_length, threshold=threshold)
+    settings = DecodeSettings(gen_length=gen_length, block_length=block_length,
+                              threshold=threshold, editing_threshold=editing_threshold,
+                              temperature=temperature, seed=seed)
+    run_chat(opts=opts, settings=settings, system=system, live=live, transcript=load)
 
 
 def _readline_history() -> Callable[[], None]:
@@ -236,7 +100,14 @@ def _readline_history() -> Callable[[], None]:
 
 def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
              transcript: Path | None = None, pcie_peak_gbps: float | None = None) -> None:
-    from tidecli.commands.open_engine import open_engine
+    import sys
+
+    from tidecli.commands.chat_app import ChatApp
+    from tidecli.commands.setup import open_engine
+    from tidecli.decode.session import ChatSession
+    from tidecli.ui.console import err
+    from tidecli.ui.live import make_console
+    from tidecli.ui.panels import startup_panel
 
     settings.validate()  # out-of-range options fail before the model loads
     engine = open_engine(opts)

@@ -10,53 +10,110 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
+import typer
+
+from tidecli.commands.options import (
+    BlockLengthOpt,
+    CpuThreadsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EditingThresholdOpt,
+    ExpertsPerLayerOpt,
+    GenLengthOpt,
+    GraphsOpt,
+    LiveOpt,
+    MaxPostStepsOpt,
+    MissesOpt,
+    ModelOpt,
+    PolicyOpt,
+    ProfileOpt,
+    RamOpt,
+    SeedOpt,
+    SystemOpt,
+    TauOpt,
+    TemperatureOpt,
+    ThresholdOpt,
+    TopKOpt,
+    TopPOpt,
+    VramOpt,
+)
 from tidecli.decode.session import SoftInterrupt, drive
-from tidecli.ui.console import err
-from tidecli.ui.live import LiveState, LiveView, PlainStream, make_console, startup_panel
-from tidecli.ui.summary import generation_line
 
 
-def vram_probe(engine: Any):
-    """A cheap reader of the allocator's counter on CUDA (host-side, no device sync), or None."""
-    device = getattr(engine, "device", None)
-    if device is None or getattr(device, "type", "") != "cuda":
-        return None
-    import torch
-
-    return lambda: int(torch.cuda.memory_allocated(device))
-
-
-def open_view(engine: Any, settings: Any, *, info: dict[str, Any], console: Any, live: bool,
-              pcie_peak_gbps: float | None = None) -> LiveView | PlainStream:
-    """The live view on a terminal (when `live`), else plain streaming to the console's file."""
-    tok = engine.tokenizer
-    mem = info.get("memory_plan") or {}
-    state = LiveState(tokens=tok, gen_length=settings.gen_length,
-                      eos_ids=frozenset({tok.ids.eos}), policy=engine.runtime.name,
-                      tau=info.get("tau"), pcie_peak_gbps=pcie_peak_gbps,
-                      vram_budget_bytes=mem.get("budget_bytes"))
-    if live and console.is_terminal:
-        return LiveView(state, console, vram_used=vram_probe(engine))
-    return PlainStream(state, console.file)
-
-
-def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
-                 threshold: float, editing_threshold: float | None, max_post_steps: int,
-                 temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
-                 system: str | None, raw: bool, json_out: bool, reference: bool,
-                 trace: Path | None, live: bool = True,
-                 pcie_peak_gbps: float | None = None) -> None:
-    from tidecli.commands.open_engine import open_engine
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads it from stdin).")],
+    model: ModelOpt = None,
+    gen_length: GenLengthOpt = 512,
+    block_length: BlockLengthOpt = 32,
+    threshold: ThresholdOpt = 0.95,
+    editing_threshold: EditingThresholdOpt = None,
+    max_post_steps: MaxPostStepsOpt = 16,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")]
+    = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+    = False,
+    live: LiveOpt = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="Use the slow reference path (no KV cache).")] = False,
+    trace: Annotated[Path | None, typer.Option(
+        help="Record the routing trace (.npz) here.")] = None,
+    policy: PolicyOpt = "resident",
+    vram: VramOpt = None,
+    ram: RamOpt = None,
+    experts_per_layer: ExpertsPerLayerOpt = None,
+    tau: TauOpt = None,
+    stall_refresh: Annotated[bool, typer.Option(
+        "--stall-refresh", help="tide ablation: promote before computing (paper).")] = False,
+    cold_start: Annotated[bool, typer.Option(
+        "--cold-start", help="tide ablation: empty the slots at each block.")] = False,
+    refresh_last_step: Annotated[bool, typer.Option(
+        "--refresh-last-step", help="tide ablation: refresh on a block's last step.")] = False,
+    cpu_threads: CpuThreadsOpt = 0,
+    popularity_trace: Annotated[Path | None, typer.Option(
+        help="static: expert popularity from this routing trace (.npz from --trace).")] = None,
+    graphs: GraphsOpt = True,
+    misses: MissesOpt = "auto",
+    profile: ProfileOpt = None,
+) -> None:
+    """Generate a reply to one prompt."""
     from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.runtime.options import engine_options
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    opts = engine_options(
+        model=model, device=device, dtype=dtype, graphs=graphs, policy=policy, tau=tau,
+        stall_refresh=stall_refresh, warm_start=not cold_start,
+        skip_last_step=not refresh_last_step, misses=misses, cpu_threads=cpu_threads,
+        popularity_trace=str(popularity_trace) if popularity_trace else None, profile=profile,
+        vram_gib=vram, ram_gib=ram, experts_per_layer=experts_per_layer,
+        block_length=block_length, threshold=threshold)
     settings = DecodeSettings(
         gen_length=gen_length, block_length=block_length, threshold=threshold,
         editing_threshold=editing_threshold, max_post_steps=max_post_steps,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, use_cache=not reference)
+    run_generate(prompt=prompt, opts=opts, settings=settings, system=system, raw=raw,
+                 json_out=json_out, trace=trace, live=live)
+
+
+def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, json_out: bool,
+                 trace: Path | None, live: bool = True,
+                 pcie_peak_gbps: float | None = None) -> None:
+    from tidecli.commands.setup import open_engine, open_view
+    from tidecli.ui.console import err
+    from tidecli.ui.live import make_console
+    from tidecli.ui.panels import startup_panel
+    from tidecli.ui.summary import generation_line
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
     settings.validate()  # out-of-range options fail before the model loads
     engine = open_engine(opts)
     try:
@@ -80,7 +137,7 @@ def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
                 view.finish(text)
         if trace is not None:
             engine.runtime.trace.meta.update({"model": str(engine.path), "prompt_tokens": len(ids),
-                                              "block_length": block_length})
+                                              "block_length": settings.block_length})
             engine.runtime.trace.save(trace)
         stats = engine.runtime.run_stats
         if json_out:
@@ -92,13 +149,12 @@ def run_generate(*, prompt: str, opts, gen_length: int, block_length: int,
                 "forwards": result.forwards,
                 "tokens_per_step": round(result.tokens_per_step, 4),
                 "tokens_per_second": round(result.tokens_per_second, 4),
-                "steps_per_second": round(result.steps / result.wall_seconds, 4)
-                if result.wall_seconds else 0.0,
+                "steps_per_second": round(result.steps_per_second, 4),
                 "wall_seconds": round(result.wall_seconds, 4),
                 "stopped_at_eos": result.stopped_at_eos,
                 "finished": result.finished,
                 "model": str(engine.path),
-                **engine.describe(),
+                **engine.describe().to_dict(),
                 "expert_stats": stats.to_dict(),
             }
             sys.stdout.write(json.dumps(out) + "\n")

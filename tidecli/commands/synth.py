@@ -1,15 +1,35 @@
-"""`tide synth`: write a synthetic checkpoint with a progress bar."""
+"""`tide synth`: write a synthetic checkpoint of the real LLaDA2 format, with a progress bar."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from tidecli.ui.console import byte_progress, err
+import typer
+
+from tidecli.commands.options import DeviceOpt
+
+
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    preset: Annotated[str, typer.Option(
+        help="tiny, mini (LLaDA2.0-mini shape) or flash.")] = "tiny",
+    layers: Annotated[int | None, typer.Option(help="Keep only this many layers.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+    device: DeviceOpt = "auto",
+    logit_scale: Annotated[float | None, typer.Option(
+        help="Sharpen the lm_head (default per preset: a few tokens commit per step).")] = None,
+) -> None:
+    """Write a synthetic checkpoint of the real LLaDA2 format (random weights)."""
+    run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device,
+              logit_scale=logit_scale)
 
 
 def run_synth(*, out: Path, preset: str, layers: int | None, seed: int, force: bool,
               device: str, logit_scale: float | None = None) -> None:
     from tidecli.model.synth import plan, write_checkpoint
+    from tidecli.ui.console import byte_progress, err
 
     p = plan(preset, layers=layers)
     err.print(f"writing {preset} ({p.config.num_hidden_layers} layers, "

@@ -20,7 +20,10 @@ import torch
 
 from tidecli.decode.sampling import choose
 from tidecli.errors import TideError
-from tidecli.model.llada2 import ForwardInfo, KVCache
+from tidecli.model.counters import LayerCounters
+from tidecli.model.llada2 import KVCache
+from tidecli.model.moe import ForwardInfo
+from tidecli.units import per
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,6 @@ class DecodeSettings:
     threshold: float = 0.95
     editing_threshold: float | None = None  # set → LLaDA2.1 token editing
     max_post_steps: int = 16
-    steps_per_block: int | None = None  # quota schedule; None → block_length (quota 1)
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
@@ -68,9 +70,6 @@ class DecodeSettings:
             raise bad("--top-k must be at least 1", "e.g. 50")
         if self.max_post_steps < 0:
             raise bad("max post steps must not be negative", "the 2.1 default is 16")
-        steps = self.steps_per_block or self.block_length
-        if not 1 <= steps <= self.block_length:
-            raise bad(f"steps per block must be in 1..{self.block_length}", "use the default")
 
 
 @dataclass
@@ -90,7 +89,7 @@ class StepEvent:
     elapsed_s: float  # since generation started
     tokens_done: int  # generated positions no longer masked
     block_done: bool
-    expert_stats: dict | None = None  # per-forward counters from the expert runtime
+    experts: LayerCounters | None = None  # the expert runtime's counters of this step
 
 
 @dataclass
@@ -106,11 +105,15 @@ class GenerationResult:
 
     @property
     def tokens_per_step(self) -> float:
-        return len(self.token_ids) / self.steps if self.steps else 0.0
+        return per(len(self.token_ids), self.steps)
 
     @property
     def tokens_per_second(self) -> float:
-        return len(self.token_ids) / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        return per(len(self.token_ids), self.wall_seconds)
+
+    @property
+    def steps_per_second(self) -> float:
+        return per(self.steps, self.wall_seconds)
 
 
 def quota_schedule(block_length: int, steps: int) -> list[int]:
@@ -167,7 +170,7 @@ class BlockDiffusionDecoder:
                 self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
                                    block_length=bl)
                 forwards += 1
-        quotas = quota_schedule(bl, s.steps_per_block or bl)
+        quotas = quota_schedule(bl, bl)  # one step per position: at least one commit a step
         global_step = 0
         stopped_at_eos = False
         positions = torch.arange(bl, device=self.device)
@@ -225,10 +228,8 @@ class BlockDiffusionDecoder:
                     done = remaining == 0 and (not (committed or edited) or
                                                post_steps >= s.max_post_steps)
                 now = time.perf_counter()
-                stats = None
-                experts = getattr(self.model, "experts", None)
-                if experts is not None:
-                    stats = experts.forward_stats.summary()
+                runtime = getattr(self.model, "experts", None)
+                stats = runtime.forward_stats.total() if runtime is not None else None
                 done_tokens = max(0, start - self.prompt_len) + sum(
                     1 for p in range(bl) if start + p >= self.prompt_len
                     and block_list[p] != self.mask_id)
@@ -237,7 +238,7 @@ class BlockDiffusionDecoder:
                     gen_start=self.prompt_len, committed=committed, edited=edited,
                     block_tokens=block_list, mask_id=self.mask_id,
                     forward_ms=(now - ts) * 1000.0, elapsed_s=now - t0,
-                    tokens_done=done_tokens, block_done=done, expert_stats=stats)
+                    tokens_done=done_tokens, block_done=done, experts=stats)
                 step += 1
                 if done:
                     break

@@ -1,10 +1,9 @@
 """One kernel for a layer's placement decisions (streamed misses), instead of ~80 small ones.
 
 `StreamRuntime._place` and `run_grouped_mm` spell the per-layer work in torch ops: readable, and
-kept as the reference, but each op is a kernel launch; in a captured step of 20 MoE layers they
-added ~8 ms to a 10 ms step (measured on an H200, 2026-11-29, docs/benchmarks.md). Here a single
-Triton program (one block of threads: a layer has at most a few hundred experts, slots and
-pairs) does all of it:
+kept as the reference, but each op is a kernel launch (what that cost: docs/benchmarks.md). Here
+a single Triton program (one block of threads: a layer has at most a few hundred experts, slots
+and pairs) does all of it:
 
 - the experts the layer's pairs use (a histogram), the ones without a slot, and — on a refresh
   forward — their placement into the slots of residents this forward does not use, least

@@ -3,9 +3,8 @@
 Page-locked memory that CUDA allocated is mapped into the GPU's address space (unified
 addressing), so a kernel can load from it over PCIe. `device_view` wraps such a buffer as a CUDA
 tensor (no copy, the same bytes); `copy_rows` gathers rows chosen by a device index into device
-rows, skipping entries marked -1, so how many rows move is decided on the GPU. Measured on an
-H200 host with PCIe 5 (2026-11-29, tools/uva_probe.py): gathers from such a view reach 50-51
-GB/s, the copy engine 54 GB/s, and grouped GEMMs reading their weights from it 49 GB/s.
+rows, skipping entries marked -1, so how many rows move is decided on the GPU. How fast such
+reads are against the copy engine: docs/benchmarks.md.
 
 On a CPU device the same calls work on the host tensors themselves (tests).
 """

@@ -1,18 +1,12 @@
-"""Where the misses of a step go: the CPU, or through a few scratch slots on the GPU.
+"""Misses through GPU scratch slots, and the split between them and the CPU (`--misses gpu`
+and `split`, experts/modes.py).
 
 A missed expert can be computed on the CPU (its rows stay in host memory) or copied over PCIe
 into a scratch slot and computed by the GPU's own kernel, beside the resident experts. The two
 run at the same time, so a layer's misses finish fastest when split so that both sides end
-together; which side is cheaper depends on the machine (measured on an H200 host with PCIe 5,
-2026-11-29, docs/benchmarks.md: one expert copies in ~0.13 ms, a CPU call takes ~0.2-0.26 ms;
-slower links and faster CPUs move the balance toward the CPU). Costs are learned online from
-measured copy and CPU times.
-
-Modes: "cpu" (every miss on the CPU, the paper's runtime), "gpu" (every miss through the
-scratch slots: the GPU computes everything with one kernel, so tokens are bitwise those of the
-all-resident run), "split" (by cost; "auto" is accepted for it). The scratch slots never disturb
-the planned placement. (Streaming misses from pinned RAM inside the step, without the host, is
-experts/stream.py.)
+together; which side is cheaper depends on the machine (docs/benchmarks.md), so the costs are
+learned online from measured copy and CPU times. The scratch slots never disturb the planned
+placement.
 """
 
 from __future__ import annotations
@@ -21,18 +15,18 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pool_views, run_pairs
-
-MODES = ("split", "auto", "cpu", "gpu")
+from tidecli.experts.modes import MissMode
 
 
 class MissSplitter:
-    def __init__(self, *, mode: str, slots: int, row: int, hidden: int, inter: int,
+    def __init__(self, *, mode: MissMode | str, slots: int, row: int, hidden: int, inter: int,
                  device: torch.device, dtype: torch.dtype, kernel: str,
                  fetch_ms: float = 0.15, cpu_ms: float = 0.25) -> None:
-        if mode not in MODES:
-            raise ValueError(mode)
+        mode = MissMode(mode)
+        if mode not in (MissMode.SPLIT, MissMode.CPU, MissMode.GPU):
+            raise ValueError(f"MissSplitter takes a resolved mode, not {mode}")
         self.mode = mode
-        self.slots = slots if mode != "cpu" else 0
+        self.slots = slots if mode is not MissMode.CPU else 0
         self.device, self.kernel = device, kernel
         self.buf = torch.empty((max(self.slots, 1), row), dtype=dtype, device=device) \
             if self.slots else None
@@ -62,12 +56,11 @@ class MissSplitter:
     def split(self, experts: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
         """(to the GPU, to the CPU): the experts with the most tokens go to the GPU, as many as
         keep its copies from outlasting the CPU's share."""
-        if self.mode == "cpu" or not experts:
+        if self.mode is MissMode.CPU or not experts:
             return [], list(experts)
         order = sorted(range(len(experts)), key=lambda i: (-tokens[i], experts[i]))
-        if self.mode == "gpu":
+        if self.mode is MissMode.GPU:
             return [experts[i] for i in order], []
-        # "split" (or "auto")
         n = len(experts)
         best_k, best = 0, n * self.cpu_ms
         for k in range(1, n + 1):

@@ -26,13 +26,15 @@ import torch
 
 from tidecli.experts.compute import run_pairs
 from tidecli.experts.cpu import CpuExperts
+from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.misses import MissSplitter
+from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.policies import Policy, ResidentPolicy
 from tidecli.experts.pools import PooledRuntime
-from tidecli.experts.runtime import LayerIO
-from tidecli.experts.stats import ExpertStats, LayerCounters
 from tidecli.experts.store import ExpertSource
 from tidecli.model.config import ModelConfig
+from tidecli.model.counters import ExpertStats, LayerCounters
+from tidecli.model.moe import LayerIO
 
 
 class OffloadRuntime(PooledRuntime):
@@ -42,7 +44,8 @@ class OffloadRuntime(PooledRuntime):
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
                  cpu_threads: int = 0, cpu_mode: str = "intra",
                  cpu_dtype: torch.dtype | None = None,
-                 kernel: str = "auto", misses: str = "cpu", scratch_slots: int = 16) -> None:
+                 kernel: str = "auto", misses: str | MissMode = MissMode.CPU,
+                 scratch_slots: int = SCRATCH_SLOTS) -> None:
         super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
         if cpu_dtype is None:
             # on a CPU device the "GPU" side computes in the model dtype: match it bitwise
@@ -52,10 +55,10 @@ class OffloadRuntime(PooledRuntime):
             torch.set_num_threads(threads)
         self.cpu = CpuExperts(hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size,
                               dtype=cpu_dtype, threads=threads, mode=cpu_mode)
-        if not self.cuda and misses in ("auto", "split"):
-            misses = "cpu"  # on a CPU device both sides are the same CPU
+        misses = resolve_misses(misses, cuda=self.cuda,
+                                stream_blocker="the host-driven runtime does not stream")
         if policy.miss_mode == "fetch":
-            misses = "cpu"  # unused: this policy streams its misses through its own slots
+            misses = MissMode.CPU  # unused: this policy streams its misses through its own slots
         self.misses = MissSplitter(mode=misses, slots=min(scratch_slots, cfg.num_experts),
                                    row=store.row, hidden=cfg.hidden_size,
                                    inter=cfg.moe_intermediate_size, device=device, dtype=dtype,
@@ -219,11 +222,7 @@ class OffloadRuntime(PooledRuntime):
                 return
             s = free.pop()
             pool.buf[s].copy_(row)
-            old = int(pool.expert_of_slot[s])
-            if old >= 0:
-                pool.slot_of_expert[old] = -1
-            pool.expert_of_slot[s] = e
-            pool.slot_of_expert[e] = s
+            pool.assign(s, e)
         return keep
 
     def _cpu(self, layer: int, io: LayerIO, miss: np.ndarray, over: torch.Tensor,
@@ -290,14 +289,13 @@ class OffloadRuntime(PooledRuntime):
         self._events.clear()
         return super().end_forward()
 
-    def describe(self) -> dict:
-        return {**self.policy.describe(), "kernel": self.kernel,
-                "experts_per_layer": {str(k): v for k, v in self.budgets.items()},
-                "cpu_dtype": str(self.cpu.dtype).replace("torch.", ""),
-                "cpu_threads": self.cpu.threads, "cpu_mode": self.cpu.mode,
-                "host_store": self.store.info.to_dict(),
-                "slot_pool_bytes": self.pools.nbytes(), "misses": self.misses.mode,
-                "scratch_bytes": self.misses.nbytes}
+    def describe(self) -> RuntimeInfo:
+        return RuntimeInfo(**self.policy.describe(), kernel=self.kernel,
+                           experts_per_layer=dict(self.budgets),
+                           cpu_dtype=str(self.cpu.dtype).replace("torch.", ""),
+                           cpu_threads=self.cpu.threads, cpu_mode=self.cpu.mode,
+                           host_store=self.store.info, slot_pool_bytes=self.pools.nbytes(),
+                           misses=str(self.misses.mode), scratch_bytes=self.misses.nbytes)
 
     def close(self) -> None:
         self.cpu.close()

@@ -16,7 +16,7 @@ import numpy as np
 
 from tidecli.errors import TideError
 from tidecli.experts.pools import SlotPool
-from tidecli.model.llada2 import ForwardInfo
+from tidecli.model.moe import ForwardInfo
 
 Moves = list[tuple[int, int]]  # (slot, expert)
 
@@ -74,6 +74,10 @@ class Policy:
 
     def places_on_host(self, info: ForwardInfo) -> bool:
         """Does `before_compute` still have host-side placements to make (after a forward)?"""
+        return False
+
+    def starts_cold(self) -> bool:
+        """Does every block begin with empty slots (an ablation)?"""
         return False
 
     def describe(self) -> dict:
@@ -154,7 +158,7 @@ class StaticPolicy(Policy):
 
 @dataclass(frozen=True)
 class TideOptions:
-    tau: int = 4
+    tau: int | None = None  # refresh every τ steps of a block; None: the plan's (4 without one)
     stall_refresh: bool = False  # True: the paper's refresh (promote, wait, compute)
     warm_start: bool = True  # keep the previous block's placement at a block's first step
     skip_last_step: bool = True  # no refresh on a block's known last step
@@ -169,7 +173,7 @@ class TidePolicy(Policy):
     adaptive = True
 
     def __init__(self, opts: TideOptions) -> None:
-        if opts.tau < 1:
+        if opts.tau is None or opts.tau < 1:
             raise TideError(f"--tau must be at least 1, got {opts.tau}", "e.g. --tau 4")
         self.opts = opts
         self._last_block: dict[int, int] = {}
@@ -181,6 +185,9 @@ class TidePolicy(Policy):
 
     def stream_keep(self, info):
         return info.kind == "prefill" or self._refresh_step(-1, info)
+
+    def starts_cold(self):
+        return not self.opts.warm_start
 
     def _cold(self, pool: SlotPool) -> bool:
         return len(pool.resident()) * 2 < pool.slots
@@ -218,5 +225,3 @@ class TidePolicy(Policy):
 
 
 POLICIES = ("resident", "lru", "static", "tide")
-# where static/tide compute their misses (engine.py: EngineOptions.misses)
-MISS_MODES = ("auto", "stream", "split", "cpu", "gpu")

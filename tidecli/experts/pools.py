@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pick_kernel, pool_views
-from tidecli.experts.runtime import ExpertRuntime
+from tidecli.experts.runtime import BaseRuntime
 from tidecli.experts.store import ExpertSource
 
 
@@ -74,6 +74,20 @@ class SlotPool:
         self.pending.clear()
         self.push_table()
 
+    def assign(self, slot: int, expert: int) -> None:
+        """Expert `expert` now sits in `slot` (host tables only; whoever moved its bytes pushes
+        the device table when the move is visible to compute)."""
+        old = int(self.expert_of_slot[slot])
+        if old >= 0:
+            self.slot_of_expert[old] = -1
+        self.expert_of_slot[slot] = expert
+        self.slot_of_expert[expert] = slot
+
+    def set_tables(self, slot_of_expert: np.ndarray, expert_of_slot: np.ndarray) -> None:
+        """Take the placement from elsewhere (a runtime that keeps it on the device)."""
+        self.slot_of_expert[:] = slot_of_expert
+        self.expert_of_slot[:] = expert_of_slot
+
     def resident(self) -> set[int]:
         return {int(e) for e in self.expert_of_slot if e >= 0}
 
@@ -117,11 +131,7 @@ class PoolSet:
             return
         pool = self.pools[layer]
         for s, e in moves:
-            old = pool.expert_of_slot[s]
-            if old >= 0:
-                pool.slot_of_expert[old] = -1
-            pool.expert_of_slot[s] = e
-            pool.slot_of_expert[e] = s
+            pool.assign(s, e)
         st = self.streams
         slot_of = {e: s for s, e in moves}
         if st.cuda:
@@ -181,7 +191,7 @@ class PoolSet:
         return out
 
 
-class PooledRuntime(ExpertRuntime):
+class PooledRuntime(BaseRuntime):
     """What every runtime with slot pools and a policy starts from: the host store, the pools
     (sized by `budgets`), the policy attached to them, and the expert kernel."""
 

@@ -1,56 +1,29 @@
-"""The expert-runtime seam and the all-resident runtime.
+"""The base of every expert runtime (model/moe.py's seam) and the all-resident runtime.
 
-The MoE layer calls `run(layer, hidden [T, H], ids [T, k], weights [T, k])` and gets the routed
-experts' weighted sum [T, H] back. A runtime decides where each expert runs; it never changes
-which experts a token uses or their weights.
-
-For the captured step program (model/program.py) the same work is split in phases:
-`device_begin` (device only: resident experts → per-pair rows), the host phases
-`host_before` / `host_after` (routing on the host, promotions, CPU misses, which write rows into
-an override buffer), and `device_end` (device only: take the override rows, weight and sum).
-`run` is exactly these phases in order.
+`BaseRuntime` keeps the forward bookkeeping every runtime shares: counters per forward pass and
+run, the optional routing trace, and `run` as the phases in order (`host_before` →
+`device_begin` → `host_after` → `device_end`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tidecli.experts.compute import combine, pick_kernel, pool_views, run_pairs
-from tidecli.experts.stats import ExpertStats
+from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.trace import RoutingTrace
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.config import ModelConfig
-from tidecli.model.llada2 import ForwardInfo
+from tidecli.model.counters import ExpertStats
+from tidecli.model.moe import ForwardInfo, LayerIO
 from tidecli.model.tensorio import ShardReader, check_finite, torch_dtype
 
 
-@dataclass
-class LayerIO:
-    """One MoE layer's routing and input, on the device and (once `wait` returns) on the host."""
-
-    ids: torch.Tensor  # [T, k] device
-    hidden: torch.Tensor  # [T, H] device
-    host_ids: torch.Tensor | None = None  # pinned copies filled by a D2H copy already queued
-    host_x: torch.Tensor | None = None
-    ready: torch.cuda.Event | None = None  # recorded after that copy
-    _np: np.ndarray | None = None
-
-    def wait(self) -> np.ndarray:
-        if self._np is None:
-            if self.host_ids is None:  # CPU device: nothing to copy
-                self.host_ids, self.host_x = self.ids, self.hidden
-            elif self.ready is not None:
-                self.ready.synchronize()
-            self._np = self.host_ids.numpy()
-        return self._np
-
-
-class ExpertRuntime:
-    """Base: forward bookkeeping, counters and the optional routing trace."""
+class BaseRuntime:
+    """Forward bookkeeping, counters and the optional routing trace."""
 
     name = "base"
     needs_host = False  # True: host phases between the device phases (no single-graph step)
@@ -148,8 +121,8 @@ class ExpertRuntime:
     def make_io(self, ids: torch.Tensor, hidden: torch.Tensor) -> LayerIO:
         return LayerIO(ids=ids, hidden=hidden)
 
-    def describe(self) -> dict:
-        return {"policy": self.name}
+    def describe(self) -> RuntimeInfo:
+        return RuntimeInfo(policy=self.name)
 
     def close(self) -> None:
         """Release pinned memory, streams and threads."""
@@ -206,7 +179,7 @@ def load_expert_pools(ckpt: Checkpoint, *, device: torch.device, dtype: torch.dt
     return pools
 
 
-class ResidentRuntime(ExpertRuntime):
+class ResidentRuntime(BaseRuntime):
     """Every expert on the compute device: the upper bound when the model fits."""
 
     name = "resident"
@@ -235,5 +208,5 @@ class ResidentRuntime(ExpertRuntime):
                 0, pair_slot, torch.ones_like(pair_slot))
         return run_pairs(self.kernel, hidden, pair_slot, gate_up, down, self.k)
 
-    def describe(self) -> dict:
-        return {"policy": self.name, "kernel": self.kernel}
+    def describe(self) -> RuntimeInfo:
+        return RuntimeInfo(policy=self.name, kernel=self.kernel)

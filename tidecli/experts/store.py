@@ -12,41 +12,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
-import psutil
 import torch
 
-from tidecli.errors import TideError
-from tidecli.experts.budget import RAM_MARGIN
+from tidecli.experts.info import StoreInfo
 from tidecli.experts.runtime import read_expert_packed
+from tidecli.memory import check_fits_ram
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import ShardReader, torch_dtype
-
-
-def available_ram() -> int:
-    return int(psutil.virtual_memory().available)
 
 
 def allocate_host(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
     """One host buffer; pinned when asked (page-locked memory: async copies, 3-4× faster)."""
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-
-@dataclass
-class StoreInfo:
-    bytes: int
-    pinned: bool
-    pin_error: str | None
-    load_seconds: float
-    tiers: dict = field(default_factory=dict)  # tiered store: RAM / staging / disk counts
-
-    def to_dict(self) -> dict:
-        out = {"bytes": self.bytes, "pinned": self.pinned, "pin_error": self.pin_error,
-               "load_seconds": round(self.load_seconds, 3)}
-        if self.tiers:
-            out["tiers"] = self.tiers
-        return out
 
 
 class ExpertBatch:
@@ -109,23 +87,15 @@ class HostExpertStore(ExpertSource):
     """layer → [E, 3·I·H] host tensor in the checkpoint's dtype."""
 
     def __init__(self, ckpt: Checkpoint, *, pin: bool, check_finite: bool = True,
-                 progress: Callable[[int], None] | None = None,
-                 ram_available: Callable[[], int] = available_ram) -> None:
+                 progress: Callable[[int], None] | None = None) -> None:
         import time
 
         cfg = ckpt.config
         self.cfg = cfg
         self.dtype = torch_dtype(ckpt.expert_dtype())
         self.row = cfg.expert_params
-        per_layer = cfg.num_experts * self.row * self.dtype.itemsize
-        need = per_layer * cfg.num_moe_layers
-        have = ram_available()
-        if need + RAM_MARGIN > have:
-            raise TideError(
-                f"the routed experts need {need / 2**30:.1f} GiB of RAM (+{RAM_MARGIN >> 30} GiB "
-                f"headroom) but only {have / 2**30:.1f} GiB is available",
-                "close other programs, or let the experts that do not fit stay on disk "
-                "(--ram GiB)")
+        need = cfg.num_experts * self.row * self.dtype.itemsize * cfg.num_moe_layers
+        check_fits_ram(need)
         t0 = time.perf_counter()
         self.pinned = pin
         self.pin_error: str | None = None

@@ -30,11 +30,12 @@ import torch
 from tidecli.experts.compute import pool_views, run_pairs
 from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
 from tidecli.experts.gather import copy_rows, device_view
+from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
-from tidecli.model.llada2 import ForwardInfo
+from tidecli.model.moe import ForwardInfo
 
 # per-layer counters written by the device each forward pass
 _HITS, _PLACED, _PLACED_PAIRS, _STREAMED, _STREAMED_PAIRS = range(5)
@@ -76,10 +77,9 @@ class StreamRuntime(PooledRuntime):
 
     def begin_forward(self, info: ForwardInfo) -> None:
         super().begin_forward(info)
-        opts = getattr(self.policy, "opts", None)
         if info.kind == "step" and info.block != self._last_block:
             self._last_block = info.block
-            if opts is not None and not opts.warm_start:  # ablation: each block starts empty
+            if self.policy.starts_cold():  # ablation: each block starts with empty slots
                 self.table.fill_(-1)
                 self.owner.fill_(-1)
                 self.last.fill_(-1)
@@ -123,11 +123,7 @@ class StreamRuntime(PooledRuntime):
                 continue
             pool = self.pools.pools[layer]
             for s, e in moves:
-                old = int(pool.expert_of_slot[s])
-                if old >= 0:
-                    pool.slot_of_expert[old] = -1
-                pool.expert_of_slot[s] = e
-                pool.slot_of_expert[e] = s
+                pool.assign(s, e)
                 pool.buf[s].copy_(self.store.layers[layer][e], non_blocking=True)
             c = self.forward_stats.layer(layer)
             c.promotions += len(moves)
@@ -150,8 +146,7 @@ class StreamRuntime(PooledRuntime):
         owner = self.owner.cpu().numpy()
         for j, layer in enumerate(self.cfg.moe_layers):
             pool = self.pools.pools[layer]
-            pool.slot_of_expert[:] = table[j, : self.cfg.num_experts]
-            pool.expert_of_slot[:] = owner[j, : pool.slots]
+            pool.set_tables(table[j, : self.cfg.num_experts], owner[j, : pool.slots])
 
     def host_after(self, layer, io, pair_out, over, over_mask):
         self._tokens = int(io.ids.shape[0])
@@ -244,11 +239,10 @@ class StreamRuntime(PooledRuntime):
         gate_up, down = pool_views(rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size)
         return run_pairs(self.kernel, hidden, slot, gate_up, down, self.k)
 
-    def describe(self) -> dict:
-        return {**self.policy.describe(), "kernel": self.kernel, "misses": "stream",
-                "experts_per_layer": {str(k): v for k, v in self.budgets.items()},
-                "host_store": self.store.info.to_dict(),
-                "slot_pool_bytes": self.pools.nbytes(), "scratch_bytes": 0}
+    def describe(self) -> RuntimeInfo:
+        return RuntimeInfo(**self.policy.describe(), kernel=self.kernel, misses="stream",
+                           experts_per_layer=dict(self.budgets), host_store=self.store.info,
+                           slot_pool_bytes=self.pools.nbytes(), scratch_bytes=0)
 
     def close(self) -> None:
         self.store.close()

@@ -8,7 +8,7 @@ by the CPU workers. Reads run on reader threads: `batches` starts them before it
 rows already in RAM, and keeps two chunks of the ring in flight while the caller works on one.
 
 Host memory held: the RAM tier (fixed at start) plus at most `staging_experts` ring buffers;
-`HostPlan` (experts/budget.py) keeps both within the RAM budget. Reads go through the page
+`HostPlan` (memory.py) keeps both within the RAM budget. Reads go through the page
 cache, which the kernel reclaims when memory is short; it is not part of the process's RSS.
 """
 
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import HostPlan
+from tidecli.experts.info import StoreInfo
 from tidecli.experts.runtime import read_expert_packed
 from tidecli.experts.staging import StagingRing, Tag
-from tidecli.experts.store import ExpertBatch, ExpertSource, StoreInfo
+from tidecli.experts.store import ExpertBatch, ExpertSource
+from tidecli.memory import HostPlan
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import ShardReader, check_finite, torch_dtype
 

@@ -4,28 +4,20 @@ Blocks of `block` positions are aligned to position 0. A query in block b sees e
 ≤ b, so the K/V of a finished block never change: the cache holds them, and a denoising step runs
 only the current block against the cached prefix. The reference path recomputes the whole window
 with the block-causal mask on every call; tests hold the cached path to it.
+
+A layer is written once, in parts (`attention_part`, `dense_part`, `route`, `expert_part`,
+`shared_part`, `residual`), in dataflow order; the eager paths here and the captured step program
+(model/program.py) both run those parts.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from tidecli.model.config import ModelConfig
 from tidecli.model.layers import Rotary, attention, block_causal_mask, rms_norm, swiglu
-from tidecli.model.router import route
+from tidecli.model.moe import ExpertRuntime, ForwardInfo, Router
 from tidecli.model.weights import DenseWeights
-
-
-@dataclass(frozen=True)
-class ForwardInfo:
-    """Where the decoder is; expert runtimes use it to time refreshes. Nothing flows back."""
-
-    kind: str  # "prefill" | "step" | "commit" | "reference"
-    block: int = 0  # index of the block being decoded
-    step: int = 0  # denoising step inside the block (restarts at 0 each block)
-    last_step: bool = False  # the decoder knows this step finishes the block
 
 
 class KVCache:
@@ -48,24 +40,19 @@ class KVCache:
 
 
 class LLaDA2Model:
-    def __init__(self, cfg: ModelConfig, weights: DenseWeights, experts, *,
-                 device: torch.device, dtype: torch.dtype, block_length: int = 32) -> None:
+    def __init__(self, cfg: ModelConfig, weights: DenseWeights, experts: ExpertRuntime | None, *,
+                 device: torch.device, dtype: torch.dtype, block_length: int = 32,
+                 router: Router | None = None) -> None:
         self.cfg = cfg
         self.w = weights
-        self.experts = experts  # ExpertRuntime: run(layer, hidden, ids, weights) -> [T, H]
+        self.experts = experts
         self.device = device
         self.dtype = dtype
-        self.block = block_length
+        self.block = block_length  # the default block of the block-causal mask
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
-        self.timers = None  # optional StepTimers (per-part timing for profiling)
-        # Benchmarks only: replaces the router's expert choice (weights kept) with a synthetic
-        # workload (bench/synthetic.py). Changes the model's output; never set for generation.
-        self.routing = None
-        # Steps run as a StepProgram (static shapes; CUDA graphs when `capture`) when enabled.
-        self.use_program = False
-        self.capture = device.type == "cuda"
+        self.router = router or Router()
+        self.moe_index = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         self._cache: KVCache | None = None
-        self._programs: dict[int, object] = {}
 
     def cache_for(self, positions: int, *, round_to: int = 512) -> KVCache:
         """A KV cache for `positions`; kept and reused across generations (captured programs
@@ -74,28 +61,13 @@ class LLaDA2Model:
             cap = -(-positions // round_to) * round_to
             cap = min(max(cap, positions), self.cfg.max_position_embeddings)
             self._cache = None
-            self._programs.clear()
             self._cache = KVCache(self.cfg, cap, device=self.device, dtype=self.dtype)
         return self._cache
 
-    def program(self, cache: KVCache, block: int):
-        from tidecli.model.program import StepProgram
+    # ---- one layer, in parts --------------------------------------------------------------------
 
-        prog = self._programs.get(block)
-        if prog is None or prog.cache is not cache:
-            prog = StepProgram(self, cache, block, capture=self.capture)
-            self._programs[block] = prog
-        return prog
-
-    def reset_programs(self) -> None:
-        """Forget captured programs (after the expert runtime changed)."""
-        self._programs.clear()
-
-    # ---- building blocks ------------------------------------------------------------------------
-
-    def _begin(self, info: ForwardInfo, tokens: int) -> None:
-        if self.routing is not None:
-            self.routing.begin(info, tokens)
+    def begin_forward(self, info: ForwardInfo, tokens: int) -> None:
+        self.router.begin(info, tokens)
         self.experts.begin_forward(info)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -103,45 +75,61 @@ class LLaDA2Model:
         rows = table[ids.to(table.device)]
         return rows.to(self.device, dtype=self.dtype, non_blocking=True)
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None,
-                start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        cfg = self.cfg
-        tm = self.timers
-        for i, lw in enumerate(self.w.layers):
-            if tm:
-                tm.mark("attention")
-            h = x + attention(
-                rms_norm(x, lw.input_norm, cfg.rms_norm_eps), lw.attn, positions=positions,
-                rotary=self.rotary, num_heads=cfg.num_attention_heads,
-                num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                eps=cfg.rms_norm_eps, kv=cache.layer(i) if cache is not None else None,
-                kv_start=start, mask=mask)
-            n = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            if lw.dense_ffn is not None:
-                if tm:
-                    tm.mark("dense_ffn")
-                x = h + swiglu(n, lw.dense_ffn)
-                continue
-            if tm:
-                tm.mark("router")
-            ids, weights = route(n, lw.router, cfg)
-            if self.routing is not None:  # benchmarks only: a synthetic routing workload
-                ids = self.routing.ids(self.experts.layer_index[i], ids.shape[0])
-            if tm:
-                tm.mark("experts")
-            y = self.experts.run(i, n, ids, weights)
-            if lw.shared is not None:
-                if tm:
-                    tm.mark("shared_expert")
-                y = y + swiglu(n, lw.shared)
-            x = h + y
-        return x
+    def attention_part(self, i: int, x: torch.Tensor, positions: torch.Tensor, *,
+                       kv: tuple[torch.Tensor, torch.Tensor] | None, kv_start: int | None,
+                       mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm attention with its residual: (h, the FFN's normed input)."""
+        cfg, lw = self.cfg, self.w.layers[i]
+        h = x + attention(
+            rms_norm(x, lw.input_norm, cfg.rms_norm_eps), lw.attn, positions=positions,
+            rotary=self.rotary, num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
+            kv=kv, kv_start=kv_start, mask=mask)
+        return h, rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.timers:
-            self.timers.mark("lm_head")
+    def dense_part(self, i: int, h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """A dense layer's FFN with its residual (layers < first_k_dense_replace)."""
+        return h + swiglu(n, self.w.layers[i].dense_ffn)
+
+    def route(self, i: int, n: torch.Tensor, *, static: bool = False):
+        """A MoE layer's expert ids [T, k] and weights [T, k] (fp32)."""
+        return self.router(self.moe_index[i], n, self.w.layers[i].router, self.cfg, static=static)
+
+    def expert_part(self, i: int, n: torch.Tensor, ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+        return self.experts.run(i, n, ids, weights)
+
+    def shared_part(self, i: int, n: torch.Tensor) -> torch.Tensor | None:
+        shared = self.w.layers[i].shared
+        return swiglu(n, shared) if shared is not None else None
+
+    @staticmethod
+    def residual(h: torch.Tensor, y: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """A MoE layer's output: h + routed experts (+ the shared expert, ungated)."""
+        return h + (y if shared is None else y + shared)
+
+    def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, *,
+              cache: KVCache | None, start: int | None, mask: torch.Tensor | None
+              ) -> torch.Tensor:
+        h, n = self.attention_part(i, x, positions,
+                                   kv=cache.layer(i) if cache is not None else None,
+                                   kv_start=start, mask=mask)
+        if self.w.layers[i].dense_ffn is not None:
+            return self.dense_part(i, h, n)
+        ids, weights = self.route(i, n)
+        y = self.expert_part(i, n, ids, weights)
+        return self.residual(h, y, self.shared_part(i, n))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head; logits in fp32."""
         x = rms_norm(x, self.w.norm, self.cfg.rms_norm_eps)
         return torch.nn.functional.linear(x, self.w.lm_head).float()
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None,
+                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        for i in range(self.cfg.num_hidden_layers):
+            x = self.layer(i, x, positions, cache=cache, start=start, mask=mask)
+        return x
 
     # ---- the cached path ------------------------------------------------------------------------
 
@@ -154,7 +142,7 @@ class LLaDA2Model:
             return
         positions = torch.arange(n, device=self.device)
         mask = block_causal_mask(positions, positions, block_length or self.block)
-        self._begin(info, n)
+        self.begin_forward(info, n)
         self._layers(self.embed(ids), positions, cache=cache, start=0, mask=mask)
         self.experts.end_forward()
 
@@ -166,18 +154,14 @@ class LLaDA2Model:
 
         Writes this block's K/V at its positions (a scratch area until the block is final: the
         commit pass, run on the finished block, leaves the clean K/V there). Logits only for
-        `rows` of the block when given (the positions the decoder will look at).
+        `rows` of the block when given (the positions the decoder will look at). `ids_host` (the
+        block's tokens as a list) is for the step program; the eager path does not need it.
         """
         t = ids.shape[0]
-        if self.use_program and ids_host is not None and self.timers is None:
-            out = self.program(cache, t).run(ids_host, start, info)
-            return (out if rows is None else out[rows]) if logits else None
         positions = torch.arange(start, start + t, device=self.device)
-        self._begin(info, t)
+        self.begin_forward(info, t)
         x = self._layers(self.embed(ids), positions, cache=cache, start=start, mask=None)
-        out = None
-        if logits:
-            out = self._head(x if rows is None else x[rows])
+        out = self.head(x if rows is None else x[rows]) if logits else None
         self.experts.end_forward()
         return out
 
@@ -191,8 +175,8 @@ class LLaDA2Model:
         n = ids.shape[0]
         positions = torch.arange(n, device=self.device)
         mask = block_causal_mask(positions, positions, block_length or self.block)
-        self._begin(info, n)
+        self.begin_forward(info, n)
         x = self._layers(self.embed(ids), positions, cache=None, start=0, mask=mask)
-        out = self._head(x[rows])
+        out = self.head(x[rows])
         self.experts.end_forward()
         return out

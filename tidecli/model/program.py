@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from tidecli.experts.runtime import LayerIO
-from tidecli.model.layers import attention, rms_norm, swiglu
-from tidecli.model.llada2 import ForwardInfo, KVCache
-from tidecli.model.router import route
+from tidecli.model.llada2 import KVCache, LLaDA2Model
+from tidecli.model.moe import ForwardInfo, LayerIO
 
 
 class StepProgram:
-    def __init__(self, model, cache: KVCache, block: int, *, capture: bool) -> None:
+    def __init__(self, model: LLaDA2Model, cache: KVCache, block: int, *, capture: bool) -> None:
         cfg = model.cfg
         self.model = model
         self.rt = model.experts
@@ -66,42 +64,33 @@ class StepProgram:
     # ---- device segments ------------------------------------------------------------------------
 
     def _attn(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, lw = self.model.cfg, self.model.w.layers[i]
+        """The model's attention part over the whole fixed-size cache, keys past the block
+        masked (static shapes; positions live on the device)."""
         positions = self.start + self._offsets
         mask = (self._key_pos < self.start + self.T)[None, :]
-        h = x + attention(
-            rms_norm(x, lw.input_norm, cfg.rms_norm_eps), lw.attn, positions=positions,
-            rotary=self.model.rotary, num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
-            kv=self.cache.layer(i), kv_start=None, mask=mask)
-        return h, rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+        return self.model.attention_part(i, x, positions, kv=self.cache.layer(i), kv_start=None,
+                                         mask=mask)
 
     def _chunk(self, j: int) -> None:
         """From the end of MoE layer j-1 (or the input) to the router of MoE layer j (or the
         logits when j is past the last MoE layer)."""
-        model, cfg = self.model, self.model.cfg
+        model = self.model
         if j == 0:
             x, first = self.x0, 0
         else:
             prev = self.moe[j - 1]
             y = self.rt.device_end(prev, self.pair[j - 1], self.w[j - 1], self.over,
                                    self.over_mask)
-            if self.shared[j - 1] is not None:
-                y = y + self.shared[j - 1]
-            x, first = self.h[j - 1] + y, prev + 1
-        stop = self.moe[j] if j < len(self.moe) else cfg.num_hidden_layers
+            x, first = model.residual(self.h[j - 1], y, self.shared[j - 1]), prev + 1
+        stop = self.moe[j] if j < len(self.moe) else model.cfg.num_hidden_layers
         for i in range(first, stop):  # dense layers in between
-            h, n = self._attn(i, x)
-            x = h + swiglu(n, model.w.layers[i].dense_ffn)
+            x = model.dense_part(i, *self._attn(i, x))
         if j == len(self.moe):
-            xn = rms_norm(x, model.w.norm, cfg.rms_norm_eps)
-            self.logits = torch.nn.functional.linear(xn, model.w.lm_head).float()
+            self.logits = model.head(x)
             return
         layer = self.moe[j]
         h, n = self._attn(layer, x)
-        ids, w = route(n, model.w.layers[layer].router, cfg)
-        if model.routing is not None:  # benchmarks: a static buffer the host fills per step
-            ids = model.routing.static_ids(j)
+        ids, w = model.route(layer, n, static=True)
         self.h[j], self.n[j], self.ids[j], self.w[j] = h, n, ids, w
         if self.to_host:  # the routing goes to the host as soon as it exists
             self.host_ids[j].copy_(ids, non_blocking=True)
@@ -110,8 +99,7 @@ class StepProgram:
     def _gpu(self, j: int) -> None:
         layer = self.moe[j]
         self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
-        shared = self.model.w.layers[layer].shared
-        self.shared[j] = swiglu(self.n[j], shared) if shared is not None else None
+        self.shared[j] = self.model.shared_part(layer, self.n[j])
 
     def _segments(self) -> list:
         segs = []
@@ -165,7 +153,7 @@ class StepProgram:
             torch.cuda.current_stream(self.device).synchronize()
         self._load_inputs(ids, start)
         rt = self.rt
-        self.model._begin(info, self.T)
+        self.model.begin_forward(info, self.T)
         segs = self.graphs if self.graphs is not None else self._segments()
         replay = (lambda g: g.replay()) if self.graphs is not None else (lambda f: f())
         if self.single:
@@ -189,3 +177,37 @@ class StepProgram:
             replay(segs[-1])
         rt.end_forward()
         return self.logits
+
+
+class StepPrograms:
+    """The model as the decoder sees it on a GPU: denoising steps and commit passes run as step
+    programs (captured as CUDA graphs when `capture`), one per (cache, block length); prefill
+    and the reference path run eagerly. `reset` forgets the programs (after the expert runtime
+    or the routing changed)."""
+
+    def __init__(self, model: LLaDA2Model, *, capture: bool = True) -> None:
+        self.model = model
+        self.capture = capture
+        self._programs: dict[int, StepProgram] = {}
+
+    def __getattr__(self, name: str):  # cfg, dtype, device, experts, prefill, reference_logits…
+        return getattr(self.model, name)
+
+    def reset(self) -> None:
+        self._programs.clear()
+
+    def program(self, cache: KVCache, block: int) -> StepProgram:
+        prog = self._programs.get(block)
+        if prog is None or prog.cache is not cache or prog.rt is not self.model.experts:
+            prog = StepProgram(self.model, cache, block, capture=self.capture)
+            self._programs[block] = prog
+        return prog
+
+    @torch.inference_mode()
+    def block_forward(self, ids: torch.Tensor, start: int, cache: KVCache, info: ForwardInfo,
+                      *, rows: torch.Tensor | None = None, logits: bool = True,
+                      ids_host: list[int] | None = None) -> torch.Tensor | None:
+        if ids_host is None:
+            return self.model.block_forward(ids, start, cache, info, rows=rows, logits=logits)
+        out = self.program(cache, ids.shape[0]).run(ids_host, start, info)
+        return (out if rows is None else out[rows]) if logits else None

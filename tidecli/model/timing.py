@@ -42,3 +42,27 @@ class StepTimers:
                 ms = (b - a) * 1000.0  # type: ignore[operator]
             self.totals[name] += ms
         self._marks.clear()
+
+
+# the model's parts (model/llada2.py), each marked as the part of the step it starts
+PARTS = (("attention_part", "attention"), ("dense_part", "dense_ffn"), ("route", "router"),
+         ("expert_part", "experts"), ("shared_part", "shared_expert"), ("head", "lm_head"))
+
+
+def profile_parts(model, timers: StepTimers):
+    """Wrap the model's layer parts so that each marks `timers` as it starts (eager forward
+    passes only: a captured step program runs without the host). Returns the undo function."""
+    for name, label in PARTS:
+        part = getattr(model, name)
+
+        def marked(*args, _part=part, _label=label, **kwargs):
+            timers.mark(_label)
+            return _part(*args, **kwargs)
+
+        setattr(model, name, marked)
+
+    def undo() -> None:
+        for name, _label in PARTS:
+            delattr(model, name)
+
+    return undo

@@ -1,68 +1,39 @@
-"""The plan the runtime follows by default: `--policy tide` without `--tau` or expert budgets.
-
-The engine asks for it before loading any weight. It plans with this machine's saved hardware
-profile (measured once, quick, when there is none), the engine's own VRAM and RAM budgets, and
-where the engine will put missed experts (streamed or on the host), then applies the calibration
-`tide plan --calibrate` saved for this model on this machine, if any.
-"""
+"""The plan the runtime follows by default (`--policy tide` without `--tau` or expert budgets),
+as a pure function of the model, a hardware profile, facts the runtime measured on this machine,
+the workload and the saved corrections."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-from tidecli.experts.budget import GIB
+from tidecli.experts.modes import MissMode
 from tidecli.hardware.profile import HardwareProfile
+from tidecli.model.config import ModelConfig
+from tidecli.planner.costs import Calibration
 from tidecli.planner.plan import Plan
-
-Progress = Callable[[str, int, int], None]
-
-
-def follows_plan(opts: Any, *, cuda: bool) -> bool:
-    """Does an engine with these options follow the planner? tide without --tau or expert
-    budgets; on a CPU device only with an explicit --profile (there is no GPU to plan for)."""
-    if opts.policy != "tide" or opts.tau is not None or opts.experts_per_layer is not None or \
-            opts.experts_per_layer_map is not None:
-        return False
-    return cuda or opts.profile is not None
+from tidecli.planner.solver import make_plan
+from tidecli.planner.workload import Workload
+from tidecli.units import GIB
 
 
-def machine_profile(spec: str | None, *, notices: list[str] | None = None,
-                    progress: Progress | None = None) -> HardwareProfile:
-    """`spec` (a reference name or a file) when given; else this machine's saved profile,
-    measured (quick) and saved first when there is none, with a notice saying so."""
-    from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
+@dataclass(frozen=True)
+class MachineFacts:
+    """What the runtime knows about this machine and run before any weight is read."""
 
-    if spec is not None:
-        return resolve_profile(spec)
-    said: list[str] = []
-    prof = load_or_create_profile(announce=said.append, progress=progress)
-    if said and notices is not None:
-        path = saved_profile_path(prof.gpu_name, detect=False)
-        notices.append(f"no hardware profile for this machine yet: measured a quick one and saved "
-                       f"it to {path} (`tide profile` measures a full one)")
-    return prof
+    cuda: bool  # the model runs on a CUDA device
+    vram_gib: float  # device memory for tide's allocations (--vram, else what is free)
+    ram_bytes: int  # host RAM for the expert store (--ram, else what is available)
+    stream_blocker: str | None  # why misses cannot be streamed here (None: they can)
+    dtype_bytes: int  # bytes of a weight on the device
+    misses: MissMode = MissMode.AUTO  # what the user asked for
 
 
-def runtime_plan(engine: Any) -> Plan:
-    """The plan for `engine`'s model, options and device (see the module docstring)."""
-    from tidecli.planner.calibrate import load_calibration
-    from tidecli.planner.solver import make_plan
-    from tidecli.planner.workload import Workload
-
-    o, cfg = engine.opts, engine.cfg
-    profile = machine_profile(o.profile, notices=engine.notices)
-    cuda = engine.device.type == "cuda"
-    stream = o.misses == "stream" or (o.misses == "auto" and cuda and engine._may_stream())
-    vram = o.vram_gib if o.vram_gib is not None else engine._device_free_gib()
-    size = engine.dtype.itemsize
-    if cuda and not stream and o.misses in ("auto", "split", "gpu"):  # scratch slots come first
-        vram -= engine.SCRATCH_SLOTS * cfg.expert_bytes(size) / GIB
-    ram = engine._ram_budget() / GIB
-    workload = Workload(block_length=o.block_length, threshold=o.threshold,
-                        context_tokens=o.context_tokens)
-    misses = "stream" if stream else "cpu"
-    calibration = load_calibration(profile=profile, model=engine.path, misses=misses)
-    return make_plan(config=cfg, profile=profile, vram_gib=vram, workload=workload,
-                     ram_gib=ram, calibration=calibration, model_name=str(engine.path),
-                     misses=misses, dtype_bytes=size)
+def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: MachineFacts,
+                 workload: Workload, calibration: Calibration | None = None,
+                 model_name: str = "") -> Plan:
+    """Plan for these facts: misses resolved as the runtime will run them, the scratch slots
+    and the disk tier accounted for as the runtime will build them."""
+    return make_plan(config=config, profile=profile, vram_gib=facts.vram_gib, workload=workload,
+                     ram_gib=facts.ram_bytes / GIB, calibration=calibration,
+                     model_name=model_name, misses=facts.misses, dtype_bytes=facts.dtype_bytes,
+                     stream_blocker=facts.stream_blocker, cuda=facts.cuda)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, device_dense_bytes
 from tidecli.hardware.profile import HardwareProfile
+from tidecli.memory import device_dense_bytes
 from tidecli.model.config import ModelConfig
+from tidecli.units import GIB
 
 # Per-layer fixed cost of a step on the GPU, beyond reading weights: ≈ 25 eager kernel launches
 # (norms, QKV, RoPE, attention, router, top-k, combine) at ~5 µs, plus the offload runtime's one

@@ -13,11 +13,16 @@ With a disk tier (`Problem.ram`: experts per layer kept in RAM), missed experts 
 read first, by reader threads alongside the CPU work: the host side of a layer then takes
 max(CPU misses, disk reads).
 
-Streamed misses (`Problem.misses == "stream"`, experts/stream.py): the GPU reads each missed
-expert from pinned RAM itself, inside the step, at C_IO; on a refresh step it keeps it in a slot
-(the read *is* the promotion), between refreshes it reads it again. Nothing overlaps it, so a
-layer costs GPU hits + missed experts · C_IO, and the τ program is the block's streamed
-reads: misses only grow with τ, so τ = 1 wins whenever streaming applies.
+Streamed misses (`MissMode.STREAM`, experts/stream.py): the GPU reads each missed expert from
+pinned RAM itself, inside the step, at C_IO; on a refresh step it keeps it in a slot (the read
+*is* the promotion), between refreshes it reads it again. Nothing overlaps it, so a layer costs
+GPU hits + missed experts · C_IO, and the τ program is the block's streamed reads: misses only
+grow with τ, so τ = 1 wins whenever streaming applies.
+
+Misses through GPU scratch slots (`GPU`): each missed expert is copied (C_IO) and computed by the
+GPU after the resident experts. `SPLIT` (experts/misses.py): the runtime sends the GPU the share
+of a layer's missed experts that balances their copies against the CPU's work on the rest, and
+both sides run at once. Both are modelled as the runtime places them (`layer_expert_time`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tidecli.experts.modes import MissMode
 from tidecli.model.config import ModelConfig
 from tidecli.planner.costs import HardwareCosts
 from tidecli.planner.stats import RoutingStats
@@ -38,11 +44,11 @@ class Problem:
     stats: RoutingStats
     steps: int  # T: denoising steps per block
     ram: np.ndarray | None = None  # [L] experts per layer kept in host RAM; None → all of them
-    misses: str = "cpu"  # "cpu": misses on the host (the paper); "stream": read by the GPU
+    misses: MissMode = MissMode.CPU  # where misses run (never AUTO: resolved before planning)
 
     @property
     def streamed(self) -> bool:
-        return self.misses == "stream"
+        return self.misses is MissMode.STREAM
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,11 @@ class Breakdown:
     disk_ms: float = 0.0  # reading missed experts that live on disk (overlaps the CPU work)
     disk_stall_ms: float = 0.0  # the part of disk_ms the GPU waits for beyond the CPU stall
     disk_reads_per_step: float = 0.0
+    scratch_ms: float = 0.0  # GPU time on misses through scratch slots (copies + compute)
 
     @property
     def stall_ms(self) -> float:
-        return self.cpu_stall_ms + self.pcie_stall_ms + self.disk_stall_ms
+        return self.cpu_stall_ms + self.pcie_stall_ms + self.disk_stall_ms + self.scratch_ms
 
     @property
     def step_ms(self) -> float:
@@ -80,7 +87,8 @@ class Breakdown:
                 "hit_rate": round(self.hit_rate, 4),
                 "promotions_per_step": round(self.promotions_per_step, 3),
                 "disk_ms": round(self.disk_ms, r), "disk_stall_ms": round(self.disk_stall_ms, r),
-                "disk_reads_per_step": round(self.disk_reads_per_step, 3)}
+                "disk_reads_per_step": round(self.disk_reads_per_step, 3),
+                "scratch_ms": round(self.scratch_ms, r)}
 
 
 # ---- the paper's program ------------------------------------------------------------------------
@@ -121,12 +129,45 @@ def layer_time(gpu, cpu, disk, overlap: bool):
     return np.maximum(gpu, host) if overlap else gpu + host
 
 
+def gpu_share(p: Problem, experts, cpu):
+    """Missed experts the runtime sends through scratch slots: all of them (`GPU`), none
+    (`CPU`), or for `SPLIT` the share k with k·C_IO = (n − k)·(CPU time per expert)."""
+    if p.misses is MissMode.GPU:
+        return np.asarray(experts, dtype=np.float64)
+    if p.misses is not MissMode.SPLIT:
+        return np.zeros_like(np.asarray(experts, dtype=np.float64))
+    per_expert = np.where(experts > 0, cpu / np.maximum(experts, 1e-9), 0.0)
+    return experts * per_expert / (p.costs.c_io_ms + per_expert + 1e-12)
+
+
+def layer_expert_time(p: Problem, gpu, experts, cpu, disk):
+    """A layer's expert time per step, its misses placed as the runtime places them (not for
+    streamed misses): `gpu` the resident experts' time, `experts` the missed experts, `cpu` the
+    host time for all missed pairs, `disk` the reads of missed experts outside RAM. Returns
+    (layer time, GPU time on scratch slots, CPU time)."""
+    co = p.costs
+    k = gpu_share(p, experts, cpu)
+    scratch = k * (co.c_io_ms + co.gpu_expert_ms)  # copied, then computed after the hits
+    host = np.where(experts > 0, cpu * (experts - k) / np.maximum(experts, 1e-9), 0.0)
+    return layer_time(gpu + scratch, host, disk, co.overlap), scratch, host
+
+
 def tau_objective(p: Problem, budgets: np.ndarray, tau: int) -> float:
     """Σ_ℓ I/O_ℓ(τ) + CPU_ℓ(τ), milliseconds per block; with a disk tier the reads of missed
     experts outside RAM are added to the CPU term."""
     v = _per_layer(p, budgets, tau)
     if p.streamed:
         return float((p.stats.distinct * v["miss_experts"]).sum()) * p.steps * p.costs.c_io_ms
+    if p.misses is not MissMode.CPU:  # refresh copies + the time misses add to each step
+        st, co = p.stats, p.costs
+        gpu = st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms
+        experts = st.distinct * v["miss_experts"]
+        disk = experts * disk_share(p) * co.disk_expert_ms
+        layer, _s, _h = layer_expert_time(p, gpu, experts,
+                                          st.pairs * v["miss_pairs"] * v["c_cpu"], disk)
+        io = sum(io_cost(c_io_ms=co.c_io_ms, experts=b, steps=p.steps, tau=tau,
+                         drift=float(v["drift"][j])) for j, b in enumerate(budgets.tolist()))
+        return io + float((layer - gpu).sum()) * p.steps
     total = 0.0
     reads = p.stats.distinct * v["miss_experts"] * disk_share(p)  # disk reads per step
     total += float(reads.sum()) * p.steps * p.costs.disk_expert_ms
@@ -157,8 +198,9 @@ def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
     if p.streamed:
         return gpu + st.distinct[:, None] * me * co.c_io_ms
     cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_call)
-    disk = st.distinct[:, None] * me * disk_share(p)[:, None] * co.disk_expert_ms
-    layer = layer_time(gpu, cpu, disk, co.overlap)
+    experts = st.distinct[:, None] * me
+    disk = experts * disk_share(p)[:, None] * co.disk_expert_ms
+    layer = layer_expert_time(p, gpu, experts, cpu, disk)[0]
     b = np.arange(st.drift.shape[1])[None, :]
     io = co.c_io_ms * b * (1 - (1 - st.drift) ** tau) / tau
     return layer + io
@@ -176,10 +218,11 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
             gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=0.0,
             cpu_stall_ms=0.0, pcie_ms=stream_ms, pcie_stall_ms=stream_ms,
             hit_rate=float(1 - v["miss_pairs"].mean()), promotions_per_step=kept)
-    cpu = st.pairs * v["miss_pairs"] * v["c_cpu"]
-    reads = st.distinct * v["miss_experts"] * disk_share(p)
-    base = layer_time(gpu, cpu, 0.0, co.overlap)
-    layer = layer_time(gpu, cpu, reads * co.disk_expert_ms, co.overlap)
+    experts = st.distinct * v["miss_experts"]  # missed experts per layer and step
+    cpu_all = st.pairs * v["miss_pairs"] * v["c_cpu"]
+    reads = experts * disk_share(p)
+    base, _scratch, cpu = layer_expert_time(p, gpu, experts, cpu_all, 0.0)
+    layer = layer_expert_time(p, gpu, experts, cpu_all, reads * co.disk_expert_ms)[0]
     compute = co.dense_ms + float(layer.sum())
     promoted = budgets * (1 - (1 - v["drift"]) ** tau)  # per refresh, per layer
     io_refresh = co.c_io_ms * float(promoted.sum())
@@ -187,13 +230,17 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
     # copies start after a layer's refresh compute and must land before the next step reaches
     # that layer: about one step of compute hides them (none on a CPU device: copies are sync)
     pcie_stall = max(0.0, io_refresh - compute) / tau if co.overlap else pcie
+    copies = float((gpu_share(p, experts, cpu_all) * co.c_io_ms).sum())  # into scratch slots
+    miss_stall = float((base - gpu).sum())
+    on_cpu = p.misses is MissMode.CPU
     return Breakdown(
         gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=float(cpu.sum()),
-        cpu_stall_ms=float((base - gpu).sum()), pcie_ms=pcie, pcie_stall_ms=pcie_stall,
-        hit_rate=float(1 - v["miss_pairs"].mean()),
+        cpu_stall_ms=miss_stall if on_cpu else 0.0, pcie_ms=pcie + copies,
+        pcie_stall_ms=pcie_stall, hit_rate=float(1 - v["miss_pairs"].mean()),
         promotions_per_step=float(promoted.sum()) / tau,
         disk_ms=float(reads.sum()) * co.disk_expert_ms,
-        disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()))
+        disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()),
+        scratch_ms=0.0 if on_cpu else miss_stall)
 
 
 def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:
@@ -209,5 +256,6 @@ def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:
         share = st.ram_cover
     gpu = (st.distinct * (1 - v["miss_experts"]) * co.gpu_expert_ms)[:, None]
     cpu = (st.pairs * v["miss_pairs"] * v["c_cpu"])[:, None]
-    disk = (st.distinct * v["miss_experts"])[:, None] * (1 - share) * co.disk_expert_ms
-    return layer_time(gpu, cpu, disk, co.overlap)
+    experts = (st.distinct * v["miss_experts"])[:, None]
+    disk = experts * (1 - share) * co.disk_expert_ms
+    return layer_expert_time(p, gpu, experts, cpu, disk)[0]

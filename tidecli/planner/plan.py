@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tidecli.planner.model import Breakdown
+from tidecli.planner.report import CalibrationReport
 
-GIB = 1 << 30
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a run following a plan shows (start-up panel, `--json`)."""
+
+    profile: str
+    tau: int
+    misses: str
+    experts_per_layer: dict[int, int]
+    predicted_step_ms: float
+    predicted_steps_per_s: float
+    predicted_tokens_per_s: float
+    calibrated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "tau": self.tau, "misses": self.misses,
+                "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
+                "predicted_step_ms": round(self.predicted_step_ms, 3),
+                "predicted_steps_per_s": round(self.predicted_steps_per_s, 2),
+                "predicted_tokens_per_s": round(self.predicted_tokens_per_s, 2),
+                "calibrated": self.calibrated}
 
 
 @dataclass(frozen=True)
@@ -38,7 +59,7 @@ class Plan:
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted step ms
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
-    calibration: dict[str, Any] | None = None
+    calibration: CalibrationReport | None = None  # `tide plan --calibrate`: predicted vs measured
     # host tiers (planner/tiers.py): RAM for the expert store, experts per layer kept in RAM,
     # the staging ring; the other experts stay on disk, read at `disk_gbps` when missed
     num_experts: int = 0
@@ -46,7 +67,7 @@ class Plan:
     experts_in_ram: dict[int, int] = field(default_factory=dict)
     staging_experts: int = 0
     disk_gbps: float | None = None  # set when some experts stay on disk
-    misses: str = "cpu"  # "stream": the GPU reads missed experts from pinned RAM (no disk tier)
+    misses: str = "cpu"  # where missed experts run (experts/modes.py), never "auto"
 
     @property
     def predicted_step_ms(self) -> float:
@@ -98,17 +119,13 @@ class Plan:
                      "read_gbps": self.disk_gbps},
         }
 
-    def summary(self) -> dict[str, Any]:
-        """What a run following this plan shows (the engine's describe())."""
-        return {"profile": self.profile, "tau": self.tau, "misses": self.misses,
-                "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
-                "predicted_step_ms": round(self.predicted_step_ms, 3),
-                "predicted_steps_per_s": round(self.steps_per_s, 2),
-                "predicted_tokens_per_s": round(self.tokens_per_s, 2),
-                "calibrated": "calibration" in self.constants}
-
-    def with_calibration(self, info: dict[str, Any]) -> Plan:
-        return replace(self, calibration=info)
+    def summary(self) -> PlanSummary:
+        return PlanSummary(profile=self.profile, tau=self.tau, misses=self.misses,
+                           experts_per_layer=dict(self.experts_per_layer),
+                           predicted_step_ms=self.predicted_step_ms,
+                           predicted_steps_per_s=self.steps_per_s,
+                           predicted_tokens_per_s=self.tokens_per_s,
+                           calibrated="calibration" in self.constants)
 
     def to_dict(self) -> dict[str, Any]:
         bs = list(self.experts_per_layer.values())
@@ -144,6 +161,6 @@ class Plan:
             "alternatives": {k: round(v, 4) for k, v in self.alternatives.items()},
             "warnings": list(self.warnings),
             "notes": list(self.notes),
-            "calibration": self.calibration,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
             "tiers": self.tiers(),
         }

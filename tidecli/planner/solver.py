@@ -1,6 +1,6 @@
 """The solver: fit the VRAM budget, choose B_ℓ (uniform or per layer), τ* and threads.
 
-1. Device memory (experts/budget.py's accounting): dense weights + KV cache + workspace must fit
+1. Device memory (memory.py's accounting): dense weights + KV cache + workspace must fit
    with at least one slot per MoE layer; what is left is S expert slots.
 2. Uniform: B = min(E, ⌊S / L⌋); τ* from the paper's program; predicted step time.
 3. With a routing trace (layers differ): an exact allocation of the S slots over layers that
@@ -18,49 +18,22 @@ from dataclasses import replace
 
 import numpy as np
 
-from tidecli.errors import TideError
-from tidecli.experts.budget import GIB, device_dense_bytes, workspace_bytes
+from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
+from tidecli.memory import device_memory
 from tidecli.model.config import ModelConfig
+from tidecli.planner.allocate import allocate_slots
 from tidecli.planner.costs import Calibration, disk_gbps, hardware_costs, profile_vram_gib
 from tidecli.planner.model import Breakdown, Problem, predict, solve_tau
 from tidecli.planner.model import layer_step_costs as _layer_costs
 from tidecli.planner.plan import Plan
-from tidecli.planner.stats import _block_runs, published_stats, trace_stats
+from tidecli.planner.stats import block_runs, published_stats, trace_stats
 from tidecli.planner.tiers import plan_host, ram_budget, split_ram
 from tidecli.planner.workload import Workload, estimated_tokens_per_step, steps_per_block
+from tidecli.units import GIB
 
 NON_UNIFORM_GAIN = 0.01  # per-layer budgets must beat uniform by this share to be chosen
-
-
-def allocate_slots(costs: np.ndarray, total: int) -> np.ndarray:
-    """Exact min Σ_ℓ costs[ℓ, B_ℓ] subject to Σ B_ℓ ≤ total, 1 ≤ B_ℓ ≤ E (a min-plus
-    dynamic programme over layers; O(L·E·total) in vector steps of `total`)."""
-    layers, e1 = costs.shape
-    e = e1 - 1
-    total = int(min(total, layers * e))
-    if total < layers:
-        raise ValueError("fewer slots than layers")
-    best = np.full(total + 1, np.inf)
-    best[0] = 0.0
-    choice = np.zeros((layers, total + 1), dtype=np.int32)
-    for j in range(layers):
-        new = np.full(total + 1, np.inf)
-        pick = choice[j]
-        for b in range(1, min(e, total) + 1):
-            cand = best[: total + 1 - b] + costs[j, b]
-            better = cand < new[b:]
-            new[b:][better] = cand[better]
-            pick[b:][better] = b
-        best = new
-    # among equal costs prefer more slots: spare slots still catch returning experts
-    s = total - int(np.argmin(best[::-1]))
-    out = np.zeros(layers, dtype=np.int64)
-    for j in reversed(range(layers)):
-        out[j] = choice[j, s]
-        s -= out[j]
-    return out
 
 
 def _per_layer_budgets(p: Problem, total: int, tau: int) -> tuple[np.ndarray, int]:
@@ -78,7 +51,7 @@ def _trace_steps_per_block(trace: RoutingTrace) -> float | None:
     tr = trace.steps_only()
     if len(tr) < 2:
         return None
-    runs = _block_runs(tr)
+    runs = block_runs(tr)
     return float(np.mean([stop - start for start, stop in runs]))
 
 
@@ -93,37 +66,30 @@ def _disk_warning(cfg: ModelConfig, host, gbps: float) -> str:
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
               workload: Workload | None = None, trace: RoutingTrace | None = None,
               ram_gib: float | None = None, calibration: Calibration | None = None,
-              model_name: str = "", misses: str = "auto", dtype_bytes: int = 2) -> Plan:
+              model_name: str = "", misses: str | MissMode = MissMode.AUTO,
+              dtype_bytes: int = 2, stream_blocker: str | None = None,
+              cuda: bool | None = None) -> Plan:
     """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
     VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit.
-    `misses`: "stream", "cpu", or "auto" — streamed when the profile has a GPU and every expert
-    stays in RAM (what the runtime's --misses auto does), else on the CPU. `dtype_bytes`: the
-    size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) — memory
-    only: the host store and the profile's timings are bf16."""
+    `misses` is resolved as the runtime resolves it (experts/modes.py): `auto` streams when the
+    profile has a GPU and nothing blocks streaming (`stream_blocker`, or a disk tier), else
+    splits misses between the CPU and GPU scratch slots (whose memory comes out of the budget).
+    `cuda`: whether the run is on a GPU (default: whether the profile has one). `dtype_bytes`:
+    the size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) —
+    memory only: the host store and the profile's timings are bf16."""
     cfg, wl = config, workload or Workload()
     wl.validate()
     warnings: list[str] = []
     if vram_gib is None:
         vram_gib = profile_vram_gib(profile)
-    elif vram_gib <= 0:
-        raise TideError(f"--vram must be positive, got {vram_gib:g}", "e.g. --vram 12")
     elif profile.vram_total_bytes and vram_gib * GIB > profile.vram_total_bytes:
         warnings.append(f"--vram {vram_gib:g} GiB exceeds the {profile.vram_total_bytes / GIB:.1f}"
                         f" GiB of {profile.gpu_name or profile.name}")
-    budget = int(vram_gib * GIB)
-    layers, e, eb = cfg.num_moe_layers, cfg.num_experts, cfg.expert_bytes(dtype_bytes)
-    dense = device_dense_bytes(cfg, dtype_bytes)
-    kv = cfg.kv_bytes_per_token(dtype_bytes) * wl.context_tokens
-    work = workspace_bytes(cfg, wl.block_length)
-    minimum = dense + kv + work + layers * eb
-    if minimum > budget:
-        raise TideError(
-            f"--vram {vram_gib:g} GiB cannot hold the dense part of the model: dense weights "
-            f"{dense / GIB:.2f} + KV cache {kv / GIB:.2f} ({wl.context_tokens} tokens) + workspace "
-            f"{work / GIB:.2f} + one expert slot per layer {layers * eb / GIB:.2f} = "
-            f"{minimum / GIB:.2f} GiB", f"give at least {minimum / GIB + 0.05:.2f} GiB, or a "
-            "shorter --context")
-    slots = int(min(layers * e, (budget - dense - kv - work) // eb))
+    mem = device_memory(cfg, vram_gib, context_tokens=wl.context_tokens,
+                        block_length=wl.block_length, dtype_bytes=dtype_bytes)
+    layers, e, eb = cfg.num_moe_layers, cfg.num_experts, mem.expert_bytes
+    budget, dense, kv, work = mem.budget, mem.dense, mem.kv_cache, mem.workspace
+    slots = mem.slots
 
     traced_steps = _trace_steps_per_block(trace) if trace is not None else None
     if wl.tokens_per_step is not None:
@@ -143,23 +109,23 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     else:
         stats = published_stats(cfg, block_length=wl.block_length, max_age=steps)
 
+    ram_bytes, ram_note = ram_budget(cfg, profile, ram_gib)
+    host = plan_host(cfg, ram_bytes)
+    # a disk tier only matters when experts live on the host (not when all fit on the GPU)
+    tiered = host is not None and host.tiered and min(e, slots // layers) < e
+    cuda = bool(profile.gpu_name) if cuda is None else cuda
+    mode = resolve_misses(misses, cuda=cuda, stream_blocker=stream_blocker or (
+        "it needs every expert in RAM, and some stay on disk" if tiered else None))
+    if cuda and mode.uses_scratch:  # the scratch slots come out of the same budget
+        slots = max(layers, slots - SCRATCH_SLOTS)
     uniform_b = min(e, slots // layers)
     uniform = np.full(layers, uniform_b, dtype=np.int64)
     per_call = float(stats.tokens_per_call[:, uniform_b].mean())
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
                            context_tokens=wl.context_tokens, tokens_per_call=per_call,
                            calibration=calibration)
-    ram_bytes, ram_note = ram_budget(cfg, profile, ram_gib)
-    host = plan_host(cfg, ram_bytes)
-    # a disk tier only matters when experts live on the host (not when all fit on the GPU)
-    tiered = host is not None and host.tiered and uniform_b < e
     ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
-    if misses == "auto":
-        misses = "stream" if profile.gpu_name and not tiered else "cpu"
-    if misses == "stream" and tiered:
-        raise TideError("streamed misses need every expert in RAM, and this plan has a disk tier",
-                        "raise --ram, or plan with CPU misses")
-    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=misses)
+    problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=mode)
     tau, tau_costs = solve_tau(problem, uniform)
     budgets, breakdown = uniform, predict(problem, uniform, tau)
     alternatives = {"uniform": breakdown.step_ms}
@@ -170,12 +136,12 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         if bd_n.step_ms < breakdown.step_ms * (1 - NON_UNIFORM_GAIN):
             budgets, breakdown, tau = per_layer, bd_n, tau_n
             tau_costs = solve_tau(problem, budgets)[1]
-    assert dense + kv + work + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
+    assert mem.fixed + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
     if tiered:
         ram, ram_alts = split_ram(problem, budgets, tau, host)
         alternatives.update(ram_alts)
         problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram,
-                          misses=misses)
+                          misses=mode)
         tau, tau_costs = solve_tau(problem, budgets)
         breakdown = predict(problem, budgets, tau)
         host = replace(host, ram_per_layer={layer: int(r) for layer, r in
@@ -188,7 +154,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if tiered:
         warnings.append(_disk_warning(cfg, host, gbps))
     mean_distinct = float(stats.distinct.mean())
-    if budgets.min() < 0.5 * mean_distinct and misses != "stream":
+    if budgets.min() < 0.5 * mean_distinct and mode is MissMode.CPU:
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
@@ -228,7 +194,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         num_experts=e, ram_budget_bytes=host.budget if host is not None else 0,
         experts_in_ram=dict(host.ram_per_layer) if tiered else {},
         staging_experts=host.staging_experts if tiered else 0,
-        disk_gbps=gbps if tiered else None, misses=misses)
+        disk_gbps=gbps if tiered else None, misses=str(mode))
 
 
 def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
@@ -256,14 +222,6 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
                                cpu_threads=plan.cpu_threads, calibration=calibration)
         return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram,
-                               misses=plan.misses), budgets, plan.tau)
+                               misses=MissMode(plan.misses)), budgets, plan.tau)
 
     return run
-
-
-def predict_for(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
-                trace: RoutingTrace | None = None, calibration: Calibration | None = None,
-                workload: Workload | None = None) -> Breakdown:
-    """The model's step time for a plan's own B_ℓ and τ."""
-    return predictor(plan=plan, config=config, profile=profile, trace=trace,
-                     workload=workload)(calibration)

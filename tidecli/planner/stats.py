@@ -107,7 +107,7 @@ def published_stats(cfg: ModelConfig, *, block_length: int, max_age: int) -> Rou
 # ---- estimates from a routing trace --------------------------------------------------------------
 
 
-def _block_runs(tr: RoutingTrace) -> list[tuple[int, int]]:
+def block_runs(tr: RoutingTrace) -> list[tuple[int, int]]:
     """[start, stop) of each block's consecutive steps (a new block, or the step index restarts)."""
     runs, start = [], 0
     for i in range(1, len(tr) + 1):
@@ -144,7 +144,7 @@ def _stats(tr: RoutingTrace, max_age: int) -> RoutingStats:
     history = np.zeros((layers, e), dtype=np.int64)
     big = int(counts.sum()) + 1  # any count outranks any amount of earlier use
     positions = np.broadcast_to(np.arange(e), (layers, e))
-    runs = _block_runs(tr)
+    runs = block_runs(tr)
     for start, stop in runs:
         c = counts[start:stop]
         n = stop - start

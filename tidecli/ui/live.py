@@ -1,4 +1,4 @@
-"""The live diffusion view, its plain-text fallback, the start-up panel and the /stats table.
+"""The live diffusion view and its plain-text fallback.
 
 `LiveState.apply(event)` folds step events into plain state; `render_frame(state)` is a pure
 function of that state (snapshot-testable at a fixed width); `LiveView` shows frames on a
@@ -18,14 +18,13 @@ from typing import Any, Protocol, TextIO
 from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
+
+from tidecli.units import GIB, per
 
 PLACEHOLDER = "░"
 EDIT_HOLD_STEPS = 2  # an edited token stays highlighted for this many steps
 REFRESH_HZ = 8
-GIB = 1 << 30
 STYLES = {"mask": "dim", "new": "bold", "edit": "black on yellow", "text": "", "dead": "dim"}
 
 
@@ -82,13 +81,13 @@ class LiveState:
         self.elapsed_s, self.forward_ms = ev.elapsed_s, ev.forward_ms
         if vram_used is not None:
             self.vram_used_bytes = vram_used
-        st = ev.expert_stats
-        if st:
+        c = ev.experts
+        if c is not None:
             self.has_experts = True
-            self.pairs += int(st.get("pairs", 0))
-            self.gpu_hits += int(st.get("gpu_hits", 0))
-            self.cpu_calls += int(st.get("cpu_calls", 0))
-            self.bytes_h2d += int(st.get("bytes_h2d", 0))
+            self.pairs += c.pairs
+            self.gpu_hits += c.gpu_hits
+            self.cpu_calls += c.cpu_calls
+            self.bytes_h2d += c.bytes_h2d
         for pos, _tok in ev.edited:
             self.edited_at[pos] = ev.global_step
         fresh = {pos for pos, _tok in ev.committed}
@@ -130,12 +129,12 @@ class LiveState:
     def rates(self) -> dict[str, float]:
         t = self.elapsed_s
         return {
-            "tokens_per_s": self.tokens_done / t if t > 0 else 0.0,
-            "steps_per_s": self.global_step / t if t > 0 else 0.0,
-            "tokens_per_step": self.tokens_done / self.global_step if self.global_step else 0.0,
+            "tokens_per_s": per(self.tokens_done, t),
+            "steps_per_s": per(self.global_step, t),
+            "tokens_per_step": per(self.tokens_done, self.global_step),
             "hit_rate": self.gpu_hits / self.pairs if self.pairs else 1.0,
-            "cpu_share": self.cpu_calls / self.pairs if self.pairs else 0.0,
-            "h2d_gbps": self.bytes_h2d / t / 1e9 if t > 0 else 0.0,
+            "cpu_share": per(self.cpu_calls, self.pairs),
+            "h2d_gbps": per(self.bytes_h2d, t) / 1e9,
         }
 
 
@@ -220,7 +219,6 @@ class LiveView:
         self._live = Live(console=console, get_renderable=self._frame, auto_refresh=True,
                           refresh_per_second=refresh_per_second, transient=True,
                           redirect_stdout=False, redirect_stderr=False)
-        self._printed: list[str] = []
 
     def _frame(self) -> RenderableType:
         with self._lock:
@@ -294,88 +292,3 @@ class PlainStream:
 def make_console(file: TextIO | None = None, **kwargs: Any) -> Console:
     """A console for results (stdout unless `file`)."""
     return Console(file=file, highlight=False, **kwargs)
-
-
-# ---- start-up panel and per-layer stats ----------------------------------------------------------
-
-
-def _size(n: int | float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 4 else f"{n / 2**20:.1f} MiB"
-
-
-def startup_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows from Engine.describe() (and a plan, when given); absent keys skipped."""
-    rows: list[tuple[str, str]] = []
-    if info.get("model"):
-        rows.append(("model", str(info["model"])))
-    dev = " · ".join(str(info[k]) for k in ("device", "dtype") if info.get(k))
-    if dev:
-        rows.append(("device", dev))
-    if info.get("policy"):
-        pol = str(info["policy"])
-        if info.get("kernel"):
-            pol += f" (kernel {info['kernel']})"
-        rows.append(("policy", pol))
-    plan = info.get("plan") or {}
-    epl = info.get("experts_per_layer") or plan.get("experts_per_layer")
-    if isinstance(epl, dict) and epl:
-        vals = list(epl.values())
-        text = (f"{vals[0]} per MoE layer" if len(set(vals)) == 1 else
-                f"{min(vals)}–{max(vals)} per layer, {sum(vals)} in all")
-        rows.append(("experts resident", text))
-    tau = info.get("tau", plan.get("tau"))
-    if tau is not None:
-        rows.append(("τ", str(tau)))
-    if plan.get("profile"):  # the runtime follows the planner's plan
-        rows.append(("plan", f"planned for {plan['profile']}" +
-                     (" (calibrated on this machine)" if plan.get("calibrated") else "")))
-    if info.get("cpu_threads"):
-        rows.append(("CPU experts", f"{info['cpu_threads']} threads, {info.get('cpu_mode', '')}"
-                     .rstrip(", ")))
-    mem = info.get("memory_plan") or {}
-    if mem.get("budget_bytes"):
-        dense, kv = _size(mem.get("dense_bytes", 0)), _size(mem.get("kv_cache_bytes", 0))
-        rows.append(("VRAM budget", f"{_size(mem['budget_bytes'])} (dense {dense}, KV {kv})"))
-    if info.get("slot_pool_bytes"):
-        rows.append(("slot memory", _size(info["slot_pool_bytes"])))
-    store = info.get("host_store") or {}
-    if store.get("bytes"):
-        tiers = store.get("tiers") or {}
-        disk = f", {tiers['disk_experts']} experts read from disk" \
-            if tiers.get("disk_experts") else ""
-        rows.append(("host experts", _size(store["bytes"]) + (" pinned" if store.get("pinned")
-                                                              else "") + disk))
-    tps = info.get("predicted_tokens_per_s", plan.get("predicted_tokens_per_s"))
-    if tps:
-        sps = info.get("predicted_steps_per_s", plan.get("predicted_steps_per_s"))
-        rows.append(("predicted", f"{tps:.1f} tok/s" + (f", {sps:.1f} steps/s" if sps else "")))
-    return rows
-
-
-def startup_panel(info: dict[str, Any], title: str = "tide") -> Panel:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="dim", no_wrap=True)
-    grid.add_column()
-    for label, value in startup_rows(info):
-        grid.add_row(label, value)
-    return Panel(grid, title=title, title_align="left", expand=False)
-
-
-def heat_bar(frac: float, cells: int = 10) -> str:
-    n = max(0, min(cells, round(frac * cells)))
-    return "█" * n + "░" * (cells - n)
-
-
-def layer_table(per_layer: dict[str, dict[str, Any]], title: str | None = None) -> Table:
-    """Per-MoE-layer counters of one reply (ExpertStats.to_dict()['per_layer'])."""
-    t = Table(title=title, title_justify="left", box=None, pad_edge=False)
-    for name in ("layer", "pairs", "GPU hit", "", "CPU", "promoted", "H2D MiB", "stall ms"):
-        t.add_column(name, justify="left" if name in ("layer", "") else "right")
-    for layer, c in sorted(per_layer.items(), key=lambda kv: int(kv[0])):
-        pairs = c.get("gpu_hits", 0) + c.get("fetched_calls", 0) + c.get("cpu_calls", 0)
-        hit = c.get("gpu_hits", 0) / pairs if pairs else 1.0
-        cpu = c.get("cpu_calls", 0) / pairs if pairs else 0.0
-        t.add_row(str(layer), str(pairs), f"{hit * 100:.1f}%", heat_bar(hit),
-                  f"{cpu * 100:.1f}%", str(c.get("promotions", 0)),
-                  f"{c.get('bytes_h2d', 0) / 2**20:.1f}", f"{c.get('stall_ms', 0.0):.1f}")
-    return t

@@ -9,11 +9,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from tidecli.ui.console import err
+from tidecli.units import GIB
 
 if TYPE_CHECKING:
     from tidecli.planner.plan import Plan
-
-GIB = 1 << 30
+    from tidecli.planner.report import CalibrationReport
 
 
 def _gib(n: int) -> str:
@@ -102,7 +102,8 @@ def plan_table(plan: Plan) -> Table:
     return t
 
 
-def calibration_table(info: dict) -> Table:
+def calibration_table(report: CalibrationReport) -> Table:
+    info = report.to_dict()
     m = info["measured"]
     before, trace, after = (info["predicted_profile_only"], info["predicted_with_trace"],
                             info["predicted_calibrated"])
@@ -115,7 +116,7 @@ def calibration_table(info: dict) -> Table:
         t.add_row(name, f"{before[key]:.2f}", f"{trace[key]:.2f}", f"{after[key]:.2f}",
                   "—" if measured is None else f"{measured:.2f}")
 
-    streamed = info.get("measured_plan", {}).get("misses") == "stream"
+    streamed = report.streamed
     row("step", "step_ms", m["step_ms"])
     row("CPU misses", "cpu_miss_ms", m["cpu_ms"])
     if streamed:  # read inside the step: counted, not timed

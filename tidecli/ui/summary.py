@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from tidecli.units import per
+
 
 def generation_line(*, tokens: int, steps: int, wall: float, policy: str | None = None,
                     hit_rate: float | None = None) -> str:
-    tps = tokens / wall if wall > 0 else 0.0
-    per_step = tokens / steps if steps else 0.0
-    sps = steps / wall if wall > 0 else 0.0
+    tps, per_step, sps = per(tokens, wall), per(tokens, steps), per(steps, wall)
     line = (f"{tokens} tokens, {steps} steps ({per_step:.2f} tokens/step), "
             f"{tps:.2f} tokens/s, {sps:.2f} steps/s, {wall:.2f} s")
     if policy:

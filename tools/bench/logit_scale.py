@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 from tidecli.decode.diffusion import DecodeSettings
-from tidecli.engine import Engine, EngineOptions
 from tidecli.model.synth import write_checkpoint
+from tidecli.runtime.engine import Engine
+from tidecli.runtime.options import engine_options
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
         path = Path(args.work) / f"ls{scale:g}"
         write_checkpoint(path, preset=args.preset, layers=args.layers, force=True,
                          logit_scale=scale)
-        eng = Engine(EngineOptions(model=str(path)), quiet=True)
+        eng = Engine(engine_options(model=str(path)), quiet=True)
         for prompt in ("Write a haiku about the sea.", "Explain expert offload in one line."):
             d = eng.decoder(eng.prompt_ids(prompt), DecodeSettings(gen_length=args.gen_length))
             for _ in d.steps():

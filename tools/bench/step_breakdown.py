@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tidecli.decode.diffusion import DecodeSettings
-from tidecli.engine import Engine, EngineOptions
-from tidecli.experts.budget import device_dense_bytes
-from tidecli.model.timing import StepTimers
+from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
+from tidecli.memory import device_dense_bytes
+from tidecli.model.timing import StepTimers, profile_parts
+from tidecli.runtime.engine import Engine
+from tidecli.runtime.options import LoadOptions, engine_options
 
 
 def main():
@@ -30,7 +32,9 @@ def main():
     ap.add_argument("--kernel", default="auto")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    eng = Engine(EngineOptions(model=args.model, kernel=args.kernel), quiet=True)
+    opts = engine_options(model=args.model)
+    eng = Engine(replace(opts, load=LoadOptions(model=args.model, kernel=args.kernel)),
+                 quiet=True)
     load_s = time.perf_counter() - t0
     ids = eng.prompt_ids("Write a story about a lighthouse keeper who finds a message.")
     settings = DecodeSettings(gen_length=args.gen_length)
@@ -45,16 +49,17 @@ def main():
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
     r = d.result
-    # breakdown over a second run with per-part events
+    # breakdown over a second run with per-part events: the eager path, each part marked
     eng.runtime.enable_trace()
     timers = StepTimers(eng.device)
-    eng.model.timers = timers
-    d2 = eng.decoder(ids, settings)
+    undo = profile_parts(eng.model, timers)
+    d2 = BlockDiffusionDecoder(eng.model, ids, settings, mask_id=eng.tokenizer.ids.mask,
+                               eos_ids={eng.tokenizer.ids.eos}, device=eng.device)
     steps = 0
     for _ in d2.steps():
         timers.stop()
         steps += 1
-    eng.model.timers = None
+    undo()
     parts = {k: v / max(1, d2.result.forwards) for k, v in timers.totals.items()}
     tr = eng.runtime.trace.steps_only()
     distinct = (tr.array() > 0).sum(axis=2)  # [steps, layers]

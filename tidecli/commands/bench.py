@@ -9,9 +9,19 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from tidecli.commands.options import (
+    CpuThreadsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GraphsOpt,
+    ModelOpt,
+    ProfileOpt,
+    ThresholdOpt,
+)
 from tidecli.errors import TideError
 
 
@@ -65,45 +75,44 @@ def _prompts(path: Path | None) -> list[str] | None:
     return prompts
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    def bench(
-        model: str | None = typer.Option(None, "--model", "-m",
-                                         help="Checkpoint folder, Hub id or 'demo'."),
-        policies: str = typer.Option("resident,lru,static,tide", help="Policies to compare."),
-        vram: str | None = typer.Option(None, help="VRAM budgets in GiB, comma separated, "
-                                                   "e.g. 10,18."),
-        experts: str | None = typer.Option(None, help="Or uniform budgets in experts per "
-                                                      "layer, e.g. 16,64."),
-        workloads: str = typer.Option("model,synthetic",
-                                      help="model (the checkpoint's routing) and/or synthetic "
-                                           "(published LLaDA2.0-mini routing statistics)."),
-        tau: str = typer.Option("plan", help="tide refresh intervals to sweep, e.g. plan,1,2,4,8 "
-                                "('plan': the planner's τ and expert budgets, with its "
-                                "predicted step time beside the measured one)."),
-        misses: str = typer.Option("auto", help="static/tide miss placement to sweep: auto, "
-                                                "stream, split, cpu, gpu (e.g. stream,split)."),
-        prompts: Path | None = typer.Option(None, help="Prompts: text file (one per line) or "
-                                                       "JSON list; a built-in set otherwise."),
-        gen_length: int = typer.Option(256, help="Tokens to generate per prompt."),
-        threshold: float = typer.Option(0.95, help="Decoding confidence threshold."),
-        repeat: int = typer.Option(1, help="Passes over the prompts per run."),
-        json_out: Path | None = typer.Option(None, "--json", help="Write the results here."),
-        plot: Path | None = typer.Option(None, help="Plot steps/s against budget (PNG)."),
-        profile: str | None = typer.Option(None, help="Hardware profile for the lower bound "
-                                                      "(default: this machine's saved one)."),
-        device: str = typer.Option("auto", help="auto, cuda or cpu."),
-        dtype: str = typer.Option("auto", help="auto, bf16 or fp32."),
-        cpu_threads: int = typer.Option(0, help="CPU threads for missed experts (0: default)."),
-        graphs: bool = typer.Option(True, "--graphs/--no-graphs",
-                                    help="CUDA: replay steps as captured CUDA graphs."),
-    ) -> None:
-        """Compare residency policies side by side: speed, hits, transfers, bounds."""
-        run_bench(model=model, policies=policies, vram=vram, experts=experts,
-                  workloads=workloads, tau=tau, misses=misses,
-                  prompts=prompts, gen_length=gen_length, threshold=threshold, repeat=repeat,
-                  json_out=json_out, plot=plot, profile=profile, device=device, dtype=dtype,
-                  cpu_threads=cpu_threads, graphs=graphs)
+def bench(
+    model: ModelOpt = None,
+    policies: Annotated[str, typer.Option(help="Policies to compare.")]
+    = "resident,lru,static,tide",
+    vram: Annotated[str | None, typer.Option(
+        help="VRAM budgets in GiB, comma separated, e.g. 10,18.")] = None,
+    experts: Annotated[str | None, typer.Option(
+        help="Or uniform budgets in experts per layer, e.g. 16,64.")] = None,
+    workloads: Annotated[str, typer.Option(
+        help="model (the checkpoint's routing) and/or synthetic (published LLaDA2.0-mini routing "
+             "statistics).")] = "model,synthetic",
+    tau: Annotated[str, typer.Option(
+        help="tide refresh intervals to sweep, e.g. plan,1,2,4,8 ('plan': the planner's τ and "
+             "expert budgets, with its predicted step time beside the measured one).")] = "plan",
+    misses: Annotated[str, typer.Option(
+        help="static/tide miss placement to sweep: auto, stream, split, cpu, gpu (e.g. "
+             "stream,split).")] = "auto",
+    prompts: Annotated[Path | None, typer.Option(
+        help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
+    = None,
+    gen_length: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
+    threshold: ThresholdOpt = 0.95,
+    repeat: Annotated[int, typer.Option(help="Passes over the prompts per run.")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")]
+    = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Plot steps/s against budget (PNG).")] = None,
+    profile: ProfileOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    cpu_threads: CpuThreadsOpt = 0,
+    graphs: GraphsOpt = True,
+) -> None:
+    """Compare residency policies side by side: speed, hits, transfers, bounds."""
+    run_bench(model=model, policies=policies, vram=vram, experts=experts, workloads=workloads,
+              tau=tau, misses=misses, prompts=prompts, gen_length=gen_length,
+              threshold=threshold, repeat=repeat, json_out=json_out, plot=plot, profile=profile,
+              device=device, dtype=dtype, cpu_threads=cpu_threads, graphs=graphs)
 
 
 def _profile(spec: str | None):
@@ -123,18 +132,16 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     from rich.console import Console
 
     from tidecli.bench.harness import PROMPTS, Bench, BenchSpec
-    from tidecli.bench.report import (
+    from tidecli.bench.report import check_plot_available, write_json, write_plot
+    from tidecli.commands.setup import open_engine, plans_on_this_machine
+    from tidecli.runtime.options import engine_options
+    from tidecli.ui.bench_view import (
         bounds_table,
-        check_plot_available,
         plan_table,
         routing_table,
         runs_table,
         skipped_lines,
-        write_json,
-        write_plot,
     )
-    from tidecli.commands.open_engine import open_engine, plans_on_this_machine
-    from tidecli.engine import EngineOptions
     from tidecli.ui.console import byte_progress, err
 
     spec = BenchSpec(policies=[p.strip() for p in policies.split(",") if p.strip()],
@@ -150,12 +157,13 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
         check_plot_available()
     prof = _profile(profile)
     # the first run's runtime is built by the bench itself; start from the resident default
-    opts = EngineOptions(model=model, device=device, dtype=dtype, policy="resident",
-                         cpu_threads=cpu_threads, graphs=graphs, profile=profile,
-                         threshold=threshold)
+    opts = engine_options(model=model, device=device, dtype=dtype, policy="resident",
+                          cpu_threads=cpu_threads, graphs=graphs, profile=profile,
+                          threshold=threshold)
     planned = "tide" in spec.policies and "plan" in spec.taus and profile is None
+    tide = replace(opts, residency=replace(opts.residency, policy="tide"))
     engine = open_engine(opts, build_runtime=False,
-                         plans=planned and plans_on_this_machine(replace(opts, policy="tide")))
+                         plans=planned and plans_on_this_machine(tide))
     with byte_progress() as progress:
         if any(p != "resident" for p in spec.policies):
             engine.host_store(progress)  # once, shared by every run (resident copies from it)

@@ -1,4 +1,6 @@
-"""Expert counters as plain data: per forward pass and per MoE layer, summed per step/run."""
+"""What an expert runtime reports, as plain data: counters per forward pass and MoE layer, summed
+per step and per run. Part of the seam (model/moe.py): the decoder, the UI and the benchmarks read
+them without knowing the runtime."""
 
 from __future__ import annotations
 
@@ -29,6 +31,15 @@ class LayerCounters:
     def pairs(self) -> int:
         return self.gpu_hits + self.fetched_calls + self.cpu_calls
 
+    @property
+    def hit_rate(self) -> float:
+        """Share of routed pairs whose expert was resident (1 when there were none)."""
+        return self.gpu_hits / self.pairs if self.pairs else 1.0
+
+    @property
+    def cpu_share(self) -> float:
+        return self.cpu_calls / self.pairs if self.pairs else 0.0
+
 
 @dataclass
 class ExpertStats:
@@ -56,15 +67,14 @@ class ExpertStats:
 
     def summary(self) -> dict:
         t = self.total()
-        pairs = t.pairs
         return {
             "forwards": self.forwards,
-            "pairs": pairs,
+            "pairs": t.pairs,
             "gpu_hits": t.gpu_hits,
             "fetched_calls": t.fetched_calls,
             "cpu_calls": t.cpu_calls,
-            "cpu_share": (t.cpu_calls / pairs) if pairs else 0.0,
-            "hit_rate": (t.gpu_hits / pairs) if pairs else 1.0,
+            "cpu_share": t.cpu_share,
+            "hit_rate": t.hit_rate,
             "promotions": t.promotions,
             "bytes_h2d": t.bytes_h2d,
             "streamed": t.streamed,

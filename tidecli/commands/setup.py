@@ -1,0 +1,76 @@
+"""What generate, chat and bench share: building the engine (the machine's profile first when
+the tide policy will plan without one — measured once, with a progress bar, and saved — then the
+model with a progress bar, then the engine's notices, one line each), and the view a reply is
+drawn in. Imported by the command bodies only: torch and rich load here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidecli.ui.console import byte_progress, err
+from tidecli.ui.live import LiveState, LiveView, PlainStream
+
+
+def plans_on_this_machine(opts: Any) -> bool:
+    """Will the engine plan tide with this machine's saved profile (no --profile given)?"""
+    import torch
+
+    from tidecli.runtime.autoplan import follows_plan
+
+    device = opts.load.device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return opts.residency.profile is None and follows_plan(opts, cuda=cuda)
+
+
+def ensure_machine_profile() -> None:
+    """Measure and save the quick profile now when this machine has none (one line says so)."""
+    from tidecli.hardware.store import load_or_create_profile
+    from tidecli.ui.profile_view import measure_progress
+
+    def announce(message: str) -> None:
+        err.print(f"{message} (for the planner, once; `tide profile` measures a full one)",
+                  style="yellow", markup=False, soft_wrap=True)
+
+    with measure_progress() as progress:
+        load_or_create_profile(announce=announce, progress=progress)
+
+
+def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = None) -> Any:
+    """The engine for `opts`; `plans` says whether a later runtime will plan (default: from
+    `opts`), so that a missing profile is measured before the model loads."""
+    from tidecli.runtime.engine import Engine
+
+    if plans_on_this_machine(opts) if plans is None else plans:
+        ensure_machine_profile()
+    with byte_progress() as progress:
+        engine = Engine(opts, progress=progress, build_runtime=build_runtime)
+    for note in engine.notices:
+        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    engine.notices.clear()
+    return engine
+
+
+def vram_probe(engine: Any):
+    """A cheap reader of the allocator's counter on CUDA (host-side, no device sync), or None."""
+    device = getattr(engine, "device", None)
+    if device is None or getattr(device, "type", "") != "cuda":
+        return None
+    import torch
+
+    return lambda: int(torch.cuda.memory_allocated(device))
+
+
+def open_view(engine: Any, settings: Any, *, info: Any, console: Any, live: bool,
+              pcie_peak_gbps: float | None = None) -> LiveView | PlainStream:
+    """The live view on a terminal (when `live`), else plain streaming to the console's file.
+    `info`: the engine's EngineInfo, when known."""
+    tok = engine.tokenizer
+    memory = info.memory if info is not None else None
+    state = LiveState(tokens=tok, gen_length=settings.gen_length,
+                      eos_ids=frozenset({tok.ids.eos}), policy=engine.runtime.name,
+                      tau=info.runtime.tau if info is not None else None,
+                      pcie_peak_gbps=pcie_peak_gbps,
+                      vram_budget_bytes=memory.budget if memory is not None else None)
+    if live and console.is_terminal:
+        return LiveView(state, console, vram_used=vram_probe(engine))
+    return PlainStream(state, console.file)

@@ -1,0 +1,61 @@
+"""Where the static and tide policies run the pairs of experts missing from the GPU slots: one
+vocabulary for the runtime, the planner and every command, and one rule for `auto`.
+
+- `stream`: the GPU reads a missed expert from pinned RAM inside the step (experts/stream.py);
+  the whole step is one device program. Tokens are bitwise the resident run's.
+- `cpu`: on the CPU, the paper's runtime (experts/offload.py); bf16 rounding may differ.
+- `gpu`: copied into GPU scratch slots by the host, then the GPU's kernel; bitwise exact.
+- `split`: CPU and GPU scratch slots at once, split by measured cost (experts/misses.py).
+- `auto`: `stream` on a GPU when streaming is possible (every expert in pinned RAM, in the
+  model's dtype, Triton present), else `cpu`: deterministic tokens, and what the planner's
+  default plans model. `split` is timing-dependent (the split follows measured costs).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from tidecli.errors import TideError
+
+SCRATCH_SLOTS = 16  # GPU slots that misses computed on the GPU (gpu, split) pass through
+
+
+class MissMode(str, Enum):
+    AUTO = "auto"
+    STREAM = "stream"
+    SPLIT = "split"
+    CPU = "cpu"
+    GPU = "gpu"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def uses_scratch(self) -> bool:
+        """Do these misses pass through GPU scratch slots (which come out of the VRAM budget)?"""
+        return self in (MissMode.GPU, MissMode.SPLIT)
+
+
+MISS_MODES = tuple(m.value for m in MissMode)
+
+
+def parse_misses(value: str | MissMode) -> MissMode:
+    try:
+        return MissMode(value)
+    except ValueError:
+        raise TideError(f"unknown --misses {value!r}", f"use {', '.join(MISS_MODES)}") from None
+
+
+def resolve_misses(requested: str | MissMode, *, cuda: bool,
+                   stream_blocker: str | None) -> MissMode:
+    """The mode a runtime with these facts runs (never `auto`). `stream_blocker` says why
+    streaming is impossible here (None: it is possible). On a CPU device both sides of `split`
+    are the same processor, so it is `cpu`."""
+    mode = parse_misses(requested)
+    if mode is MissMode.STREAM and stream_blocker:
+        raise TideError(f"--misses stream is not available: {stream_blocker}", "use --misses auto")
+    if mode is MissMode.AUTO:
+        return MissMode.STREAM if cuda and stream_blocker is None else MissMode.CPU
+    if mode is MissMode.SPLIT and not cuda:
+        return MissMode.CPU
+    return mode

@@ -1,0 +1,1 @@
+"""The application layer: options, the engine, what it builds and plans, calibration runs."""

@@ -1,0 +1,56 @@
+"""The plan an engine follows when it is not told how: `--policy tide` without `--tau` or expert
+budgets plans, before any weight is read, with this machine's hardware profile (measured once,
+quick, when there is none), the machine's facts (runtime/facts.py) and the calibration
+`tide plan --calibrate` saved for this model on this machine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tidecli.experts.modes import resolve_misses
+from tidecli.hardware.profile import HardwareProfile
+from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
+from tidecli.model.config import ModelConfig
+from tidecli.planner.auto import MachineFacts, runtime_plan
+from tidecli.planner.calibration import load_calibration
+from tidecli.planner.plan import Plan
+from tidecli.runtime.options import EngineOptions
+
+Progress = Callable[[str, int, int], None]
+
+
+def follows_plan(opts: EngineOptions, *, cuda: bool) -> bool:
+    """Does an engine with these options follow the planner? tide without --tau, expert
+    budgets or a given plan; on a CPU device only with an explicit --profile (there is no GPU
+    to plan for)."""
+    r = opts.residency
+    if r.policy != "tide" or r.tide.tau is not None or opts.budgets.experts_per_layer is not None \
+            or opts.plan is not None:
+        return False
+    return cuda or r.profile is not None
+
+
+def machine_profile(spec: str | None, *, notices: list[str] | None = None,
+                    progress: Progress | None = None) -> HardwareProfile:
+    """`spec` (a reference name or a file) when given; else this machine's saved profile,
+    measured (quick) and saved first when there is none, with a notice saying so."""
+    if spec is not None:
+        return resolve_profile(spec)
+    said: list[str] = []
+    prof = load_or_create_profile(announce=said.append, progress=progress)
+    if said and notices is not None:
+        path = saved_profile_path(prof.gpu_name, detect=False)
+        notices.append(f"no hardware profile for this machine yet: measured a quick one and saved "
+                       f"it to {path} (`tide profile` measures a full one)")
+    return prof
+
+
+def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, model: Path,
+             notices: list[str]) -> Plan:
+    """The plan for this model, options and machine, with this machine's saved corrections."""
+    profile = machine_profile(opts.residency.profile, notices=notices)
+    mode = resolve_misses(facts.misses, cuda=facts.cuda, stream_blocker=facts.stream_blocker)
+    calibration = load_calibration(profile=profile, model=model, misses=str(mode))
+    return runtime_plan(config=config, profile=profile, facts=facts, workload=opts.workload,
+                        calibration=calibration, model_name=str(model))

@@ -1,0 +1,207 @@
+"""Building what an engine runs, as functions of its options, a plan and the machine's facts:
+the expert budgets per layer, the host expert store, and the expert runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from tidecli.errors import TideError
+from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
+from tidecli.experts.offload import OffloadRuntime
+from tidecli.experts.policies import LruPolicy, Policy, ResidentPolicy, StaticPolicy, TidePolicy
+from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
+from tidecli.experts.store import ExpertSource, HostExpertStore
+from tidecli.experts.tiered import TieredExpertStore
+from tidecli.experts.trace import RoutingTrace
+from tidecli.memory import DeviceMemory, device_memory, host_tiers
+from tidecli.model.checkpoint import Checkpoint
+from tidecli.model.tensorio import torch_dtype
+from tidecli.planner.auto import MachineFacts
+from tidecli.planner.plan import Plan
+from tidecli.runtime.facts import stream_blocker
+from tidecli.runtime.options import EngineOptions, pick_dtype
+from tidecli.units import GIB
+
+DEFAULT_TAU = 4  # tide's τ when it neither follows a plan nor is given one
+
+Tick = Callable[[int], None]  # bytes done since the last call
+
+
+def _check_lru(policy: str, budgets: dict[int, int], hint: str) -> None:
+    if policy == "lru" and min(budgets.values()) < 1:
+        raise TideError("the lru policy needs at least one expert slot per layer", hint)
+
+
+def expert_budgets(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None,
+                   facts: MachineFacts, mode: MissMode, default_vram: bool = False
+                   ) -> tuple[dict[int, int] | None, DeviceMemory | None]:
+    """Experts per MoE layer on the device (None: no limit asked for) and the VRAM split they
+    were fitted into: a plan's B_ℓ, else --experts-per-layer, else as many as --vram holds
+    (or, with `default_vram`, the free device memory) after the scratch slots misses need."""
+    cfg, b_opts, policy = ckpt.config, opts.budgets, opts.residency.policy
+    wl, dtype_bytes = opts.workload, facts.dtype_bytes
+
+    def memory(vram: float) -> DeviceMemory:
+        return device_memory(cfg, vram, context_tokens=wl.context_tokens,
+                             block_length=wl.block_length, dtype_bytes=dtype_bytes)
+
+    if plan is not None:  # per-layer B_ℓ, as a plan gives them
+        budgets = {int(k): int(v) for k, v in plan.experts_per_layer.items()}
+        if set(budgets) != set(cfg.moe_layers) or \
+                any(not 0 <= v <= cfg.num_experts for v in budgets.values()):
+            raise TideError("the per-layer expert budgets do not fit this model (every MoE "
+                            f"layer, each in 0..{cfg.num_experts})",
+                            "make the plan with this model: tide plan --model ...")
+        _check_lru(policy, budgets, "raise the budgets")
+        mem = None
+        if b_opts.vram_gib is not None:
+            mem = memory(b_opts.vram_gib)
+            mem.check_budgets(budgets, b_opts.vram_gib)
+        return {layer: budgets[layer] for layer in cfg.moe_layers}, mem
+    b = b_opts.experts_per_layer
+    if b is not None and not 0 <= b <= cfg.num_experts:
+        raise TideError(f"--experts-per-layer must be in 0..{cfg.num_experts}, got {b}",
+                        f"e.g. --experts-per-layer {cfg.num_experts // 2}")
+    vram = b_opts.vram_gib
+    if vram is None and default_vram and b is None:
+        vram = facts.vram_gib
+    mem = None
+    if vram is not None:
+        mem = memory(vram)
+        if b is None:
+            b = mem.experts_per_layer
+            if facts.cuda and policy in ("static", "tide") and mode.uses_scratch:
+                b = max(0, b - -(-SCRATCH_SLOTS // max(1, cfg.num_moe_layers)))
+        elif b > mem.experts_per_layer:
+            raise TideError(f"--experts-per-layer {b} does not fit --vram {vram:g} GiB "
+                            f"(at most {mem.experts_per_layer})", "lower one of them")
+    if b is None:
+        return None, mem
+    budgets = {layer: b for layer in cfg.moe_layers}
+    _check_lru(policy, budgets, "raise --vram or --experts-per-layer")
+    return budgets, mem
+
+
+def miss_mode(opts: EngineOptions, facts: MachineFacts) -> MissMode:
+    """Where static/tide misses will run, decided before the host store exists."""
+    return resolve_misses(opts.residency.misses, cuda=facts.cuda,
+                          stream_blocker=facts.stream_blocker)
+
+
+# ---- the routing trace behind static popularity --------------------------------------------------
+
+
+def _trace_counts(ckpt: Checkpoint, path: str | None) -> tuple[np.ndarray, list[int]] | None:
+    if not path:
+        return None
+    tr = RoutingTrace.load(path)
+    if tr.num_experts != ckpt.config.num_experts or tr.moe_layers != ckpt.config.moe_layers:
+        raise TideError("the popularity trace was recorded with another model",
+                        "record one with this model: tide generate --trace FILE")
+    return tr.array().astype("int64"), tr.moe_layers
+
+
+def popularity(ckpt: Checkpoint, path: str | None) -> dict[int, np.ndarray] | None:
+    """Per MoE layer, in how many forward passes each expert was used."""
+    got = _trace_counts(ckpt, path)
+    if got is None:
+        return None
+    used = (got[0] > 0).sum(axis=0)
+    return {layer: used[j] for j, layer in enumerate(got[1])}
+
+
+def token_counts(ckpt: Checkpoint, path: str | None) -> dict[int, np.ndarray] | None:
+    """Per MoE layer, how many tokens each expert received."""
+    got = _trace_counts(ckpt, path)
+    if got is None:
+        return None
+    totals = got[0].sum(axis=0)
+    return {layer: totals[j] for j, layer in enumerate(got[1])}
+
+
+# ---- the host store ----------------------------------------------------------------------------
+
+
+def host_store(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None, facts: MachineFacts,
+               device: torch.device, tick: Tick, notices: list[str],
+               static_budgets: Callable[[], dict[int, int] | None]) -> ExpertSource:
+    """The routed experts on the host: all in (pinned) RAM when they fit the RAM budget, else
+    tiered — as many per layer in RAM as it holds (a plan's counts, else uniform), the rest read
+    from the checkpoint's files on demand (a notice says so)."""
+    pin = device.type == "cuda"
+    need, budget = ckpt.routed_expert_bytes(), facts.ram_bytes
+    if need <= budget:
+        return HostExpertStore(ckpt, pin=pin, progress=tick)
+    ram_map = staging = None
+    if plan is not None and plan.tiered:
+        ram_map, staging = dict(plan.experts_in_ram), plan.staging_experts
+    itemsize = torch_dtype(ckpt.expert_dtype()).itemsize
+    host = host_tiers(ckpt.config, budget, dtype_bytes=itemsize, staging_experts=staging,
+                      ram_per_layer=ram_map)
+    pop = popularity(ckpt, opts.residency.popularity_trace)
+    # static with a popularity trace: its GPU placement is fixed, keep the next ones in RAM
+    skip = static_budgets() if opts.residency.policy == "static" and pop is not None else None
+    store = TieredExpertStore(ckpt, host, pin=pin, popularity=pop, skip=skip, progress=tick)
+    given = "given" if opts.budgets.ram_gib is not None else "available"
+    notices.append(
+        f"the routed experts need {need / GIB:.1f} GiB and {budget / GIB:.1f} GiB of RAM is "
+        f"{given}: {host.ram_experts} of {host.ram_experts + host.disk_experts} stay in RAM, the "
+        f"other {host.disk_experts} are read from disk when used (slower, same tokens)")
+    return store
+
+
+# ---- the runtime -------------------------------------------------------------------------------
+
+
+def resident_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource | None, *,
+                     device: torch.device, dtype: torch.dtype, tick: Tick) -> ResidentRuntime:
+    layers = getattr(store, "layers", None)
+    if layers is not None:  # already in host memory: copy from there
+        pools = {layer: buf.to(device, dtype) for layer, buf in layers.items()}
+    else:
+        pools = load_expert_pools(ckpt, device=device, dtype=dtype, progress=tick)
+    return ResidentRuntime(ckpt.config, pools, device=device, dtype=dtype,
+                           kernel=opts.load.kernel)
+
+
+def policy_for(ckpt: Checkpoint, opts: EngineOptions, plan: Plan | None) -> Policy:
+    r = opts.residency
+    if r.policy == "tide":
+        tau = r.tide.tau or (plan.tau if plan is not None else DEFAULT_TAU)
+        return TidePolicy(replace(r.tide, tau=tau))
+    if r.policy == "lru":
+        return LruPolicy()
+    if r.policy == "static":
+        return StaticPolicy(token_counts(ckpt, r.popularity_trace))
+    return ResidentPolicy()
+
+
+def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
+                   budgets: dict[int, int], *, plan: Plan | None, device: torch.device,
+                   dtype: torch.dtype):
+    """Slot pools and a policy: the streamed runtime when misses stream, else host-driven."""
+    r, cfg = opts.residency, ckpt.config
+    policy = policy_for(ckpt, opts, plan)
+    cuda = device.type == "cuda"
+    mode = MissMode.CPU
+    if r.policy in ("static", "tide"):
+        blocker = stream_blocker(device, dtype, store_dtype=store.dtype,
+                                 tiered=not isinstance(store, HostExpertStore),
+                                 pinned=store.pinned)
+        mode = resolve_misses(r.misses, cuda=cuda, stream_blocker=blocker)
+    if mode is MissMode.STREAM:
+        from tidecli.experts.stream import StreamRuntime
+
+        return StreamRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
+                             kernel=opts.load.kernel)
+    cpu_dtype = None if r.cpu_dtype == "auto" else pick_dtype(r.cpu_dtype, device)
+    threads, cpu_mode = r.cpu_threads, r.cpu_mode
+    if plan is not None and plan.misses in ("cpu", "split"):  # the plan's CPU set-up
+        threads, cpu_mode = threads or plan.cpu_threads, plan.cpu_mode
+    return OffloadRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
+                          cpu_threads=threads, cpu_mode=cpu_mode, cpu_dtype=cpu_dtype,
+                          kernel=opts.load.kernel, misses=mode, scratch_slots=SCRATCH_SLOTS)

@@ -1,0 +1,115 @@
+"""`tide plan --calibrate`, the half that runs: build an engine that follows a plan exactly, run a
+couple of blocks of real denoising steps, and hand what the runtime saw to the planner
+(planner/calibration.py fits the corrections and solves again)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tidecli.decode.diffusion import DecodeSettings
+from tidecli.errors import TideError
+from tidecli.experts.modes import parse_misses
+from tidecli.hardware.profile import HardwareProfile
+from tidecli.model.config import ModelConfig
+from tidecli.planner.calibration import Measurement, calibrated_plan
+from tidecli.planner.plan import Plan
+from tidecli.planner.workload import Workload
+from tidecli.runtime.engine import Engine
+from tidecli.runtime.options import (
+    BudgetOptions,
+    EngineOptions,
+    LoadOptions,
+    ResidencyOptions,
+)
+from tidecli.units import GIB
+
+CALIBRATION_PROMPT = ("Write a Python function that returns the n-th Fibonacci number, "
+                      "then explain how it works.")
+
+
+@dataclass(frozen=True)
+class StepMeans:
+    """Means over the steady denoising steps of one run (the first step fills empty slots)."""
+
+    steps: int
+    step_ms: float
+    cpu_ms: float
+    copy_ms: float
+    stall_ms: float
+    hit_rate: float
+    reads: float  # experts moved host → GPU per step
+
+
+def plan_options(model_path: str | Path, plan: Plan, *, device: str,
+                 cpu_threads: int | None) -> EngineOptions:
+    """An engine that follows `plan` exactly (budgets, τ, threads, RAM tiers, misses)."""
+    return EngineOptions(
+        load=LoadOptions(model=str(model_path), device=device),
+        residency=ResidencyOptions(policy="tide", misses=parse_misses(plan.misses),
+                                   cpu_threads=plan.cpu_threads if cpu_threads is None
+                                   else cpu_threads, cpu_mode=plan.cpu_mode),
+        budgets=BudgetOptions(ram_gib=plan.ram_budget_bytes / GIB if plan.tiered else None),
+        workload=Workload(block_length=plan.block_length, context_tokens=plan.context_tokens),
+        plan=plan)
+
+
+def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> StepMeans:
+    engine.runtime.reset_stats()
+    expert = engine.runtime.pools.expert_bytes  # tide: a pooled runtime
+    rows: list[tuple[float, ...]] = []
+    for ev in engine.decoder(ids, settings).steps():
+        if ev.global_step == 1:  # a cold pool is filled before computing: not steady state
+            continue
+        c = ev.experts
+        moved = c.bytes_h2d / expert if c is not None and expert else 0.0
+        rows.append((ev.forward_ms, c.cpu_ms if c else 0.0, c.copy_ms if c else 0.0,
+                     c.stall_ms if c else 0.0, c.hit_rate if c else 1.0, moved))
+    if not rows:
+        raise TideError("calibration ran no steady denoising step",
+                        "try again; the prompt ended after its first step")
+    n = len(rows)
+    mean = [sum(r[i] for r in rows) / n for i in range(6)]
+    return StepMeans(steps=n, step_ms=mean[0], cpu_ms=mean[1], copy_ms=mean[2],
+                     stall_ms=mean[3], hit_rate=mean[4], reads=mean[5])
+
+
+def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
+            threshold: float = 0.95, cpu_threads: int | None = None,
+            prompt: str = CALIBRATION_PROMPT,
+            progress: Callable[[str, int, int], None] | None = None) -> Measurement:
+    """Run `plan` for `blocks` blocks of real denoising steps and average what the runtime saw."""
+    opts = plan_options(model_path, plan, device=device, cpu_threads=cpu_threads)
+    try:
+        engine = Engine(opts, progress=progress, quiet=True)
+    except torch.OutOfMemoryError as exc:
+        raise TideError("the plan's expert slots do not fit this GPU's free memory",
+                        "calibrate with this machine's profile (omit --profile) or a lower --vram"
+                        ) from exc
+    settings = DecodeSettings(gen_length=blocks * plan.block_length,
+                              block_length=plan.block_length, threshold=threshold)
+    try:
+        ids = engine.prompt_ids(prompt)
+        trace = engine.runtime.enable_trace()
+        m = step_means(engine, ids, settings)
+        dev = engine.device
+    finally:
+        engine.close()
+    return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=m.steps,
+                       step_ms=m.step_ms, cpu_ms=m.cpu_ms, copy_ms=m.copy_ms,
+                       stall_ms=m.stall_ms, hit_rate=m.hit_rate, trace=trace, reads=m.reads)
+
+
+def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: HardwareProfile,
+                   plan: Plan, workload: Workload, ram_gib: float | None = None,
+                   device: str = "auto", cpu_threads: int | None = None, blocks: int = 2,
+                   progress: Callable[[str, int, int], None] | None = None) -> Plan:
+    """Measure `plan` on this machine; the plan solved again with the fitted corrections (saved
+    for this machine and model)."""
+    m = measure(model_path=model_path, plan=plan, device=device, blocks=blocks,
+                threshold=workload.threshold, cpu_threads=cpu_threads, progress=progress)
+    return calibrated_plan(measured=m, model_path=model_path, config=config, profile=profile,
+                           plan=plan, workload=workload, ram_gib=ram_gib)

@@ -1,0 +1,229 @@
+"""The engine: a checkpoint's dense weights, tokenizer, model and expert runtime, ready to decode.
+
+Commands build one `Engine` and ask it for prompts and decoders; it never prints (one-line facts
+for the user go to `notices`). What it runs is decided before any weight is read: the plan to
+follow (runtime/autoplan.py), the expert budgets and where misses run (runtime/build.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
+from tidecli.errors import TideError
+from tidecli.experts.info import RuntimeInfo
+from tidecli.memory import DeviceMemory
+from tidecli.model.checkpoint import Checkpoint
+from tidecli.model.llada2 import LLaDA2Model
+from tidecli.model.loader import dense_bytes, load_dense
+from tidecli.model.moe import Router
+from tidecli.model.program import StepPrograms
+from tidecli.model.resolve import resolve_model
+from tidecli.model.tokenizer import ChatTokenizer
+from tidecli.planner.plan import Plan, PlanSummary
+from tidecli.runtime import build
+from tidecli.runtime.autoplan import follows_plan, plan_for
+from tidecli.runtime.facts import device_free_gib, machine_facts
+from tidecli.runtime.options import (
+    BudgetOptions,
+    EngineOptions,
+    ResidencyOptions,
+    pick_device,
+    pick_dtype,
+)
+
+# progress(stage, done_bytes, total_bytes)
+LoadProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine runs (the start-up panel, `--json`)."""
+
+    runtime: RuntimeInfo
+    model: str = ""
+    device: str = ""
+    dtype: str = ""
+    memory: DeviceMemory | None = None  # the VRAM split the expert budgets were fitted into
+    plan: PlanSummary | None = None  # the planner's plan the runtime follows
+    peak_allocated_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "device": self.device, "dtype": self.dtype,
+               **self.runtime.to_dict()}
+        if self.memory is not None:
+            out["memory_plan"] = self.memory.to_dict()
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        if self.peak_allocated_bytes is not None:
+            out["peak_allocated_bytes"] = self.peak_allocated_bytes
+        return out
+
+
+class Engine:
+    def __init__(self, opts: EngineOptions, *, progress: LoadProgress | None = None,
+                 quiet: bool = False, build_runtime: bool = True) -> None:
+        opts.validate()
+        self.opts = opts
+        self.notices: list[str] = []  # one-line facts a command shows the user
+        self.path = resolve_model(opts.load.model, quiet=quiet)
+        self.ckpt = Checkpoint.open(self.path)
+        self.cfg = self.ckpt.config
+        self.tokenizer = ChatTokenizer(self.path)
+        self.device = pick_device(opts.load.device)
+        self.dtype = pick_dtype(opts.load.dtype, self.device)
+        DecodeSettings(block_length=opts.workload.block_length).validate(
+            self.cfg.max_position_embeddings)
+        self._free_vram = device_free_gib(self.device)  # before the weights take their share
+        self._auto_plans: dict[tuple, Plan] = {}  # the planner's plan per option set
+        self._configure()  # refuses bad options before any weight is read
+        self.weights = load_dense(self.ckpt, device=self.device, dtype=self.dtype,
+                                  embed_device=torch.device("cpu"),  # a step reads 32 rows
+                                  progress=self._ticker(progress, "dense weights",
+                                                        dense_bytes(self.ckpt)))
+        self._store = None  # the host expert store, kept across runtime changes
+        # without a runtime (set_runtime builds one later) the model cannot run yet
+        self.runtime = self._build(progress) if build_runtime else None
+        self.model = LLaDA2Model(self.cfg, self.weights, self.runtime, device=self.device,
+                                 dtype=self.dtype, block_length=opts.workload.block_length)
+        # on a GPU a step runs as a static program (CUDA graphs unless turned off); on the CPU
+        # the eager path is as fast and simpler
+        self.runner = StepPrograms(self.model, capture=opts.load.graphs) \
+            if self.device.type == "cuda" else self.model
+
+    # ---- what runs ------------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        """Facts, the plan to follow, where misses run and the expert budgets."""
+        o = self.opts
+        self.facts = machine_facts(self.ckpt, o, self.device, self.dtype,
+                                   free_vram_gib=self._free_vram)
+        self.plan = o.plan
+        if self.plan is None and follows_plan(o, cuda=self.device.type == "cuda"):
+            key = (o.budgets, o.residency.misses, o.residency.profile, o.workload)
+            if key not in self._auto_plans:
+                self._auto_plans[key] = plan_for(self.cfg, o, self.facts, model=self.path,
+                                                 notices=self.notices)
+            self.plan = self._auto_plans[key]
+        self.misses = build.miss_mode(o, self.facts)
+        self.budgets, self.memory = build.expert_budgets(self.ckpt, o, plan=self.plan,
+                                                         facts=self.facts, mode=self.misses)
+
+    def _build(self, progress: LoadProgress | None):
+        o, budgets = self.opts, self.budgets
+        if o.residency.policy == "resident" and (
+                budgets is None or min(budgets.values(), default=0) >= self.cfg.num_experts):
+            return build.resident_runtime(self.ckpt, o, self._store, device=self.device,
+                                          dtype=self.dtype, tick=self._expert_ticker(progress))
+        if budgets is None:  # an offload policy without a budget: the whole device's memory
+            budgets, self.memory = self._default_budgets()
+        return build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
+                                    plan=self.plan, device=self.device, dtype=self.dtype)
+
+    def _default_budgets(self):
+        return build.expert_budgets(self.ckpt, self.opts, plan=self.plan, facts=self.facts,
+                                    mode=self.misses, default_vram=True)
+
+    def set_runtime(self, progress: LoadProgress | None = None, *,
+                    residency: ResidencyOptions | None = None,
+                    budgets: BudgetOptions | None = None) -> None:
+        """Replace the expert runtime with one built from other residency options or budgets;
+        the dense weights and the host store are kept. Compares policies in one process."""
+        if self.runtime is not None:
+            self.runtime.close()
+        self.model.experts = self.runtime = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.opts = replace(self.opts, residency=residency or self.opts.residency,
+                            budgets=budgets or self.opts.budgets)
+        self.opts.validate()
+        self._configure()
+        self.runtime = self._build(progress)
+        self.model.experts = self.runtime
+        self.reset_programs()
+
+    def set_router(self, router: Router | None) -> None:
+        """Replace the model's expert choice (benchmarks: a synthetic workload); None restores
+        the model's own routing."""
+        self.model.router = router or Router()
+        self.reset_programs()
+
+    def reset_programs(self) -> None:
+        """Capture the step programs again (after anything they read changed)."""
+        if isinstance(self.runner, StepPrograms):
+            self.runner.reset()
+
+    def host_store(self, progress: LoadProgress | None = None):
+        """The routed experts on the host, loaded once and kept (runtime/build.py)."""
+        if self._store is None:
+            self._store = build.host_store(
+                self.ckpt, self.opts, plan=self.plan, facts=self.facts, device=self.device,
+                tick=self._expert_ticker(progress, "host experts"), notices=self.notices,
+                static_budgets=lambda: self._default_budgets()[0])
+        return self._store
+
+    @staticmethod
+    def _ticker(progress: LoadProgress | None, stage: str, total: int) -> Callable[[int], None]:
+        """tick(n) adds n bytes to `stage`'s progress out of `total`."""
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(stage, done, total)
+        return tick
+
+    def _expert_ticker(self, progress: LoadProgress | None, stage: str = "experts"):
+        return self._ticker(progress, stage, self.ckpt.routed_expert_bytes())
+
+    # ---- prompts and generations ----------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                   history: list[dict[str, str]] | None = None) -> list[int]:
+        if not prompt.strip():
+            raise TideError("the prompt is empty", "give some text to start from")
+        if raw:
+            ids = self.tokenizer.encode(prompt)
+        else:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.extend(history or [])
+            messages.append({"role": "user", "content": prompt})
+            ids = self.tokenizer.encode_chat(messages)
+        if not ids:
+            raise TideError("the prompt encodes to no tokens", "give some text to start from")
+        return ids
+
+    def check_length(self, n_prompt: int, settings: DecodeSettings) -> None:
+        limit = self.cfg.max_position_embeddings
+        if n_prompt >= limit:
+            raise TideError(f"the prompt is {n_prompt} tokens; the model holds {limit} positions",
+                            "shorten the prompt (with room left for the reply); in chat, /reset")
+        if n_prompt + settings.gen_length > limit:
+            raise TideError(
+                f"prompt ({n_prompt} tokens) + --gen-length {settings.gen_length} exceeds the "
+                f"model's {limit} positions",
+                f"shorten the prompt or use --gen-length {limit - n_prompt} or less")
+
+    def decoder(self, ids: list[int], settings: DecodeSettings) -> BlockDiffusionDecoder:
+        settings.validate(self.cfg.max_position_embeddings)
+        self.check_length(len(ids), settings)
+        t = self.tokenizer.ids
+        return BlockDiffusionDecoder(self.runner, ids, settings, mask_id=t.mask,
+                                     eos_ids={t.eos}, device=self.device)
+
+    def describe(self) -> EngineInfo:
+        peak = int(torch.cuda.max_memory_allocated(self.device)) \
+            if self.device.type == "cuda" else None
+        return EngineInfo(model=str(self.path), device=str(self.device),
+                          dtype=str(self.dtype).replace("torch.", ""),
+                          runtime=self.runtime.describe(), memory=self.memory,
+                          plan=self.plan.summary() if self.plan is not None else None,
+                          peak_allocated_bytes=peak)
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()

@@ -1,0 +1,122 @@
+"""What an engine is asked for, in three groups: loading the model, residency of the routed
+experts, and memory budgets; plus the workload it is planned for and, optionally, a plan to
+follow exactly. Plain frozen data; the device and dtype names are resolved here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tidecli.errors import TideError
+from tidecli.experts.modes import MissMode, parse_misses
+from tidecli.experts.policies import POLICIES, TideOptions
+from tidecli.memory import check_ram_gib
+from tidecli.planner.plan import Plan
+from tidecli.planner.workload import Workload
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str | None = None  # a folder, a Hub id or "demo" (None: TIDE_MODEL, else demo)
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
+    graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
+
+
+@dataclass(frozen=True)
+class ResidencyOptions:
+    policy: str = "resident"  # experts/policies.py: resident | lru | static | tide
+    tide: TideOptions = field(default_factory=TideOptions)  # tau None: the planner's
+    misses: MissMode = MissMode.AUTO  # where static/tide misses run (experts/modes.py)
+    cpu_threads: int = 0  # 0: the plan's, else torch's default
+    cpu_mode: str = "intra"
+    cpu_dtype: str = "auto"
+    popularity_trace: str | None = None  # static: expert popularity from this routing trace
+    # the hardware profile tide plans with when it follows the planner (a reference name or a
+    # file; None: this machine's saved one, measured once when missing; on a CPU device tide
+    # plans only when one is given)
+    profile: str | None = None
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise TideError(f"unknown policy {self.policy!r}",
+                            f"choose one of {', '.join(POLICIES)}")
+        parse_misses(self.misses)
+        if self.cpu_threads < 0:
+            raise TideError(f"--cpu-threads must not be negative, got {self.cpu_threads}",
+                            "0 uses torch's default")
+        if self.tide.tau is not None and self.tide.tau < 1:
+            raise TideError(f"--tau must be at least 1, got {self.tide.tau}", "e.g. --tau 4")
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    vram_gib: float | None = None  # device budget; None: every expert (resident) or free VRAM
+    ram_gib: float | None = None  # host RAM for the expert store; None: what is available
+    experts_per_layer: int | None = None  # a uniform expert budget
+
+    def validate(self) -> None:
+        if self.ram_gib is not None:
+            check_ram_gib(self.ram_gib)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    load: LoadOptions = field(default_factory=LoadOptions)
+    residency: ResidencyOptions = field(default_factory=ResidencyOptions)
+    budgets: BudgetOptions = field(default_factory=BudgetOptions)
+    workload: Workload = field(default_factory=Workload)  # block, threshold, context planned for
+    plan: Plan | None = None  # follow exactly this plan (its B_ℓ, τ, threads, RAM tiers, misses)
+
+    def validate(self) -> None:
+        self.residency.validate()
+        self.budgets.validate()
+
+
+def engine_options(*, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                   graphs: bool = True, kernel: str = "auto", policy: str = "resident",
+                   tau: int | None = None, stall_refresh: bool = False, warm_start: bool = True,
+                   skip_last_step: bool = True, misses: str = "auto", cpu_threads: int = 0,
+                   popularity_trace: str | None = None, profile: str | None = None,
+                   vram_gib: float | None = None, ram_gib: float | None = None,
+                   experts_per_layer: int | None = None, block_length: int = 32,
+                   threshold: float = 0.95, context_tokens: int = 4096) -> EngineOptions:
+    """EngineOptions from the flat option names the commands use."""
+    return EngineOptions(
+        load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs),
+        residency=ResidencyOptions(
+            policy=policy, tide=TideOptions(tau=tau, stall_refresh=stall_refresh,
+                                            warm_start=warm_start, skip_last_step=skip_last_step),
+            misses=parse_misses(misses), cpu_threads=cpu_threads,
+            popularity_trace=popularity_trace, profile=profile),
+        budgets=BudgetOptions(vram_gib=vram_gib, ram_gib=ram_gib,
+                              experts_per_layer=experts_per_layer),
+        workload=Workload(block_length=block_length, threshold=threshold,
+                          context_tokens=context_tokens))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise TideError(f"unknown device {name!r}", "use auto, cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TideError("--device cuda asked for, but no CUDA GPU is visible",
+                        "use --device cpu, or check the NVIDIA driver")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 is what the checkpoints hold; CPUs without bf16 units run fp32 faster
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise TideError(f"unknown dtype {name!r}", "use auto, bf16 or fp32")
+    return DTYPES[name]

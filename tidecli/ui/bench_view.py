@@ -1,0 +1,101 @@
+"""`tide bench` results as rich tables: the runs, the planner against the measurement, the
+bounds and the routing of each workload."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def runs_table(report: dict) -> Table:
+    t = Table(title="tide bench", title_justify="left", header_style="bold")
+    for col in ("workload", "policy", "budget", "τ", "misses", "tok/s", "steps/s", "tok/step",
+                "hit %",
+                "CPU calls", "H2D GB", "stall ms", "peak GiB", "× best base", "× resident",
+                "same tokens"):
+        t.add_column(col, justify="left" if col in ("workload", "policy") else "right")
+    for r in report["runs"]:
+        if r.get("skipped"):
+            t.add_row(r["workload"], r["policy"], r["budget"], _f(r["tau"], "{}"),
+                      _f(r["misses"], "{}"), "skipped",
+                      *[""] * 10)
+            continue
+        tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
+        t.add_row(r["workload"], r["policy"], r["budget"], tau,
+                  _f(r["misses"], "{}"), _f(r["tokens_per_s"], "{:.1f}"),
+                  _f(r["steps_per_s"], "{:.2f}"),
+                  _f(r["tokens_per_step"]), _f(100 * r["hit_rate"], "{:.1f}"),
+                  f"{r['cpu_calls']:,}", _f(r["h2d_gb"], "{:.3f}"), _f(r["stall_ms"], "{:.0f}"),
+                  _f(r["peak_vram_gib"]), _f(r.get("vs_best_baseline"), "{:.2f}×"),
+                  _f(r.get("vs_resident"), "{:.2f}×"),
+                  _same(r))
+    return t
+
+
+def _same(r: dict) -> str:
+    if r["identical"]:
+        return "yes"
+    share = f"{100 * r['token_agreement']:.0f}% same"
+    # CPU-computed experts round differently in bf16; only the GPU-kernel runs promise bits
+    return f"[red]NO[/red] ({share})" if r["exact_expected"] else f"no, {share} (CPU bf16)"
+
+
+def bounds_table(report: dict) -> Table | None:
+    if not report["bounds"]:
+        return None
+    t = Table(title="bounds (tide runs)", title_justify="left", header_style="bold")
+    for col in ("workload", "budget", "τ", "misses", "oracle H2D GB", "tide H2D GB", "× oracle",
+                "tide hit %", "best hit %",
+                "GPU weights ms", "PCIe ms", "bound ms", "tide step ms", "× bound"):
+        t.add_column(col, justify="left" if col == "workload" else "right")
+    for b in report["bounds"]:
+        t.add_row(b["workload"], b["budget"], _f(b["tau"], "{}"), _f(b["misses"], "{}"),
+                  _f(b["oracle_h2d_gb"], "{:.3f}"), _f(b["tide_h2d_gb"], "{:.3f}"),
+                  _f(b["tide_over_oracle"]), _f(100 * b["tide_hit_rate"], "{:.1f}"),
+                  _f(100 * b["best_hit_rate"], "{:.1f}"), _f(b.get("gpu_weights_ms")),
+                  _f(b.get("pcie_ms")),
+                  _f(b.get("lower_bound_ms")), _f(b.get("tide_step_ms")),
+                  _f(b.get("tide_over_bound")))
+    return t
+
+
+def plan_table(report: dict) -> Table | None:
+    """Planned tide runs: the plan's predicted step time against the measured one."""
+    rows = [r for r in report["runs"] if r.get("planned")]
+    if not rows:
+        return None
+    t = Table(title="the planner against the measurement (denoising steps)", title_justify="left",
+              header_style="bold")
+    for col in ("workload", "budget", "τ", "misses", "profile", "calibrated", "predicted ms",
+                "measured ms", "error"):
+        t.add_column(col, justify="left" if col in ("workload", "profile") else "right")
+    for r in rows:
+        ratio = r.get("measured_over_predicted")
+        err = None if ratio is None else 1 / ratio - 1  # predicted against measured
+        t.add_row(r["workload"], r["budget"], _f(r["tau"], "{}"), _f(r.get("misses_used"), "{}"),
+                  r.get("plan_profile", ""), "yes" if r.get("plan_calibrated") else "no",
+                  _f(r["predicted_step_ms"]), _f(r.get("denoise_step_ms")),
+                  _f(None if err is None else 100 * err, "{:+.0f} %"))
+    return t
+
+
+def routing_table(report: dict) -> Table:
+    t = Table(title="routing of each workload (per MoE layer and denoising step)",
+              title_justify="left", header_style="bold")
+    for col in ("workload", "distinct experts", "similarity 1 step", "similarity 5 steps",
+                "steps"):
+        t.add_column(col, justify="left" if col == "workload" else "right")
+    for name, w in report["workloads"].items():
+        s = w["routing"]
+        t.add_row(f"{name}: {w['label']}", _f(s.get("distinct_per_layer_step"), "{:.1f}"),
+                  _f(s.get("similarity_lag1"), "{:.3f}"), _f(s.get("similarity_lag5"), "{:.3f}"),
+                  str(s.get("steps", 0)))
+    return t
+
+
+def skipped_lines(report: dict) -> list[str]:
+    return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}: {r['skipped']}"
+            for r in report["runs"] if r.get("skipped")]
