@@ -13,7 +13,7 @@ import pytest
 
 from tidecli.cli import main
 from tidecli.errors import TideError
-from tidecli.hardware import measure, probe, store
+from tidecli.hardware import cpu_measure, measure, probe, store, timing
 from tidecli.hardware.profile import HardwareProfile, load_profile_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_reference_links_match_the_cards():
 
 def test_measure_cpu_experts_picks_a_measured_setup():
     ticks: list[str] = []
-    res = measure.measure_cpu_experts(*TINY_SHAPE, cores=2, tokens=(1, 8), jobs=2, repeats=1,
+    res = cpu_measure.measure_cpu_experts(*TINY_SHAPE, cores=2, tokens=(1, 8), jobs=2, repeats=1,
                                       tick=ticks.append)
     assert set(res.variant_ms) == {"bf16/intra", "bf16/experts", "fp32/intra", "fp32/experts"}
     assert res.best_threads in (1, 2) and res.dtype in ("bf16", "fp32")
@@ -247,10 +247,10 @@ def test_measure_cpu_experts_picks_a_measured_setup():
 
 
 def test_thread_counts():
-    assert measure.thread_counts(1) == [1]
-    assert measure.thread_counts(2) == [1, 2]
-    assert measure.thread_counts(12) == [1, 2, 4, 8, 12]
-    assert measure.thread_counts(16) == [1, 2, 4, 8, 16]
+    assert cpu_measure.thread_counts(1) == [1]
+    assert cpu_measure.thread_counts(2) == [1, 2]
+    assert cpu_measure.thread_counts(12) == [1, 2, 4, 8, 12]
+    assert cpu_measure.thread_counts(16) == [1, 2, 4, 8, 16]
 
 
 def test_measure_profile_without_cuda_is_cpu_only(monkeypatch):
@@ -347,7 +347,7 @@ def test_settings_quick_is_lighter_than_full():
 def test_gpu_benchmarks_arithmetic_on_the_cpu(monkeypatch):
     """The GPU microbenchmarks run on CPU tensors with wall-clock timing: shapes, routing and
     the bytes/FLOP accounting are exercised here; CUDA events only on the GPU machine."""
-    monkeypatch.setattr(measure, "median_cuda_ms", measure.median_wall_ms)
+    monkeypatch.setattr(measure, "median_cuda_ms", timing.median_wall_ms)
     assert measure.h2d_gbps(1 << 20, pinned=False, device="cpu", warmup=1, repeats=2) > 0
     assert measure.d2d_gbps(1 << 20, device="cpu", warmup=1, repeats=2) > 0
     assert measure.gemm_tflops(64, device="cpu", warmup=1, repeats=2) > 0

@@ -9,18 +9,16 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tidecli.commands.options import (
     CpuThreadsOpt,
-    DeviceOpt,
-    DtypeOpt,
-    GraphsOpt,
-    ModelOpt,
     ProfileOpt,
     ThresholdOpt,
+    model_options,
+    with_options,
 )
 from tidecli.errors import TideError
 
@@ -75,8 +73,8 @@ def _prompts(path: Path | None) -> list[str] | None:
     return prompts
 
 
+@with_options(model_options)
 def bench(
-    model: ModelOpt = None,
     policies: Annotated[str, typer.Option(help="Policies to compare.")]
     = "resident,lru,static,tide",
     vram: Annotated[str | None, typer.Option(
@@ -103,16 +101,14 @@ def bench(
     plot: Annotated[Path | None, typer.Option(
         help="Plot steps/s against budget (PNG).")] = None,
     profile: ProfileOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
     cpu_threads: CpuThreadsOpt = 0,
-    graphs: GraphsOpt = True,
+    **options: Any,
 ) -> None:
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
-    run_bench(model=model, policies=policies, vram=vram, experts=experts, workloads=workloads,
+    run_bench(policies=policies, vram=vram, experts=experts, workloads=workloads,
               tau=tau, misses=misses, prompts=prompts, gen_length=gen_length,
               threshold=threshold, repeat=repeat, json_out=json_out, plot=plot, profile=profile,
-              device=device, dtype=dtype, cpu_threads=cpu_threads, graphs=graphs)
+              cpu_threads=cpu_threads, **options)
 
 
 def _profile(spec: str | None):

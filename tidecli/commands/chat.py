@@ -10,66 +10,23 @@ from typing import Annotated, Any
 
 import typer
 
-from tidecli.commands.options import (
-    BlockLengthOpt,
-    CpuThreadsOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EditingThresholdOpt,
-    ExpertsPerLayerOpt,
-    GenLengthOpt,
-    LiveOpt,
-    MissesOpt,
-    ModelOpt,
-    PolicyOpt,
-    ProfileOpt,
-    RamOpt,
-    SeedOpt,
-    SystemOpt,
-    TauOpt,
-    TemperatureOpt,
-    ThresholdOpt,
-    VramOpt,
-)
+from tidecli.commands import options as opt
 
 HISTORY_FILE = "chat_history"
 
 
+@opt.with_options(opt.model_options, opt.decoding_options, opt.runtime_options)
 def chat(
-    model: ModelOpt = None,
-    system: SystemOpt = None,
-    gen_length: GenLengthOpt = 512,
-    block_length: BlockLengthOpt = 32,
-    threshold: ThresholdOpt = 0.95,
-    editing_threshold: EditingThresholdOpt = None,
-    temperature: TemperatureOpt = 0.0,
-    seed: SeedOpt = None,
-    policy: PolicyOpt = "resident",
-    vram: VramOpt = None,
-    ram: RamOpt = None,
-    experts_per_layer: ExpertsPerLayerOpt = None,
-    tau: TauOpt = None,
-    cpu_threads: CpuThreadsOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    live: LiveOpt = True,
-    misses: MissesOpt = "auto",
-    profile: ProfileOpt = None,
+    system: Annotated[str | None, typer.Option(
+        help="System prompt (/system changes it).")] = None,
+    live: opt.LiveOpt = True,
     load: Annotated[Path | None, typer.Option(
         "--load", help="Continue from a transcript saved with /save.")] = None,
+    **options: Any,
 ) -> None:
     """Chat with a model: multi-turn, slash commands (/help), live denoising view."""
-    from tidecli.decode.diffusion import DecodeSettings
-    from tidecli.runtime.options import engine_options
-
-    opts = engine_options(model=model, device=device, dtype=dtype, policy=policy, tau=tau,
-                          misses=misses, cpu_threads=cpu_threads, profile=profile,
-                          vram_gib=vram, ram_gib=ram, experts_per_layer=experts_per_layer,
-                          block_length=block_length, threshold=threshold)
-    settings = DecodeSettings(gen_length=gen_length, block_length=block_length,
-                              threshold=threshold, editing_threshold=editing_threshold,
-                              temperature=temperature, seed=seed)
-    run_chat(opts=opts, settings=settings, system=system, live=live, transcript=load)
+    run_chat(opts=opt.engine_options_of(options), settings=opt.decode_settings_of(options),
+             system=system, live=live, transcript=load)
 
 
 def _readline_history() -> Callable[[], None]:
@@ -99,7 +56,7 @@ def _readline_history() -> Callable[[], None]:
 
 
 def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
-             transcript: Path | None = None, pcie_peak_gbps: float | None = None) -> None:
+             transcript: Path | None = None) -> None:
     import sys
 
     from tidecli.commands.chat_app import ChatApp
@@ -126,8 +83,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
         if interactive:
             err.print("/help for commands · Ctrl-C stops a reply · Ctrl-D or /exit quits",
                       style="dim", markup=False, highlight=False)
-        app = ChatApp(engine, session, out=make_console(), live=live, info=info,
-                      pcie_peak_gbps=pcie_peak_gbps)
+        app = ChatApp(engine, session, out=make_console(), live=live, info=info)
         save_history = _readline_history() if interactive else (lambda: None)
         try:
             app.loop(interactive=interactive)

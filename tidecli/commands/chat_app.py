@@ -54,13 +54,12 @@ COMMANDS = ("help", "reset", "system", "set", "stats", "save", "load", "exit", "
 
 class ChatApp:
     def __init__(self, engine: Any, session: ChatSession, *, out: Any, live: bool = True,
-                 info: Any = None, pcie_peak_gbps: float | None = None) -> None:
+                 info: Any = None) -> None:
         self.engine = engine
         self.session = session
         self.out = out
         self.live = live
         self.info = info  # the engine's EngineInfo (None: not shown)
-        self.pcie_peak_gbps = pcie_peak_gbps
 
     # ---- output ---------------------------------------------------------------------------------
 
@@ -156,8 +155,7 @@ class ChatApp:
             ids = eng.prompt_ids(text, system=s.system, history=s.history())
             eng.runtime.reset_stats()  # /stats is about this reply only
             decoder = eng.decoder(ids, settings)
-            view = open_view(eng, settings, info=self.info, console=self.out, live=self.live,
-                             pcie_peak_gbps=self.pcie_peak_gbps)
+            view = open_view(eng, settings, info=self.info, console=self.out, live=self.live)
             with SoftInterrupt() as stop, view:
                 result, interrupted = drive(decoder, view.update, should_stop=stop.is_set)
                 answer = eng.tokenizer.decode(result.token_ids)

@@ -1,10 +1,14 @@
 """Options shared by the commands, declared once (typer `Annotated` aliases): one flag, one help
-text, everywhere. Imported at start-up, so nothing heavy here."""
+text, everywhere; and the groups of them the commands take whole (the model, the runtime, the
+decoding), so every command that loads a model offers the same flags. Imported at start-up, so
+nothing heavy here."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -25,8 +29,8 @@ MissesOpt = Annotated[str, typer.Option(
     help="static/tide: where experts missing from the GPU run: stream (the GPU places them or "
          "reads them from pinned RAM inside the step, no host round trip), split (CPU and GPU "
          "scratch slots by measured cost), cpu, or gpu (scratch slots); auto = stream on a GPU "
-         "when the experts fit pinned RAM, else split (cpu on a CPU device). stream and gpu give "
-         "bitwise the resident run's tokens.")]
+         "when the experts fit pinned RAM, else cpu. stream and gpu give bitwise the resident "
+         "run's tokens.")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", "-p",
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "
@@ -63,3 +67,81 @@ LiveOpt = Annotated[bool, typer.Option(
                              "when stdout is not a terminal).")]
 TracePathOpt = Annotated[Path | None, typer.Option(
     help="Routing trace (.npz from `tide generate --trace`).")]
+StallRefreshOpt = Annotated[bool, typer.Option(
+    "--stall-refresh", help="tide ablation: promote before computing (paper).")]
+ColdStartOpt = Annotated[bool, typer.Option(
+    "--cold-start", help="tide ablation: empty the slots at each block.")]
+RefreshLastStepOpt = Annotated[bool, typer.Option(
+    "--refresh-last-step", help="tide ablation: refresh on a block's last step.")]
+PopularityTraceOpt = Annotated[Path | None, typer.Option(
+    help="static: expert popularity from this routing trace (.npz from --trace).")]
+
+
+# ---- option groups: commands take them whole (`with_options`) -----------------------------------
+
+
+def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+                  graphs: GraphsOpt = True) -> None:
+    """Which model, on which device, in which dtype."""
+
+
+def runtime_options(policy: PolicyOpt = "resident", vram: VramOpt = None, ram: RamOpt = None,
+                    experts_per_layer: ExpertsPerLayerOpt = None, tau: TauOpt = None,
+                    misses: MissesOpt = "auto", profile: ProfileOpt = None,
+                    cpu_threads: CpuThreadsOpt = 0,
+                    popularity_trace: PopularityTraceOpt = None,
+                    stall_refresh: StallRefreshOpt = False, cold_start: ColdStartOpt = False,
+                    refresh_last_step: RefreshLastStepOpt = False) -> None:
+    """Where the routed experts live and run, and within which budgets."""
+
+
+def decoding_options(gen_length: GenLengthOpt = 512, block_length: BlockLengthOpt = 32,
+                     threshold: ThresholdOpt = 0.95,
+                     editing_threshold: EditingThresholdOpt = None,
+                     max_post_steps: MaxPostStepsOpt = 16, temperature: TemperatureOpt = 0.0,
+                     top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None) -> None:
+    """How a reply is denoised and sampled."""
+
+
+def with_options(*groups: Callable[..., None]) -> Callable[[Callable], Callable]:
+    """Give a command the options of `groups` after its own: typer reads the merged signature,
+    and the command receives them in its `**options`."""
+
+    def wrap(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        hints = get_type_hints(command, include_extras=True)
+        for group in groups:
+            params += inspect.signature(group, eval_str=True).parameters.values()
+            hints.update(get_type_hints(group, include_extras=True))
+        command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = hints
+        return command
+
+    return wrap
+
+
+def engine_options_of(o: dict[str, Any]):
+    """EngineOptions from the model, runtime and decoding groups' values."""
+    from tidecli.runtime.options import engine_options
+
+    trace = o.get("popularity_trace")
+    return engine_options(
+        model=o["model"], device=o["device"], dtype=o["dtype"], graphs=o["graphs"],
+        policy=o["policy"], tau=o["tau"], stall_refresh=o["stall_refresh"],
+        warm_start=not o["cold_start"], skip_last_step=not o["refresh_last_step"],
+        misses=o["misses"], cpu_threads=o["cpu_threads"],
+        popularity_trace=str(trace) if trace else None, profile=o["profile"],
+        vram_gib=o["vram"], ram_gib=o["ram"], experts_per_layer=o["experts_per_layer"],
+        block_length=o["block_length"], threshold=o["threshold"])
+
+
+def decode_settings_of(o: dict[str, Any], **extra: Any):
+    """DecodeSettings from the decoding group's values."""
+    from tidecli.decode.diffusion import DecodeSettings
+
+    return DecodeSettings(
+        gen_length=o["gen_length"], block_length=o["block_length"], threshold=o["threshold"],
+        editing_threshold=o["editing_threshold"], max_post_steps=o["max_post_steps"],
+        temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=o["seed"],
+        **extra)

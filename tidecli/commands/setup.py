@@ -60,8 +60,28 @@ def vram_probe(engine: Any):
     return lambda: int(torch.cuda.memory_allocated(device))
 
 
-def open_view(engine: Any, settings: Any, *, info: Any, console: Any, live: bool,
-              pcie_peak_gbps: float | None = None) -> LiveView | PlainStream:
+def pcie_peak_gbps(engine: Any) -> float | None:
+    """The GPU link's peak per direction, shown beside the achieved host → GPU rate: as this
+    machine's profile read it under load, else the link's maximum (an idle link reads low)."""
+    device = getattr(engine, "device", None)
+    if device is None or getattr(device, "type", "") != "cuda":
+        return None
+    from tidecli.errors import TideError
+    from tidecli.hardware import probe
+    from tidecli.hardware.store import load_saved_profile
+
+    try:
+        saved = load_saved_profile()
+    except TideError:  # a damaged profile is reported where it is used for planning
+        saved = None
+    if saved is not None and saved.pcie_peak_gbps:
+        return saved.pcie_peak_gbps
+    facts = probe.probe_gpu(index=device.index or 0)
+    return probe.pcie_peak_gbps(facts.pcie_gen_max, facts.pcie_width_max) if facts else None
+
+
+def open_view(engine: Any, settings: Any, *, info: Any, console: Any,
+              live: bool) -> LiveView | PlainStream:
     """The live view on a terminal (when `live`), else plain streaming to the console's file.
     `info`: the engine's EngineInfo, when known."""
     tok = engine.tokenizer
@@ -69,7 +89,7 @@ def open_view(engine: Any, settings: Any, *, info: Any, console: Any, live: bool
     state = LiveState(tokens=tok, gen_length=settings.gen_length,
                       eos_ids=frozenset({tok.ids.eos}), policy=engine.runtime.name,
                       tau=info.runtime.tau if info is not None else None,
-                      pcie_peak_gbps=pcie_peak_gbps,
+                      pcie_peak_gbps=pcie_peak_gbps(engine),
                       vram_budget_bytes=memory.budget if memory is not None else None)
     if live and console.is_terminal:
         return LiveView(state, console, vram_used=vram_probe(engine))

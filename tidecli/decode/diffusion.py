@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tidecli.decode.sampling import choose
+from tidecli.decode.schedule import check_schedule
 from tidecli.errors import TideError
 from tidecli.model.counters import LayerCounters
 from tidecli.model.llada2 import KVCache
@@ -46,18 +47,8 @@ class DecodeSettings:
         def bad(msg: str, hint: str) -> TideError:
             return TideError(msg, hint)
 
-        if self.gen_length < 1:
-            raise bad(f"--gen-length must be at least 1, got {self.gen_length}",
-                      "ask for a positive number of tokens")
-        if self.block_length < 1:
-            raise bad(f"--block-length must be at least 1, got {self.block_length}",
-                      "use 32 (the trained block length)")
-        if max_positions is not None and max_positions % self.block_length:
-            raise bad(f"--block-length {self.block_length} does not divide the model's "
-                      f"{max_positions} positions", "use 32 (the trained block length)")
-        if not 0 < self.threshold <= 1:
-            raise bad(f"--threshold must be in (0, 1], got {self.threshold}",
-                      "0.95 is the LLaDA2.0 default; 0.5-0.7 for 2.1")
+        check_schedule(gen_length=self.gen_length, block_length=self.block_length,
+                       threshold=self.threshold, max_positions=max_positions)
         if self.editing_threshold is not None and not 0 <= self.editing_threshold <= 1:
             raise bad(f"--editing-threshold must be in [0, 1], got {self.editing_threshold}",
                       "0.5 (quality) or 0.0 (speed) are the 2.1 model-card values")

@@ -18,19 +18,15 @@ from typing import Any
 
 from tidecli import __version__
 from tidecli.hardware import probe
-from tidecli.hardware.cpu_measure import (  # noqa: F401 (measure.X is how callers reach them)
+from tidecli.hardware.cpu_measure import (
     CPU_PICK_TOKENS,
-    CPU_VARIANTS,
-    CpuExpertResult,
-    cpu_expert_call_ms,
-    host_expert_rows,
     measure_cpu_experts,
     ram_read_gbps,
     thread_counts,
 )
 from tidecli.hardware.disk import disk_fields
 from tidecli.hardware.profile import HardwareProfile
-from tidecli.hardware.timing import TOKENS, median_cuda_ms, median_wall_ms  # noqa: F401
+from tidecli.hardware.timing import TOKENS, median_cuda_ms
 
 Progress = Callable[[str, int, int], None]  # (what is being measured, steps done, steps total)
 

@@ -27,8 +27,8 @@ from tidecli.model.synth_tokenizer import write_tokenizer_files
 
 DEFAULT_SHARD_BYTES = {"tiny": 16 << 20, "mini": 4 << 30, "flash": 4 << 30}
 # lm_head sharpness per preset, chosen so threshold-0.95 decoding commits a few tokens per step
-# as trained models do (random weights give flat logits: one token per step). Measured with
-# tools/logit_scale.py: tiny 130 → 2.5-3.5 tokens/step; mini 8 → 0.9, 16 → 2.3-4.6.
+# as trained models do (random weights give flat logits: one token per step); how: the script
+# tools/bench/logit_scale.py, figures in docs/benchmarks.md.
 DEFAULT_LOGIT_SCALE: dict[str, float] = {"tiny": 130.0, "mini": 14.0, "flash": 14.0}
 
 

@@ -19,10 +19,6 @@ from tidecli.experts.trace import RoutingTrace
 from tidecli.model.config import ModelConfig
 from tidecli.planner.published import PublishedRouting
 
-# Published: ≈ 70 distinct experts of 256 (top-8) per layer for a 32-token step of LLaDA2.0-mini;
-# cosine similarity of a layer's expert use ≈ 0.985 one step apart and ≈ 0.95 five steps apart.
-PUBLISHED_DISTINCT = 70.0
-PUBLISHED_SIMILARITY = ((1, 0.985), (5, 0.95))
 PUBLISHED_STEPS = 240  # denoising steps of the generated trace the defaults are measured on
 
 

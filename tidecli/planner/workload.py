@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tidecli.decode.schedule import check_schedule
 from tidecli.errors import TideError
 from tidecli.model.config import ModelConfig
 
@@ -30,15 +31,8 @@ class Workload:
     tokens_per_step: float | None = None  # None → from the threshold (or the trace)
 
     def validate(self) -> None:
-        if self.block_length < 2:
-            raise TideError(f"--block-length must be at least 2, got {self.block_length}",
-                            "use 32 (the trained block length)")
-        if self.gen_length < 1:
-            raise TideError(f"--gen-length must be at least 1, got {self.gen_length}",
-                            "e.g. --gen-length 512")
-        if not 0 < self.threshold <= 1:
-            raise TideError(f"--threshold must be in (0, 1], got {self.threshold}",
-                            "0.95 is the LLaDA2.0 default")
+        check_schedule(gen_length=self.gen_length, block_length=self.block_length,
+                       threshold=self.threshold)
         if self.context_tokens < self.block_length:
             raise TideError(f"--context must be at least one block ({self.block_length}), got "
                             f"{self.context_tokens}", "e.g. --context 4096")
