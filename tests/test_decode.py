@@ -3,6 +3,8 @@
 import math
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, quota_schedule
 
@@ -121,3 +123,110 @@ def test_sampling_is_seeded():
     a, _ = run(script, [1, 2], **kw)
     b, _ = run(script, [1, 2], **kw)
     assert a.token_ids == b.token_ids
+
+
+# ---- no model and no logits can keep a block open ------------------------------------------------
+
+
+class Favouring(Scripted):
+    """Random logits whose argmax is often the mask id itself (as damaged or random weights
+    can give), drawn from a seeded generator."""
+
+    def __init__(self, seed, mask_share):
+        super().__init__(None)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.mask_share = mask_share
+
+    def reference_logits(self, ids, rows, info, *, block_length=None):
+        self.calls += 1
+        out = torch.randn(len(rows), V, generator=self.gen) * 3
+        favour = torch.rand(len(rows), generator=self.gen) < self.mask_share
+        out[favour, MASK] = 50.0  # the mask is the model's top choice, with certainty
+        return out
+
+
+def test_the_mask_id_is_never_committed_and_every_block_ends():
+    d = BlockDiffusionDecoder(Favouring(0, 1.0), [1, 2, 3], DecodeSettings(
+        gen_length=8, block_length=4, use_cache=False), mask_id=MASK, eos_ids={EOS},
+        device=torch.device("cpu"))
+    events = list(d.steps())
+    assert d.result.finished and MASK not in d.x.tolist()
+    assert all(t != MASK for ev in events for _p, t in ev.committed)
+    assert max(ev.step for ev in events) < d.block_bound()
+
+
+def test_rows_past_the_tokenizer_are_never_committed():
+    class Past(Scripted):  # the best row is an id the tokenizer does not have
+        def reference_logits(self, ids, rows, info, *, block_length=None):
+            out = torch.zeros(len(rows), V)
+            out[:, V - 1] = 40.0
+            return out
+
+    d = BlockDiffusionDecoder(Past(None), [1, 2], DecodeSettings(
+        gen_length=4, block_length=4, use_cache=False), mask_id=0, eos_ids={EOS},
+        device=torch.device("cpu"), output_vocab=V - 1)
+    list(d.steps())
+    assert max(d.result.token_ids) < V - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), share=st.floats(0.0, 1.0), editing=st.booleans(),
+       block=st.sampled_from([1, 2, 4, 8]), post=st.integers(0, 6),
+       threshold=st.floats(0.05, 1.0))
+def test_every_block_ends_within_its_bound_for_random_logits(seed, share, editing, block, post,
+                                                             threshold):
+    s = DecodeSettings(gen_length=2 * block + 1, block_length=block, threshold=threshold,
+                       editing_threshold=0.0 if editing else None, max_post_steps=post,
+                       use_cache=False)
+    d = BlockDiffusionDecoder(Favouring(seed, share), [1, 2, 3], s, mask_id=MASK,
+                              eos_ids={EOS}, device=torch.device("cpu"))
+    per_block: dict[int, int] = {}
+    for ev in d.steps():
+        per_block[ev.block] = per_block.get(ev.block, 0) + 1
+    assert d.result is not None and all(n <= d.block_bound() for n in per_block.values())
+    assert MASK not in d.result.token_ids
+
+
+def test_sampling_without_a_seed_draws_a_fresh_one_and_reports_it():
+    def script(step, pos, ids):
+        return (pos % 10, 0.5)
+
+    seeds = set()
+    for _ in range(3):
+        res, _events = run(script, [1, 2], gen_length=4, block_length=4, temperature=1.0)
+        seeds.add(res.seed)
+    assert None not in seeds and len(seeds) == 3
+    res, _ = run(script, [1, 2], gen_length=4, block_length=4, temperature=1.0, seed=7)
+    assert res.seed == 7
+    assert run(script, [1, 2], gen_length=4, block_length=4)[0].seed is None  # greedy
+
+
+def test_a_checkpoint_whose_head_favours_the_mask_row_still_ends(tiny_ckpt, tmp_path, capsys):
+    """The final norm keeps one dimension and the lm_head's mask row reads it: wherever that
+    dimension is positive the mask row wins with certainty (it used to be committed as the
+    mask id, and the block never ended)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers import MASK as REAL_MASK
+    from helpers import clone, tide
+
+    where = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    names = ("model.norm.weight", "lm_head.weight")
+    ckpt = clone(tiny_ckpt, tmp_path / "masky", copy=tuple(where[n] for n in names))
+    for name in names:
+        shard = ckpt / where[name]
+        tensors = load_file(shard)
+        t = torch.zeros_like(tensors[name])
+        if name == "lm_head.weight":
+            t[REAL_MASK, 0] = 60
+        else:
+            t[0] = 1
+        tensors[name] = t
+        save_file(tensors, shard, metadata={"format": "pt"})
+    code, out, err = tide(["generate", "Hello there", "-m", str(ckpt), "--device", "cpu",
+                           "--gen-length", "40", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["finished"] and res["steps"] <= 2 * 32  # two blocks, each within its bound

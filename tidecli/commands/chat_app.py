@@ -138,7 +138,8 @@ class ChatApp:
             return
         self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
                                   wall=stats["wall_seconds"], policy=self.engine.runtime.name,
-                                  hit_rate=(experts.get("summary") or {}).get("hit_rate")),
+                                  hit_rate=(experts.get("summary") or {}).get("hit_rate"),
+                                  seed=stats.get("seed")),
                   style=None)
         per_layer = experts.get("per_layer") or {}
         if per_layer:
@@ -180,7 +181,7 @@ class ChatApp:
         summary = (stats["experts"] or {}).get("summary") or {}
         self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
                                   wall=stats["wall_seconds"], policy=eng.runtime.name,
-                                  hit_rate=summary.get("hit_rate")))
+                                  hit_rate=summary.get("hit_rate"), seed=stats.get("seed")))
         if interrupted:
             self.note(f"stopped after {stats['tokens']} committed tokens: shown and kept in "
                       "/save, not added to the conversation", style="yellow")

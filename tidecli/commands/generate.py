@@ -87,6 +87,7 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
                 "wall_seconds": round(result.wall_seconds, 4),
                 "stopped_at_eos": result.stopped_at_eos,
                 "finished": result.finished,
+                "seed": result.seed,
                 "model": str(engine.path),
                 **engine.describe().to_dict(),
                 "expert_stats": stats.to_dict(),
@@ -95,7 +96,7 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
         sys.stdout.flush()
         err.print(generation_line(tokens=len(result.token_ids), steps=result.steps,
                                   wall=result.wall_seconds, policy=engine.runtime.name,
-                                  hit_rate=stats.summary()["hit_rate"]),
+                                  hit_rate=stats.summary()["hit_rate"], seed=result.seed),
                   soft_wrap=True, markup=False)
         if interrupted:  # the committed prefix is out; the CLI exits 130
             err.print("interrupted: the text above is the committed prefix", style="yellow",

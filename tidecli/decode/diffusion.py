@@ -12,6 +12,7 @@ is cut at the first EOS.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class GenerationResult:
     stopped_at_eos: bool
     finished: bool = True  # False when stopped early (Ctrl-C)
     events: list[StepEvent] = field(default_factory=list)
+    seed: int | None = None  # the sampling seed (given, or drawn fresh); None when greedy
 
     @property
     def tokens_per_step(self) -> float:
@@ -107,6 +109,11 @@ class GenerationResult:
         return per(self.steps, self.wall_seconds)
 
 
+def fresh_seed() -> int:
+    """A new random seed when none was given: sampling without a seed is not repeatable."""
+    return secrets.randbits(63)
+
+
 def quota_schedule(block_length: int, steps: int) -> list[int]:
     """How many tokens each step must commit at least: block_length spread over `steps`."""
     base, extra = divmod(block_length, steps)
@@ -117,7 +124,8 @@ class BlockDiffusionDecoder:
     """Runs one generation; iterate `steps()` for events, then read `result`."""
 
     def __init__(self, model, prompt_ids: list[int], settings: DecodeSettings, *, mask_id: int,
-                 eos_ids: set[int], device: torch.device) -> None:
+                 eos_ids: set[int], device: torch.device,
+                 output_vocab: int | None = None) -> None:
         if not prompt_ids:
             raise TideError("the prompt is empty", "give a prompt with at least one token")
         self.model = model
@@ -131,22 +139,43 @@ class BlockDiffusionDecoder:
         self.total = self.num_blocks * bl
         self.x = torch.full((self.total,), mask_id, dtype=torch.long, device=device)
         self.x[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        # ids the decoder never commits: the mask itself, and rows of the head past the
+        # tokenizer's vocabulary (`output_vocab`): no logits can keep a position masked
+        self.output_vocab = output_vocab
+        self._banned: torch.Tensor | None = None
         self.generator = None
+        self.seed: int | None = None  # the seed sampling used (None at temperature 0)
         if settings.temperature > 0:
+            self.seed = settings.seed if settings.seed is not None else fresh_seed()
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(settings.seed if settings.seed is not None else 0)
+            self.generator.manual_seed(self.seed)
         self.result: GenerationResult | None = None
         self.progress = (0, 0, time.perf_counter())  # steps, forwards, start time
 
     def _logits(self, cache: KVCache | None, start: int, info: ForwardInfo,
                 rows: torch.Tensor, host_block: list[int]) -> torch.Tensor:
-        """Logits [len(rows), V] for block rows `rows` (offsets inside the block)."""
+        """Logits [len(rows), V] for block rows `rows` (offsets inside the block), with the ids
+        the decoder never commits at -inf."""
         bl = self.s.block_length
         if cache is None:
-            return self.model.reference_logits(self.x[: start + bl], rows + start, info,
-                                               block_length=bl)
-        return self.model.block_forward(self.x[start: start + bl], start, cache, info, rows=rows,
-                                        ids_host=host_block)
+            out = self.model.reference_logits(self.x[: start + bl], rows + start, info,
+                                              block_length=bl)
+        else:
+            out = self.model.block_forward(self.x[start: start + bl], start, cache, info,
+                                           rows=rows, ids_host=host_block)
+        if self._banned is None or self._banned.shape[0] != out.shape[1]:
+            banned = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+            banned[self.mask_id] = True
+            if self.output_vocab is not None:
+                banned[self.output_vocab:] = True
+            self._banned = banned
+        return out.masked_fill(self._banned, float("-inf"))
+
+    def block_bound(self) -> int:
+        """The most denoising steps a block may take: its quota schedule, plus the post-steps
+        of 2.1 editing. At the last one every masked position is committed."""
+        s = self.s
+        return s.block_length + (s.max_post_steps if s.editing_threshold is not None else 0)
 
     def steps(self) -> Iterator[StepEvent]:
         s, bl = self.s, self.s.block_length
@@ -162,6 +191,7 @@ class BlockDiffusionDecoder:
                                    block_length=bl)
                 forwards += 1
         quotas = quota_schedule(bl, bl)  # one step per position: at least one commit a step
+        bound = self.block_bound()
         global_step = 0
         stopped_at_eos = False
         positions = torch.arange(bl, device=self.device)
@@ -175,7 +205,8 @@ class BlockDiffusionDecoder:
             while True:
                 ts = time.perf_counter()
                 n_masked = sum(1 for t in host_block if t == self.mask_id)
-                quota = min(quotas[min(step, len(quotas) - 1)], n_masked)
+                final = step + 1 >= bound  # the block's last allowed step: commit every mask
+                quota = n_masked if final else min(quotas[min(step, len(quotas) - 1)], n_masked)
                 last = 0 < n_masked <= quota and s.editing_threshold is None
                 info = ForwardInfo("step", block=b, step=step, last_step=last)
                 # Only masked positions matter without editing; with editing, every generated one.
@@ -211,7 +242,9 @@ class BlockDiffusionDecoder:
                           if block_list[p] != host_block[p] and not commit_list[p]]
                 host_block = block_list
                 remaining = n_masked - len(committed)
-                if s.editing_threshold is None:
+                if final:
+                    done = True
+                elif s.editing_threshold is None:
                     done = remaining == 0
                 else:
                     if n_masked == 0:
@@ -257,7 +290,7 @@ class BlockDiffusionDecoder:
             cut.append(t)
         cut = cut[: self.s.gen_length]
         return GenerationResult(token_ids=cut, steps=steps, forwards=forwards, wall_seconds=wall,
-                                prompt_tokens=self.prompt_len, stopped_at_eos=eos,
+                                prompt_tokens=self.prompt_len, stopped_at_eos=eos, seed=self.seed,
                                 finished=finished)
 
     def stop_early(self) -> GenerationResult:

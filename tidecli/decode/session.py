@@ -180,6 +180,7 @@ def reply_stats(result: Any, expert_stats: dict[str, Any] | None) -> dict[str, A
         "tokens_per_step": round(result.tokens_per_step, 4),
         "stopped_at_eos": result.stopped_at_eos,
         "finished": result.finished,
+        "seed": getattr(result, "seed", None),
         "experts": expert_stats,
     }
 

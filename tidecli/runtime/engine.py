@@ -213,7 +213,8 @@ class Engine:
         self.check_length(len(ids), settings)
         t = self.tokenizer.ids
         return BlockDiffusionDecoder(self.runner, ids, settings, mask_id=t.mask,
-                                     eos_ids={t.eos}, device=self.device)
+                                     eos_ids={t.eos}, device=self.device,
+                                     output_vocab=len(self.tokenizer))
 
     def describe(self) -> EngineInfo:
         peak = int(torch.cuda.max_memory_allocated(self.device)) \
