@@ -60,7 +60,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
     import sys
 
     from tidecli.commands.chat_app import ChatApp
-    from tidecli.commands.setup import open_engine
+    from tidecli.commands.setup import open_engine, say_ignored
     from tidecli.decode.session import ChatSession
     from tidecli.ui.console import err
     from tidecli.ui.live import make_console
@@ -68,6 +68,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
 
     settings.validate()  # out-of-range options fail before the model loads
     engine = open_engine(opts)
+    say_ignored(settings.ignored())
     try:
         settings.validate(engine.cfg.max_position_embeddings)
         session = ChatSession(settings=settings, system=system, model=str(engine.path),

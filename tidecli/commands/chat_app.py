@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from tidecli.commands.setup import open_view
+from tidecli.commands.setup import on_gpu, open_view
 from tidecli.decode.session import (
     ChatSession,
     Command,
@@ -144,6 +144,9 @@ class ChatApp:
         per_layer = experts.get("per_layer") or {}
         if per_layer:
             self.out.print(layer_table(per_layer, title="experts per MoE layer, last reply"))
+            if not on_gpu(self.engine):
+                self.note("on a CPU device every expert runs on the CPU: the slots above are "
+                          "what a GPU would hold")
         else:
             self.note("no expert counters for the last reply")
 
@@ -181,7 +184,8 @@ class ChatApp:
         summary = (stats["experts"] or {}).get("summary") or {}
         self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
                                   wall=stats["wall_seconds"], policy=eng.runtime.name,
-                                  hit_rate=summary.get("hit_rate"), seed=stats.get("seed")))
+                                  hit_rate=summary.get("hit_rate") if on_gpu(eng) else None,
+                                  seed=stats.get("seed")))
         if interrupted:
             self.note(f"stopped after {stats['tokens']} committed tokens: shown and kept in "
                       "/save, not added to the conversation", style="yellow")

@@ -41,7 +41,7 @@ def generate(
 
 def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, json_out: bool,
                  trace: Path | None, live: bool = True) -> None:
-    from tidecli.commands.setup import open_engine, open_view
+    from tidecli.commands.setup import on_gpu, open_engine, open_view, say_ignored
     from tidecli.ui.console import err
     from tidecli.ui.live import make_console
     from tidecli.ui.panels import startup_panel
@@ -51,6 +51,7 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
         prompt = sys.stdin.read()
     settings.validate()  # out-of-range options fail before the model loads
     engine = open_engine(opts)
+    say_ignored(settings.ignored())
     try:
         settings.validate(engine.cfg.max_position_embeddings)
         ids = engine.prompt_ids(prompt, system=system, raw=raw)
@@ -96,7 +97,8 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
         sys.stdout.flush()
         err.print(generation_line(tokens=len(result.token_ids), steps=result.steps,
                                   wall=result.wall_seconds, policy=engine.runtime.name,
-                                  hit_rate=stats.summary()["hit_rate"], seed=result.seed),
+                                  hit_rate=stats.summary()["hit_rate"] if on_gpu(engine) else None,
+                                  seed=result.seed),
                   soft_wrap=True, markup=False)
         if interrupted:  # the committed prefix is out; the CLI exits 130
             err.print("interrupted: the text above is the committed prefix", style="yellow",

@@ -22,8 +22,9 @@ GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
 
 # ---- residency ----------------------------------------------------------------------------------
 PolicyOpt = Annotated[str, typer.Option(
-    help="Expert residency: resident, lru, static or tide (without --tau or "
-         "--experts-per-layer, tide follows the planner's plan for this machine).")]
+    help="Expert residency: auto (resident when every expert fits, else tide), resident, lru, "
+         "static or tide (without --tau or --experts-per-layer, tide follows the planner's plan "
+         "for this machine).")]
 TauOpt = Annotated[int | None, typer.Option(help="tide: refresh every TAU steps of a block.")]
 MissesOpt = Annotated[str, typer.Option(
     help="static/tide: where experts missing from the GPU run: stream (the GPU places them or "
@@ -85,7 +86,7 @@ def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: Dty
     """Which model, on which device, in which dtype."""
 
 
-def runtime_options(policy: PolicyOpt = "resident", vram: VramOpt = None, ram: RamOpt = None,
+def runtime_options(policy: PolicyOpt = "auto", vram: VramOpt = None, ram: RamOpt = None,
                     experts_per_layer: ExpertsPerLayerOpt = None, tau: TauOpt = None,
                     misses: MissesOpt = "auto", profile: ProfileOpt = None,
                     cpu_threads: CpuThreadsOpt = 0,

@@ -47,7 +47,15 @@ def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = N
     for note in engine.notices:
         err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
     engine.notices.clear()
+    say_ignored(engine.ignored)
     return engine
+
+
+def say_ignored(ignored: list[str]) -> None:
+    """One `note:` line for the options given that do not apply to this run."""
+    if ignored:
+        err.print(f"note: ignored {'; '.join(ignored)}", style="yellow", markup=False,
+                  soft_wrap=True)
 
 
 def vram_probe(engine: Any):
@@ -58,6 +66,10 @@ def vram_probe(engine: Any):
     import torch
 
     return lambda: int(torch.cuda.memory_allocated(device))
+
+
+def on_gpu(engine: Any) -> bool:
+    return getattr(getattr(engine, "device", None), "type", "") == "cuda"
 
 
 def pcie_peak_gbps(engine: Any) -> float | None:
@@ -89,7 +101,7 @@ def open_view(engine: Any, settings: Any, *, info: Any, console: Any,
     state = LiveState(tokens=tok, gen_length=settings.gen_length,
                       eos_ids=frozenset({tok.ids.eos}), policy=engine.runtime.name,
                       tau=info.runtime.tau if info is not None else None,
-                      pcie_peak_gbps=pcie_peak_gbps(engine),
+                      pcie_peak_gbps=pcie_peak_gbps(engine), gpu=on_gpu(engine),
                       vram_budget_bytes=memory.budget if memory is not None else None)
     if live and console.is_terminal:
         return LiveView(state, console, vram_used=vram_probe(engine))

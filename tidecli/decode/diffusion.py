@@ -64,6 +64,15 @@ class DecodeSettings:
             raise bad("max post steps must not be negative", "the 2.1 default is 16")
 
 
+    def ignored(self) -> list[str]:
+        """Options given that greedy decoding does not use."""
+        given = [n for n, v in (("--top-k", self.top_k), ("--top-p", self.top_p),
+                                ("--seed", self.seed)) if v is not None]
+        if self.temperature > 0 or not given:
+            return []
+        return [f"{', '.join(given)} (temperature 0 is greedy: nothing is sampled)"]
+
+
 @dataclass
 class StepEvent:
     """One denoising step, as the UI and benchmarks see it."""

@@ -29,7 +29,7 @@ from tidecli.experts.cpu import CpuExperts
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.misses import MissSplitter
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
-from tidecli.experts.policies import Policy, ResidentPolicy
+from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.store import ExpertSource
 from tidecli.model.config import ModelConfig
@@ -68,10 +68,6 @@ class OffloadRuntime(PooledRuntime):
         self._stage: dict[str, torch.Tensor] = {}
         self._d2h = torch.cuda.Stream(device=device) if self.cuda else None
         self._layer_state: dict[int, dict] = {}
-        if isinstance(policy, ResidentPolicy):
-            for layer in cfg.moe_layers:
-                self.pools.copy_in(layer, policy.initial_moves(layer), activate_now=True)
-            self.pools.drain_copy_timing()
 
     # ---- host staging (pinned on CUDA, grown on demand) -----------------------------------------
 

@@ -96,9 +96,6 @@ class ResidentPolicy(Policy):
                 raise TideError("the resident policy needs every expert on the GPU",
                                 "raise --vram, or pick --policy tide")
 
-    def initial_moves(self, layer: int) -> Moves:
-        return [(e, e) for e in range(self.num_experts)]
-
 
 class LruPolicy(Policy):
     """Swap every step ("Mixtral-Offload"): every miss is fetched before compute, least recently

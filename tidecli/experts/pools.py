@@ -204,3 +204,10 @@ class PooledRuntime(BaseRuntime):
         policy.attach(self.pools.pools, cfg.num_experts)
         self.kernel = pick_kernel(kernel, device, dtype)
         self.cuda = device.type == "cuda"
+        # a layer with a slot for every expert starts full: nothing for it to miss
+        self.full = [layer for layer, pool in self.pools.pools.items()
+                     if pool.slots >= cfg.num_experts]
+        for layer in self.full:
+            self.pools.copy_in(layer, [(e, e) for e in range(cfg.num_experts)],
+                               activate_now=True)
+        self.pools.drain_copy_timing()

@@ -72,6 +72,9 @@ class StreamRuntime(PooledRuntime):
         self.fused = fused_available(device)
         self._plans: dict[tuple[int, int], LayerPlan] = {}
         self.expert_bytes = self.pools.expert_bytes
+        for j, layer in enumerate(cfg.moe_layers):
+            if layer in self.full:  # filled by PooledRuntime: the device tables say so
+                self._push_tables(j, self.pools.pools[layer])
 
     # ---- forward bookkeeping --------------------------------------------------------------------
 

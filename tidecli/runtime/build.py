@@ -86,6 +86,44 @@ def expert_budgets(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None,
     return budgets, mem
 
 
+def choose_policy(ckpt: Checkpoint, opts: EngineOptions, facts: MachineFacts
+                  ) -> tuple[str, str | None]:
+    """The policy to run and, for `auto`, why in one line: resident when every expert fits the
+    budget (--vram, else the device's free memory), else tide as the planner plans it."""
+    policy = opts.residency.policy
+    if policy != "auto":
+        return policy, None
+    cfg, b = ckpt.config, opts.budgets.experts_per_layer
+    if b is not None:
+        return ("resident", "auto: --experts-per-layer holds every expert") \
+            if b >= cfg.num_experts else ("tide", "auto: --experts-per-layer is below the "
+                                                  f"model's {cfg.num_experts} experts")
+    wl, vram = opts.workload, facts.vram_gib
+    mem = device_memory(cfg, vram, context_tokens=wl.context_tokens,
+                        block_length=wl.block_length, dtype_bytes=facts.dtype_bytes)
+    experts = cfg.num_experts * cfg.num_moe_layers * mem.expert_bytes
+    where = f"--vram {vram:g} GiB" if opts.budgets.vram_gib is not None else \
+        f"the {vram:.1f} GiB free"
+    if mem.slots >= cfg.num_experts * cfg.num_moe_layers:
+        return "resident", f"auto: every expert ({experts / GIB:.1f} GiB) fits {where}"
+    return "tide", f"auto: the experts ({experts / GIB:.1f} GiB) do not fit {where}: tide"
+
+
+def check_resident(ckpt: Checkpoint, opts: EngineOptions,
+                   budgets: dict[int, int] | None) -> None:
+    """--policy resident keeps every expert on the device: say plainly when the budget says no."""
+    e = ckpt.config.num_experts
+    if opts.residency.policy != "resident" or budgets is None or min(budgets.values()) >= e:
+        return
+    b_opts = opts.budgets
+    if b_opts.experts_per_layer is not None:
+        raise TideError(f"--policy resident keeps all {e} experts of a layer on the GPU; "
+                        f"--experts-per-layer {b_opts.experts_per_layer} is fewer",
+                        "drop --experts-per-layer, or use --policy auto or tide")
+    raise TideError(f"the experts do not fit --vram {b_opts.vram_gib:g} GiB with --policy "
+                    "resident", "raise --vram, or use --policy auto or tide")
+
+
 def miss_mode(opts: EngineOptions, facts: MachineFacts) -> MissMode:
     """Where static/tide misses will run, decided before the host store exists."""
     return resolve_misses(opts.residency.misses, cuda=facts.cuda,

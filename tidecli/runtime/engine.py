@@ -50,6 +50,7 @@ class EngineInfo:
     memory: DeviceMemory | None = None  # the VRAM split the expert budgets were fitted into
     plan: PlanSummary | None = None  # the planner's plan the runtime follows
     peak_allocated_bytes: int | None = None
+    choice: str | None = None  # what `--policy auto` chose, and why
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "device": self.device, "dtype": self.dtype,
@@ -60,6 +61,8 @@ class EngineInfo:
             out["plan"] = self.plan.to_dict()
         if self.peak_allocated_bytes is not None:
             out["peak_allocated_bytes"] = self.peak_allocated_bytes
+        if self.choice is not None:
+            out["policy_choice"] = self.choice
         return out
 
 
@@ -97,10 +100,14 @@ class Engine:
     # ---- what runs ------------------------------------------------------------------------------
 
     def _configure(self) -> None:
-        """Facts, the plan to follow, where misses run and the expert budgets."""
-        o = self.opts
-        self.facts = machine_facts(self.ckpt, o, self.device, self.dtype,
+        """Facts, the policy (`auto` resolved), the plan to follow, where misses run and the
+        expert budgets. `self.run_opts` are the options with the policy resolved."""
+        self.facts = machine_facts(self.ckpt, self.opts, self.device, self.dtype,
                                    free_vram_gib=self._free_vram)
+        policy, self.choice = build.choose_policy(self.ckpt, self.opts, self.facts)
+        o = self.run_opts = replace(self.opts, residency=replace(self.opts.residency,
+                                                                 policy=policy))
+        self.ignored = o.ignored()
         self.plan = o.plan
         if self.plan is None and follows_plan(o, cuda=self.device.type == "cuda"):
             key = (o.budgets, o.residency.misses, o.residency.profile, o.workload)
@@ -111,9 +118,10 @@ class Engine:
         self.misses = build.miss_mode(o, self.facts)
         self.budgets, self.memory = build.expert_budgets(self.ckpt, o, plan=self.plan,
                                                          facts=self.facts, mode=self.misses)
+        build.check_resident(self.ckpt, o, self.budgets)
 
     def _build(self, progress: LoadProgress | None):
-        o, budgets = self.opts, self.budgets
+        o, budgets = self.run_opts, self.budgets
         if o.residency.policy == "resident" and (
                 budgets is None or min(budgets.values(), default=0) >= self.cfg.num_experts):
             return build.resident_runtime(self.ckpt, o, self._store, device=self.device,
@@ -124,8 +132,11 @@ class Engine:
                                     plan=self.plan, device=self.device, dtype=self.dtype)
 
     def _default_budgets(self):
-        return build.expert_budgets(self.ckpt, self.opts, plan=self.plan, facts=self.facts,
-                                    mode=self.misses, default_vram=True)
+        budgets, memory = build.expert_budgets(self.ckpt, self.run_opts, plan=self.plan,
+                                               facts=self.facts, mode=self.misses,
+                                               default_vram=True)
+        build.check_resident(self.ckpt, self.run_opts, budgets)
+        return budgets, memory
 
     def set_runtime(self, progress: LoadProgress | None = None, *,
                     residency: ResidencyOptions | None = None,
@@ -160,7 +171,7 @@ class Engine:
         """The routed experts on the host, loaded once and kept (runtime/build.py)."""
         if self._store is None:
             self._store = build.host_store(
-                self.ckpt, self.opts, plan=self.plan, facts=self.facts, device=self.device,
+                self.ckpt, self.run_opts, plan=self.plan, facts=self.facts, device=self.device,
                 tick=self._expert_ticker(progress, "host experts"), notices=self.notices,
                 static_budgets=lambda: self._default_budgets()[0])
         return self._store
@@ -223,7 +234,7 @@ class Engine:
                           dtype=str(self.dtype).replace("torch.", ""),
                           runtime=self.runtime.describe(), memory=self.memory,
                           plan=self.plan.summary() if self.plan is not None else None,
-                          peak_allocated_bytes=peak)
+                          peak_allocated_bytes=peak, choice=self.choice)
 
     def close(self) -> None:
         if self.runtime is not None:

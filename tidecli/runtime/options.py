@@ -15,6 +15,9 @@ from tidecli.memory import check_ram_gib
 from tidecli.planner.plan import Plan
 from tidecli.planner.workload import Workload
 
+# `auto`: resident when every expert fits the budget, else tide as the planner plans it
+POLICY_CHOICES = ("auto", *POLICIES)
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
           "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
 
@@ -30,7 +33,7 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class ResidencyOptions:
-    policy: str = "resident"  # experts/policies.py: resident | lru | static | tide
+    policy: str = "auto"  # auto, or one of experts/policies.py: resident | lru | static | tide
     tide: TideOptions = field(default_factory=TideOptions)  # tau None: the planner's
     misses: MissMode = MissMode.AUTO  # where static/tide misses run (experts/modes.py)
     cpu_threads: int = 0  # 0: the plan's, else torch's default
@@ -43,9 +46,9 @@ class ResidencyOptions:
     profile: str | None = None
 
     def validate(self) -> None:
-        if self.policy not in POLICIES:
+        if self.policy not in POLICY_CHOICES:
             raise TideError(f"unknown policy {self.policy!r}",
-                            f"choose one of {', '.join(POLICIES)}")
+                            f"choose one of {', '.join(POLICY_CHOICES)}")
         parse_misses(self.misses)
         if self.cpu_threads < 0:
             raise TideError(f"--cpu-threads must not be negative, got {self.cpu_threads}",
@@ -77,9 +80,37 @@ class EngineOptions:
         self.residency.validate()
         self.budgets.validate()
 
+    def ignored(self) -> list[str]:
+        """The options given that the (resolved) policy does not use, each with why."""
+        r, t = self.residency, self.residency.tide
+        tide_only = [("--tau", t.tau is not None), ("--stall-refresh", t.stall_refresh),
+                     ("--cold-start", not t.warm_start),
+                     ("--refresh-last-step", not t.skip_last_step)]
+        offload = [("--misses", r.misses is not MissMode.AUTO),
+                   ("--popularity-trace", r.popularity_trace is not None)]
+        out = []
+        if r.policy == "resident":
+            given = [n for n, on in [*tide_only, *offload, ("--profile", r.profile is not None),
+                                     ("--cpu-threads", r.cpu_threads != 0)] if on]
+            if given:
+                out.append(f"{', '.join(given)} (every expert stays on the GPU: nothing is "
+                           "offloaded)")
+        elif r.policy in ("lru", "static"):
+            given = [n for n, on in tide_only if on]
+            if r.policy == "lru":
+                given += [n for n, on in offload if on]
+            if given:
+                out.append(f"{', '.join(given)} (they apply to other policies than {r.policy})")
+            if r.profile is not None:
+                out.append("--profile (only tide follows the planner)")
+        elif r.profile is not None and (t.tau is not None or
+                                        self.budgets.experts_per_layer is not None):
+            out.append("--profile (tide plans only without --tau and --experts-per-layer)")
+        return out
+
 
 def engine_options(*, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                   graphs: bool = True, kernel: str = "auto", policy: str = "resident",
+                   graphs: bool = True, kernel: str = "auto", policy: str = "auto",
                    tau: int | None = None, stall_refresh: bool = False, warm_start: bool = True,
                    skip_last_step: bool = True, misses: str = "auto", cpu_threads: int = 0,
                    popularity_trace: str | None = None, profile: str | None = None,

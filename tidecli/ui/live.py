@@ -42,6 +42,7 @@ class LiveState:
     policy: str | None = None
     tau: int | None = None
     pcie_peak_gbps: float | None = None  # the link's peak, when a hardware profile knows it
+    gpu: bool = True  # False on a CPU device: GPU hits and PCIe traffic mean nothing there
     vram_budget_bytes: int | None = None
     vram_used_bytes: int | None = None
     # folded from the events
@@ -150,13 +151,13 @@ def status_lines(s: LiveState) -> list[str]:
     parts = []
     if s.policy:
         parts.append(s.policy + (f" τ={s.tau}" if s.tau is not None else ""))
-    if s.has_experts:
+    if s.has_experts and s.gpu:
         parts.append(f"hit {r['hit_rate'] * 100:.1f}%")
         parts.append(f"CPU {r['cpu_share'] * 100:.1f}%")
-    if s.pcie_peak_gbps:
+    if s.gpu and s.pcie_peak_gbps:
         pct = r["h2d_gbps"] / s.pcie_peak_gbps * 100
         parts.append(f"PCIe {r['h2d_gbps']:.2f}/{s.pcie_peak_gbps:g} GB/s ({pct:.0f}%)")
-    elif s.bytes_h2d:
+    elif s.gpu and s.bytes_h2d:
         parts.append(f"PCIe {r['h2d_gbps']:.2f} GB/s")
     if s.vram_used_bytes is not None:
         vram = f"VRAM {s.vram_used_bytes / GIB:.1f}"
