@@ -314,3 +314,19 @@ def test_real_tiny_model_two_turns(tiny_ckpt, capsys):
         assert "experts per MoE layer" in out.getvalue() and "\x1b" not in out.getvalue()
     finally:
         eng.close()
+
+
+def test_load_keeps_the_options_given_on_the_command_line(tiny_ckpt, tmp_path, capsys,
+                                                          monkeypatch):
+    from helpers import tide
+
+    saved = ChatSession(settings=DecodeSettings(gen_length=20, threshold=0.8))
+    saved.record(Turn(user="hi", assistant="there"))
+    path = saved.save(tmp_path / "t.json")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no input: the session ends at once
+    code, _out, err = tide(["chat", "-m", str(tiny_ckpt), "--device", "cpu", "--load",
+                            str(path), "--gen-length", "7"], capsys)
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("loaded 1 turn"))
+    assert "gen_length 7" in line and "threshold 0.8" in line
+    assert line.endswith("kept from the command line: gen_length")

@@ -64,3 +64,45 @@ def test_ctrl_c_at_the_prompt_exits_cleanly():
     finally:
         child.close()
     assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
+
+
+def test_keys_typed_during_a_reply_leave_no_stale_frame(tmp_path):
+    """Typed ahead while a reply is drawn (with Enter): no copy of the live frame (its ░ marks)
+    is left above the reply, and the typed line becomes the next message."""
+    import shutil
+    import subprocess
+    import time
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("needs tmux")
+    name = f"tide-{os.getpid()}"
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("TIDE_CACHE_DIR", "TIDE_CONFIG_DIR",
+                                                     "OMP_NUM_THREADS") if k in os.environ)
+    cmd = f"env {env} {sys.executable} -m tidecli chat --gen-length 64 --threshold 0.999"
+
+    def screen() -> str:
+        return subprocess.run([tmux, "capture-pane", "-t", name, "-p", "-S", "-300"],
+                              capture_output=True, text=True).stdout
+
+    def wait_for(pred, limit: float) -> str:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            text = screen()
+            if pred(text):
+                return text
+            time.sleep(0.3)
+        raise AssertionError(f"timed out; screen:\n{screen()}")
+
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "80", "-y", "20", cmd],
+                   check=True)
+    try:
+        wait_for(lambda t: PROMPT.rstrip() in t, START_TIMEOUT)  # tmux trims trailing blanks
+        subprocess.run([tmux, "send-keys", "-t", name, "Tell me a long story", "Enter"])
+        wait_for(lambda t: "steps/s" in t, TIMEOUT)  # the live frame is drawn
+        subprocess.run([tmux, "send-keys", "-t", name, "typed ahead", "Enter"])
+        text = wait_for(lambda t: t.count("tokens/s") >= 2, 2 * TIMEOUT)
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+    assert "░" not in text, text
+    assert f"{PROMPT}typed ahead" in text

@@ -277,3 +277,39 @@ def test_synth_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch, capsys)
 def test_bad_ram_is_refused_whatever_the_policy(tiny_ckpt, capsys, ram):
     """Even the resident policy, which keeps no host store, refuses a nonsense --ram."""
     user_error(gen(tiny_ckpt, "--ram", ram), capsys, "--ram must be positive", hint="--ram")
+
+
+def test_user_files_are_not_written_into_missing_folders_and_follow_the_umask(tmp_path, capsys):
+    from tidecli.commands.chat_app import ChatApp
+    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.decode.session import ChatSession
+
+    app = ChatApp(SimpleNamespace(), ChatSession(settings=DecodeSettings()),
+                  out=Console(file=io.StringIO()))
+    missing = tmp_path / "nope" / "chat.json"
+    assert app.handle(f"/save {missing}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and not missing.parent.exists()
+    old = os.umask(0o022)
+    try:
+        assert app.handle(f"/save {tmp_path / 'chat.json'}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "chat.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_unwritable_trace_path_fails_before_the_generation(tiny_ckpt, capsys, tmp_path,
+                                                              monkeypatch):
+    import tidecli.runtime.engine as engine
+
+    def never(*a, **k):  # the engine must not even be built
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.Engine, "__init__", never)
+    user_error(gen(tiny_ckpt, "--trace", str(tmp_path / "no" / "t.npz")), capsys,
+               f"cannot write {tmp_path / 'no' / 't.npz'}: the folder", hint="create it")
+
+
+def test_tau_zero_is_refused_not_replaced(tiny_ckpt, capsys):
+    user_error(gen(tiny_ckpt, "--policy", "tide", "--tau", "0"), capsys,
+               "--tau must be at least 1, got 0", hint="--tau")

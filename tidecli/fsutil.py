@@ -45,11 +45,39 @@ def _write_failed(path: Path, exc: OSError) -> TideError:
     )
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a file path the user gave that cannot be written: its folder
+    must exist (it is not created) and the path must not be a folder."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise TideError(f"cannot write {target}: it is a folder", "give a file name")
+    if not target.parent.exists():
+        raise TideError(f"cannot write {target}: the folder {target.parent} does not exist",
+                        "create it first, or choose another path")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise TideError(f"cannot write {target}: {target.parent} is not a folder you can write "
+                        "to", "choose a folder you can write to")
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
+                       make_parents: bool = False) -> Path:
+    """Write to a temporary file beside `path`, fsync, then rename over it. The file gets the
+    mode the user's umask gives. A missing folder is created only for tide's own files
+    (`make_parents`); a path the user gave must be in a folder that exists."""
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        elif not target.parent.exists():
+            raise TideError(f"cannot write {target}: the folder {target.parent} does not exist",
+                            "create it first, or choose another path")
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise _write_failed(target, exc) from exc
@@ -58,6 +86,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -70,12 +99,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, make_parents: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), make_parents=make_parents)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: object, *,
+                      make_parents: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n",
+                             make_parents=make_parents)
 
 
 @contextlib.contextmanager
@@ -97,9 +128,7 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     except OSError as exc:
         raise _write_failed(target, exc) from exc
     try:

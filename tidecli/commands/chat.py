@@ -17,6 +17,7 @@ HISTORY_FILE = "chat_history"
 
 @opt.with_options(opt.model_options, opt.decoding_options, opt.runtime_options)
 def chat(
+    ctx: typer.Context,
     system: Annotated[str | None, typer.Option(
         help="System prompt (/system changes it).")] = None,
     live: opt.LiveOpt = True,
@@ -26,7 +27,7 @@ def chat(
 ) -> None:
     """Chat with a model: multi-turn, slash commands (/help), live denoising view."""
     run_chat(opts=opt.engine_options_of(options), settings=opt.decode_settings_of(options),
-             system=system, live=live, transcript=load)
+             system=system, live=live, transcript=load, given=opt.given(ctx, options))
 
 
 def _readline_history() -> Callable[[], None]:
@@ -56,8 +57,11 @@ def _readline_history() -> Callable[[], None]:
 
 
 def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
-             transcript: Path | None = None) -> None:
+             transcript: Path | None = None, given: frozenset[str] = frozenset()) -> None:
+    """`given`: the options typed on the command line; with --load they win over the
+    transcript's settings."""
     import sys
+    from dataclasses import fields, replace
 
     from tidecli.commands.chat_app import ChatApp
     from tidecli.commands.setup import open_engine, say_ignored
@@ -77,6 +81,13 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
             session.load(transcript)
             if system is not None:
                 session.set_system(system)
+            mine = {f.name: getattr(settings, f.name) for f in fields(settings)
+                    if f.name in given}
+            session.settings = replace(session.settings, **mine)
+            kept = f"; kept from the command line: {', '.join(sorted(mine))}" if mine else ""
+            err.print(f"loaded {len(session.turns)} turn(s) from {transcript} "
+                      f"({session.describe_settings()}){kept}", style="dim", markup=False,
+                      soft_wrap=True)
         info = engine.describe()
         interactive = sys.stdin.isatty()
         if err.is_terminal:

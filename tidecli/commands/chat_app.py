@@ -8,8 +8,10 @@ the prompt ends the session with exit code 0.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -52,6 +54,31 @@ in /save, but is not part of what the model sees next (press it twice to stop mi
 COMMANDS = ("help", "reset", "system", "set", "stats", "save", "load", "exit", "quit")
 
 
+@contextlib.contextmanager
+def no_echo(stream: Any = None) -> Iterator[None]:
+    """While a reply is drawn, keys typed ahead are not echoed: an echoed line would shift the
+    live frame, which then leaves a stale copy above the reply. They stay in the terminal's
+    input queue, and the next prompt reads them."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd) if stream.isatty() else None
+    except (ImportError, OSError, ValueError):  # no termios (Windows), or no terminal
+        old = None
+    if old is None:
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
 class ChatApp:
     def __init__(self, engine: Any, session: ChatSession, *, out: Any, live: bool = True,
                  info: Any = None) -> None:
@@ -76,6 +103,10 @@ class ChatApp:
     def handle(self, line: str) -> bool:
         """Act on one message or slash command; False when the session should end."""
         if not line.strip():
+            return True
+        if line.strip() == "/":  # nothing to send, and no command
+            self.note("/ alone is not a command: /help lists them (// sends text that starts "
+                      "with a slash)", style="yellow")
             return True
         cmd = parse_command(line)
         if cmd is None:
@@ -160,7 +191,7 @@ class ChatApp:
             eng.runtime.reset_stats()  # /stats is about this reply only
             decoder = eng.decoder(ids, settings)
             view = open_view(eng, settings, info=self.info, console=self.out, live=self.live)
-            with SoftInterrupt() as stop, view:
+            with SoftInterrupt() as stop, no_echo(), view:
                 result, interrupted = drive(decoder, view.update, should_stop=stop.is_set)
                 answer = eng.tokenizer.decode(result.token_ids)
                 view.finish(answer)

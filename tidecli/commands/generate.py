@@ -42,6 +42,7 @@ def generate(
 def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, json_out: bool,
                  trace: Path | None, live: bool = True) -> None:
     from tidecli.commands.setup import on_gpu, open_engine, open_view, say_ignored
+    from tidecli.fsutil import check_writable
     from tidecli.ui.console import err
     from tidecli.ui.live import make_console
     from tidecli.ui.panels import startup_panel
@@ -50,6 +51,8 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
     if prompt == "-":
         prompt = sys.stdin.read()
     settings.validate()  # out-of-range options fail before the model loads
+    if trace is not None:
+        trace = check_writable(trace)  # before the generation, not after it
     engine = open_engine(opts)
     say_ignored(settings.ignored())
     try:

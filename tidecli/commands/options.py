@@ -146,3 +146,12 @@ def decode_settings_of(o: dict[str, Any], **extra: Any):
         editing_threshold=o["editing_threshold"], max_post_steps=o["max_post_steps"],
         temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=o["seed"],
         **extra)
+
+
+def given(ctx: typer.Context, options: dict[str, Any]) -> frozenset[str]:
+    """The option names typed on the command line (not left at their defaults)."""
+    def typed(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name == "COMMANDLINE"
+
+    return frozenset(name for name in options if typed(name))

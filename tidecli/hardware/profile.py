@@ -101,8 +101,8 @@ class HardwareProfile:
             kw["cpu_variant_ms"] = {str(k): float(v) for k, v in kw["cpu_variant_ms"].items()}
         return cls(**kw)
 
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_dict())
+    def save(self, path: str | Path, *, make_parents: bool = False) -> Path:
+        return atomic_write_json(path, self.to_dict(), make_parents=make_parents)
 
 
 def load_profile_file(path: str | Path) -> HardwareProfile:

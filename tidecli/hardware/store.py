@@ -49,8 +49,9 @@ def saved_profile_path(gpu_name: str | None = None, *, detect: bool = True) -> P
 
 def save_profile(profile: HardwareProfile, path: str | Path | None = None) -> Path:
     """Atomically write `profile` to `path`, by default this machine's saved-profile file."""
-    if path is None:
-        path = profiles_dir() / f"{machine_key(profile.gpu_name)}.json"
+    if path is None:  # tide's own folder: created when missing
+        return profile.save(profiles_dir() / f"{machine_key(profile.gpu_name)}.json",
+                            make_parents=True)
     return profile.save(path)
 
 
@@ -131,5 +132,5 @@ def load_or_create_profile(*, quick: bool = True, announce: Callable[[str], None
     announce(f"no hardware profile for this machine yet: measuring "
              f"({'quick' if quick else 'full'}) …")
     profile = measure_profile(quick=quick, expert_shape=expert_shape, progress=progress)
-    save_profile(profile, saved_profile_path(profile.gpu_name, detect=False))
+    profile.save(saved_profile_path(profile.gpu_name, detect=False), make_parents=True)
     return profile

@@ -142,11 +142,11 @@ def calibration_path(*, profile: HardwareProfile, model: str | Path, misses: str
 def save_calibration(*, profile: HardwareProfile, model: str | Path, misses: str,
                      calibration: Calibration, report: CalibrationReport | None = None) -> Path:
     path = calibration_path(profile=profile, model=model, misses=misses)
-    return atomic_write_json(path, {"schema": CALIBRATION_SCHEMA, "profile": profile.name,
-                                    "model": str(Path(model).expanduser().resolve()),
-                                    "misses": misses, "created": datetime.date.today().isoformat(),
-                                    "scales": calibration.to_dict(),
-                                    "measured": report.to_dict() if report else {}})
+    return atomic_write_json(path, make_parents=True, obj={
+        "schema": CALIBRATION_SCHEMA, "profile": profile.name,
+        "model": str(Path(model).expanduser().resolve()), "misses": misses,
+        "created": datetime.date.today().isoformat(), "scales": calibration.to_dict(),
+        "measured": report.to_dict() if report else {}})
 
 
 def load_calibration(*, profile: HardwareProfile, model: str | Path,
