@@ -11,7 +11,8 @@ from tidecli.commands.options import DeviceOpt
 
 
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Folder to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
         help="tiny, mini (LLaDA2.0-mini shape) or flash.")] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Keep only this many layers.")] = None,
