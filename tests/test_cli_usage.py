@@ -207,6 +207,7 @@ def test_hub_errors_say_what_happened():
     (["bench", "--policies", "fast"], "unknown policy"),
     (["bench", "--experts-per-layer", "0"], "at least 1"),
     (["synth", "out", "--preset", "huge"], "unknown preset 'huge'"),
+    (["plan", "-p", "rtx4090", "--vram", "0"], "--vram must be a positive number"),
 ])
 def test_wrong_values_fail_before_torch_is_imported(argv, message):
     code = ("import sys\nfrom tidecli.cli import main\n"

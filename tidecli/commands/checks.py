@@ -15,7 +15,6 @@ from tidecli.errors import TideError
 POLICIES = ("resident", "lru", "static", "tide")  # experts/policies.py's, tested equal
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp32")
-PRESETS = ("tiny", "mini", "flash")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -24,18 +23,6 @@ def choice(flag: str, value: str, choices: Iterable[str], *, what: str | None = 
     options = tuple(choices)
     if value not in options:
         raise TideError(f"unknown {what or flag} {value!r}", f"use {', '.join(options)}")
-
-
-def positive(flag: str, value: float | None, example: str) -> None:
-    """None (not given) or a finite number above zero; nan is refused too."""
-    if value is not None and not 0 < value < math.inf:
-        raise TideError(f"{flag} must be a positive number, got {value:g}", f"e.g. {flag} "
-                                                                             f"{example}")
-
-
-def at_least(flag: str, value: int | None, low: int, example: str) -> None:
-    if value is not None and value < low:
-        raise TideError(f"{flag} must be at least {low}, got {value}", f"e.g. {flag} {example}")
 
 
 def check_device(device: str) -> None:
