@@ -37,8 +37,8 @@ def _run(*args: str, env: dict | None = None, timeout: float = 60):
     (["generate", "hi", "--gen-length", "abc"], "invalid value for '--gen-length'",
      "tide generate"),
     (["plan", "--vram"], "option '--vram' requires an argument", "tide plan"),
-    (["plan", "--bogus"], "no such option: --bogus", "tide plan"),
-    (["bench", "--experts"], "no such option: --experts", "tide bench"),
+    (["plan", "--bogus"], ("no such option", "--bogus"), "tide plan"),
+    (["bench", "--experts"], ("no such option", "--experts"), "tide bench"),
 ])
 def test_usage_errors_exit_2_with_the_usage_line(capsys, argv, message, usage):
     code, out, err = tide(argv, capsys)
@@ -47,7 +47,9 @@ def test_usage_errors_exit_2_with_the_usage_line(capsys, argv, message, usage):
     lines = err.strip().splitlines()
     if usage is not None:
         assert lines[0].startswith(f"Usage: {usage} "), err
-    assert lines[-2].startswith("error: ") and message in lines[-2], err
+    assert lines[-2].startswith("error: "), err
+    for text in (message,) if isinstance(message, str) else message:  # click words vary
+        assert text in lines[-2], err
     assert lines[-1].startswith("hint: `tide") and "--help" in lines[-1], err
     assert sum(line.startswith("error:") for line in lines) == 1
 
