@@ -99,7 +99,9 @@ def bench(
     prompts: Annotated[Path | None, typer.Option(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
-    gen_length: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
+    gen_length: Annotated[int, typer.Option(
+        help="Tokens to generate per prompt (half of generate's default: a sweep runs many "
+             "times).")] = 256,
     threshold: ThresholdOpt = 0.95,
     repeat: Annotated[int, typer.Option(help="Passes over the prompts per run.")] = 1,
     json_out: Annotated[bool, typer.Option(
