@@ -202,7 +202,7 @@ def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
     code, _out, err = tide(["bench", "--model", str(tiny_ckpt), "--device", "cpu",
                             "--policies", "tide", "--vram", repr(_vram_for(cfg, 12, 4)),
                             "--tau", "plan,2", "--workloads", "model", "--gen-length", "32",
-                            "--profile", str(path), "--json", str(out_json)], capsys)
+                            "--profile", str(path), "-o", str(out_json)], capsys)
     assert code == 0, err
     runs = json.loads(out_json.read_text())["runs"]
     planned = [r for r in runs if r.get("planned")]

@@ -144,9 +144,9 @@ def test_bench_cli_writes_json_and_table(tiny_ckpt, tmp_path):
 
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--device", "cpu",
-                                   "--policies", "lru,tide", "--experts", "8",
+                                   "--policies", "lru,tide", "--experts-per-layer", "8",
                                    "--workloads", "model", "--gen-length", "32",
-                                   "--json", str(out)])
+                                   "-o", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert [r["policy"] for r in data["runs"]] == ["lru", "tide"]
@@ -157,12 +157,74 @@ def test_bench_cli_refuses_bad_options(tiny_ckpt, capsys):
     from tidecli.cli import main
 
     for args, msg in ((["--policies", "fast"], "unknown policy"),
-                      (["--policies", "tide"], "need a budget"),
                       (["--vram", "ten"], "not a number"),
-                      (["--experts", "4", "--tau", "0"], "at least 1")):
+                      (["--experts-per-layer", "4", "--tau", "0"], "at least 1"),
+                      # budgets the model cannot run fail before any run (it has 32 experts)
+                      (["--experts-per-layer", "64"], "the model has 32 experts per layer"),
+                      (["--vram", "0.0001"], "cannot hold the dense part")):
         with pytest.raises(SystemExit) as exc:
             main(["bench", "--model", str(tiny_ckpt), *args])
         err = capsys.readouterr().err
         assert exc.value.code == 1
         assert err.startswith("error: ") and msg in err, (args, err)
         assert "Traceback" not in err
+
+
+def test_bench_without_budgets_runs_at_the_models_defaults(tiny_ckpt, capsys, tmp_path):
+    """`tide bench` with no budget used to fail ("offload policies need a budget")."""
+    from tidecli.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tiny_ckpt), "--device", "cpu", "--policies", "lru,tide",
+              "--workloads", "model", "--gen-length", "16", "--prompts", str(prompts),
+              "--json"])
+    cap = capsys.readouterr()
+    assert exc.value.code == 0, cap.err
+    runs = json.loads(cap.out)["runs"]
+    assert {r["budget"] for r in runs} == {"B=8", "B=16"}  # a quarter and a half of 32
+    assert not any(r.get("skipped") for r in runs)
+    assert "no budget given" in cap.err
+
+
+def test_bench_fails_when_every_run_was_skipped(tiny_ckpt, capsys, monkeypatch):
+    from tidecli.bench.harness import Bench
+    from tidecli.cli import main
+    from tidecli.errors import TideError
+
+    def refuse(self, pt):
+        raise TideError("does not fit")
+
+    monkeypatch.setattr(Bench, "_measure", refuse)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tiny_ckpt), "--device", "cpu", "--policies", "lru",
+              "--experts-per-layer", "8", "--workloads", "model", "--gen-length", "8"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert "error: every run was skipped (does not fit)" in err
+
+
+def test_bench_tables_fit_120_columns():
+    from rich.console import Console
+
+    from tidecli.ui.bench_view import bounds_table, routing_table, runs_table
+
+    run = {"workload": "synthetic", "policy": "resident", "budget": "12.5 GiB", "tau": 4,
+           "planned": True, "misses": "auto", "misses_used": "stream", "tokens_per_s": 1234.5,
+           "steps_per_s": 456.78, "hit_rate": 0.987, "h2d_gb": 12.345,
+           "vs_best_baseline": 1.23, "identical": False, "exact_expected": False,
+           "token_agreement": 0.97}
+    bound = {"workload": "synthetic", "budget": "12.5 GiB", "tau": 4, "misses": "stream",
+             "tide_hit_rate": 0.9, "best_hit_rate": 0.95, "tide_over_oracle": 1.5,
+             "lower_bound_ms": 12.3, "tide_step_ms": 20.1, "tide_over_bound": 1.63}
+    report = {"runs": [run], "bounds": [bound], "workloads": {"synthetic": {
+        "label": "synthetic (published LLaDA2.0-mini statistics)",
+        "routing": {"distinct_per_layer_step": 70.2, "similarity_lag1": 0.98,
+                    "similarity_lag5": 0.95, "steps": 1234}}}}
+    console = Console(width=120, record=True)
+    for table in (runs_table(report), bounds_table(report), routing_table(report)):
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "…" not in text.replace("× resident …", "")  # no cell cut short

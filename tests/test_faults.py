@@ -172,6 +172,7 @@ def test_hub_unreachable(monkeypatch, capsys):
         raise ConnectionError("no route to host")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("tidecli.model.resolve.hub_reachable", lambda: True)  # no traffic
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     user_error(gen(Path("no-such-org/no-such-model")), capsys,
                "cannot download no-such-org/no-such-model: the Hub is unreachable",

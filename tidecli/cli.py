@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
 
 
@@ -39,13 +40,13 @@ def root(
     """tide: TIDE expert offload for LLaDA2.x diffusion language models."""
 
 
-# in the order a person meets them
-app.command()(generate.generate)
-app.command()(chat.chat)
-app.command()(plan.plan)
-app.command()(profile.profile)
-app.command()(bench.bench)
-app.command()(synth.synth)
+# in the order a person meets them; summaries short enough never to be cut in the list
+app.command(short_help="One reply to a prompt, drawn live as it is denoised.")(generate.generate)
+app.command(short_help="Multi-turn chat with slash commands (/help).")(chat.chat)
+app.command(short_help="Experts per layer, τ and speed for a model on a GPU.")(plan.plan)
+app.command(short_help="Measure this machine, or list reference profiles.")(profile.profile)
+app.command(short_help="Compare residency policies side by side.")(bench.bench)
+app.command(short_help="Write a synthetic checkpoint (LLaDA2 format).")(synth.synth)
 
 
 def _fail(message: str, hint: str | None) -> None:
@@ -62,7 +63,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one line (and a hint) per user error, exit 1; Ctrl-C exits 130."""
+    """Entry point: one line (and a hint) per user error, exit 1; a usage error prints the usage
+    line too, exit 2; Ctrl-C exits 130."""
     import warnings
 
     debug = os.environ.get("TIDE_DEBUG") == "1"
@@ -73,14 +75,50 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _run(argv: list[str] | None, *, debug: bool) -> int:
-    """Run the app and map every way it can end to an exit code (0, 1, 130 or click's)."""
-    import click
+def _click_classes() -> tuple[type, type]:
+    """(ClickException, UsageError) of the click that typer runs on: its own copy in recent
+    typer versions, the click package in older ones. Found through typer's public BadParameter,
+    so `except` matches on every typer the dependency range allows."""
+    mro = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return mro["ClickException"], mro["UsageError"]
 
+
+def _usage_error(exc: BaseException, args: list[str]) -> int:
+    """The usage line, then the error as one line and where the help is; exit 2."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:  # some parser errors come without a context: the command's own
+        ctx = _context_of(args)
+    command = ctx.command_path if ctx is not None else "tide"
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a group run bare
+        sys.stdout.write(ctx.get_help() + "\n")
+        return 0
+    message = exc.format_message().strip().rstrip(".")
+    message = message[:1].lower() + message[1:]
+    if ctx is not None:
+        sys.stderr.write(ctx.get_usage() + "\n")
+    _fail(message, f"`{command} --help` shows the options")
+    return 2
+
+
+def _context_of(args: list[str]):
+    """A context for the command `args` name (the root when none), for its usage line."""
+    root = typer.main.get_command(app)
+    ctx = typer.Context(root, info_name="tide")
+    name = args[0] if args and not args[0].startswith("-") else None
+    sub = root.get_command(ctx, name) if name else None  # type: ignore[attr-defined]
+    return typer.Context(sub, info_name=name, parent=ctx) if sub is not None else ctx
+
+
+def _run(argv: list[str] | None, *, debug: bool) -> int:
+    """Run the app and map every way it can end to an exit code (0, 1, 2, 130)."""
     from tidecli.errors import out_of_memory
 
+    click_exception, usage_error = _click_classes()
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # `tide` alone is a request for help, not a mistake
+        args = ["--help"]
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="tide")
+        code = app(args=args, standalone_mode=False, prog_name="tide")
         if code == 130:  # typer >= 0.16 turns Ctrl-C into Exit(130) itself; older ones raise
             sys.stderr.write("\ninterrupted\n")
         return code if isinstance(code, int) else 0
@@ -89,16 +127,18 @@ def _run(argv: list[str] | None, *, debug: bool) -> int:
             raise
         _fail(exc.message, exc.hint)
         return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         if debug:
             raise
         sys.stderr.write("\ninterrupted\n")
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except usage_error as exc:
+        return _usage_error(exc, args)
+    except click_exception as exc:
+        _fail(exc.format_message(), None)
+        return int(getattr(exc, "exit_code", 1))
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0))
     except BrokenPipeError:
         return 0
     except Exception as exc:  # an engine bug: still no traceback without TIDE_DEBUG

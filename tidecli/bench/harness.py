@@ -17,6 +17,7 @@ import numpy as np
 from tidecli.bench.oracle import best_hit_rate, oracle_loads, routing_stats
 from tidecli.errors import OutOfDeviceMemory, TideError
 from tidecli.experts.modes import MISS_MODES, parse_misses
+from tidecli.model.config import ModelConfig
 
 SCHEMA = "tide-bench/1"
 BASELINES = ("lru", "static")
@@ -44,13 +45,8 @@ class BenchSpec:
     warmup_tokens: int = 64
     seed: int = 0
 
-    def validate(self) -> None:
-        from tidecli.experts.policies import POLICIES
-
-        bad = [p for p in self.policies if p not in POLICIES]
-        if bad or not self.policies:
-            raise TideError(f"unknown policy {', '.join(bad) or '(none)'}",
-                            f"choose among {', '.join(POLICIES)}")
+    def validate(self, *, need_budgets: bool = True) -> None:
+        """`need_budgets=False`: budgets may still be empty (chosen once the model is known)."""
         wl = [w for w in self.workloads if w not in ("model", "synthetic")]
         if wl or not self.workloads:
             raise TideError(f"unknown workload {', '.join(wl) or '(none)'}",
@@ -58,9 +54,12 @@ class BenchSpec:
         if any(v is not None and v <= 0 for v in self.vram):
             raise TideError("--vram budgets must be positive", "e.g. --vram 10,18")
         if any(b < 1 for b in self.experts):
-            raise TideError("--experts budgets must be at least 1", "e.g. --experts 16,64")
-        if any(p != "resident" for p in self.policies) and not (self.vram or self.experts):
-            raise TideError("offload policies need a budget", "add --vram 10,18 or --experts 64")
+            raise TideError("--experts-per-layer budgets must be at least 1",
+                            "e.g. --experts-per-layer 8,16")
+        if need_budgets and any(p != "resident" for p in self.policies) and \
+                not (self.vram or self.experts):
+            raise TideError("offload policies need a budget",
+                            "add --vram 10,18 or --experts-per-layer 8,16")
         if not self.misses or any(m not in MISS_MODES for m in self.misses):
             raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
         if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
@@ -69,6 +68,37 @@ class BenchSpec:
         if not self.prompts or self.repeat < 1 or self.gen_length < 1:
             raise TideError("nothing to run: give prompts, --repeat ≥ 1 and --gen-length ≥ 1",
                             "e.g. --gen-length 256 --repeat 1")
+        from tidecli.experts.policies import POLICIES  # last: it loads torch
+
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad or not self.policies:
+            raise TideError(f"unknown policy {', '.join(bad) or '(none)'}",
+                            f"choose among {', '.join(POLICIES)}")
+
+
+    def check_model(self, cfg: ModelConfig, *, context_tokens: int = 4096,
+                    block_length: int = 32) -> None:
+        """Refuse budgets this model cannot run, before any run starts (a bench that skips
+        every run after loading the model helps nobody)."""
+        from tidecli.memory import device_memory
+
+        over = [b for b in self.experts if b > cfg.num_experts]
+        if over:
+            half = max(1, cfg.num_experts // 2)
+            raise TideError(f"--experts-per-layer {over[0]}: the model has "
+                            f"{cfg.num_experts} experts per layer",
+                            f"use 1..{cfg.num_experts}, e.g. --experts-per-layer "
+                            f"{max(1, half // 2)},{half}")
+        for v in self.vram:
+            if v is not None:  # refuses a budget that cannot hold the dense part
+                device_memory(cfg, v, context_tokens=context_tokens, block_length=block_length)
+
+
+def default_budgets(cfg: ModelConfig) -> list[int]:
+    """Experts per layer to compare at when none are given: a quarter and a half of the
+    model's experts, which every device can run."""
+    e = cfg.num_experts
+    return sorted({max(1, e // 4), max(1, e // 2)})
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tidecli.commands.checks import POLICIES, check_model_options
 from tidecli.commands.options import (
     CpuThreadsOpt,
     ProfileOpt,
@@ -75,29 +76,38 @@ def _prompts(path: Path | None) -> list[str] | None:
 
 @with_options(model_options)
 def bench(
-    policies: Annotated[str, typer.Option(help="Policies to compare.")]
+    policies: Annotated[str, typer.Option(
+        metavar="LIST", help="Policies to compare, from resident, lru, static, tide.")]
     = "resident,lru,static,tide",
     vram: Annotated[str | None, typer.Option(
-        help="VRAM budgets in GiB, comma separated, e.g. 10,18.")] = None,
-    experts: Annotated[str | None, typer.Option(
-        help="Or uniform budgets in experts per layer, e.g. 16,64.")] = None,
+        metavar="GIB,…", help="VRAM budgets in GiB, e.g. 10,18.")] = None,
+    experts_per_layer: Annotated[str | None, typer.Option(
+        metavar="N,…", help="Or uniform budgets in experts per layer, e.g. 8,16. Default "
+                            "without --vram: a quarter and a half of the model's experts.")]
+    = None,
     workloads: Annotated[str, typer.Option(
+        metavar="LIST",
         help="model (the checkpoint's routing) and/or synthetic (published LLaDA2.0-mini routing "
              "statistics).")] = "model,synthetic",
     tau: Annotated[str, typer.Option(
+        metavar="LIST",
         help="tide refresh intervals to sweep, e.g. plan,1,2,4,8 ('plan': the planner's τ and "
              "expert budgets, with its predicted step time beside the measured one).")] = "plan",
     misses: Annotated[str, typer.Option(
-        help="static/tide miss placement to sweep: auto, stream, split, cpu, gpu (e.g. "
-             "stream,split).")] = "auto",
+        metavar="LIST", help="static/tide miss placement to sweep, from auto, stream, split, "
+                             "cpu, gpu (e.g. stream,split).")] = "auto",
     prompts: Annotated[Path | None, typer.Option(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
-    gen_length: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
+    gen_length: Annotated[int, typer.Option(
+        help="Tokens to generate per prompt (half of generate's default: a sweep runs many "
+             "times).")] = 256,
     threshold: ThresholdOpt = 0.95,
     repeat: Annotated[int, typer.Option(help="Passes over the prompts per run.")] = 1,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")]
-    = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the results as JSON on stdout.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the results (JSON) to this file.")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="Plot steps/s against budget (PNG).")] = None,
     profile: ProfileOpt = None,
@@ -105,10 +115,46 @@ def bench(
     **options: Any,
 ) -> None:
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
-    run_bench(policies=policies, vram=vram, experts=experts, workloads=workloads,
-              tau=tau, misses=misses, prompts=prompts, gen_length=gen_length,
-              threshold=threshold, repeat=repeat, json_out=json_out, plot=plot, profile=profile,
+    spec = bench_spec(policies=policies, vram=vram, experts_per_layer=experts_per_layer,
+                      workloads=workloads, tau=tau, misses=misses, prompts=prompts,
+                      gen_length=gen_length, threshold=threshold, repeat=repeat)
+    check_model_options(options)
+    if cpu_threads < 0:
+        raise TideError(f"--cpu-threads must not be negative, got {cpu_threads}",
+                        "0 uses torch's default")
+    run_bench(spec=spec, json_out=json_out, output=output, plot=plot, profile=profile,
               cpu_threads=cpu_threads, **options)
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
+               workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
+               threshold: float, repeat: int):
+    """The bench's runs from its options, every value checked (before torch loads); budgets
+    left empty when none are given (the model's defaults come once its config is read)."""
+    from tidecli.bench.harness import PROMPTS, BenchSpec
+    from tidecli.decode.schedule import check_schedule
+    from tidecli.experts.modes import parse_misses
+
+    names = _names(policies)
+    bad = [p for p in names if p not in POLICIES]
+    if bad or not names:
+        raise TideError(f"unknown policy {', '.join(bad) or '(none)'}",
+                        f"choose among {', '.join(POLICIES)}")
+    for m in _names(misses):
+        parse_misses(m)
+    check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
+    spec = BenchSpec(policies=names, vram=_floats(vram, "vram") if vram else [],
+                     experts=_ints(experts_per_layer, "experts-per-layer")
+                     if experts_per_layer else [],
+                     workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),
+                     prompts=_prompts(prompts) or list(PROMPTS),
+                     gen_length=gen_length, threshold=threshold, repeat=repeat)
+    spec.validate(need_budgets=False)
+    return spec
 
 
 def _profile(spec: str | None):
@@ -122,14 +168,15 @@ def _profile(spec: str | None):
         return None  # no saved profile: the bounds that need one are left out
 
 
-def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts, gen_length,
-              threshold, repeat, json_out, plot, profile, device, dtype, cpu_threads,
-              graphs) -> None:
+def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
+              profile: str | None, model, device, dtype, cpu_threads, graphs) -> None:
     from rich.console import Console
 
-    from tidecli.bench.harness import PROMPTS, Bench, BenchSpec
+    from tidecli.bench.harness import Bench, default_budgets
     from tidecli.bench.report import check_plot_available, write_json, write_plot
     from tidecli.commands.setup import open_engine, plans_on_this_machine
+    from tidecli.model.config import load_config
+    from tidecli.model.resolve import resolve_model
     from tidecli.runtime.options import engine_options
     from tidecli.ui.bench_view import (
         bounds_table,
@@ -140,17 +187,18 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     )
     from tidecli.ui.console import byte_progress, err
 
-    spec = BenchSpec(policies=[p.strip() for p in policies.split(",") if p.strip()],
-                     vram=_floats(vram, "vram") if vram else [],
-                     experts=_ints(experts, "experts") if experts else [],
-                     workloads=[w.strip() for w in workloads.split(",") if w.strip()],
-                     taus=_taus(tau),
-                     misses=[m.strip() for m in misses.split(",") if m.strip()],
-                     prompts=_prompts(prompts) or list(PROMPTS),
-                     gen_length=gen_length, threshold=threshold, repeat=repeat)
-    spec.validate()
     if plot is not None:
         check_plot_available()
+    folder = resolve_model(model)
+    cfg = load_config(folder)
+    if any(p != "resident" for p in spec.policies) and not (spec.vram or spec.experts):
+        spec.experts = default_budgets(cfg)
+        err.print(f"no budget given: comparing at {' and '.join(map(str, spec.experts))} "
+                  f"experts per layer (of {cfg.num_experts}); --vram or --experts-per-layer "
+                  "choose others", style="dim", markup=False, soft_wrap=True)
+    spec.check_model(cfg)  # budgets this model cannot run fail now, not after loading it
+    model = str(folder)
+    threshold = spec.threshold
     prof = _profile(profile)
     # the first run's runtime is built by the bench itself; start from the resident default
     opts = engine_options(model=model, device=device, dtype=dtype, policy="resident",
@@ -196,14 +244,19 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     elif prof is None:
         err.print("no hardware profile: the step-time bound is left out (run `tide profile`)",
                   style="dim")
-    if json_out is not None:
-        write_json(report, json_out)
-        err.print(f"results written to {json_out}")
+    if output is not None:
+        write_json(report, output)
+        err.print(f"results written to {output}")
     if plot is not None:
         write_plot(report, plot)
         err.print(f"plot written to {plot}")
-    if not sys.stdout.isatty() and json_out is None:
+    if json_out:
         sys.stdout.write(json.dumps(report) + "\n")
+    runs = report["runs"]
+    if runs and all(r.get("skipped") for r in runs):
+        raise TideError(f"every run was skipped ({runs[0]['skipped']})",
+                        "give budgets this model and device can run: --vram or "
+                        "--experts-per-layer")
     bad = [r for r in report["runs"]
            if not r.get("skipped") and r["exact_expected"] and not r["identical"]]
     if bad:

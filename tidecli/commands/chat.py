@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tidecli.commands import checks
 from tidecli.commands import options as opt
 
 HISTORY_FILE = "chat_history"
@@ -26,6 +27,7 @@ def chat(
     **options: Any,
 ) -> None:
     """Chat with a model: multi-turn, slash commands (/help), live denoising view."""
+    checks.check_options(options)  # before torch loads: a wrong value fails at once
     run_chat(opts=opt.engine_options_of(options), settings=opt.decode_settings_of(options),
              system=system, live=live, transcript=load, given=opt.given(ctx, options))
 

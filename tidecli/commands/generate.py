@@ -14,13 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
+from tidecli.commands import checks
 from tidecli.commands import options as opt
 from tidecli.decode.session import SoftInterrupt, drive
 
 
 @opt.with_options(opt.model_options, opt.decoding_options, opt.runtime_options)
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads it from stdin).")],
+    prompt: Annotated[str, typer.Argument(
+        metavar="PROMPT", help="The prompt ('-' reads it from stdin).")],
     system: opt.SystemOpt = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Send the prompt as is, no chat template.")] = False,
@@ -34,6 +36,7 @@ def generate(
     **options: Any,
 ) -> None:
     """Generate a reply to one prompt."""
+    checks.check_options(options)  # before torch loads: a wrong value fails at once
     run_generate(prompt=prompt, opts=opt.engine_options_of(options),
                  settings=opt.decode_settings_of(options, use_cache=not reference), system=system,
                  raw=raw, json_out=json_out, trace=trace, live=live)

@@ -13,27 +13,32 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. "
-                          "Env: TIDE_MODEL.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cuda or cpu.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")]
+    "--model", "-m", metavar="FOLDER|HUB_ID|demo",
+    help="Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. Default: demo "
+         "(a miniature LLaDA2 written on first use, no download), or $TIDE_MODEL.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="[auto|cuda|cpu]",
+                                        help="auto: the GPU when there is one (cuda:N picks one).")]
+DtypeOpt = Annotated[str, typer.Option(metavar="[auto|bf16|fp32]",
+                                       help="auto: bf16 on a GPU, fp32 on the CPU.")]
 GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
                                          help="CUDA: replay each step as captured CUDA graphs.")]
 
 # ---- residency ----------------------------------------------------------------------------------
 PolicyOpt = Annotated[str, typer.Option(
+    metavar="[auto|resident|lru|static|tide]",
     help="Expert residency: auto (resident when every expert fits, else tide), resident, lru, "
          "static or tide (without --tau or --experts-per-layer, tide follows the planner's plan "
          "for this machine).")]
 TauOpt = Annotated[int | None, typer.Option(help="tide: refresh every TAU steps of a block.")]
 MissesOpt = Annotated[str, typer.Option(
+    metavar="[auto|stream|split|cpu|gpu]",
     help="static/tide: where experts missing from the GPU run: stream (the GPU places them or "
          "reads them from pinned RAM inside the step, no host round trip), split (CPU and GPU "
          "scratch slots by measured cost), cpu, or gpu (scratch slots); auto = stream on a GPU "
          "when the experts fit pinned RAM, else cpu. stream and gpu give bitwise the resident "
          "run's tokens.")]
 ProfileOpt = Annotated[str | None, typer.Option(
-    "--profile", "-p",
+    "--profile", "-p", metavar="NAME|FILE",
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "
          "Default: this machine's saved profile, measured once when missing.")]
 CpuThreadsOpt = Annotated[int, typer.Option(
@@ -41,8 +46,10 @@ CpuThreadsOpt = Annotated[int, typer.Option(
 
 # ---- budgets ------------------------------------------------------------------------------------
 VramOpt = Annotated[float | None, typer.Option(
+    metavar="GIB",
     help="GPU memory budget in GiB for tide's allocations (dense + KV + expert slots).")]
 RamOpt = Annotated[float | None, typer.Option(
+    metavar="GIB",
     help="Host RAM budget in GiB for the experts (those kept in RAM + staging buffers); experts "
          "beyond it are read from disk when used (slower, same tokens). Default: the available "
          "RAM minus 2 GiB.")]

@@ -20,19 +20,30 @@ from tidecli.commands.options import (
     GenLengthOpt,
     MissesOpt,
     ModelOpt,
-    ProfileOpt,
     RamOpt,
     ThresholdOpt,
     TracePathOpt,
-    VramOpt,
 )
+from tidecli.errors import TideError
 
 
 def plan(
     model: ModelOpt = None,
-    profile: ProfileOpt = None,
-    vram: VramOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")]
+    profile: Annotated[str | None, typer.Option(
+        "--profile", "-p", metavar="NAME|FILE[,…]",
+        help="Hardware profiles to plan with: reference names (e.g. rtx4070,rtx4090: "
+             "`tide profile --list`) or profile JSONs, compared side by side. Default: this "
+             "machine's saved profile, measured once when missing.")] = None,
+    vram: Annotated[str | None, typer.Option(
+        metavar="GIB[,…]", help="GPU memory budgets in GiB, e.g. 8,12,16 (compared side by "
+                                "side). Default: the profile's free VRAM.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the plan as JSON on stdout (a list for several).")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the plan's JSON (a list for several) to this file.")]
+    = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also the τ cost curve, routing figures and every note.")]
     = False,
     trace: TracePathOpt = None,
     gen_length: GenLengthOpt = 512,
@@ -52,23 +63,63 @@ def plan(
     A plain plan reads only config.json (for a Hub id, only that file is fetched) and works on
     any machine for any profile; --calibrate loads the model and runs real steps here.
     """
-    run_plan(model=model, profile=profile, vram=vram, json_out=json_out, trace=trace,
-             gen_length=gen_length, block_length=block_length, threshold=threshold,
-             context=context, ram=ram, calibrate=calibrate, device=device, misses=misses)
+    from tidecli.commands.checks import check_device
+    from tidecli.decode.schedule import check_schedule
+    from tidecli.experts.modes import parse_misses
+
+    vrams = _gibs(vram) if vram else [None]
+    profiles = [p.strip() for p in profile.split(",") if p.strip()] if profile else [None]
+    check_schedule(gen_length=gen_length, block_length=block_length, threshold=threshold)
+    if context < 1:
+        raise TideError(f"--context must be at least 1, got {context}", "e.g. --context 4096")
+    if ram is not None and not 0 < ram < float("inf"):
+        raise TideError(f"--ram must be positive, got {ram:g}", "e.g. --ram 48")
+    check_device(device)
+    parse_misses(misses)
+    if calibrate and len(vrams) * len(profiles) > 1:
+        raise TideError("--calibrate checks one plan on this machine",
+                        "give one --vram and one --profile with --calibrate")
+    run_plan(model=model, profiles=profiles, vrams=vrams, json_out=json_out, output=output,
+             verbose=verbose, trace=trace, gen_length=gen_length, block_length=block_length,
+             threshold=threshold, context=context, ram=ram, calibrate=calibrate, device=device,
+             misses=misses)
 
 
-def run_plan(*, model: str | None, profile: str | None, vram: float | None, json_out: bool,
-             trace: Path | None, gen_length: int, block_length: int, threshold: float,
-             context: int, ram: float | None, calibrate: bool, device: str,
-             misses: str = "auto") -> None:
+def _gibs(text: str) -> list[float | None]:
+    out: list[float | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise TideError(f"--vram: {part!r} is not a number of GiB",
+                            "e.g. --vram 12, or --vram 8,12,16 to compare") from None
+        if not 0 < value < float("inf"):
+            raise TideError(f"--vram must be a positive number of GiB, got {value:g}",
+                            "e.g. --vram 12")
+        out.append(value)
+    return out
+
+
+def _no_gpu(prof) -> TideError:
+    return TideError(f"the profile {prof.name!r} has no GPU: a plan predicts a GPU's speed, and "
+                     "this profile has no figures for one",
+                     "plan for a GPU with --profile NAME (`tide profile --list`), or run "
+                     "`tide profile` on the machine with the GPU")
+
+
+def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float | None],
+             json_out: bool, output: Path | None, verbose: bool, trace: Path | None,
+             gen_length: int, block_length: int, threshold: float, context: int,
+             ram: float | None, calibrate: bool, device: str, misses: str = "auto") -> None:
     from tidecli.experts.modes import parse_misses
     from tidecli.experts.trace import RoutingTrace
+    from tidecli.fsutil import atomic_write_text
     from tidecli.hardware.store import resolve_profile
     from tidecli.model.config import load_config
     from tidecli.model.resolve import config_folder, resolve_model
     from tidecli.planner import Workload, make_plan
     from tidecli.planner.calibration import load_calibration
-    from tidecli.ui.plan_view import render_plan
+    from tidecli.ui.plan_view import render_plan, render_plans
 
     mode = parse_misses(misses)
     if calibrate:
@@ -76,10 +127,46 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
     else:
         folder, name = config_folder(model)
     cfg = load_config(folder)
-    prof = resolve_profile(profile)
     workload = Workload(block_length=block_length, gen_length=gen_length, threshold=threshold,
                         context_tokens=context)
     routing = RoutingTrace.load(trace) if trace is not None else None
+    plans = []
+    for spec in profiles:
+        prof = resolve_profile(spec)
+        if not prof.gpu_name and not prof.vram_total_bytes:
+            raise _no_gpu(prof)
+        for vram in vrams:
+            plans.append((_label(spec, prof, vram, len(profiles), len(vrams)),
+                          _plan_one(cfg=cfg, prof=prof, vram=vram, workload=workload,
+                                    routing=routing, ram=ram, name=name, mode=mode,
+                                    folder=folder, calibrate=calibrate, device=device,
+                                    make_plan=make_plan, load_calibration=load_calibration)))
+    if len(plans) == 1:
+        render_plan(plans[0][1], verbose=verbose)
+        data: object = plans[0][1].to_dict()
+    else:
+        render_plans(plans, verbose=verbose)
+        data = [dict(p.to_dict(), label=label) for label, p in plans]
+    if output is not None:
+        atomic_write_text(output, json.dumps(data, indent=1) + "\n")
+    if json_out:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+
+
+def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams: int) -> str:
+    """A column's heading: the profile (when several) and the budget (when several)."""
+    parts = []
+    if n_profiles > 1:
+        parts.append(spec if spec and "/" not in spec and not spec.endswith(".json")
+                     else prof.name)
+    if n_vrams > 1 or (n_profiles > 1 and vram is not None):
+        parts.append("free VRAM" if vram is None else f"{vram:g} GiB")
+    return " · ".join(parts) or prof.name
+
+
+def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
+              device, make_plan, load_calibration):
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
@@ -88,17 +175,12 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
             plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
                              trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
                              calibration=saved)
-    if calibrate:
-        from tidecli.runtime.calibrate import calibrate_plan
-        from tidecli.ui.console import byte_progress, err
+        return plan
+    from tidecli.runtime.calibrate import calibrate_plan
+    from tidecli.ui.console import byte_progress, err
 
-        err.print(f"calibrating: {plan.policy}, τ {plan.tau}, "
-                  f"{sum(plan.experts_per_layer.values())} expert slots on this machine …")
-        with byte_progress() as progress:
-            plan = calibrate_plan(model_path=folder, config=cfg, profile=prof, plan=plan,
-                                  workload=workload, ram_gib=ram, device=device,
-                                  progress=progress)
-    render_plan(plan)
-    if json_out:
-        sys.stdout.write(json.dumps(plan.to_dict()) + "\n")
-        sys.stdout.flush()
+    err.print(f"calibrating: {plan.policy}, τ {plan.tau}, "
+              f"{sum(plan.experts_per_layer.values())} expert slots on this machine …")
+    with byte_progress() as progress:
+        return calibrate_plan(model_path=folder, config=cfg, profile=prof, plan=plan,
+                              workload=workload, ram_gib=ram, device=device, progress=progress)

@@ -25,7 +25,7 @@ def profile(
     no_save: Annotated[bool, typer.Option(
         "--no-save", help="Do not save it as this machine's profile.")] = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Also write the profile JSON to this file.")] = None,
+        "--output", "-o", help="Write the profile JSON to this file.")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the reference profiles.")] = False,
 ) -> None:
     """Measure GPU, PCIe copies and CPU expert speed; saved for generate/chat/bench."""
@@ -43,7 +43,8 @@ def list_references(*, json_out: bool) -> None:
     if json_out:
         rows = [{"name": name, "title": p.name, "gpu_name": p.gpu_name,
                  "vram_total_bytes": p.vram_total_bytes, "pcie_gen": p.pcie_gen,
-                 "pcie_width": p.pcie_width} for name, p in profiles.items()]
+                 "pcie_width": p.pcie_width, "ram_total_bytes": p.ram_total_bytes,
+                 "ram_available_bytes": p.ram_available_bytes} for name, p in profiles.items()]
         typer.echo(json.dumps(rows, indent=2))
         return
     render_reference_list(profiles)

@@ -8,12 +8,15 @@ from typing import Annotated
 import typer
 
 from tidecli.commands.options import DeviceOpt
+from tidecli.errors import TideError
 
 
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Folder to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
-        help="tiny, mini (LLaDA2.0-mini shape) or flash.")] = "tiny",
+        metavar="[tiny|mini|flash]",
+        help="tiny (the demo's size), mini (LLaDA2.0-mini's shape) or flash.")] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Keep only this many layers.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
@@ -22,6 +25,13 @@ def synth(
         help="Sharpen the lm_head (default per preset: a few tokens commit per step).")] = None,
 ) -> None:
     """Write a synthetic checkpoint of the real LLaDA2 format (random weights)."""
+    from tidecli.commands.checks import check_device
+    from tidecli.model.presets import preset_config
+
+    preset_config(preset)  # an unknown preset fails before torch loads
+    check_device(device)
+    if layers is not None and layers < 1:
+        raise TideError(f"--layers must be at least 1, got {layers}", "e.g. --layers 4")
     run_synth(out=out, preset=preset, layers=layers, seed=seed, force=force, device=device,
               logit_scale=logit_scale)
 

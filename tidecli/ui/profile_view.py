@@ -157,12 +157,21 @@ def render_profile(profile: HardwareProfile, *, saved_to: Path | None = None) ->
 def render_reference_list(profiles: dict[str, HardwareProfile]) -> None:
     """name → profile, one line each on stdout."""
     table = Table(show_header=True, box=None, padding=(0, 1), header_style="bold")
-    for col in ("name", "card", "PCIe", "pinned H2D", "CPU"):
+    for col in ("name", "card", "PCIe", "pinned H2D", "RAM", "CPU cores"):
         table.add_column(col, no_wrap=True)
     for name, p in profiles.items():
         link = f"{p.pcie_gen}.0 x{p.pcie_width}" if p.pcie_gen and p.pcie_width else "-"
         h2d = f"{p.h2d_pinned_gbps:.1f} GB/s" if p.h2d_pinned_gbps else "-"
         isa = p.cpu_features[-1] if p.cpu_features else "-"  # the most capable one listed
-        table.add_row(escape(name), escape(p.name.removesuffix(" (reference)")), link, h2d,
-                      f"{p.cpu_physical_cores} cores, {isa}")
+        card = p.name.removesuffix(" (reference)").removesuffix(" (measured)")
+        table.add_row(escape(name), escape(card), link, h2d, _ram(p),
+                      f"{p.cpu_physical_cores} {isa}")
     out.print(table)
+    err.print("RAM: what the profile assumes the host has; it bounds the experts kept in "
+              "host memory (`tide plan --ram GiB` plans for another amount)", style="dim",
+              markup=False, soft_wrap=True)
+
+
+def _ram(p: HardwareProfile) -> str:
+    """The host RAM a profile assumes."""
+    return f"{p.ram_total_bytes / 2**30:.0f} GiB" if p.ram_total_bytes else "-"

@@ -31,24 +31,24 @@ if [ "$STAGE" = b ]; then
   [ -d "$W/mini" ] || T synth "$W/mini" --preset mini 2>&1 | tail -1
   TO 500 bench -m "$W/mini" --vram 10,18 --policies resident,lru,static,tide --tau 4 \
     --workloads model,synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
-    --profile h200 --json "$OUT/bench-mini.json" 2>&1 | tail -60
+    --profile h200 -o "$OUT/bench-mini.json" 2>&1 | tail -60
 fi
 if [ "$STAGE" = d ]; then
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   python3 -c "import json,sys;c=json.load(open(sys.argv[1]));print('layers',c['num_hidden_layers'],'experts',c['num_experts'])" "$W/mini/config.json"
   TO 330 bench -m "$W/mini" --vram 10,18 --policies resident,lru,static,tide --tau 4 \
     --workloads model,synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
-    --profile h200 --json "$OUT/bench-mini.json" 2>&1 | tail -40
+    --profile h200 -o "$OUT/bench-mini.json" 2>&1 | tail -40
   TO 170 bench -m "$W/mini" --vram 10 --policies tide --tau 1,4 --misses cpu,gpu \
     --workloads synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
-    --profile h200 --json "$OUT/bench-mini-misses.json" 2>&1 | tail -25
+    --profile h200 -o "$OUT/bench-mini-misses.json" 2>&1 | tail -25
 fi
 if [ "$STAGE" = e ]; then
   echo "== gpu tests"; timeout 90 python3 -m pytest -q -m gpu tests/test_gpu.py -k "misses or step_program" -p no:cacheprovider 2>&1 | tail -4
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   TO 300 bench -m "$W/mini" --vram 10 --policies resident,lru,tide --tau 1,4 --misses auto,gpu \
     --workloads synthetic --prompts tools/bench/bench_prompts.txt --gen-length 128 \
-    --profile h200 --json "$OUT/bench-mini-sticky.json" 2>&1 | grep -v "^\[" | tail -30
+    --profile h200 -o "$OUT/bench-mini-sticky.json" 2>&1 | grep -v "^\[" | tail -30
 fi
 if [ "$STAGE" = f ]; then
   # pinned-memory reads from inside a step (zero-copy probe), then issue 8's tiered flash run
@@ -74,17 +74,17 @@ if [ "$STAGE" = g ]; then
   B="bench -m $W/mini --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200"
   echo "== A: synthetic 10 GiB, stream, tau sweep"
   TO 200 $B --vram 10 --policies resident,lru,static,tide --misses stream --tau 1,2,4,8 \
-    --workloads synthetic --json "$OUT/bench-stream-syn10.json" 2>&1 | grep -v "^\[" | tail -32
+    --workloads synthetic -o "$OUT/bench-stream-syn10.json" 2>&1 | grep -v "^\[" | tail -32
   echo "== C: model routing 10,18 GiB + synthetic 18"
   TO 200 $B --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1,4 \
-    --workloads model,synthetic --json "$OUT/bench-stream-all.json" 2>&1 | grep -v "^\[" | tail -40
+    --workloads model,synthetic -o "$OUT/bench-stream-all.json" 2>&1 | grep -v "^\[" | tail -40
 fi
 if [ "$STAGE" = h ]; then
   # every policy on full-size mini, both budgets and workloads, one process (streamed misses)
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   TO 480 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,static,tide --misses stream --tau 1 \
-    --workloads model,synthetic --json "$OUT/bench-mini-stream.json" \
+    --workloads model,synthetic -o "$OUT/bench-mini-stream.json" \
     2>&1 | grep -v "^\[" | tail -45
 fi
 if [ "$STAGE" = i ]; then
@@ -92,12 +92,12 @@ if [ "$STAGE" = i ]; then
   T synth "$W/mini" --preset mini --force 2>&1 | tail -1
   TO 270 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau 1 --workloads model,synthetic \
-    --json "$OUT/bench-mini-fused.json" 2>&1 | grep -v "^\[" | tail -24
+    -o "$OUT/bench-mini-fused.json" 2>&1 | grep -v "^\[" | tail -24
   rm -rf "$W/mini"
   T synth "$W/flash4" --preset flash --layers 4 --force 2>&1 | tail -1
   TO 200 bench -m "$W/flash4" --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
     --vram 7.25 --policies resident,lru,static,tide --misses stream --tau 1 \
-    --workloads model,synthetic --json "$OUT/bench-flash4.json" 2>&1 | grep -v "^\[" | tail -30
+    --workloads model,synthetic -o "$OUT/bench-flash4.json" 2>&1 | grep -v "^\[" | tail -30
 fi
 if [ "$STAGE" = j ]; then
   # the planner against the measurement: uncalibrated plans, --calibrate at 10 GiB (saved, so
@@ -111,7 +111,7 @@ if [ "$STAGE" = j ]; then
     2> "$OUT/cal10.err"; tail -22 "$OUT/cal10.err"
   TO 420 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1,2,3,4,5,6,7,8 \
-    --workloads synthetic --json "$OUT/bench-plan-syn.json" 2>&1 | grep -v "^\[" | tail -40
+    --workloads synthetic -o "$OUT/bench-plan-syn.json" 2>&1 | grep -v "^\[" | tail -40
 fi
 if [ "$STAGE" = k ]; then
   echo "== gpu tests"; timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -4
@@ -121,7 +121,7 @@ if [ "$STAGE" = k ]; then
     2> "$OUT/cal18.err"; tail -22 "$OUT/cal18.err"
   TO 300 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
     --vram 10,18 --policies resident,lru,tide --misses stream --tau plan,1 \
-    --workloads model,synthetic --json "$OUT/bench-plan-cal18.json" 2>&1 | grep -v "^\[" | tail -40
+    --workloads model,synthetic -o "$OUT/bench-plan-cal18.json" 2>&1 | grep -v "^\[" | tail -40
 fi
 if [ "$STAGE" = l ]; then
   # calibrate at one budget, predict both (synthetic workload): at 10 GiB, then at 18 GiB
@@ -132,6 +132,6 @@ if [ "$STAGE" = l ]; then
       2> "$OUT/cal$c.err"; grep -A4 "fitted" "$OUT/cal$c.err"
     TO 200 bench -m "$W/mini" --prompts tools/bench/bench_prompts.txt --gen-length 128 --profile h200 \
       --vram 10,18 --policies tide --misses stream --tau plan --workloads synthetic \
-      --json "$OUT/bench-cal$c.json" 2>&1 | grep -A8 "planner against"
+      -o "$OUT/bench-cal$c.json" 2>&1 | grep -A8 "planner against"
   done
 fi
