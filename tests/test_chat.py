@@ -113,6 +113,7 @@ def test_transcript_round_trip(tmp_path):
     s.record(Turn(user="a", assistant="b", stats={"tokens": 2, "experts": {"summary": {}}},
                   settings={"threshold": 0.8}))
     s.record(Turn(user="c", assistant="d", interrupted=True))
+    (tmp_path / "sub").mkdir()  # /save writes into a folder that exists (it creates none)
     path = s.save(tmp_path / "sub" / "chat.json")
     saved = json.loads(path.read_text())
     assert saved["format"] == "tide-chat" and saved["settings"]["threshold"] == 0.8

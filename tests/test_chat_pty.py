@@ -101,7 +101,8 @@ def test_keys_typed_during_a_reply_leave_no_stale_frame(tmp_path):
         subprocess.run([tmux, "send-keys", "-t", name, "Tell me a long story", "Enter"])
         wait_for(lambda t: "steps/s" in t, TIMEOUT)  # the live frame is drawn
         subprocess.run([tmux, "send-keys", "-t", name, "typed ahead", "Enter"])
-        text = wait_for(lambda t: t.count("tokens/s") >= 2, 2 * TIMEOUT)
+        text = wait_for(lambda t: t.count(" steps (") >= 2 and  # both summaries, then a prompt
+                        t.rstrip().splitlines()[-1] == PROMPT.rstrip(), 2 * TIMEOUT)
     finally:
         subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
     assert "░" not in text, text

@@ -75,9 +75,9 @@ def test_the_command_list_is_whole_and_in_order(capsys):
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("generate", ["[resident|lru|static|tide]", "[auto|stream|split|cpu|gpu]",
+    ("generate", ["[auto|resident|lru|static|tide]", "[auto|stream|split|cpu|gpu]",
                   "[auto|cuda|cpu]", "[auto|bf16|fp32]", "Default: demo"]),
-    ("chat", ["[resident|lru|static|tide]", "Default: demo"]),
+    ("chat", ["[auto|resident|lru|static|tide]", "Default: demo"]),
     ("plan", ["[auto|stream|split|cpu|gpu]", "Default: demo", "--verbose", "-o, --output"]),
     ("bench", ["--experts-per-layer", "-o, --output", "Default: demo"]),
     ("profile", ["-o, --output", "--list"]),
@@ -92,10 +92,12 @@ def test_help_names_choices_and_the_default_model(capsys, command, shown):
 
 
 def test_policy_choices_match_the_runtime():
-    from tidecli.commands.checks import POLICIES
-    from tidecli.experts.policies import POLICIES as RUNTIME
+    from tidecli.commands.options import PolicyOpt
+    from tidecli.experts.modes import POLICIES
+    from tidecli.runtime.options import POLICY_CHOICES
 
-    assert tuple(POLICIES) == tuple(RUNTIME)
+    assert POLICY_CHOICES == ("auto", *POLICIES)
+    assert PolicyOpt.__metadata__[0].metavar == f"[{'|'.join(POLICY_CHOICES)}]"
 
 
 def test_the_real_entry_point():

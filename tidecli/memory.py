@@ -82,13 +82,17 @@ class DeviceMemory:
                 "expert_bytes": self.expert_bytes, "experts_per_layer": self.experts_per_layer}
 
 
+def check_vram_gib(vram_gib: float) -> None:
+    if not 0 < vram_gib < float("inf"):  # also refuses nan
+        raise TideError(f"--vram must be a positive number of GiB, got {vram_gib:g}",
+                        "e.g. --vram 12")
+
+
 def device_memory(cfg: ModelConfig, vram_gib: float, *, context_tokens: int = 4096,
                   block_length: int = 32, dtype_bytes: int = 2) -> DeviceMemory:
     """Split `vram_gib`; refuses a budget that cannot hold the dense part and one expert slot
     per MoE layer."""
-    if not 0 < vram_gib < float("inf"):  # also refuses nan
-        raise TideError(f"--vram must be a positive number of GiB, got {vram_gib:g}",
-                        "e.g. --vram 12")
+    check_vram_gib(vram_gib)
     mem = DeviceMemory(budget=int(vram_gib * GIB), dense=device_dense_bytes(cfg, dtype_bytes),
                        kv_cache=cfg.kv_bytes_per_token(dtype_bytes) * context_tokens,
                        workspace=workspace_bytes(cfg, block_length),

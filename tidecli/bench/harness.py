@@ -16,7 +16,7 @@ import numpy as np
 
 from tidecli.bench.oracle import best_hit_rate, oracle_loads, routing_stats
 from tidecli.errors import OutOfDeviceMemory, TideError
-from tidecli.experts.modes import MISS_MODES, parse_misses
+from tidecli.experts.modes import MISS_MODES, POLICIES, parse_misses
 from tidecli.model.config import ModelConfig
 
 SCHEMA = "tide-bench/1"
@@ -68,7 +68,6 @@ class BenchSpec:
         if not self.prompts or self.repeat < 1 or self.gen_length < 1:
             raise TideError("nothing to run: give prompts, --repeat ≥ 1 and --gen-length ≥ 1",
                             "e.g. --gen-length 256 --repeat 1")
-        from tidecli.experts.policies import POLICIES  # last: it loads torch
 
         bad = [p for p in self.policies if p not in POLICIES]
         if bad or not self.policies:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tidecli.commands.checks import POLICIES, check_model_options
+from tidecli.commands.checks import check_model_options
 from tidecli.commands.options import (
     CpuThreadsOpt,
     ProfileOpt,
@@ -22,6 +22,7 @@ from tidecli.commands.options import (
     with_options,
 )
 from tidecli.errors import TideError
+from tidecli.experts.modes import POLICIES
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -136,7 +137,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     """The bench's runs from its options, every value checked (before torch loads); budgets
     left empty when none are given (the model's defaults come once its config is read)."""
     from tidecli.bench.harness import PROMPTS, BenchSpec
-    from tidecli.decode.schedule import check_schedule
+    from tidecli.decode.settings import check_schedule
     from tidecli.experts.modes import parse_misses
 
     names = _names(policies)

@@ -146,7 +146,7 @@ def engine_options_of(o: dict[str, Any]):
 
 def decode_settings_of(o: dict[str, Any], **extra: Any):
     """DecodeSettings from the decoding group's values."""
-    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.decode.settings import DecodeSettings
 
     return DecodeSettings(
         gen_length=o["gen_length"], block_length=o["block_length"], threshold=o["threshold"],

@@ -64,16 +64,17 @@ def plan(
     any machine for any profile; --calibrate loads the model and runs real steps here.
     """
     from tidecli.commands.checks import check_device
-    from tidecli.decode.schedule import check_schedule
+    from tidecli.decode.settings import check_schedule
     from tidecli.experts.modes import parse_misses
+    from tidecli.memory import check_ram_gib
 
     vrams = _gibs(vram) if vram else [None]
     profiles = [p.strip() for p in profile.split(",") if p.strip()] if profile else [None]
     check_schedule(gen_length=gen_length, block_length=block_length, threshold=threshold)
     if context < 1:
         raise TideError(f"--context must be at least 1, got {context}", "e.g. --context 4096")
-    if ram is not None and not 0 < ram < float("inf"):
-        raise TideError(f"--ram must be positive, got {ram:g}", "e.g. --ram 48")
+    if ram is not None:
+        check_ram_gib(ram)
     check_device(device)
     parse_misses(misses)
     if calibrate and len(vrams) * len(profiles) > 1:

@@ -1,5 +1,6 @@
-"""Where the static and tide policies run the pairs of experts missing from the GPU slots: one
-vocabulary for the runtime, the planner and every command, and one rule for `auto`.
+"""The residency vocabulary, one for the runtime, the planner and every command: the policies,
+tide's options, and where the static and tide policies run the pairs of experts missing from the
+GPU slots, with one rule for `auto`. No torch here (commands check values before it loads).
 
 - `stream`: the GPU reads a missed expert from pinned RAM inside the step (experts/stream.py);
   the whole step is one device program. Tokens are bitwise the resident run's.
@@ -13,10 +14,12 @@ vocabulary for the runtime, the planner and every command, and one rule for `aut
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from tidecli.errors import TideError
 
+POLICIES = ("resident", "lru", "static", "tide")  # experts/policies.py implements them
 SCRATCH_SLOTS = 16  # GPU slots that misses computed on the GPU (gpu, split) pass through
 
 
@@ -59,3 +62,11 @@ def resolve_misses(requested: str | MissMode, *, cuda: bool,
     if mode is MissMode.SPLIT and not cuda:
         return MissMode.CPU
     return mode
+
+
+@dataclass(frozen=True)
+class TideOptions:
+    tau: int | None = None  # refresh every τ steps of a block; None: the plan's (4 without one)
+    stall_refresh: bool = False  # True: the paper's refresh (promote, wait, compute)
+    warm_start: bool = True  # keep the previous block's placement at a block's first step
+    skip_last_step: bool = True  # no refresh on a block's known last step

@@ -10,11 +10,10 @@ slots, on demand).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from tidecli.errors import TideError
+from tidecli.experts.modes import TideOptions
 from tidecli.experts.pools import SlotPool
 from tidecli.model.moe import ForwardInfo
 
@@ -153,14 +152,6 @@ class StaticPolicy(Policy):
         return plan_moves(pool, top_experts(popularity, pool.slots, pool), popularity)
 
 
-@dataclass(frozen=True)
-class TideOptions:
-    tau: int | None = None  # refresh every τ steps of a block; None: the plan's (4 without one)
-    stall_refresh: bool = False  # True: the paper's refresh (promote, wait, compute)
-    warm_start: bool = True  # keep the previous block's placement at a block's first step
-    skip_last_step: bool = True  # no refresh on a block's known last step
-
-
 class TidePolicy(Policy):
     """TIDE interval refresh: at steps t ≡ 0 (mod τ) of a block the placement follows that step's
     routing (top-B used experts, least-used residents evicted); between refreshes it is frozen
@@ -221,4 +212,3 @@ class TidePolicy(Policy):
                 "warm_start": o.warm_start, "skip_last_step": o.skip_last_step}
 
 
-POLICIES = ("resident", "lru", "static", "tide")

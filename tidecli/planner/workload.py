@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidecli.decode.schedule import check_schedule
+from tidecli.decode.settings import check_schedule
 from tidecli.errors import TideError
 from tidecli.model.config import ModelConfig
 

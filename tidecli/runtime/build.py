@@ -22,8 +22,9 @@ from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import torch_dtype
 from tidecli.planner.auto import MachineFacts
 from tidecli.planner.plan import Plan
+from tidecli.runtime.devices import pick_dtype
 from tidecli.runtime.facts import stream_blocker
-from tidecli.runtime.options import EngineOptions, pick_dtype
+from tidecli.runtime.options import EngineOptions
 from tidecli.units import GIB
 
 DEFAULT_TAU = 4  # tide's τ when it neither follows a plan nor is given one

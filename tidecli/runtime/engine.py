@@ -26,14 +26,9 @@ from tidecli.model.tokenizer import ChatTokenizer
 from tidecli.planner.plan import Plan, PlanSummary
 from tidecli.runtime import build
 from tidecli.runtime.autoplan import follows_plan, plan_for
+from tidecli.runtime.devices import pick_device, pick_dtype
 from tidecli.runtime.facts import device_free_gib, machine_facts
-from tidecli.runtime.options import (
-    BudgetOptions,
-    EngineOptions,
-    ResidencyOptions,
-    pick_device,
-    pick_dtype,
-)
+from tidecli.runtime.options import BudgetOptions, EngineOptions, ResidencyOptions
 
 # progress(stage, done_bytes, total_bytes)
 LoadProgress = Callable[[str, int, int], None]

@@ -1,25 +1,24 @@
 """What an engine is asked for, in three groups: loading the model, residency of the routed
 experts, and memory budgets; plus the workload it is planned for and, optionally, a plan to
-follow exactly. Plain frozen data; the device and dtype names are resolved here."""
+follow exactly. Plain frozen data with its rules, and no torch: a command checks its options
+before anything heavy loads (runtime/devices.py resolves the device and dtype names)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-import torch
-
 from tidecli.errors import TideError
-from tidecli.experts.modes import MissMode, parse_misses
-from tidecli.experts.policies import POLICIES, TideOptions
-from tidecli.memory import check_ram_gib
+from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses
+from tidecli.memory import check_ram_gib, check_vram_gib
 from tidecli.planner.plan import Plan
 from tidecli.planner.workload import Workload
 
 # `auto`: resident when every expert fits the budget, else tide as the planner plans it
 POLICY_CHOICES = ("auto", *POLICIES)
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = ("auto", "bf16", "fp32", "fp16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -29,6 +28,12 @@ class LoadOptions:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
+
+    def validate(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise TideError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
+        if self.dtype not in DTYPE_NAMES:
+            raise TideError(f"unknown dtype {self.dtype!r}", "use auto, bf16 or fp32")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class BudgetOptions:
     experts_per_layer: int | None = None  # a uniform expert budget
 
     def validate(self) -> None:
+        if self.vram_gib is not None:
+            check_vram_gib(self.vram_gib)
         if self.ram_gib is not None:
             check_ram_gib(self.ram_gib)
 
@@ -77,6 +84,7 @@ class EngineOptions:
     plan: Plan | None = None  # follow exactly this plan (its B_ℓ, τ, threads, RAM tiers, misses)
 
     def validate(self) -> None:
+        self.load.validate()
         self.residency.validate()
         self.budgets.validate()
 
@@ -129,25 +137,3 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
                               experts_per_layer=experts_per_layer),
         workload=Workload(block_length=block_length, threshold=threshold,
                           context_tokens=context_tokens))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise TideError(f"unknown device {name!r}", "use auto, cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TideError("--device cuda asked for, but no CUDA GPU is visible",
-                        "use --device cpu, or check the NVIDIA driver")
-    return dev
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 is what the checkpoints hold; CPUs without bf16 units run fp32 faster
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise TideError(f"unknown dtype {name!r}", "use auto, bf16 or fp32")
-    return DTYPES[name]
