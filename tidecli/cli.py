@@ -12,7 +12,7 @@ import sys
 import typer
 
 from tidecli import __version__
-from tidecli.commands import bench, chat, generate, plan, profile, synth
+from tidecli.commands import bench, chat, generate, plan, profile, serve, synth
 from tidecli.errors import TideError
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ def root(
 # in the order a person meets them
 app.command()(generate.generate)
 app.command()(chat.chat)
+app.command()(serve.serve)
 app.command()(plan.plan)
 app.command()(profile.profile)
 app.command()(bench.bench)
