@@ -188,18 +188,24 @@ def test_queue_full_429_then_served(engine):
     with serving(engine, max_queue=1) as run:
         a = long_stream(run.client())
         run.until(lambda: run.health()["running"] == 1)
-        answers: list[Any] = []
-        waiting = threading.Thread(target=lambda: answers.append(
-            run.client().chat.completions.create(model="t", messages=HELLO, max_tokens=8)))
-        waiting.start()
+        waiting = long_stream(run.client())  # a stream opens at once, then waits its turn
         run.until(lambda: run.health()["queue_depth"] == 1)
         with pytest.raises(openai.RateLimitError) as info:
             run.client().chat.completions.create(model="t", messages=HELLO, max_tokens=8)
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.body["code"] == "queue_full"
+        waiting.close()  # a client that leaves the queue frees its place at once
+        run.until(lambda: run.health()["queue_depth"] == 0)
+        assert run.health()["running"] == 1
+        answers: list[Any] = []
+        queued = threading.Thread(target=lambda: answers.append(
+            run.client().chat.completions.create(model="t", messages=HELLO, max_tokens=8)))
+        queued.start()
+        run.until(lambda: run.health()["queue_depth"] == 1)
         a.close()  # the long one leaves: the waiting one is served
-        waiting.join(WAIT_S)
+        queued.join(WAIT_S)
         assert answers and answers[0].usage.completion_tokens == 8
+        assert run.app.state.metrics.generations["cancelled"] == 2
 
 
 def test_disconnect_cancels_the_generation(server):
@@ -217,6 +223,11 @@ def test_disconnect_cancels_the_generation(server):
     out = server.client().chat.completions.create(model="t", messages=HELLO, max_tokens=8)
     assert out.usage.completion_tokens == 8
     assert time.monotonic() - start < WAIT_S  # not after the 3000-token generation
+    # a client waiting for a whole (non-streamed) answer that gives up cancels it too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/chat/completions", timeout=1.0,
+                   json={"messages": HELLO, "max_tokens": 3000, "threshold": 1.0})
+    server.until(lambda: metrics.generations["cancelled"] == cancelled + 2)
 
 
 def test_concurrent_clients_are_serialized(server):
@@ -257,3 +268,23 @@ def test_failed_generation_answers_and_the_server_keeps_serving(server, engine, 
         list(client.chat.completions.create(model="t", messages=HELLO, max_tokens=8,
                                             stream=True))
     assert client.chat.completions.create(model="t", messages=HELLO, max_tokens=8).choices
+
+
+@pytest.mark.gpu
+def test_cuda_engine_on_the_worker_thread(tiny_ckpt):
+    """The step programs (CUDA graphs) are captured on the worker thread; the server's text is
+    the same as a generation on the main thread, streamed or not."""
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cuda", policy="tide", tau=2,
+                                experts_per_layer=8), quiet=True)
+    try:
+        with serving(eng) as run:
+            client = run.client()
+            kw = dict(model="t", messages=HELLO, max_tokens=70, temperature=0.8, seed=3)
+            full = client.chat.completions.create(**kw).choices[0].message.content
+            parts = [c.choices[0].delta.content for c in client.chat.completions.create(
+                stream=True, **kw) if c.choices and c.choices[0].delta.content]
+            assert "".join(parts) == full
+        assert full == direct(eng, "Hello", DecodeSettings(gen_length=70, temperature=0.8,
+                                                           seed=3))
+    finally:
+        eng.close()

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -176,14 +177,16 @@ def create_app(engine: Any, *, model_name: str, defaults: DecodeSettings,
         worker.submit(job)  # 429 when the queue is full
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if gen.stream:
+            # the background task also runs when the client leaves before the stream began
             return StreamingResponse(stream(job, shape, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+                                              "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(worker.cancel, job))
         try:
             outcome = await wait_outcome(job, request)
-        finally:
-            job.cancel()  # a no-op once done; else the client left or the handler was cancelled
+        finally:  # a no-op once done; else the client left or the handler was cancelled
+            worker.cancel(job)
         if outcome is None:  # the client left: nobody reads this
             return Response(status_code=499)
         return JSONResponse(shape.full(outcome.text, outcome.finish_reason, _usage(outcome),
@@ -233,7 +236,7 @@ def create_app(engine: Any, *, model_name: str, defaults: DecodeSettings,
                 break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()
+            worker.cancel(job)
 
     return app
 

@@ -141,6 +141,15 @@ class Worker:
             self._publish()
             self._cond.notify()
 
+    def cancel(self, job: Job) -> None:
+        """The client left: the job stops after the current step, or leaves the queue now."""
+        job.cancel()
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.metrics.outcome("cancelled")
+                self._publish()
+
     def halt(self) -> None:
         """Stop: the running generation after its current step, the waiting ones now (503)."""
         self._halt.set()
