@@ -23,7 +23,8 @@ WAIT_S = 60.0
 
 
 def start(ckpt, tmp_path) -> tuple[subprocess.Popen, str, queue.Queue]:
-    env = {**os.environ, "TIDE_CACHE_DIR": str(tmp_path / "cache"),
+    env = {k: v for k, v in os.environ.items() if k != "TIDE_API_KEY"}
+    env = {**env, "TIDE_CACHE_DIR": str(tmp_path / "cache"),
            "TIDE_CONFIG_DIR": str(tmp_path / "config"), "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tidecli", "serve", "-m", str(ckpt), "--device", "cpu",
@@ -99,3 +100,8 @@ def test_port_in_use_fails_before_loading(capsys):
 ])
 def test_bad_options(capsys, args, message):
     user_error(["serve", "-m", "nowhere", *args], capsys, message)
+
+
+def test_api_key_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("TIDE_API_KEY", " ")  # an empty one counts as unset
+    user_error(["serve", "-m", "nowhere"], capsys, "--api-key is empty")
