@@ -138,7 +138,6 @@ def create_app(engine: Any, *, model_name: str, defaults: DecodeSettings,
         return await _serve_error(request, ServeError(exc.status_code, str(exc.detail),
                                                       type=kind))
 
-
     # ---- routes -------------------------------------------------------------------------------
 
     @app.get("/health")
