@@ -12,7 +12,7 @@ import sys
 import typer
 
 from tidecli import __version__
-from tidecli.commands import bench, chat, generate, plan, profile, synth
+from tidecli.commands import bench, chat, generate, plan, profile, serve, synth
 from tidecli.errors import TideError
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def root(
 # in the order a person meets them; summaries short enough never to be cut in the list
 app.command(short_help="One reply to a prompt, drawn live as it is denoised.")(generate.generate)
 app.command(short_help="Multi-turn chat with slash commands (/help).")(chat.chat)
+app.command(short_help="An OpenAI-compatible HTTP server for one model.")(serve.serve)
 app.command(short_help="Experts per layer, τ and speed for a model on a GPU.")(plan.plan)
 app.command(short_help="Measure this machine, or list reference profiles.")(profile.profile)
 app.command(short_help="Compare residency policies side by side.")(bench.bench)
