@@ -14,7 +14,7 @@ import pytest
 
 from helpers import tide
 
-COMMANDS = ("generate", "chat", "plan", "profile", "bench", "synth")
+COMMANDS = ("generate", "chat", "serve", "plan", "profile", "bench", "synth")
 
 
 def _tide_argv() -> list[str]:
