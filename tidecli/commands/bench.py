@@ -94,7 +94,7 @@ def bench(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
     gen_length: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
-    threshold: ThresholdOpt = 0.95,
+    threshold: ThresholdOpt = None,
     repeat: Annotated[int, typer.Option(help="Passes over the prompts per run.")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")]
     = None,

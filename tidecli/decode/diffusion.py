@@ -6,7 +6,8 @@ confident instead. LLaDA2.1 (editing, when `editing_threshold` is set): the same
 re-writing already generated positions of the block whose argmax changed with confidence above
 the editing threshold; once no mask is left, up to `max_post_steps` more steps, and the block ends
 at the first step that changes nothing. Generation stops after a block holding EOS and the output
-is cut at the first EOS.
+is cut at the first EOS. LLaDA2.2's Levenshtein editing runs in decode/levenshtein.py; which
+decoding runs, and with which preset, is decided by `DecodeSettings.resolved` (decode/schedule.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tidecli.decode.sampling import choose
-from tidecli.decode.schedule import check_schedule
+from tidecli.decode.schedule import (
+    PRESET_EDITING,
+    PRESET_THRESHOLD,
+    check_schedule,
+    decoding_mode,
+)
 from tidecli.errors import TideError
 from tidecli.model.counters import LayerCounters
 from tidecli.model.llada2 import KVCache
@@ -31,14 +37,26 @@ from tidecli.units import per
 class DecodeSettings:
     gen_length: int = 512
     block_length: int = 32
-    threshold: float = 0.95
-    editing_threshold: float | None = None  # set → LLaDA2.1 token editing
+    threshold: float | None = None  # None → the decoding's preset (0.95; 0.5 for Levenshtein)
+    editing_threshold: float | None = None  # set → LLaDA2.1 token editing (unless levenshtein)
     max_post_steps: int = 16
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
     use_cache: bool = True  # False → the slow reference path (whole window every step)
+    decoding: str | None = None  # threshold | editing | levenshtein; None → by the checkpoint
+
+    def resolved(self, *, edit_tokens: bool | None = None) -> DecodeSettings:
+        """These settings with the decoding chosen and its preset thresholds filled in.
+        `edit_tokens`: whether the checkpoint has Levenshtein edit tokens (None: unknown)."""
+        mode = decoding_mode(self.decoding, editing_threshold=self.editing_threshold,
+                             edit_tokens=edit_tokens)
+        threshold = PRESET_THRESHOLD[mode] if self.threshold is None else self.threshold
+        editing = self.editing_threshold
+        if editing is None and mode != "threshold":
+            editing = PRESET_EDITING[mode]
+        return replace(self, decoding=mode, threshold=threshold, editing_threshold=editing)
 
     def validate(self, max_positions: int | None = None) -> None:
         """Refuse out-of-range settings; without `max_positions` (the model not loaded yet) the
@@ -61,6 +79,7 @@ class DecodeSettings:
             raise bad("--top-k must be at least 1", "e.g. 50")
         if self.max_post_steps < 0:
             raise bad("max post steps must not be negative", "the 2.1 default is 16")
+        decoding_mode(self.decoding, editing_threshold=self.editing_threshold, edit_tokens=None)
 
 
 @dataclass
@@ -116,10 +135,15 @@ def quota_schedule(block_length: int, steps: int) -> list[int]:
 class BlockDiffusionDecoder:
     """Runs one generation; iterate `steps()` for events, then read `result`."""
 
+    decodings = ("threshold", "editing")
+
     def __init__(self, model, prompt_ids: list[int], settings: DecodeSettings, *, mask_id: int,
                  eos_ids: set[int], device: torch.device) -> None:
         if not prompt_ids:
             raise TideError("the prompt is empty", "give a prompt with at least one token")
+        settings = settings.resolved()
+        if settings.decoding not in self.decodings:
+            raise ValueError(f"{type(self).__name__} does not run {settings.decoding} decoding")
         self.model = model
         self.s = settings
         self.mask_id = mask_id

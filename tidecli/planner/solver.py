@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tidecli.decode.schedule import check_routing_block
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
@@ -30,7 +31,12 @@ from tidecli.planner.model import layer_step_costs as _layer_costs
 from tidecli.planner.plan import Plan
 from tidecli.planner.stats import block_runs, published_stats, trace_stats
 from tidecli.planner.tiers import plan_host, ram_budget, split_ram
-from tidecli.planner.workload import Workload, estimated_tokens_per_step, steps_per_block
+from tidecli.planner.workload import (
+    Workload,
+    estimated_tokens_per_step,
+    planned_threshold,
+    steps_per_block,
+)
 from tidecli.units import GIB
 
 NON_UNIFORM_GAIN = 0.01  # per-layer budgets must beat uniform by this share to be chosen
@@ -79,6 +85,9 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     memory only: the host store and the profile's timings are bf16."""
     cfg, wl = config, workload or Workload()
     wl.validate()
+    check_routing_block(block_length=wl.block_length,
+                        routing_block=cfg.block_size if cfg.block_routing else 0)
+    threshold = planned_threshold(cfg, wl.threshold)
     warnings: list[str] = []
     if vram_gib is None:
         vram_gib = profile_vram_gib(profile)
@@ -97,7 +106,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     elif traced_steps:
         tps, tps_source = wl.block_length / traced_steps, "trace"
     else:
-        tps = estimated_tokens_per_step(cfg, threshold=wl.threshold, block_length=wl.block_length)
+        tps = estimated_tokens_per_step(cfg, threshold=threshold, block_length=wl.block_length)
         tps_source = "threshold"
     steps = steps_per_block(wl.block_length, tps)
     if trace is not None:
@@ -169,7 +178,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if tiered and disk_note:
         notes.append(disk_note)
     notes.append(f"tokens per step {tps:.2f} from the {tps_source}"
-                 + (f" (threshold {wl.threshold:g})" if tps_source == "threshold" else ""))
+                 + (f" (threshold {threshold:g})" if tps_source == "threshold" else ""))
     notes.append("routing statistics from " + ("the trace" if stats.source == "trace" else
                  "published figures (≈70 of 256 experts per 32-token step; similarity 0.985 → "
                  "0.95 over 5 steps): pass --trace for this model's own"))
