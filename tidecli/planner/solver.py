@@ -9,6 +9,10 @@
 4. Host RAM (tiers.py): when the routed experts do not fit the RAM budget, a staging ring and
    as many experts per layer as fit stay in RAM (uniform, or split by the trace), the rest on
    disk; misses of disk experts pay a read in the cost model.
+5. Block routing (LLaDA2.2): a step uses at most `expert_capacity` experts per layer and routing
+   block (the routing statistics are drawn with that bound). When every layer's budget holds a
+   step's whole pool, tide loads it at a block's first step and refreshes whenever it shifts
+   (experts/policies.py): the plan says τ = 1, which is what that schedule is.
 """
 
 from __future__ import annotations
@@ -145,6 +149,11 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         if bd_n.step_ms < breakdown.step_ms * (1 - NON_UNIFORM_GAIN):
             budgets, breakdown, tau = per_layer, bd_n, tau_n
             tau_costs = solve_tau(problem, budgets)[1]
+    pool = cfg.pool_experts(wl.block_length) if cfg.block_routing else 0
+    follows_pool = bool(pool) and int(budgets.min()) >= pool
+    if follows_pool and tau != 1:
+        tau, tau_costs = 1, solve_tau(problem, budgets)[1]
+        breakdown = predict(problem, budgets, tau)
     assert mem.fixed + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
     if tiered:
         ram, ram_alts = split_ram(problem, budgets, tau, host)
@@ -181,7 +190,16 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
                  + (f" (threshold {threshold:g})" if tps_source == "threshold" else ""))
     notes.append("routing statistics from " + ("the trace" if stats.source == "trace" else
                  "published figures (≈70 of 256 experts per 32-token step; similarity 0.985 → "
-                 "0.95 over 5 steps): pass --trace for this model's own"))
+                 "0.95 over 5 steps" + (f"; each routing block's pool capped at "
+                                         f"{cfg.expert_capacity}: ≈{mean_distinct:.0f} per step"
+                                         if cfg.block_routing else "")
+                 + "): pass --trace for this model's own"))
+    if pool:
+        notes.append(f"block routing: a step uses at most {pool} of {e} experts per layer "
+                     f"({cfg.expert_capacity} per {cfg.block_size}-token routing block); "
+                     + ("every layer holds a whole pool: tide loads it at a block's first step "
+                        "and follows its shifts (τ 1)" if follows_pool else
+                        f"with {pool} slots per layer tide would hold a block's whole pool"))
     full = bool((budgets >= e).all())
     drift = stats.drift[np.arange(layers), budgets]
     return Plan(
