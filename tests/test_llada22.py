@@ -44,6 +44,8 @@ def test_generate_on_22_uses_levenshtein_and_shows_no_edit_token(tiny22_ckpt, ca
     code, out, err = tide(gen(tiny22_ckpt, "--json", "--gen-length", "40"), capsys)
     assert code == 0, err
     data = json.loads(out)
+    assert (data["decoding"], data["threshold"], data["editing_threshold"]) == \
+        ("levenshtein", 0.5, 0.0)
     assert not {156930, 156931, 156895} & set(data["token_ids"])
     assert "<|delete|>" not in data["text"] and "<|split|>" not in data["text"]
     code, out, err = tide(gen(tiny22_ckpt, "--json", "--decoding", "threshold"), capsys)

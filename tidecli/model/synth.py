@@ -108,9 +108,11 @@ def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int,
 def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | None = None,
                      seed: int = 0, force: bool = False, overrides: dict | None = None,
                      shard_bytes: int | None = None, device: str = "auto",
-                     logit_scale: float | None = None,
+                     logit_scale: float | None = None, config_only: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a complete checkpoint into `out` (atomically). progress(done_bytes, total_bytes).
+    `config_only`: the config, generation config and tokenizer files without any weight (what
+    `tide plan` reads).
 
     `logit_scale` multiplies the lm_head's std: random weights otherwise give nearly flat
     next-token distributions, so every step would commit one token through the quota fallback;
@@ -119,6 +121,8 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
     if logit_scale is None:
         logit_scale = DEFAULT_LOGIT_SCALE.get(preset, 1.0)
     p = plan(preset, layers=layers, overrides=overrides, shard_bytes=shard_bytes)
+    if config_only:
+        p = SynthPlan(p.config, p.raw_config, [], [], 0)
     out = Path(out)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -152,7 +156,8 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
             for name, _, _ in entries:
                 weight_map[name] = fname
         index = {"metadata": {"total_size": p.total_bytes}, "weight_map": weight_map}
-        (tmp / ck.INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if not config_only:
+            (tmp / ck.INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(p.raw_config, indent=2), encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"_from_model_config": True, "eos_token_id": stop_ids(p.raw_config),
@@ -160,6 +165,8 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
         write_tokenizer_files(tmp, edit_ids=p.config.edit_token_ids)
         (tmp / "SYNTHETIC.md").write_text(
             f"Synthetic LLaDA2 checkpoint written by `tide synth` (preset {preset}, seed {seed}, "
-            f"layers {p.config.num_hidden_layers}).\nRandom weights: the text it generates is "
-            "meaningless. The format matches the published checkpoints.\n", encoding="utf-8")
+            f"layers {p.config.num_hidden_layers}).\n" + (
+                "Config and tokenizer only, no weights: for `tide plan`.\n" if config_only else
+                "Random weights: the text it generates is meaningless. The format matches the "
+                "published checkpoints.\n"), encoding="utf-8")
     return out
