@@ -128,3 +128,26 @@ def test_cached_path_matches_the_reference_path(tiny22_ckpt):
             pass
         out.append(d.result.token_ids)
     assert out[0] == out[1] and len(out[0]) == 40
+
+
+def test_chat_set_switches_editing_for_2x_and_keeps_levenshtein_editing():
+    import pytest
+
+    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.decode.session import ChatSession
+    from tidecli.errors import TideError
+
+    s = ChatSession(settings=DecodeSettings(gen_length=16).resolved(edit_tokens=False),
+                    max_positions=4096)
+    assert s.settings.decoding == "threshold"
+    s.set_option("editing_threshold", "0.5")
+    assert (s.settings.decoding, s.settings.editing_threshold) == ("editing", 0.5)
+    s.set_option("editing_threshold", "off")
+    assert (s.settings.decoding, s.settings.editing_threshold) == ("threshold", None)
+    lev = ChatSession(settings=DecodeSettings(gen_length=16).resolved(edit_tokens=True),
+                      max_positions=4096)
+    assert "levenshtein decoding · threshold 0.5" in lev.describe_settings()
+    lev.set_option("editing_threshold", "0.9")
+    assert lev.settings.decoding == "levenshtein" and lev.settings.editing_threshold == 0.9
+    with pytest.raises(TideError, match="always edits"):
+        lev.set_option("editing_threshold", "off")
