@@ -50,3 +50,13 @@ def tiny_ckpt_b(tmp_path_factory):
         tmp_path_factory.mktemp("ckpt") / "tiny_b", preset="tiny", seed=7, layers=3,
         overrides={"num_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4},
         device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny22_ckpt(tmp_path_factory):
+    """The tiny model with LLaDA2.2's keys: block routing (8 of 32 experts per 32-token routing
+    block) and the DELETE / SPLIT edit tokens."""
+    from tidecli.model.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny22", preset="tiny22", seed=0,
+                            device="cpu")

@@ -40,7 +40,7 @@ class BenchSpec:
     misses: list[str] = field(default_factory=lambda: ["auto"])  # static/tide miss placement
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     gen_length: int = 256
-    threshold: float = 0.95
+    threshold: float | None = None  # None: the checkpoint's preset
     repeat: int = 1
     warmup_tokens: int = 64
     seed: int = 0
@@ -267,6 +267,7 @@ class Bench:
 
     def run(self) -> dict:
         spec = self.spec
+        used = self.engine.decode_settings(self._settings(spec.gen_length))
         runs: list[dict] = []
         points = run_points(spec)
         base = self.engine.opts
@@ -300,7 +301,8 @@ class Bench:
         return {
             "schema": SCHEMA,
             "date": time.strftime("%Y-%m-%d"),
-            "settings": {"gen_length": spec.gen_length, "threshold": spec.threshold,
+            "settings": {"gen_length": spec.gen_length, "threshold": used.threshold,
+                         "decoding": used.decoding,
                          "repeat": spec.repeat, "prompts": len(spec.prompts),
                          "block_length": self.engine.opts.workload.block_length},
             "workloads": {w: {"label": _label(w), "routing": t["stats"]}

@@ -91,6 +91,7 @@ def routing_stats(counts: np.ndarray, blocks: list[int], *, lags: tuple[int, ...
     if not c.shape[0]:
         return out
     out["distinct_per_layer_step"] = round(float((c > 0).sum(-1).mean()), 2)
+    out["distinct_max_per_layer_step"] = int((c > 0).sum(-1).max())
     out["pairs_per_layer_step"] = round(float(c.sum(-1).mean()), 2)
     b = np.asarray(blocks)
     for lag in lags:

@@ -7,7 +7,8 @@ generative model of planner/published.py (the router's weights are kept). With t
 32-token step of a 256-expert top-8 layer uses ≈ 70 distinct experts, and a layer's expert
 counts have a cosine similarity ≈ 0.985 one step apart and ≈ 0.95 five steps apart, the figures
 published for real LLaDA2.0-mini. The choices depend only on (seed, block, step, layer), so
-every policy sees the same routing and must give the same tokens.
+every policy sees the same routing and must give the same tokens. For a block-routed model
+(LLaDA2.2) each routing window's pool holds at most its `expert_capacity` experts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class SyntheticRouting(PublishedRouting, Router):
                  churn: float = 0.4) -> None:
         super().__init__(num_experts=cfg.num_experts, experts_per_token=cfg.num_experts_per_tok,
                          num_layers=cfg.num_moe_layers, block_length=block_length, seed=seed,
-                         pool_share=pool_share, zipf=zipf, churn=churn)
+                         pool_share=pool_share, zipf=zipf, churn=churn,
+                         capacity=cfg.expert_capacity, window=cfg.block_size)
         self.cfg = cfg
         self.device = device
         cuda = device.type == "cuda"

@@ -103,7 +103,7 @@ def bench(
     gen_length: Annotated[int, typer.Option(
         help="Tokens to generate per prompt (half of generate's default: a sweep runs many "
              "times).")] = 256,
-    threshold: ThresholdOpt = 0.95,
+    threshold: ThresholdOpt = None,
     repeat: Annotated[int, typer.Option(help="Passes over the prompts per run.")] = 1,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the results as JSON on stdout.")] = False,

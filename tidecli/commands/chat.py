@@ -76,6 +76,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
     engine = open_engine(opts)
     say_ignored(settings.ignored())
     try:
+        settings = engine.decode_settings(settings)  # this checkpoint's decoding and presets
         settings.validate(engine.cfg.max_position_embeddings)
         session = ChatSession(settings=settings, system=system, model=str(engine.path),
                               max_positions=engine.cfg.max_position_embeddings)

@@ -58,13 +58,18 @@ ExpertsPerLayerOpt = Annotated[int | None, typer.Option(help="Force a uniform ex
 # ---- decoding -----------------------------------------------------------------------------------
 GenLengthOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 BlockLengthOpt = Annotated[int, typer.Option(help="Diffusion block length.")]
-ThresholdOpt = Annotated[float, typer.Option(
-    help="Commit a masked position above this confidence.")]
+ThresholdOpt = Annotated[float | None, typer.Option(
+    help="Commit a masked position above this confidence (default 0.95; 0.5 with Levenshtein "
+         "decoding).")]
 EditingThresholdOpt = Annotated[float | None, typer.Option(
     help="LLaDA2.1 token editing: rewrite generated tokens above this confidence (0.5 quality, "
-         "0.0 speed). Off when not given.")]
+         "0.0 speed). Off when not given (2.0/2.1); 0.0 with Levenshtein decoding.")]
 MaxPostStepsOpt = Annotated[int, typer.Option(
-    help="2.1 editing: extra steps once no mask is left.")]
+    help="Editing (2.1, 2.2): extra steps once no mask is left.")]
+DecodingOpt = Annotated[str | None, typer.Option(
+    help="threshold (LLaDA2.0), editing (2.1 token editing) or levenshtein (2.2: edits that "
+         "delete and insert). Default: levenshtein for a checkpoint with edit tokens, editing "
+         "when --editing-threshold is given, else threshold.")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 is greedy.")]
 TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling (temperature > 0).")]
 TopKOpt = Annotated[int | None, typer.Option(help="Top-k sampling (temperature > 0).")]
@@ -104,7 +109,7 @@ def runtime_options(policy: PolicyOpt = "auto", vram: VramOpt = None, ram: RamOp
 
 
 def decoding_options(gen_length: GenLengthOpt = 512, block_length: BlockLengthOpt = 32,
-                     threshold: ThresholdOpt = 0.95,
+                     threshold: ThresholdOpt = None, decoding: DecodingOpt = None,
                      editing_threshold: EditingThresholdOpt = None,
                      max_post_steps: MaxPostStepsOpt = 16, temperature: TemperatureOpt = 0.0,
                      top_p: TopPOpt = None, top_k: TopKOpt = None, seed: SeedOpt = None) -> None:
@@ -152,7 +157,7 @@ def decode_settings_of(o: dict[str, Any], **extra: Any):
         gen_length=o["gen_length"], block_length=o["block_length"], threshold=o["threshold"],
         editing_threshold=o["editing_threshold"], max_post_steps=o["max_post_steps"],
         temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=o["seed"],
-        **extra)
+        decoding=o["decoding"], **extra)
 
 
 def given(ctx: typer.Context, options: dict[str, Any]) -> frozenset[str]:

@@ -48,7 +48,7 @@ def plan(
     trace: TracePathOpt = None,
     gen_length: GenLengthOpt = 512,
     block_length: BlockLengthOpt = 32,
-    threshold: ThresholdOpt = 0.95,
+    threshold: ThresholdOpt = None,
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve on the GPU.")]
     = 4096,
     ram: RamOpt = None,
@@ -110,7 +110,7 @@ def _no_gpu(prof) -> TideError:
 
 def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float | None],
              json_out: bool, output: Path | None, verbose: bool, trace: Path | None,
-             gen_length: int, block_length: int, threshold: float, context: int,
+             gen_length: int, block_length: int, threshold: float | None, context: int,
              ram: float | None, calibrate: bool, device: str, misses: str = "auto") -> None:
     from tidecli.experts.modes import parse_misses
     from tidecli.experts.trace import RoutingTrace

@@ -99,7 +99,8 @@ def open_view(engine: Any, settings: Any, *, info: Any, console: Any,
     tok = engine.tokenizer
     memory = info.memory if info is not None else None
     state = LiveState(tokens=tok, gen_length=settings.gen_length,
-                      eos_ids=frozenset({tok.ids.eos}), policy=engine.runtime.name,
+                      eos_ids=frozenset(getattr(tok.ids, "stop", ())) | {tok.ids.eos},
+                      policy=engine.runtime.name,
                       tau=info.runtime.tau if info is not None else None,
                       pcie_peak_gbps=pcie_peak_gbps(engine), gpu=on_gpu(engine),
                       vram_budget_bytes=memory.budget if memory is not None else None)

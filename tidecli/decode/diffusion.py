@@ -6,7 +6,8 @@ confident instead. LLaDA2.1 (editing, when `editing_threshold` is set): the same
 re-writing already generated positions of the block whose argmax changed with confidence above
 the editing threshold; once no mask is left, up to `max_post_steps` more steps, and the block ends
 at the first step that changes nothing. Generation stops after a block holding EOS and the output
-is cut at the first EOS.
+is cut at the first EOS. LLaDA2.2's Levenshtein editing runs in decode/levenshtein.py; which
+decoding runs, and with which preset, is decided by `DecodeSettings.resolved` (decode/settings.py).
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ def quota_schedule(block_length: int, steps: int) -> list[int]:
 class BlockDiffusionDecoder:
     """Runs one generation; iterate `steps()` for events, then read `result`."""
 
+    decodings = ("threshold", "editing")
+
     def __init__(self, model, prompt_ids: list[int], settings: DecodeSettings, *, mask_id: int,
                  eos_ids: set[int], device: torch.device,
                  output_vocab: int | None = None) -> None:
         if not prompt_ids:
             raise TideError("the prompt is empty", "give a prompt with at least one token")
+        settings = settings.resolved()
+        if settings.decoding not in self.decodings:
+            raise ValueError(f"{type(self).__name__} does not run {settings.decoding} decoding")
         self.model = model
         self.s = settings
         self.mask_id = mask_id

@@ -101,7 +101,15 @@ class ChatSession:
             hint = f"/set {key} <{want}>" + (" or off" if key in ("editing_threshold", "seed")
                                               else "")
             raise TideError(f"{key} needs {want}, got {raw!r}", hint) from exc
-        new = replace(self.settings, **{key: parsed})
+        changes: dict[str, Any] = {key: parsed}
+        mode = getattr(self.settings, "decoding", None)
+        if key == "editing_threshold" and mode in ("threshold", "editing"):
+            # editing on or off switches between the 2.0 and 2.1 decodings, as on the command line
+            changes["decoding"] = "threshold" if parsed is None else "editing"
+        elif key == "editing_threshold" and mode == "levenshtein" and parsed is None:
+            raise TideError("Levenshtein decoding always edits", "/set editing_threshold 0.9 "
+                            "edits only confident tokens (the 2.2 preset is 0.0)")
+        new = replace(self.settings, **changes)
         if self.max_positions is not None:
             new.validate(self.max_positions)
         self.settings = new
@@ -111,7 +119,9 @@ class ChatSession:
         s = self.settings
         edit = "off" if s.editing_threshold is None else f"{s.editing_threshold:g}"
         seed = "off" if s.seed is None else str(s.seed)
-        return (f"threshold {s.threshold:g} · gen_length {s.gen_length} · editing_threshold "
+        thr = "preset" if s.threshold is None else f"{s.threshold:g}"
+        mode = f"{s.decoding} decoding · " if getattr(s, "decoding", None) else ""
+        return (f"{mode}threshold {thr} · gen_length {s.gen_length} · editing_threshold "
                 f"{edit} · temperature {s.temperature:g} · seed {seed}")
 
     def record(self, turn: Turn) -> None:

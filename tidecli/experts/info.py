@@ -31,6 +31,7 @@ class RuntimeInfo:
     stall_refresh: bool | None = None
     warm_start: bool | None = None
     skip_last_step: bool | None = None
+    follow_pool: bool | None = None  # tide on a block-routed model: follows the routing pool
     misses: str | None = None
     experts_per_layer: dict[int, int] | None = None
     cpu_threads: int | None = None

@@ -70,3 +70,6 @@ class TideOptions:
     stall_refresh: bool = False  # True: the paper's refresh (promote, wait, compute)
     warm_start: bool = True  # keep the previous block's placement at a block's first step
     skip_last_step: bool = True  # no refresh on a block's known last step
+    # block routing (LLaDA2.2): a layer whose slots hold a whole pool loads it at the block's
+    # first step and refreshes whenever the pool shifts, whatever τ
+    follow_pool: bool = True

@@ -155,23 +155,42 @@ class StaticPolicy(Policy):
 class TidePolicy(Policy):
     """TIDE interval refresh: at steps t ≡ 0 (mod τ) of a block the placement follows that step's
     routing (top-B used experts, least-used residents evicted); between refreshes it is frozen
-    and misses run on the CPU."""
+    and misses run on the CPU.
+
+    With block routing a step uses at most `pool_experts` experts per layer (the admitted pools
+    of the step's routing windows). A layer with at least that many slots follows the pool
+    instead: its experts are loaded before the block's first step computes (the runtime cannot
+    see the pool, but that step routes every token inside it), and every later step whose
+    routing reaches an expert the layer lacks (the pool shifted) refreshes the placement.
+    """
 
     name = "tide"
     adaptive = True
 
-    def __init__(self, opts: TideOptions) -> None:
+    def __init__(self, opts: TideOptions, *, pool_experts: int = 0) -> None:
         if opts.tau is None or opts.tau < 1:
             raise TideError(f"--tau must be at least 1, got {opts.tau}", "e.g. --tau 4")
         self.opts = opts
+        self.pool_experts = pool_experts if opts.follow_pool else 0
         self._last_block: dict[int, int] = {}
+
+    def holds_pool(self, layer: int) -> bool:
+        """Does this layer follow the routing pool (block routing, slots for a whole pool)?"""
+        return 0 < self.pool_experts <= self.pools[layer].slots
 
     def _refresh_step(self, layer: int, info: ForwardInfo) -> bool:
         if info.kind != "step" or info.step % self.opts.tau:
             return False
         return not (self.opts.skip_last_step and info.last_step)
 
+    def _pool_step(self, info: ForwardInfo) -> bool:
+        return info.kind == "step" and not (self.opts.skip_last_step and info.last_step
+                                            and info.step > 0)
+
     def stream_keep(self, info):
+        if self.pool_experts and all(self.holds_pool(layer) for layer in self.pools):
+            # the GPU places exactly the experts a step lacks: on every step, the pool's shifts
+            return info.kind == "prefill" or self._pool_step(info)
         return info.kind == "prefill" or self._refresh_step(-1, info)
 
     def starts_cold(self):
@@ -187,6 +206,8 @@ class TidePolicy(Policy):
                 self.pools[layer].clear()
 
     def wants_ids_first(self, layer, info):
+        if self.holds_pool(layer) and info.kind == "step" and info.step == 0:
+            return True  # the block's pool, loaded before its first step computes
         if not self._refresh_step(layer, info):
             return False
         # an (almost) empty pool has no placement worth serving from: fill it before computing
@@ -200,6 +221,10 @@ class TidePolicy(Policy):
         return self._refresh(layer, counts)  # only asked on refresh steps that stall
 
     def after_compute(self, layer, counts, info):
+        if self.holds_pool(layer):
+            pool = self.pools[layer]
+            shifted = bool(((counts > 0) & (pool.slot_of_expert < 0)).any())
+            return self._refresh(layer, counts) if shifted and self._pool_step(info) else []
         if not self._refresh_step(layer, info):
             return []
         if self.opts.stall_refresh:
@@ -209,6 +234,7 @@ class TidePolicy(Policy):
     def describe(self):
         o = self.opts
         return {"policy": self.name, "tau": o.tau, "stall_refresh": o.stall_refresh,
-                "warm_start": o.warm_start, "skip_last_step": o.skip_last_step}
+                "warm_start": o.warm_start, "skip_last_step": o.skip_last_step,
+                **({"follow_pool": True} if self.pool_experts else {})}
 
 

@@ -53,6 +53,13 @@ class ModelConfig:
     use_qk_norm: bool = True
     tie_word_embeddings: bool = False
     model_type: str = "llada2_moe"
+    # LLaDA2.2 (absent in 2.0/2.1): block routing admits `expert_capacity` experts per routing
+    # block of `block_size` tokens (0: ordinary group-limited routing); edit tokens of its
+    # Levenshtein decoding (0: none)
+    expert_capacity: int = 0
+    block_size: int = 0
+    delete_token_id: int = 0
+    split_token_id: int = 0
 
     def __post_init__(self) -> None:
         if self.head_dim == 0 and self.num_attention_heads > 0:  # else validate() refuses it
@@ -70,6 +77,25 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
+
+    @property
+    def block_routing(self) -> bool:
+        return self.expert_capacity > 0
+
+    @property
+    def edit_token_ids(self) -> tuple[int, int] | None:
+        """(DELETE, SPLIT) of Levenshtein decoding, when the checkpoint has them."""
+        if self.delete_token_id and self.split_token_id:
+            return self.delete_token_id, self.split_token_id
+        return None
+
+    def pool_experts(self, tokens: int) -> int:
+        """The most distinct experts a MoE layer can use for `tokens` aligned tokens: with block
+        routing, `expert_capacity` per routing block they span; else every expert."""
+        if not self.block_routing:
+            return self.num_experts
+        windows = -(-tokens // self.block_size)
+        return min(self.num_experts, windows * self.expert_capacity)
 
     @property
     def qkv_rows(self) -> int:
@@ -218,6 +244,24 @@ def validate(cfg: ModelConfig) -> None:
                   f"{cfg.num_hidden_layers}")
     if cfg.num_shared_experts < 0:
         raise bad("num_shared_experts must not be negative")
+    for name in ("expert_capacity", "block_size", "delete_token_id", "split_token_id"):
+        if getattr(cfg, name) < 0:
+            raise bad(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.block_routing:
+        if cfg.block_size == 0:
+            raise bad("expert_capacity is set but block_size (the routing block) is not")
+        if cfg.expert_capacity < cfg.num_experts_per_tok:
+            raise bad(f"expert_capacity ({cfg.expert_capacity}) is below num_experts_per_tok "
+                      f"({cfg.num_experts_per_tok})")
+    edits = (cfg.delete_token_id, cfg.split_token_id)
+    if any(edits) and not all(edits):
+        raise bad("delete_token_id and split_token_id come together (Levenshtein decoding)")
+    if all(edits):
+        if cfg.delete_token_id == cfg.split_token_id:
+            raise bad(f"delete_token_id and split_token_id are both {cfg.delete_token_id}")
+        if max(edits) >= cfg.vocab_size:
+            raise bad(f"an edit token id ({max(edits)}) is outside the vocabulary "
+                      f"({cfg.vocab_size})")
 
 
 def load_config(folder: str | Path) -> ModelConfig:

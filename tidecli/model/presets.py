@@ -1,7 +1,10 @@
 """Shapes of the real LLaDA2.x checkpoints, and the miniature `tiny` used for the demo and tests.
 
 mini and flash carry the real config.json fields and values (llada2_moe), so synthetic
-checkpoints written from them load through exactly the code real ones do.
+checkpoints written from them load through exactly the code real ones do. flash22 is
+LLaDA2.2-flash: the flash shape with block routing and the Levenshtein edit tokens (the values
+of the technical report; not yet checked against the released config.json); tiny22 is `tiny`
+with the same 2.2 keys, for tests.
 """
 
 from __future__ import annotations
@@ -63,6 +66,17 @@ _COMMON: dict[str, Any] = {
     "vocab_size": REAL_VOCAB,
 }
 
+# LLaDA2.2's additions (docs: llada22.md): 48 of 256 experts per 32-token routing block, the
+# DELETE / SPLIT edit tokens, 128K positions; generation_config.json lists two stop ids.
+_V22: dict[str, Any] = {
+    "expert_capacity": 48,
+    "block_size": 32,
+    "delete_token_id": 156930,
+    "split_token_id": 156931,
+    "max_position_embeddings": 131072,
+}
+STOP_IDS_22 = [156892, 156900]  # <|endoftext|>, <|role_end|>
+
 PRESETS: dict[str, dict[str, Any]] = {
     "mini": {
         **_COMMON,
@@ -100,6 +114,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
     },
 }
+PRESETS["flash22"] = {**PRESETS["flash"], **_V22}
+# tiny with the 2.2 keys: 8 of its 32 experts per routing block of 32 tokens (the decode block)
+PRESETS["tiny22"] = {**PRESETS["tiny"], **_V22, "expert_capacity": 8,
+                     "max_position_embeddings": 4096}
+
+
+def stop_ids(raw: dict[str, Any]) -> int | list[int]:
+    """generation_config.json's eos_token_id for a preset: the 2.2 list, else the eos id."""
+    return list(STOP_IDS_22) if raw.get("delete_token_id") else 156892
 
 
 def preset_config(name: str, *, layers: int | None = None,

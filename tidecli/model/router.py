@@ -1,5 +1,16 @@
-"""The LLaDA2 router: fp32 logits, sigmoid scores, bias for choosing only, group-limited top-k,
-renormalised weights × routed_scaling_factor."""
+"""The LLaDA2 router: fp32 logits, sigmoid scores, bias for choosing only, renormalised weights ×
+routed_scaling_factor (once).
+
+Expert choice, by config:
+- group-limited top-k (2.0, 2.1): per token, the best `topk_group` of `n_group` groups (a group
+  scores the sum of its top 2), then the top k inside them;
+- block routing (2.2, `expert_capacity` > 0): the tokens are cut into routing windows of
+  `block_size` aligned positions; a window admits the `expert_capacity` experts whose best
+  score + bias over its tokens is highest (its pool), and each token takes its top k inside its
+  window's pool. The groups are not applied.
+Ties go to the lower expert id in block routing (a stable sort), so the fast path and the
+reference loop (`block_route_reference`) agree exactly.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +21,31 @@ from tidecli.model.config import ModelConfig
 from tidecli.model.weights import RouterWeights
 
 
-def route(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, H] → (expert ids [T, k] int64, weights [T, k] fp32)."""
+def route(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
+          offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H] → (expert ids [T, k] int64, weights [T, k] fp32). `offset`: the first token's
+    absolute position modulo the routing block (block routing only; the model's forward passes
+    always start on a routing-block boundary: 0)."""
     logits = F.linear(x.float(), w.weight.float())  # [T, E], fp32 whatever the stored dtype
     scores = logits.sigmoid()
     choice = scores + w.expert_bias if w.expert_bias is not None else scores
+    if cfg.block_routing:
+        ids = block_choice(choice, capacity=cfg.expert_capacity, window=cfg.block_size,
+                           k=cfg.num_experts_per_tok, offset=offset)
+    else:
+        ids = group_choice(choice, cfg)
+    return ids, routing_weights(scores, ids, cfg)
+
+
+def routing_weights(scores: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The unbiased sigmoid scores of the chosen experts, normalised, × routed_scaling_factor."""
+    weights = scores.gather(1, ids)
+    if cfg.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor
+
+
+def group_choice(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     t, e = choice.shape
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         grouped = choice.view(t, cfg.n_group, e // cfg.n_group)
@@ -22,8 +53,55 @@ def route(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig) -> tuple[torch.Te
         keep = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(t, e)
-    ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=True).indices
-    weights = scores.gather(1, ids)
-    if cfg.num_experts_per_tok > 1:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return ids, weights * cfg.routed_scaling_factor
+    return choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=True).indices
+
+
+def _top(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n largest along the last dim, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+def block_choice(choice: torch.Tensor, *, capacity: int, window: int, k: int,
+                 offset: int = 0) -> torch.Tensor:
+    """choice [T, E] (score + bias) → ids [T, k], every token inside its routing window's pool.
+    Static shapes for a given T (the captured step program routes through it)."""
+    t, e = choice.shape
+    cap = min(capacity, e)
+    pad_front = offset % window
+    n_win = -(-(pad_front + t) // window)
+    pad_back = n_win * window - pad_front - t
+    padded = F.pad(choice, (0, 0, pad_front, pad_back), value=float("-inf")) \
+        if pad_front or pad_back else choice
+    best = padded.view(n_win, window, e).amax(dim=1)  # [W, E] a window's admission scores
+    pool = _top(best, cap)  # [W, cap]
+    allowed = torch.zeros((n_win, e), dtype=torch.bool, device=choice.device)
+    allowed.scatter_(1, pool, True)
+    win = (torch.arange(t, device=choice.device) + pad_front) // window  # [T]
+    inside = choice.masked_fill(~allowed[win], float("-inf"))
+    return _top(inside, k)
+
+
+def block_route_reference(scores: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig, *,
+                          offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow and obvious block routing from sigmoid scores [T, E]: a loop over the windows and
+    their tokens, plain Python sorting; the fast path is tested against it."""
+    t, e = scores.shape
+    r = scores + bias if bias is not None else scores
+    rows = r.tolist()
+    ids: list[list[int]] = []
+    start = 0
+    while start < t:
+        stop = min(t, start + cfg.block_size - (offset + start) % cfg.block_size)
+        members = range(start, stop)
+        score = [max(rows[i][j] for i in members) for j in range(e)]
+        pool = sorted(range(e), key=lambda j: (-score[j], j))[: cfg.expert_capacity]
+        for i in members:
+            ids.append(sorted(pool, key=lambda j: (-rows[i][j], j))[: cfg.num_experts_per_tok])
+        start = stop
+    out = torch.tensor(ids, dtype=torch.long).reshape(t, cfg.num_experts_per_tok)
+    weights = []
+    for i in range(t):
+        chosen = [float(scores[i, j]) for j in out[i].tolist()]  # the bias never weighs
+        denom = sum(chosen) + 1e-20 if len(chosen) > 1 else 1.0
+        weights.append([c / denom * cfg.routed_scaling_factor for c in chosen])
+    return out, torch.tensor(weights, dtype=torch.float32)

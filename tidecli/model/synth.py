@@ -21,15 +21,16 @@ from tidecli.errors import TideError
 from tidecli.fsutil import atomic_dir
 from tidecli.model import checkpoint as ck
 from tidecli.model.config import ModelConfig, config_from_dict
-from tidecli.model.presets import preset_config
+from tidecli.model.presets import preset_config, stop_ids
 from tidecli.model.safetensors_writer import write_shard
 from tidecli.model.synth_tokenizer import write_tokenizer_files
 
-DEFAULT_SHARD_BYTES = {"tiny": 16 << 20, "mini": 4 << 30, "flash": 4 << 30}
+DEFAULT_SHARD_BYTES = {"tiny": 16 << 20, "tiny22": 16 << 20, "mini": 4 << 30, "flash": 4 << 30}
 # lm_head sharpness per preset, chosen so threshold-0.95 decoding commits a few tokens per step
 # as trained models do (random weights give flat logits: one token per step); how: the script
 # tools/bench/logit_scale.py, figures in docs/benchmarks.md.
-DEFAULT_LOGIT_SCALE: dict[str, float] = {"tiny": 130.0, "mini": 14.0, "flash": 14.0}
+DEFAULT_LOGIT_SCALE: dict[str, float] = {"tiny": 130.0, "tiny22": 130.0, "mini": 14.0,
+                                          "flash": 14.0, "flash22": 14.0}
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,15 @@ def plan(preset: str, *, layers: int | None = None, overrides: dict | None = Non
     return SynthPlan(cfg, raw, entries, shards, total)
 
 
+# The lm_head rows of LLaDA2.2's edit tokens are this much larger, so that random weights choose
+# DELETE and SPLIT now and then (a few positions in a hundred) and Levenshtein decoding edits;
+# the rate is this tool's choice, not the trained model's.
+EDIT_ROW_SCALE = 2.5
+
+
 def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int, std: float,
-            device: torch.device, logit_scale: float = 1.0) -> torch.Tensor:
+            device: torch.device, logit_scale: float = 1.0,
+            edit_ids: tuple[int, int] | None = None) -> torch.Tensor:
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
         return torch.ones(shape, dtype=dtype, device=device)
     gen = torch.Generator(device=device)
@@ -92,15 +100,19 @@ def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int,
     if name == ck.LM_HEAD:
         scale *= logit_scale
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale
+    if name == ck.LM_HEAD and edit_ids:
+        t[list(edit_ids)] *= EDIT_ROW_SCALE
     return t.to(dtype)
 
 
 def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | None = None,
                      seed: int = 0, force: bool = False, overrides: dict | None = None,
                      shard_bytes: int | None = None, device: str = "auto",
-                     logit_scale: float | None = None,
+                     logit_scale: float | None = None, config_only: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a complete checkpoint into `out` (atomically). progress(done_bytes, total_bytes).
+    `config_only`: the config, generation config and tokenizer files without any weight (what
+    `tide plan` reads).
 
     `logit_scale` multiplies the lm_head's std: random weights otherwise give nearly flat
     next-token distributions, so every step would commit one token through the quota fallback;
@@ -109,6 +121,8 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
     if logit_scale is None:
         logit_scale = DEFAULT_LOGIT_SCALE.get(preset, 1.0)
     p = plan(preset, layers=layers, overrides=overrides, shard_bytes=shard_bytes)
+    if config_only:
+        p = SynthPlan(p.config, p.raw_config, [], [], 0)
     out = Path(out)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -136,20 +150,23 @@ def write_checkpoint(out: str | Path, *, preset: str = "tiny", layers: int | Non
         for s, idxs in enumerate(p.shards):
             fname = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
             entries = [p.entries[i] for i in idxs]
-            tensors = (_tensor(n, d, sh, seed=seed, std=std, device=dev, logit_scale=logit_scale)
-                       for n, d, sh in entries)
+            tensors = (_tensor(n, d, sh, seed=seed, std=std, device=dev, logit_scale=logit_scale,
+                               edit_ids=p.config.edit_token_ids) for n, d, sh in entries)
             write_shard(tmp / fname, entries, tensors, progress=tick)
             for name, _, _ in entries:
                 weight_map[name] = fname
         index = {"metadata": {"total_size": p.total_bytes}, "weight_map": weight_map}
-        (tmp / ck.INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if not config_only:
+            (tmp / ck.INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(p.raw_config, indent=2), encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"_from_model_config": True, "eos_token_id": 156892, "pad_token_id": 156892},
-            indent=2), encoding="utf-8")
-        write_tokenizer_files(tmp)
+            {"_from_model_config": True, "eos_token_id": stop_ids(p.raw_config),
+             "pad_token_id": 156892}, indent=2), encoding="utf-8")
+        write_tokenizer_files(tmp, edit_ids=p.config.edit_token_ids)
         (tmp / "SYNTHETIC.md").write_text(
             f"Synthetic LLaDA2 checkpoint written by `tide synth` (preset {preset}, seed {seed}, "
-            f"layers {p.config.num_hidden_layers}).\nRandom weights: the text it generates is "
-            "meaningless. The format matches the published checkpoints.\n", encoding="utf-8")
+            f"layers {p.config.num_hidden_layers}).\n" + (
+                "Config and tokenizer only, no weights: for `tide plan`.\n" if config_only else
+                "Random weights: the text it generates is meaningless. The format matches the "
+                "published checkpoints.\n"), encoding="utf-8")
     return out

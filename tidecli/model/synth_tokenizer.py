@@ -2,7 +2,9 @@
 
 Byte-level BPE (NFC normaliser, the Ling/LLaDA2 split regex, ByteLevel decoding) whose special
 tokens sit at the real ids: `<|endoftext|>` 156892 (eos, pad), `<|mask|>` 156895, `<|role_end|>`
-156900, `<role>` 157151, `</role>` 157152, with `vocab_size` 157184 rows in the model. The ordinary
+156900, `<role>` 157151, `</role>` 157152, with `vocab_size` 157184 rows in the model (LLaDA2.2
+checkpoints add the edit tokens `<|delete|>` and `<|split|>` in place of two reserved tokens at the
+ids their config.json names: the names are ours, the real ones were not checked). The ordinary
 vocabulary holds the 256 byte symbols, merges for a few hundred common English words, and
 pronounceable filler words, so a random-weight model writes readable nonsense.
 """
@@ -131,7 +133,17 @@ def build_vocab() -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def tokenizer_json() -> dict:
+EDIT_TOKENS = ("<|delete|>", "<|split|>")
+
+
+def specials(edit_ids: tuple[int, int] | None = None) -> list[tuple[int, str]]:
+    """The added tokens; with `edit_ids` (DELETE, SPLIT) the reserved tokens at those ids become
+    the edit tokens."""
+    names = dict(zip(edit_ids, EDIT_TOKENS, strict=True)) if edit_ids else {}
+    return [(i, names.get(i, tok)) for i, tok in SPECIALS]
+
+
+def tokenizer_json(edit_ids: tuple[int, int] | None = None) -> dict:
     vocab, merges = build_vocab()
     return {
         "version": "1.0",
@@ -139,7 +151,7 @@ def tokenizer_json() -> dict:
         "padding": None,
         "added_tokens": [
             {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True} for i, tok in SPECIALS
+             "normalized": False, "special": True} for i, tok in specials(edit_ids)
         ],
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {
@@ -187,9 +199,9 @@ def special_tokens_map() -> dict:
             "gmask_token": "[gMASK]", "mask_token": "<|mask|>", "pad_token": "<|endoftext|>"}
 
 
-def write_tokenizer_files(folder: Path) -> None:
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(), ensure_ascii=False),
-                                           encoding="utf-8")
+def write_tokenizer_files(folder: Path, *, edit_ids: tuple[int, int] | None = None) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(edit_ids),
+                                                      ensure_ascii=False), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2,
                                                              ensure_ascii=False), encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens_map(), indent=2),

@@ -2,14 +2,16 @@
 
 Special ids are read from the tokenizer (mask, eos, end of turn) and fall back to the documented
 LLaDA2 ids; a mask id that doubles as an end-of-turn token is refused, since decoding could then
-never tell a finished position from an open one.
+never tell a finished position from an open one. The stop ids are the eos id and those
+`generation_config.json` lists (`eos_token_id`: one id or a list; LLaDA2.2 lists two).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidecli.errors import TideError
@@ -25,6 +27,23 @@ class SpecialIds:
     eos: int
     end_of_turn: int | None
     source: str  # "tokenizer" or "documented fallback"
+    stop: frozenset[int] = field(default_factory=frozenset)  # eos + generation_config's ids
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", frozenset(self.stop) | {self.eos})
+
+
+def generation_stop_ids(folder: Path) -> list[int]:
+    """`eos_token_id` of generation_config.json (an id or a list), [] when absent or unreadable:
+    the tokenizer's eos id stays a stop id either way."""
+    path = folder / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return []
+    ids = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    ids = ids if isinstance(ids, list) else [ids]
+    return [int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
 
 
 class ChatTokenizer:
@@ -47,9 +66,9 @@ class ChatTokenizer:
         except Exception as exc:  # transformers raises many types for broken files
             raise TideError(f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0]}",
                             "re-download tokenizer.json and tokenizer_config.json") from exc
-        self.ids = self._special_ids()
+        self.ids = self._special_ids(generation_stop_ids(folder))
 
-    def _special_ids(self) -> SpecialIds:
+    def _special_ids(self, stops: list[int]) -> SpecialIds:
         tok = self.tok
         mask = getattr(tok, "mask_token_id", None)
         eos = tok.eos_token_id
@@ -62,7 +81,11 @@ class ChatTokenizer:
         if mask in (eos, eot):
             raise TideError(f"the tokenizer's mask id {mask} is also an end-of-text/turn token",
                             "this tokenizer does not belong to a LLaDA2 checkpoint")
-        return SpecialIds(mask=int(mask), eos=int(eos), end_of_turn=eot, source=source)
+        if mask in stops:
+            raise TideError(f"generation_config.json lists the mask id {mask} as a stop id",
+                            "fix generation_config.json's eos_token_id")
+        return SpecialIds(mask=int(mask), eos=int(eos), end_of_turn=eot, source=source,
+                          stop=frozenset(stops))
 
     def _lookup(self, token: str, fallback: int | None) -> int | None:
         tid = self.tok.convert_tokens_to_ids(token)

@@ -8,6 +8,9 @@ routing with those figures:
   with Zipf-like popularity; each token of the block gets k distinct experts from the pool;
 - each denoising step re-draws a share `churn` of the (token, slot) choices (a draw that would
   repeat one of the token's experts is dropped).
+With block routing (LLaDA2.2: `capacity` experts per routing window of `window` tokens) each
+window of a block draws its own pool of at most `capacity` experts, so a step never uses more
+than capacity × windows experts per layer, as the real router guarantees.
 The choices depend only on (seed, block, step, layer). The benchmark replays it in place of the
 router (bench/synthetic.py), and the planner's default routing statistics are measured on it
 (planner/stats.py: `published_stats`), so the two agree by construction.
@@ -21,16 +24,22 @@ import numpy as np
 class PublishedRouting:
     def __init__(self, *, num_experts: int, experts_per_token: int, num_layers: int,
                  block_length: int = 32, seed: int = 0, pool_share: float = 0.375,
-                 zipf: float = 1.05, churn: float = 0.4) -> None:
+                 zipf: float = 1.05, churn: float = 0.4, capacity: int = 0,
+                 window: int = 0) -> None:
         self.E, self.k, self.M = num_experts, experts_per_token, num_layers
         self.T = block_length
         self.seed = seed
         self.pool_size = max(self.k + 1, min(self.E, round(pool_share * self.E)))
+        self.W, self.window = 1, block_length  # routing windows per block, tokens per window
+        if capacity > 0:
+            self.pool_size = max(self.k, min(self.pool_size, capacity))
+            self.window = min(window or block_length, block_length)
+            self.W = max(1, block_length // self.window)
         p = 1.0 / np.arange(1, self.pool_size + 1) ** zipf
         self.p = p / p.sum()
         self.churn = churn
-        self._chain: list[np.ndarray] = []  # pools of blocks 0, 1, ...
-        self._pools: np.ndarray | None = None  # [M, pool] of the current block
+        self._chain: list[np.ndarray] = []  # pools [M, W, pool] of blocks 0, 1, ...
+        self._pools: np.ndarray | None = None  # [M, W, pool] of the current block
         self._assign: np.ndarray | None = None  # [M, T, k]
         self._at: tuple[int, int] | None = None  # (block, step) of _assign
 
@@ -38,33 +47,39 @@ class PublishedRouting:
         return np.random.default_rng([self.seed, *key])
 
     def _pools_of(self, block: int) -> np.ndarray:
-        """The expert pools [M, pool] of a block: a pure function of (seed, block), each block
-        keeping half of the previous block's pool."""
+        """The expert pools [M, W, pool] of a block: a pure function of (seed, block), each
+        window keeping half of the pool it had in the previous block."""
         while len(self._chain) <= block:
             b = len(self._chain)
             rng = self._rng(1, b)
-            pools = np.empty((self.M, self.pool_size), dtype=np.int64)
+            pools = np.empty((self.M, self.W, self.pool_size), dtype=np.int64)
             for j in range(self.M):
-                if b == 0:
-                    pools[j] = rng.permutation(self.E)[: self.pool_size]
-                    continue
-                keep = rng.permutation(self._chain[b - 1][j])[: self.pool_size // 2]
-                rest = np.setdiff1d(np.arange(self.E), keep)
-                fresh = rng.permutation(rest)[: self.pool_size - keep.size]
-                pools[j] = rng.permutation(np.concatenate([keep, fresh]))
+                for w in range(self.W):
+                    if b == 0:
+                        pools[j, w] = rng.permutation(self.E)[: self.pool_size]
+                        continue
+                    keep = rng.permutation(self._chain[b - 1][j, w])[: self.pool_size // 2]
+                    rest = np.setdiff1d(np.arange(self.E), keep)
+                    fresh = rng.permutation(rest)[: self.pool_size - keep.size]
+                    pools[j, w] = rng.permutation(np.concatenate([keep, fresh]))
             self._chain.append(pools)
         return self._chain[block]
+
+    def _windows(self, t: int) -> np.ndarray:
+        """The routing window of each of t tokens."""
+        return (np.arange(t) // self.window) % self.W
 
     def _draw_tokens(self, rng: np.random.Generator, pools: np.ndarray, t: int) -> np.ndarray:
         """k distinct experts per token, drawn by popularity (Gumbel top-k), every layer at once."""
         keys = np.log(self.p) + rng.gumbel(size=(self.M, t, self.pool_size))
         top = np.argpartition(-keys, self.k - 1, axis=-1)[..., : self.k]
-        return np.take_along_axis(pools[:, None, :], top, axis=-1)
+        return np.take_along_axis(pools[:, self._windows(t), :], top, axis=-1)
 
     def _evolve(self, assign: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         change = rng.random(assign.shape) < self.churn
         drawn = rng.choice(self.pool_size, size=assign.shape, p=self.p)
-        picks = self._pools[np.arange(self.M)[:, None, None], drawn]
+        win = self._windows(assign.shape[1])[None, :, None]
+        picks = self._pools[np.arange(self.M)[:, None, None], win, drawn]
         new = np.where(change, picks, assign)
         srt = np.sort(new, axis=-1)
         clash = (srt[..., 1:] == srt[..., :-1]).any(-1)  # a token's experts must stay distinct

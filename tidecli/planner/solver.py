@@ -9,6 +9,10 @@
 4. Host RAM (tiers.py): when the routed experts do not fit the RAM budget, a staging ring and
    as many experts per layer as fit stay in RAM (uniform, or split by the trace), the rest on
    disk; misses of disk experts pay a read in the cost model.
+5. Block routing (LLaDA2.2): a step uses at most `expert_capacity` experts per layer and routing
+   block (the routing statistics are drawn with that bound). When every layer's budget holds a
+   step's whole pool, tide loads it at a block's first step and refreshes whenever it shifts
+   (experts/policies.py): the plan says τ = 1, which is what that schedule is.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tidecli.decode.settings import check_routing_block
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
@@ -30,7 +35,12 @@ from tidecli.planner.model import layer_step_costs as _layer_costs
 from tidecli.planner.plan import Plan
 from tidecli.planner.stats import block_runs, published_stats, trace_stats
 from tidecli.planner.tiers import plan_host, ram_budget, split_ram
-from tidecli.planner.workload import Workload, estimated_tokens_per_step, steps_per_block
+from tidecli.planner.workload import (
+    Workload,
+    estimated_tokens_per_step,
+    planned_threshold,
+    steps_per_block,
+)
 from tidecli.units import GIB
 
 NON_UNIFORM_GAIN = 0.01  # per-layer budgets must beat uniform by this share to be chosen
@@ -79,6 +89,9 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     memory only: the host store and the profile's timings are bf16."""
     cfg, wl = config, workload or Workload()
     wl.validate()
+    check_routing_block(block_length=wl.block_length,
+                        routing_block=cfg.block_size if cfg.block_routing else 0)
+    threshold = planned_threshold(cfg, wl.threshold)
     warnings: list[str] = []
     if vram_gib is None:
         vram_gib = profile_vram_gib(profile)
@@ -97,7 +110,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     elif traced_steps:
         tps, tps_source = wl.block_length / traced_steps, "trace"
     else:
-        tps = estimated_tokens_per_step(cfg, threshold=wl.threshold, block_length=wl.block_length)
+        tps = estimated_tokens_per_step(cfg, threshold=threshold, block_length=wl.block_length)
         tps_source = "threshold"
     steps = steps_per_block(wl.block_length, tps)
     if trace is not None:
@@ -136,6 +149,11 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         if bd_n.step_ms < breakdown.step_ms * (1 - NON_UNIFORM_GAIN):
             budgets, breakdown, tau = per_layer, bd_n, tau_n
             tau_costs = solve_tau(problem, budgets)[1]
+    pool = cfg.pool_experts(wl.block_length) if cfg.block_routing else 0
+    follows_pool = bool(pool) and int(budgets.min()) >= pool
+    if follows_pool and tau != 1:
+        tau, tau_costs = 1, solve_tau(problem, budgets)[1]
+        breakdown = predict(problem, budgets, tau)
     assert mem.fixed + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
     if tiered:
         ram, ram_alts = split_ram(problem, budgets, tau, host)
@@ -169,10 +187,19 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if tiered and disk_note:
         notes.append(disk_note)
     notes.append(f"tokens per step {tps:.2f} from the {tps_source}"
-                 + (f" (threshold {wl.threshold:g})" if tps_source == "threshold" else ""))
+                 + (f" (threshold {threshold:g})" if tps_source == "threshold" else ""))
     notes.append("routing statistics from " + ("the trace" if stats.source == "trace" else
                  "published figures (≈70 of 256 experts per 32-token step; similarity 0.985 → "
-                 "0.95 over 5 steps): pass --trace for this model's own"))
+                 "0.95 over 5 steps" + (f"; each routing block's pool capped at "
+                                         f"{cfg.expert_capacity}: ≈{mean_distinct:.0f} per step"
+                                         if cfg.block_routing else "")
+                 + "): pass --trace for this model's own"))
+    if pool:
+        notes.append(f"block routing: a step uses at most {pool} of {e} experts per layer "
+                     f"({cfg.expert_capacity} per {cfg.block_size}-token routing block); "
+                     + ("every layer holds a whole pool: tide loads it at a block's first step "
+                        "and follows its shifts (τ 1)" if follows_pool else
+                        f"with {pool} slots per layer tide would hold a block's whole pool"))
     full = bool((budgets >= e).all())
     drift = stats.drift[np.arange(layers), budgets]
     return Plan(

@@ -72,10 +72,10 @@ def refresh_ages(tau: int, steps: int) -> list[int]:
 
 @lru_cache(maxsize=64)
 def _published_layer(experts: int, per_token: int, block_length: int, steps: int,
-                     max_age: int) -> RoutingStats:
+                     max_age: int, capacity: int = 0, window: int = 0) -> RoutingStats:
     """One layer's statistics on a trace of the published model (every layer draws alike)."""
     gen = PublishedRouting(num_experts=experts, experts_per_token=per_token, num_layers=1,
-                           block_length=block_length)
+                           block_length=block_length, capacity=capacity, window=window)
     tr = RoutingTrace(1, experts, [0])
     for b in range(max(2, -(-PUBLISHED_STEPS // steps))):
         for s in range(steps):
@@ -86,9 +86,11 @@ def _published_layer(experts: int, per_token: int, block_length: int, steps: int
 def published_stats(cfg: ModelConfig, *, block_length: int, max_age: int) -> RoutingStats:
     """Every layer alike: the statistics of a trace drawn from the published figures' model
     (≈ 70 distinct experts of 256 per 32-token step, similarity 0.985 → 0.95 over 5 steps), in
-    blocks of `max_age` + 1 steps. Its popularity is not this model's: no RAM-tier cover."""
+    blocks of `max_age` + 1 steps. Its popularity is not this model's: no RAM-tier cover. With
+    block routing each routing window draws a pool of at most `expert_capacity` experts: a
+    step's distinct experts never exceed the bound."""
     one = _published_layer(cfg.num_experts, cfg.num_experts_per_tok, block_length,
-                           max(2, max_age + 1), max_age)
+                           max(2, max_age + 1), max_age, cfg.expert_capacity, cfg.block_size)
     layers = cfg.num_moe_layers
 
     def rep(a: np.ndarray) -> np.ndarray:

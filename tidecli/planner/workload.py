@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidecli.decode.settings import check_schedule
+from tidecli.decode.settings import PRESET_THRESHOLD, check_schedule
 from tidecli.errors import TideError
 from tidecli.model.config import ModelConfig
 
@@ -26,7 +26,7 @@ _TPS_FLASH = ((0.5, 5.6), (0.95, 3.19), (1.0, 1.0))
 class Workload:
     block_length: int = 32
     gen_length: int = 512
-    threshold: float = 0.95
+    threshold: float | None = None  # None → the checkpoint's decoding preset
     context_tokens: int = 4096  # KV cache reserved on the device (prompt + generation)
     tokens_per_step: float | None = None  # None → from the threshold (or the trace)
 
@@ -38,6 +38,14 @@ class Workload:
                             f"{self.context_tokens}", "e.g. --context 4096")
         if self.tokens_per_step is not None and not 0 < self.tokens_per_step <= self.block_length:
             raise TideError("tokens per step must be in (0, block length]", "leave it unset")
+
+
+def planned_threshold(cfg: ModelConfig, threshold: float | None) -> float:
+    """The threshold a run would decode with: the given one, else the checkpoint's preset
+    (0.5 for a LLaDA2.2 checkpoint, which decodes with Levenshtein editing)."""
+    if threshold is not None:
+        return threshold
+    return PRESET_THRESHOLD["levenshtein" if cfg.edit_token_ids else "threshold"]
 
 
 def estimated_tokens_per_step(cfg: ModelConfig, *, threshold: float, block_length: int) -> float:

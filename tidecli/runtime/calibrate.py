@@ -78,7 +78,7 @@ def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> Step
 
 
 def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
-            threshold: float = 0.95, cpu_threads: int | None = None,
+            threshold: float | None = None, cpu_threads: int | None = None,
             prompt: str = CALIBRATION_PROMPT,
             progress: Callable[[str, int, int], None] | None = None) -> Measurement:
     """Run `plan` for `blocks` blocks of real denoising steps and average what the runtime saw."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings
+from tidecli.decode.levenshtein import LevenshteinDecoder
+from tidecli.decode.settings import check_routing_block
 from tidecli.errors import TideError
 from tidecli.experts.info import RuntimeInfo
 from tidecli.memory import DeviceMemory
@@ -75,6 +77,7 @@ class Engine:
         self.dtype = pick_dtype(opts.load.dtype, self.device)
         DecodeSettings(block_length=opts.workload.block_length).validate(
             self.cfg.max_position_embeddings)
+        self._check_model_format(opts.workload.block_length)
         self._free_vram = device_free_gib(self.device)  # before the weights take their share
         self._auto_plans: dict[tuple, Plan] = {}  # the planner's plan per option set
         self._configure()  # refuses bad options before any weight is read
@@ -214,12 +217,35 @@ class Engine:
                 f"model's {limit} positions",
                 f"shorten the prompt or use --gen-length {limit - n_prompt} or less")
 
+    def _check_model_format(self, block_length: int) -> None:
+        """LLaDA2.2: the decode block covers whole routing blocks; the edit tokens are neither
+        the mask nor a stop id."""
+        cfg, t = self.cfg, self.tokenizer.ids
+        check_routing_block(block_length=block_length,
+                            routing_block=cfg.block_size if cfg.block_routing else 0)
+        clash = set(cfg.edit_token_ids or ()) & ({t.mask} | t.stop)
+        if clash:
+            raise TideError(f"config.json's edit token id {min(clash)} is also the mask or a "
+                            "stop id of the tokenizer",
+                            "fix delete_token_id / split_token_id in config.json")
+
+    def decode_settings(self, settings: DecodeSettings) -> DecodeSettings:
+        """`settings` with this checkpoint's decoding and its presets (Levenshtein for one with
+        edit tokens, unless another is asked for)."""
+        return settings.resolved(edit_tokens=self.cfg.edit_token_ids is not None)
+
     def decoder(self, ids: list[int], settings: DecodeSettings) -> BlockDiffusionDecoder:
+        settings = self.decode_settings(settings)
         settings.validate(self.cfg.max_position_embeddings)
+        self._check_model_format(settings.block_length)
         self.check_length(len(ids), settings)
         t = self.tokenizer.ids
+        if settings.decoding == "levenshtein":
+            return LevenshteinDecoder(self.runner, ids, settings, mask_id=t.mask,
+                                      eos_ids=set(t.stop), edit_ids=self.cfg.edit_token_ids,
+                                      device=self.device)
         return BlockDiffusionDecoder(self.runner, ids, settings, mask_id=t.mask,
-                                     eos_ids={t.eos}, device=self.device,
+                                     eos_ids=set(t.stop), device=self.device,
                                      output_vocab=len(self.tokenizer))
 
     def describe(self) -> EngineInfo:

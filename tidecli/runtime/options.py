@@ -124,7 +124,7 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
                    popularity_trace: str | None = None, profile: str | None = None,
                    vram_gib: float | None = None, ram_gib: float | None = None,
                    experts_per_layer: int | None = None, block_length: int = 32,
-                   threshold: float = 0.95, context_tokens: int = 4096) -> EngineOptions:
+                   threshold: float | None = None, context_tokens: int = 4096) -> EngineOptions:
     """EngineOptions from the flat option names the commands use."""
     return EngineOptions(
         load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs),

@@ -81,14 +81,15 @@ def plan_table(report: dict) -> Table | None:
 def routing_table(report: dict) -> Table:
     t = Table(title="routing of each workload (per MoE layer and denoising step)",
               title_justify="left", header_style="bold")
-    for col in ("workload", "distinct experts", "similarity 1 step", "similarity 5 steps",
-                "steps"):
+    for col in ("workload", "distinct experts", "max", "similarity 1 step",
+                "similarity 5 steps", "steps"):
         t.add_column(col, justify="left" if col == "workload" else "right")
     labels = []
     for name, w in report["workloads"].items():
         s = w["routing"]
         labels.append(f"{name}: {w['label']}")
         t.add_row(name, _f(s.get("distinct_per_layer_step"), "{:.1f}"),
+                  _f(s.get("distinct_max_per_layer_step"), "{}"),
                   _f(s.get("similarity_lag1"), "{:.3f}"), _f(s.get("similarity_lag5"), "{:.3f}"),
                   str(s.get("steps", 0)))
     t.caption = "; ".join(labels)
