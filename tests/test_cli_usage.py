@@ -81,7 +81,7 @@ def test_the_command_list_is_whole_and_in_order(capsys):
     ("plan", ["[auto|stream|split|cpu|gpu]", "Default: demo", "--verbose", "-o, --output"]),
     ("bench", ["--experts-per-layer", "-o, --output", "Default: demo"]),
     ("profile", ["-o, --output", "--list"]),
-    ("synth", ["[tiny|mini|flash]"]),
+    ("synth", ["[tiny|mini|flash|tiny22|flash22]"]),
 ])
 def test_help_names_choices_and_the_default_model(capsys, command, shown):
     code, out, _err = tide([command, "--help"], capsys)

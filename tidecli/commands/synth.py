@@ -16,8 +16,8 @@ def synth(
         metavar="OUT", help="Folder to write the checkpoint into.")],
     preset: Annotated[str, typer.Option(
         metavar="[tiny|mini|flash|tiny22|flash22]",
-        help="tiny (the demo's size), mini (LLaDA2.0-mini's shape), flash, flash22 (LLaDA2.2-flash: "
-             "block routing and edit tokens) or tiny22.")] = "tiny",
+        help="tiny (the demo's size), mini (LLaDA2.0-mini's shape), flash, flash22 "
+             "(LLaDA2.2-flash: block routing and edit tokens) or tiny22.")] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Keep only this many layers.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
