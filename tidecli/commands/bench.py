@@ -124,7 +124,7 @@ def _profile(spec: str | None):
 
 def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts, gen_length,
               threshold, repeat, json_out, plot, profile, device, dtype, cpu_threads,
-              graphs) -> None:
+              graphs, experts_dtype="bf16") -> None:
     from rich.console import Console
 
     from tidecli.bench.harness import PROMPTS, Bench, BenchSpec

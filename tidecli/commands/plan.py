@@ -17,6 +17,7 @@ import typer
 from tidecli.commands.options import (
     BlockLengthOpt,
     DeviceOpt,
+    ExpertsDtypeOpt,
     GenLengthOpt,
     MissesOpt,
     ModelOpt,
@@ -46,6 +47,7 @@ def plan(
                             "cost model and plan again.")] = False,
     device: DeviceOpt = "auto",
     misses: MissesOpt = "auto",
+    experts_dtype: ExpertsDtypeOpt = "bf16",
 ) -> None:
     """Plan expert offload for a model on a GPU: budgets, τ, CPU threads, predicted speed.
 
@@ -54,13 +56,15 @@ def plan(
     """
     run_plan(model=model, profile=profile, vram=vram, json_out=json_out, trace=trace,
              gen_length=gen_length, block_length=block_length, threshold=threshold,
-             context=context, ram=ram, calibrate=calibrate, device=device, misses=misses)
+             context=context, ram=ram, calibrate=calibrate, device=device, misses=misses,
+             experts_dtype=experts_dtype)
 
 
 def run_plan(*, model: str | None, profile: str | None, vram: float | None, json_out: bool,
              trace: Path | None, gen_length: int, block_length: int, threshold: float,
              context: int, ram: float | None, calibrate: bool, device: str,
-             misses: str = "auto") -> None:
+             misses: str = "auto", experts_dtype: str = "bf16") -> None:
+    from tidecli.experts.formats import parse_format
     from tidecli.experts.modes import parse_misses
     from tidecli.experts.trace import RoutingTrace
     from tidecli.hardware.store import resolve_profile
@@ -71,6 +75,7 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
     from tidecli.ui.plan_view import render_plan
 
     mode = parse_misses(misses)
+    fmt = parse_format(experts_dtype)
     if calibrate:
         folder, name = resolve_model(model), model or str(resolve_model(model))
     else:
@@ -81,13 +86,13 @@ def run_plan(*, model: str | None, profile: str | None, vram: float | None, json
                         context_tokens=context)
     routing = RoutingTrace.load(trace) if trace is not None else None
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                     ram_gib=ram, model_name=name, misses=mode)
+                     ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
         saved = load_calibration(profile=prof, model=folder, misses=plan.misses)
         if saved is not None:
             plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
                              trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
-                             calibration=saved)
+                             calibration=saved, experts_format=fmt)
     if calibrate:
         from tidecli.runtime.calibrate import calibrate_plan
         from tidecli.ui.console import byte_progress, err

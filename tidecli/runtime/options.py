@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tidecli.errors import TideError
+from tidecli.experts.formats import parse_format
 from tidecli.experts.modes import MissMode, parse_misses
 from tidecli.experts.policies import POLICIES, TideOptions
 from tidecli.memory import check_ram_gib
@@ -26,6 +27,7 @@ class LoadOptions:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
+    experts_dtype: str = "bf16"  # the routed experts' format: bf16 | int8 | fp8 | int4 (lossy)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class EngineOptions:
     plan: Plan | None = None  # follow exactly this plan (its B_ℓ, τ, threads, RAM tiers, misses)
 
     def validate(self) -> None:
+        parse_format(self.load.experts_dtype)
         self.residency.validate()
         self.budgets.validate()
 
@@ -85,10 +88,12 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
                    popularity_trace: str | None = None, profile: str | None = None,
                    vram_gib: float | None = None, ram_gib: float | None = None,
                    experts_per_layer: int | None = None, block_length: int = 32,
-                   threshold: float = 0.95, context_tokens: int = 4096) -> EngineOptions:
+                   threshold: float = 0.95, context_tokens: int = 4096,
+                   experts_dtype: str = "bf16") -> EngineOptions:
     """EngineOptions from the flat option names the commands use."""
     return EngineOptions(
-        load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs),
+        load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs,
+                         experts_dtype=parse_format(experts_dtype)),
         residency=ResidencyOptions(
             policy=policy, tide=TideOptions(tau=tau, stall_refresh=stall_refresh,
                                             warm_start=warm_start, skip_last_step=skip_last_step),

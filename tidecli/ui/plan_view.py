@@ -62,6 +62,9 @@ def plan_table(plan: Plan) -> Table:
               f"{_gib(plan.workspace_bytes)} + expert slots {_gib(plan.slot_bytes)} "
               f"(used {_gib(plan.used_bytes)})")
     t.add_row("policy", plan.policy)
+    if plan.experts_format != "bf16":
+        t.add_row("experts", f"{plan.experts_format}: lossy (quantized once, cached), "
+                             f"{plan.expert_bytes / 2**20:.2f} MiB each")
     for label, value in _tier_rows(plan):
         t.add_row(label, value)
     t.add_row("experts per layer", _budgets(plan))
