@@ -24,7 +24,9 @@ from tidecli.experts.quant import QMatrix
 
 _KERNEL = None
 _CODE = {"int8": 0, "fp8": 1, "int4": 2}
-BM, BN = 16, 64  # rows and output channels per program (fixed: see the module docstring)
+# rows and output channels per program, warps and pipeline stages: fixed (see the docstring);
+# tools/bench/qkernel_bench.py times the alternatives
+BM, BN, WARPS, STAGES = 32, 128, 4, 3
 
 
 def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None = None) -> bool:
@@ -126,5 +128,6 @@ def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.T
     bk = max(16, min(128, _pow2(k)))
     kernel[(g, cdiv(n, BN))](
         x, w.q, w.scale, mn, offs, out, n, k, x.stride(0), w.q.stride(0), w.scale.stride(0),
-        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=BM, BLOCK_N=BN)
+        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=BM, BLOCK_N=BN,
+        num_warps=WARPS, num_stages=STAGES)
     return out
