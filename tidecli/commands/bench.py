@@ -111,6 +111,11 @@ def bench(
               cpu_threads=cpu_threads, **options)
 
 
+def _formats(formats: list[str]) -> list[str]:
+    """bf16 first when it is compared: the compressed formats are measured against it."""
+    return (["bf16"] if "bf16" in formats else []) + [f for f in formats if f != "bf16"]
+
+
 def _profile(spec: str | None):
     from tidecli.hardware.store import resolve_profile
 
@@ -130,10 +135,13 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     from tidecli.bench.harness import PROMPTS, Bench, BenchSpec
     from tidecli.bench.report import check_plot_available, write_json, write_plot
     from tidecli.commands.setup import open_engine, plans_on_this_machine
+    from tidecli.experts.formats import parse_formats
     from tidecli.runtime.options import engine_options
     from tidecli.ui.bench_view import (
+        QUALITY_CAVEAT,
         bounds_table,
         plan_table,
+        quality_table,
         routing_table,
         runs_table,
         skipped_lines,
@@ -147,7 +155,8 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
                      taus=_taus(tau),
                      misses=[m.strip() for m in misses.split(",") if m.strip()],
                      prompts=_prompts(prompts) or list(PROMPTS),
-                     gen_length=gen_length, threshold=threshold, repeat=repeat)
+                     gen_length=gen_length, threshold=threshold, repeat=repeat,
+                     formats=_formats(parse_formats(experts_dtype)))
     spec.validate()
     if plot is not None:
         check_plot_available()
@@ -155,7 +164,7 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     # the first run's runtime is built by the bench itself; start from the resident default
     opts = engine_options(model=model, device=device, dtype=dtype, policy="resident",
                           cpu_threads=cpu_threads, graphs=graphs, profile=profile,
-                          threshold=threshold)
+                          threshold=threshold, experts_dtype=spec.formats[0])
     planned = "tide" in spec.policies and "plan" in spec.taus and profile is None
     tide = replace(opts, residency=replace(opts.residency, policy="tide"))
     engine = open_engine(opts, build_runtime=False,
@@ -164,9 +173,10 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
         if any(p != "resident" for p in spec.policies):
             engine.host_store(progress)  # once, shared by every run (resident copies from it)
     try:
-        bench = Bench(engine, spec, profile=prof,
-                      progress=lambda msg: err.print(msg, style="dim", markup=False))
-        report = bench.run()
+        with byte_progress() as progress:  # a later format's store may quantize or load
+            bench = Bench(engine, spec, profile=prof, load_progress=progress,
+                          progress=lambda msg: err.print(msg, style="dim", markup=False))
+            report = bench.run()
         report["model"] = str(engine.path)
         report["device"] = str(engine.device)
         report["dtype"] = str(engine.dtype).replace("torch.", "")
@@ -185,6 +195,10 @@ def run_bench(*, model, policies, vram, experts, workloads, misses, tau, prompts
     out = err if err.is_terminal else Console(stderr=True, width=200, highlight=False)
     out.print(routing_table(report))
     out.print(runs_table(report))
+    qt = quality_table(report)
+    if qt is not None:
+        out.print(qt)
+        out.print(QUALITY_CAVEAT, style="dim", markup=False, soft_wrap=True)
     for line in skipped_lines(report):
         out.print(line, style="yellow", markup=False, soft_wrap=True)
     pt = plan_table(report)
