@@ -201,3 +201,24 @@ def test_engine_tiered_compressed_store_and_its_disk_error(ckpt, monkeypatch):
     monkeypatch.setattr(qcache.shutil, "disk_usage", lambda p: Usage(10, 10, 0))
     with pytest.raises(TideError, match="not enough disk space to cache the int4 experts"):
         Engine(opts, quiet=True)
+
+
+def test_generate_reuses_the_cache_and_says_a_rebuild_in_one_note(ckpt, capsys):
+    from helpers import gen, tide
+
+    args = gen(ckpt.folder, "--experts-dtype", "int4", "--policy", "tide",
+               "--experts-per-layer", "6", "--json")
+    outs = []
+    for damage in (False, False, True):
+        if damage:
+            _corrupt(cache_folder(ckpt, _fmt(ckpt)), 12345)
+        code, out, err = tide(args, capsys)
+        assert code == 0, err
+        notes = [line for line in err.splitlines() if line.startswith("note:")]
+        assert len(notes) == int(damage), err  # the second start reads the cache: no note
+        if damage:
+            assert "was damaged" in notes[0] and "rebuilt it" in notes[0]
+        obj = json.loads(out)
+        assert obj["experts_format"] == "int4"
+        outs.append(obj["token_ids"])
+    assert outs[0] == outs[1] == outs[2]
