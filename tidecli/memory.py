@@ -89,14 +89,17 @@ def check_vram_gib(vram_gib: float) -> None:
 
 
 def device_memory(cfg: ModelConfig, vram_gib: float, *, context_tokens: int = 4096,
-                  block_length: int = 32, dtype_bytes: int = 2) -> DeviceMemory:
+                  block_length: int = 32, dtype_bytes: int = 2,
+                  expert_bytes: int | None = None) -> DeviceMemory:
     """Split `vram_gib`; refuses a budget that cannot hold the dense part and one expert slot
-    per MoE layer."""
+    per MoE layer. `expert_bytes`: one expert slot when the experts are compressed (default:
+    `dtype_bytes` per weight)."""
     check_vram_gib(vram_gib)
     mem = DeviceMemory(budget=int(vram_gib * GIB), dense=device_dense_bytes(cfg, dtype_bytes),
                        kv_cache=cfg.kv_bytes_per_token(dtype_bytes) * context_tokens,
                        workspace=workspace_bytes(cfg, block_length),
-                       expert_bytes=cfg.expert_bytes(dtype_bytes), num_experts=cfg.num_experts,
+                       expert_bytes=expert_bytes or cfg.expert_bytes(dtype_bytes),
+                       num_experts=cfg.num_experts,
                        num_moe_layers=cfg.num_moe_layers)
     minimum = mem.fixed + cfg.num_moe_layers * mem.expert_bytes
     if minimum > mem.budget:
@@ -166,11 +169,14 @@ def spread(total: int, layers: list[int], cap: int) -> dict[int, int]:
 
 def host_tiers(cfg: ModelConfig, budget: int, *, dtype_bytes: int = 2,
                staging_experts: int | None = None,
-               ram_per_layer: dict[int, int] | None = None) -> HostPlan:
+               ram_per_layer: dict[int, int] | None = None,
+               expert_bytes: int | None = None) -> HostPlan:
     """Fit the routed experts into `budget` bytes of host RAM: all of them when they fit, else a
     staging ring (`staging_experts`, default 16, at most a quarter of the budget) and as many
-    experts per layer as the rest holds (uniform unless `ram_per_layer` is given)."""
-    eb, e, layers = cfg.expert_bytes(dtype_bytes), cfg.num_experts, list(cfg.moe_layers)
+    experts per layer as the rest holds (uniform unless `ram_per_layer` is given).
+    `expert_bytes`: one expert when the experts are compressed."""
+    eb, e, layers = expert_bytes or cfg.expert_bytes(dtype_bytes), cfg.num_experts, \
+        list(cfg.moe_layers)
     if e * len(layers) * eb <= budget:
         return HostPlan(budget, eb, e, {layer: e for layer in layers}, 0)
     if budget < MIN_STAGING_EXPERTS * eb:

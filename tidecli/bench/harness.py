@@ -4,6 +4,11 @@ The dense weights and the host expert store are loaded once; each run swaps the 
 (engine.set_runtime), warms up (CUDA graphs captured, caches filled), then generates the same
 prompts with the same settings. Every run of a workload must give the same tokens as its first
 run (the policies are lossless); a mismatch is reported, never hidden.
+
+With several formats of the routed experts (`--experts-dtype bf16,int8,fp8,int4`) every run is
+made once per format, the formats one after the other (each with its own host store); the
+exactness check compares runs of one format, and each compressed format is compared with bf16
+(bench/quality.py): its tokens, its logits on the same inputs, its experts' outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from tidecli.bench.oracle import best_hit_rate, oracle_loads, routing_stats
+from tidecli.bench.quality import FormatComparison, agreement, stored_expert_bytes
 from tidecli.errors import OutOfDeviceMemory, TideError
+from tidecli.experts.formats import parse_format
 from tidecli.experts.modes import MISS_MODES, POLICIES, parse_misses
 from tidecli.model.config import ModelConfig
 
@@ -44,9 +51,18 @@ class BenchSpec:
     repeat: int = 1
     warmup_tokens: int = 64
     seed: int = 0
+    formats: list[str] = field(default_factory=lambda: ["bf16"])  # of the routed experts
+
+    @property
+    def compares_formats(self) -> bool:
+        return self.formats != ["bf16"]
 
     def validate(self, *, need_budgets: bool = True) -> None:
         """`need_budgets=False`: budgets may still be empty (chosen once the model is known)."""
+        if not self.formats:
+            raise TideError("--experts-dtype names no format", "e.g. --experts-dtype bf16,int4")
+        for f in self.formats:
+            parse_format(f)
         wl = [w for w in self.workloads if w not in ("model", "synthetic")]
         if wl or not self.workloads:
             raise TideError(f"unknown workload {', '.join(wl) or '(none)'}",
@@ -109,6 +125,7 @@ class RunPoint:
     experts: int | None = None
     misses: str | None = None
     planned: bool = False  # tide with the planner's τ and budgets (at this VRAM budget)
+    fmt: str = "bf16"  # the routed experts' format
 
     @property
     def budget(self) -> str:
@@ -119,19 +136,20 @@ class RunPoint:
 
 def run_points(spec: BenchSpec) -> list[RunPoint]:
     pts: list[RunPoint] = []
-    for w in spec.workloads:
-        if "resident" in spec.policies:
-            pts.append(RunPoint(w, "resident", None, None))
-        budgets = [(v, None) for v in spec.vram] + [(None, b) for b in spec.experts]
-        for v, b in budgets:
-            for p in spec.policies:
-                if p == "resident":
-                    continue
-                for m in (spec.misses if p in ("static", "tide") else [None]):
-                    for t in (spec.taus if p == "tide" else [None]):
-                        plan = t == "plan" and b is None  # --experts fixes the budgets
-                        tau = None if plan or t is None else (4 if t == "plan" else int(t))
-                        pts.append(RunPoint(w, p, v, tau, b, m, planned=plan))
+    for f in spec.formats:
+        for w in spec.workloads:
+            if "resident" in spec.policies:
+                pts.append(RunPoint(w, "resident", None, None, fmt=f))
+            budgets = [(v, None) for v in spec.vram] + [(None, b) for b in spec.experts]
+            for v, b in budgets:
+                for p in spec.policies:
+                    if p == "resident":
+                        continue
+                    for m in (spec.misses if p in ("static", "tide") else [None]):
+                        for t in (spec.taus if p == "tide" else [None]):
+                            plan = t == "plan" and b is None  # --experts fixes the budgets
+                            tau = None if plan or t is None else (4 if t == "plan" else int(t))
+                            pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f))
     return pts
 
 
@@ -154,15 +172,18 @@ def _plan_fields(eng, measured_ms: float | None) -> dict:
 
 class Bench:
     def __init__(self, engine, spec: BenchSpec, *, profile=None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, load_progress=None) -> None:
         spec.validate()
         self.engine = engine
         self.spec = spec
         self.profile = profile
         self.say = progress or (lambda msg: None)
+        self.load_progress = load_progress  # (stage, done, total): loading or quantizing
         self.prompt_ids = [engine.prompt_ids(p) for p in spec.prompts]
-        self.expected: dict[str, list[list[int]]] = {}
+        self.expected: dict[tuple[str, str], list[list[int]]] = {}  # (workload, format)
         self.traces: dict[str, dict] = {}
+        # several formats: each compared with bf16 (tokens, logits, expert outputs)
+        self.formats = FormatComparison(self.prompt_ids) if spec.compares_formats else None
 
     # ---- one generation -------------------------------------------------------------------------
 
@@ -236,7 +257,7 @@ class Bench:
                 outputs.append(res.token_ids)
         s = eng.runtime.run_stats.summary()
         used = eng.runtime.describe().misses if pt.misses is not None else None
-        want = self.expected.setdefault(pt.workload, outputs)
+        want = self.expected.setdefault((pt.workload, pt.fmt), outputs)
         row = {
             "workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
             "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "misses_used": used,
@@ -259,10 +280,12 @@ class Bench:
             "identical": outputs == want,
             # what exactness promises: the GPU kernel computes every expert (see README)
             "exact_expected": pt.policy in ("resident", "lru") or used in ("gpu", "stream"),
-            "token_agreement": round(_agreement(outputs, want), 4),
+            "token_agreement": round(agreement(outputs, want), 4),
         }
         if pt.planned:
             row.update(_plan_fields(eng, row["denoise_step_ms"]))
+        if self.formats is not None:
+            row.update(self.formats.run_fields(eng, pt.fmt, pt.workload, outputs))
         return row
 
     def run(self) -> dict:
@@ -273,21 +296,27 @@ class Bench:
         base = self.engine.opts
         current = None
         for n, pt in enumerate(points, 1):
-            if pt.workload != current:
-                current = pt.workload
+            if (pt.workload, pt.fmt) != current:
+                current = (pt.workload, pt.fmt)
                 self._set_workload(pt.workload)
-                self.expected.pop(pt.workload, None)
-            label = f"[{n}/{len(points)}] {pt.workload} · {pt.policy} · {pt.budget}" + \
+                self.expected.pop(current, None)
+            label = f"[{n}/{len(points)}] " + \
+                (f"{pt.fmt} · " if spec.compares_formats else "") + \
+                f"{pt.workload} · {pt.policy} · {pt.budget}" + \
                 (f" · τ={pt.tau}" if pt.tau is not None else "") + \
                 (" · planned" if pt.planned else "") + \
                 (f" · misses {pt.misses}" if pt.misses is not None else "")
             self.say(label)
             try:
-                self.engine.set_runtime(residency=replace(
+                self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),
                     misses=parse_misses(pt.misses or "auto")), budgets=replace(
-                    base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts))
+                    base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
+                    experts_dtype=pt.fmt)
+                for note in self.engine.notices:  # a cache built or rebuilt, say
+                    self.say(f"note: {note}")
+                self.engine.notices.clear()
                 if pt.workload not in self.traces:
                     self._record_trace(pt.workload)
                 runs.append(self._measure(pt))
@@ -298,6 +327,7 @@ class Bench:
                     raise
                 runs.append(_skipped(pt, "out of device memory"))
         add_ratios(runs)
+        extra = {"formats": self.formats.figures} if self.formats is not None else {}
         return {
             "schema": SCHEMA,
             "date": time.strftime("%Y-%m-%d"),
@@ -309,18 +339,20 @@ class Bench:
                           for w, t in self.traces.items()},
             "runs": runs,
             "bounds": self._bounds(runs),
+            **extra,
         }
 
     # ---- bounds ---------------------------------------------------------------------------------
 
     def _bounds(self, runs: list[dict]) -> list[dict]:
         cfg = self.engine.cfg
-        # the bytes a copy moves are the checkpoint's (bf16), whatever the device computes in
-        ebytes = self.engine.ckpt.routed_expert_bytes() // (cfg.num_moe_layers * cfg.num_experts)
         out = []
         for r in runs:
             if r.get("skipped") or r["policy"] != "tide":
                 continue
+            # the bytes a copy moves are the stored ones, whatever the device computes in
+            fmt = r.get("experts_dtype", "bf16")
+            ebytes = stored_expert_bytes(self.engine, fmt)
             tr = self.traces[r["workload"]]
             budgets = [r["experts_per_layer"][str(layer)] for layer in cfg.moe_layers]
             # every forward of the run in order (prompts × repeats), from an empty GPU
@@ -332,8 +364,9 @@ class Bench:
                    "oracle_h2d_gb": round(oracle_gb, 4), "tide_h2d_gb": r["h2d_gb"],
                    "tide_over_oracle": round(r["h2d_gb"] / oracle_gb, 3) if oracle_gb else None,
                    "best_hit_rate": round(best_hit_rate(seq, budgets), 4),
-                   "tide_hit_rate": r["hit_rate"]}
-            bound = self._step_bound(tr, oracle_gb / self.spec.repeat)
+                   "tide_hit_rate": r["hit_rate"],
+                   **({"experts_dtype": fmt} if "experts_dtype" in r else {})}
+            bound = self._step_bound(tr, oracle_gb / self.spec.repeat, fmt)
             if bound is not None:
                 row.update(bound)
                 step = r.get("denoise_step_ms") or r["step_ms"]  # a denoising step alone
@@ -343,7 +376,7 @@ class Bench:
             out.append(row)
         return out
 
-    def _step_bound(self, tr: dict, oracle_gb: float) -> dict | None:
+    def _step_bound(self, tr: dict, oracle_gb: float, fmt: str = "bf16") -> dict | None:
         """max(GPU time to read the step's active weights, PCIe time of the oracle's copies)."""
         p = self.profile
         if p is None or not getattr(p, "gpu_mem_gbps", None):
@@ -355,8 +388,9 @@ class Bench:
         if not steps:
             return None
         distinct = float(np.mean([(c > 0).sum(-1).sum(-1).mean() for c in tr["steps"]]))
-        active = device_dense_bytes(cfg, self.engine.dtype.itemsize) + \
-            distinct * cfg.expert_bytes(self.engine.dtype.itemsize)
+        eb = cfg.expert_bytes(self.engine.dtype.itemsize) if fmt == "bf16" else \
+            stored_expert_bytes(self.engine, fmt)
+        active = device_dense_bytes(cfg, self.engine.dtype.itemsize) + distinct * eb
         gpu_ms = active / (p.gpu_mem_gbps * 1e9) * 1e3
         h2d = p.h2d_pinned_expert_gbps or p.h2d_pinned_gbps
         pcie_ms = oracle_gb / steps / h2d * 1e3 if h2d else 0.0
@@ -364,17 +398,10 @@ class Bench:
                 "lower_bound_ms": round(max(gpu_ms, pcie_ms), 3)}
 
 
-def _agreement(out: list[list[int]], ref: list[list[int]]) -> float:
-    """Share of the reference's tokens that the run reproduced at the same position."""
-    total = sum(len(r) for r in ref)
-    same = sum(int(a == b) for o, r in zip(out, ref, strict=True)
-               for a, b in zip(o, r, strict=False))
-    return same / total if total else 1.0
-
-
 def _skipped(pt: RunPoint, why: str) -> dict:
     return {"workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
-            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "skipped": why}
+            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "skipped": why,
+            **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {})}
 
 
 def _label(workload: str) -> str:
@@ -397,10 +424,12 @@ def add_ratios(runs: list[dict]) -> None:
     vs_resident: over resident on the same workload."""
     ok = [r for r in runs if not r.get("skipped")]
     for r in ok:
+        fmt = r.get("experts_dtype")
         base = [b["steps_per_s"] for b in ok if b["policy"] in BASELINES
-                and b["workload"] == r["workload"] and b["budget"] == r["budget"]]
+                and b["workload"] == r["workload"] and b["budget"] == r["budget"]
+                and b.get("experts_dtype") == fmt]
         res = [b["steps_per_s"] for b in ok if b["policy"] == "resident"
-               and b["workload"] == r["workload"]]
+               and b["workload"] == r["workload"] and b.get("experts_dtype") == fmt]
         r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
             else None
         r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None

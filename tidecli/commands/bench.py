@@ -118,7 +118,8 @@ def bench(
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
     spec = bench_spec(policies=policies, vram=vram, experts_per_layer=experts_per_layer,
                       workloads=workloads, tau=tau, misses=misses, prompts=prompts,
-                      gen_length=gen_length, threshold=threshold, repeat=repeat)
+                      gen_length=gen_length, threshold=threshold, repeat=repeat,
+                      experts_dtype=options.get("experts_dtype", "bf16"))
     check_model_options(options)
     if cpu_threads < 0:
         raise TideError(f"--cpu-threads must not be negative, got {cpu_threads}",
@@ -133,11 +134,12 @@ def _names(text: str) -> list[str]:
 
 def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
                workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
-               threshold: float, repeat: int):
+               threshold: float | None, repeat: int, experts_dtype: str = "bf16"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
     left empty when none are given (the model's defaults come once its config is read)."""
     from tidecli.bench.harness import PROMPTS, BenchSpec
     from tidecli.decode.settings import check_schedule
+    from tidecli.experts.formats import parse_formats
     from tidecli.experts.modes import parse_misses
 
     names = _names(policies)
@@ -153,9 +155,15 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                      if experts_per_layer else [],
                      workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),
                      prompts=_prompts(prompts) or list(PROMPTS),
-                     gen_length=gen_length, threshold=threshold, repeat=repeat)
+                     gen_length=gen_length, threshold=threshold, repeat=repeat,
+                     formats=_formats(parse_formats(experts_dtype)))
     spec.validate(need_budgets=False)
     return spec
+
+
+def _formats(formats: list[str]) -> list[str]:
+    """bf16 first when it is compared: the compressed formats are measured against it."""
+    return (["bf16"] if "bf16" in formats else []) + [f for f in formats if f != "bf16"]
 
 
 def _profile(spec: str | None):
@@ -170,7 +178,8 @@ def _profile(spec: str | None):
 
 
 def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
-              profile: str | None, model, device, dtype, cpu_threads, graphs) -> None:
+              profile: str | None, model, device, dtype, cpu_threads, graphs,
+              experts_dtype: str = "bf16") -> None:
     from rich.console import Console
 
     from tidecli.bench.harness import Bench, default_budgets
@@ -180,8 +189,10 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
     from tidecli.model.resolve import resolve_model
     from tidecli.runtime.options import engine_options
     from tidecli.ui.bench_view import (
+        QUALITY_CAVEAT,
         bounds_table,
         plan_table,
+        quality_table,
         routing_table,
         runs_table,
         skipped_lines,
@@ -204,7 +215,7 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
     # the first run's runtime is built by the bench itself; start from the resident default
     opts = engine_options(model=model, device=device, dtype=dtype, policy="resident",
                           cpu_threads=cpu_threads, graphs=graphs, profile=profile,
-                          threshold=threshold)
+                          threshold=threshold, experts_dtype=spec.formats[0])
     planned = "tide" in spec.policies and "plan" in spec.taus and profile is None
     tide = replace(opts, residency=replace(opts.residency, policy="tide"))
     engine = open_engine(opts, build_runtime=False,
@@ -213,9 +224,10 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
         if any(p != "resident" for p in spec.policies):
             engine.host_store(progress)  # once, shared by every run (resident copies from it)
     try:
-        bench = Bench(engine, spec, profile=prof,
-                      progress=lambda msg: err.print(msg, style="dim", markup=False))
-        report = bench.run()
+        with byte_progress() as progress:  # a later format's store may quantize or load
+            bench = Bench(engine, spec, profile=prof, load_progress=progress,
+                          progress=lambda msg: err.print(msg, style="dim", markup=False))
+            report = bench.run()
         report["model"] = str(engine.path)
         report["device"] = str(engine.device)
         report["dtype"] = str(engine.dtype).replace("torch.", "")
@@ -234,6 +246,10 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
     out = err if err.is_terminal else Console(stderr=True, width=200, highlight=False)
     out.print(routing_table(report))
     out.print(runs_table(report))
+    qt = quality_table(report)
+    if qt is not None:
+        out.print(qt)
+        out.print(QUALITY_CAVEAT, style="dim", markup=False, soft_wrap=True)
     for line in skipped_lines(report):
         out.print(line, style="yellow", markup=False, soft_wrap=True)
     pt = plan_table(report)

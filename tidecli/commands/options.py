@@ -22,6 +22,10 @@ DtypeOpt = Annotated[str, typer.Option(metavar="[auto|bf16|fp32]",
                                        help="auto: bf16 on a GPU, fp32 on the CPU.")]
 GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
                                          help="CUDA: replay each step as captured CUDA graphs.")]
+ExpertsDtypeOpt = Annotated[str, typer.Option(
+    "--experts-dtype",
+    help="Format of the routed experts: bf16 (exact, default), or int8, fp8, int4 (lossy: "
+         "2×, 2× and 3.8× smaller; quantized once, cached). bench: a comma list to compare.")]
 
 # ---- residency ----------------------------------------------------------------------------------
 PolicyOpt = Annotated[str, typer.Option(
@@ -94,7 +98,7 @@ PopularityTraceOpt = Annotated[Path | None, typer.Option(
 
 
 def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-                  graphs: GraphsOpt = True) -> None:
+                  graphs: GraphsOpt = True, experts_dtype: ExpertsDtypeOpt = "bf16") -> None:
     """Which model, on which device, in which dtype."""
 
 
@@ -146,7 +150,8 @@ def engine_options_of(o: dict[str, Any]):
         misses=o["misses"], cpu_threads=o["cpu_threads"],
         popularity_trace=str(trace) if trace else None, profile=o["profile"],
         vram_gib=o["vram"], ram_gib=o["ram"], experts_per_layer=o["experts_per_layer"],
-        block_length=o["block_length"], threshold=o["threshold"])
+        block_length=o["block_length"], threshold=o["threshold"],
+        experts_dtype=o.get("experts_dtype", "bf16"))
 
 
 def decode_settings_of(o: dict[str, Any], **extra: Any):

@@ -17,6 +17,7 @@ import typer
 from tidecli.commands.options import (
     BlockLengthOpt,
     DeviceOpt,
+    ExpertsDtypeOpt,
     GenLengthOpt,
     MissesOpt,
     ModelOpt,
@@ -57,6 +58,7 @@ def plan(
                             "cost model and plan again.")] = False,
     device: DeviceOpt = "auto",
     misses: MissesOpt = "auto",
+    experts_dtype: ExpertsDtypeOpt = "bf16",
 ) -> None:
     """Plan expert offload for a model on a GPU: budgets, τ, CPU threads, predicted speed.
 
@@ -65,6 +67,7 @@ def plan(
     """
     from tidecli.commands.checks import check_device
     from tidecli.decode.settings import check_schedule
+    from tidecli.experts.formats import parse_format
     from tidecli.experts.modes import parse_misses
     from tidecli.memory import check_ram_gib
 
@@ -77,13 +80,14 @@ def plan(
         check_ram_gib(ram)
     check_device(device)
     parse_misses(misses)
+    experts_dtype = parse_format(experts_dtype)
     if calibrate and len(vrams) * len(profiles) > 1:
         raise TideError("--calibrate checks one plan on this machine",
                         "give one --vram and one --profile with --calibrate")
     run_plan(model=model, profiles=profiles, vrams=vrams, json_out=json_out, output=output,
              verbose=verbose, trace=trace, gen_length=gen_length, block_length=block_length,
              threshold=threshold, context=context, ram=ram, calibrate=calibrate, device=device,
-             misses=misses)
+             misses=misses, experts_dtype=experts_dtype)
 
 
 def _gibs(text: str) -> list[float | None]:
@@ -111,7 +115,8 @@ def _no_gpu(prof) -> TideError:
 def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float | None],
              json_out: bool, output: Path | None, verbose: bool, trace: Path | None,
              gen_length: int, block_length: int, threshold: float | None, context: int,
-             ram: float | None, calibrate: bool, device: str, misses: str = "auto") -> None:
+             ram: float | None, calibrate: bool, device: str, misses: str = "auto",
+             experts_dtype: str = "bf16") -> None:
     from tidecli.experts.modes import parse_misses
     from tidecli.experts.trace import RoutingTrace
     from tidecli.fsutil import atomic_write_text
@@ -141,7 +146,8 @@ def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float
                           _plan_one(cfg=cfg, prof=prof, vram=vram, workload=workload,
                                     routing=routing, ram=ram, name=name, mode=mode,
                                     folder=folder, calibrate=calibrate, device=device,
-                                    make_plan=make_plan, load_calibration=load_calibration)))
+                                    make_plan=make_plan, load_calibration=load_calibration,
+                                    fmt=experts_dtype)))
     if len(plans) == 1:
         render_plan(plans[0][1], verbose=verbose)
         data: object = plans[0][1].to_dict()
@@ -167,15 +173,15 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
 
 
 def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
-              device, make_plan, load_calibration):
+              device, make_plan, load_calibration, fmt):
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                     ram_gib=ram, model_name=name, misses=mode)
+                     ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
         saved = load_calibration(profile=prof, model=folder, misses=plan.misses)
         if saved is not None:
             plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
                              trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
-                             calibration=saved)
+                             calibration=saved, experts_format=fmt)
         return plan
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err

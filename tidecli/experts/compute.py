@@ -4,6 +4,10 @@ Experts are stored packed: one row per expert of [gate (I·H) | up (I·H) | down
 copy moves one expert. `pool_views` turns such a buffer into the two stacked matrices the
 kernels read. Every path produces per-(token, slot k) outputs and sums them over k in a fixed
 order, so a token's result does not depend on where each of its experts ran.
+
+A compressed store's rows are bytes (experts/formats.py); their views are `QMatrix` stacks, which
+every function here takes where it takes a stacked weight tensor: the grouped path runs the
+dequantizing kernel (experts/qkernel.py), the reference dequantizes one expert, then multiplies.
 """
 
 from __future__ import annotations
@@ -11,9 +15,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidecli.experts.formats import ExpertFormat
+from tidecli.experts.quant import QMatrix, views
 
-def pool_views(buf: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """buf [S, 3·I·H] → gate_up [S, 2I, H], down [S, H, I] (views, no copy)."""
+Weights = torch.Tensor | QMatrix  # a stack of experts' matrices [S, n, k]
+
+
+def pool_views(buf: torch.Tensor, hidden: int, inter: int,
+               fmt: ExpertFormat | None = None) -> tuple[Weights, Weights]:
+    """buf [S, 3·I·H] → gate_up [S, 2I, H], down [S, H, I] (views, no copy); rows of a
+    compressed format → the two QMatrix stacks."""
+    if fmt is not None and fmt.compressed:
+        return views(buf, fmt)
     s = buf.shape[0]
     gate_up = buf[:, : 2 * inter * hidden].view(s, 2 * inter, hidden)
     down = buf[:, 2 * inter * hidden:].view(s, hidden, inter)
@@ -36,8 +49,15 @@ def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
     return out.sum(dim=1).to(dtype)
 
 
-def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, k: int, out: torch.Tensor) -> None:
+def expert_weight(w: Weights, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert s's matrix [n, k]: a view, or the dequantized matrix in `dtype`."""
+    if isinstance(w, QMatrix):
+        return w.select(s).dequantize(dtype)[0]
+    return w[s]
+
+
+def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_up: Weights,
+                     down: Weights, k: int, out: torch.Tensor) -> None:
     """Reference grouping: for each slot with pairs, one expert_mlp over its tokens (ascending).
 
     pair_slot: slot per (token, k) pair, -1 to skip. Writes rows of `out` [T·k, H]; skipped rows
@@ -50,18 +70,25 @@ def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_
             groups.setdefault(s, []).append(p)
     for s, pairs in groups.items():
         idx = torch.tensor(pairs, device=x.device)
-        out[idx] = expert_mlp(x[idx // k], gate_up[s], down[s])
+        out[idx] = expert_mlp(x[idx // k], expert_weight(gate_up, s, x.dtype),
+                              expert_weight(down, s, x.dtype))
 
 
-def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"auto" → grouped_mm where it runs (sm90+, bf16), else the loop; other names pass."""
+def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype,
+                fmt: ExpertFormat | None = None) -> str:
+    """"auto" → grouped_mm where it runs (sm90+, bf16; for compressed experts the dequantizing
+    Triton kernel: CUDA, bf16 or fp16), else the loop; other names pass."""
     if kernel == "auto":
+        if fmt is not None and fmt.compressed:
+            from tidecli.experts.qkernel import qkernel_available
+
+            return "grouped_mm" if qkernel_available(device, dtype) else "loop"
         return "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
     return kernel
 
 
-def run_pairs(kernel: str, x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, k: int) -> torch.Tensor:
+def run_pairs(kernel: str, x: torch.Tensor, pair_slot: torch.Tensor, gate_up: Weights,
+              down: Weights, k: int) -> torch.Tensor:
     """Per-pair rows [T·k, H] of the slots' experts (zero rows where pair_slot is -1), with the
     grouped kernel or the reference loop."""
     if kernel == "grouped_mm":
@@ -78,8 +105,47 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return major >= 9
 
 
-def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor, k: int) -> torch.Tensor:
+def grouped_linear(xs: torch.Tensor, w: Weights, offs: torch.Tensor) -> torch.Tensor:
+    """xs [M, k] sorted by group, offs [G] the group ends → [M, n]: the rows of group g times
+    w[g]ᵀ. torch._grouped_mm for bf16 on CUDA, the dequantizing kernel for compressed experts
+    on CUDA; elsewhere the reference loop (rows past the last group stay zero)."""
+    if isinstance(w, QMatrix):
+        if xs.is_cuda:
+            from tidecli.experts.qkernel import quant_grouped_mm
+
+            return quant_grouped_mm(xs, w, offs)
+        return quant_grouped_reference(xs, w, offs)
+    if xs.is_cuda:
+        return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
+    return grouped_mm_reference(xs, w.transpose(-2, -1), offs)
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, w, offs=offs) spelled out (rows past the last group stay zero)."""
+    out = torch.zeros((x.shape[0], w.shape[-1]), dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[g].to(x.dtype)
+        start = end
+    return out
+
+
+def quant_grouped_reference(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.Tensor:
+    """The dequantizing grouped GEMM spelled out: per group, dequantize (fp32), multiply in
+    fp32, round once to x's dtype."""
+    out = torch.zeros((x.shape[0], w.layout.n), dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            wg = w.select(g).dequantize(torch.float32)[0]
+            out[start:end] = (x[start:end].float() @ wg.T).to(x.dtype)
+        start = end
+    return out
+
+
+def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: Weights,
+                   down: Weights, k: int) -> torch.Tensor:
     """All resident experts of a layer in two grouped GEMMs, without a host sync.
 
     pair_slot [T·k] (device, -1 = skip). Pairs are sorted by slot; `offs` are the group ends.
@@ -93,9 +159,9 @@ def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: torch.Tens
         0, slot, torch.ones_like(slot, dtype=torch.int32))[:s]
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x[order // k]
-    h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)
+    h = grouped_linear(xs, gate_up, offs)
     g, u = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+    y = grouped_linear(F.silu(g) * u, down, offs)
     valid = (slot[order] < s)[:, None]
     out = torch.zeros_like(y)
     out[order] = torch.where(valid, y, 0)

@@ -15,12 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tidecli.experts.compute import expert_mlp, pool_views
+from tidecli.experts.formats import ExpertFormat
+from tidecli.experts.quant import QMatrix
 
 
 class CpuExperts:
     def __init__(self, *, hidden: int, inter: int, dtype: torch.dtype, threads: int,
-                 mode: str = "intra") -> None:
+                 mode: str = "intra", fmt: ExpertFormat | None = None) -> None:
         self.hidden = hidden
+        self.format = fmt
         self.inter = inter
         self.dtype = dtype
         self.threads = max(1, threads)
@@ -28,7 +31,9 @@ class CpuExperts:
         self._pool = ThreadPoolExecutor(self.threads) if mode == "experts" and threads > 1 else None
 
     def _one(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = pool_views(row[None], self.hidden, self.inter)
+        gate_up, down = pool_views(row[None], self.hidden, self.inter, self.format)
+        if isinstance(gate_up, QMatrix):  # compressed: dequantize (the reference), then multiply
+            gate_up, down = gate_up.dequantize(self.dtype), down.dequantize(self.dtype)
         gu, dn = gate_up[0], down[0]
         if gu.dtype != self.dtype:
             gu, dn = gu.to(self.dtype), dn.to(self.dtype)

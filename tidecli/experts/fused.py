@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from tidecli.experts.compute import Weights, grouped_linear
+
 MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
 MAX_GROUPS = 1024  # experts or slots per layer
 _KEY = 2048  # pairs are < _KEY: sort keys are group * _KEY + pair
@@ -162,25 +164,13 @@ class LayerPlan:
                         PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY)
 
 
-def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(x, w, offs=offs) spelled out (rows past the last group stay zero)."""
-    out = torch.zeros((x.shape[0], w.shape[-1]), dtype=x.dtype, device=x.device)
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ w[g].to(x.dtype)
-        start = end
-    return out
-
-
 def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
-                 offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                 offs: torch.Tensor, gate_up: Weights, down: Weights,
                  out: torch.Tensor) -> None:
     """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
     (offs: group ends); entries past the last group write the dummy row out[-1]."""
-    mm = torch._grouped_mm if hidden.is_cuda else grouped_mm_reference
     xs = hidden.index_select(0, rows)
-    h = mm(xs, gate_up.transpose(-2, -1), offs=offs)
+    h = grouped_linear(xs, gate_up, offs)
     g, u = h.chunk(2, dim=-1)
-    y = mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+    y = grouped_linear(F.silu(g) * u, down, offs)
     out.index_copy_(0, dst, y.to(out.dtype))

@@ -27,6 +27,7 @@ class RuntimeInfo:
 
     policy: str
     kernel: str | None = None
+    experts_format: str | None = None  # a compressed (lossy) format of the routed experts
     tau: int | None = None
     stall_refresh: bool | None = None
     warm_start: bool | None = None

@@ -15,22 +15,26 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pool_views, run_pairs
+from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.modes import MissMode
 
 
 class MissSplitter:
     def __init__(self, *, mode: MissMode | str, slots: int, row: int, hidden: int, inter: int,
                  device: torch.device, dtype: torch.dtype, kernel: str,
-                 fetch_ms: float = 0.15, cpu_ms: float = 0.25) -> None:
+                 fetch_ms: float = 0.15, cpu_ms: float = 0.25,
+                 fmt: ExpertFormat | None = None) -> None:
         mode = MissMode(mode)
         if mode not in (MissMode.SPLIT, MissMode.CPU, MissMode.GPU):
             raise ValueError(f"MissSplitter takes a resolved mode, not {mode}")
         self.mode = mode
         self.slots = slots if mode is not MissMode.CPU else 0
         self.device, self.kernel = device, kernel
+        if fmt is not None and fmt.compressed:  # scratch slots hold compressed rows as they are
+            dtype = torch.uint8
         self.buf = torch.empty((max(self.slots, 1), row), dtype=dtype, device=device) \
             if self.slots else None
-        self.views = pool_views(self.buf, hidden, inter) if self.buf is not None else None
+        self.views = pool_views(self.buf, hidden, inter, fmt) if self.buf is not None else None
         self.fetch_ms, self.cpu_ms = fetch_ms, cpu_ms  # per expert, running estimates
         self.cuda = device.type == "cuda"
         self._host_idx: torch.Tensor | None = None

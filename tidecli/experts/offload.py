@@ -26,6 +26,7 @@ import torch
 
 from tidecli.experts.compute import run_pairs
 from tidecli.experts.cpu import CpuExperts
+from tidecli.experts.formats import compressed_name
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.misses import MissSplitter
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
@@ -54,7 +55,7 @@ class OffloadRuntime(PooledRuntime):
         if cpu_mode == "intra":
             torch.set_num_threads(threads)
         self.cpu = CpuExperts(hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size,
-                              dtype=cpu_dtype, threads=threads, mode=cpu_mode)
+                              dtype=cpu_dtype, threads=threads, mode=cpu_mode, fmt=store.format)
         misses = resolve_misses(misses, cuda=self.cuda,
                                 stream_blocker="the host-driven runtime does not stream")
         if policy.miss_mode == "fetch":
@@ -62,7 +63,7 @@ class OffloadRuntime(PooledRuntime):
         self.misses = MissSplitter(mode=misses, slots=min(scratch_slots, cfg.num_experts),
                                    row=store.row, hidden=cfg.hidden_size,
                                    inter=cfg.moe_intermediate_size, device=device, dtype=dtype,
-                                   kernel=self.kernel)
+                                   kernel=self.kernel, fmt=store.format)
         self._miss_copies: list[tuple[int, object, object]] = []  # (experts, start, end)
         self._events: list[tuple[int, object, object]] = []  # (layer, start, end) stalls
         self._stage: dict[str, torch.Tensor] = {}
@@ -287,6 +288,7 @@ class OffloadRuntime(PooledRuntime):
 
     def describe(self) -> RuntimeInfo:
         return RuntimeInfo(**self.policy.describe(), kernel=self.kernel,
+                           experts_format=compressed_name(self.format),
                            experts_per_layer=dict(self.budgets),
                            cpu_dtype=str(self.cpu.dtype).replace("torch.", ""),
                            cpu_threads=self.cpu.threads, cpu_mode=self.cpu.mode,

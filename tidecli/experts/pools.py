@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pick_kernel, pool_views
+from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.runtime import BaseRuntime
 from tidecli.experts.store import ExpertSource
 
@@ -51,11 +52,12 @@ class SlotPool:
     """One layer's resident experts: `slots` rows on the device, and who sits where."""
 
     def __init__(self, layer: int, slots: int, num_experts: int, row: int, *,
-                 device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> None:
+                 device: torch.device, dtype: torch.dtype, hidden: int, inter: int,
+                 fmt: ExpertFormat | None = None) -> None:
         self.layer = layer
         self.slots = slots
         self.buf = torch.empty((max(slots, 1), row), dtype=dtype, device=device)
-        self.gate_up, self.down = pool_views(self.buf, hidden, inter)
+        self.gate_up, self.down = pool_views(self.buf, hidden, inter, fmt)
         self.expert_of_slot = np.full(slots, -1, dtype=np.int64)  # host truth
         self.slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
         # the placement the device kernels read; updated stream-ordered from a pinned buffer
@@ -115,9 +117,12 @@ class PoolSet:
         self.device = device
         self.streams = Streams(device)
         self.expert_bytes = store.row * store.dtype.itemsize
+        fmt = store.format
+        if fmt is not None and fmt.compressed:  # the slots hold the compressed bytes as they are
+            dtype = store.dtype
         self.pools = {layer: SlotPool(layer, budgets[layer], cfg.num_experts, store.row,
                                       device=device, dtype=dtype, hidden=cfg.hidden_size,
-                                      inter=cfg.moe_intermediate_size)
+                                      inter=cfg.moe_intermediate_size, fmt=fmt)
                       for layer in cfg.moe_layers}
         self._copy_timing: list[tuple[int, object, object, int]] = []  # (layer, start, end, n)
 
@@ -202,7 +207,8 @@ class PooledRuntime(BaseRuntime):
         self.store, self.policy, self.budgets = store, policy, budgets
         self.pools = PoolSet(store, budgets, device=device, dtype=dtype)
         policy.attach(self.pools.pools, cfg.num_experts)
-        self.kernel = pick_kernel(kernel, device, dtype)
+        self.format = store.format
+        self.kernel = pick_kernel(kernel, device, dtype, store.format)
         self.cuda = device.type == "cuda"
         # a layer with a slot for every expert starts full: nothing for it to miss
         self.full = [layer for layer, pool in self.pools.pools.items()

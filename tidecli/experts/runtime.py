@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import combine, pick_kernel, pool_views, run_pairs
+from tidecli.experts.formats import ExpertFormat, compressed_name
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.trace import RoutingTrace
 from tidecli.model.checkpoint import Checkpoint
@@ -185,12 +186,14 @@ class ResidentRuntime(BaseRuntime):
     name = "resident"
 
     def __init__(self, cfg: ModelConfig, pools: dict[int, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype, kernel: str = "auto") -> None:
+                 dtype: torch.dtype, kernel: str = "auto",
+                 fmt: ExpertFormat | None = None) -> None:
         super().__init__(cfg, device, dtype)
-        self.views = {layer: pool_views(buf, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.views = {layer: pool_views(buf, cfg.hidden_size, cfg.moe_intermediate_size, fmt)
                       for layer, buf in pools.items()}
         self.pools = pools
-        self.kernel = pick_kernel(kernel, device, dtype)
+        self.format = fmt
+        self.kernel = pick_kernel(kernel, device, dtype, fmt)
         self._dev_counts: dict[int, torch.Tensor] = {}
 
     def host_after(self, layer, io, pair_out, over, over_mask):
@@ -209,4 +212,5 @@ class ResidentRuntime(BaseRuntime):
         return run_pairs(self.kernel, hidden, pair_slot, gate_up, down, self.k)
 
     def describe(self) -> RuntimeInfo:
-        return RuntimeInfo(policy=self.name, kernel=self.kernel)
+        return RuntimeInfo(policy=self.name, kernel=self.kernel,
+                           experts_format=compressed_name(self.format))

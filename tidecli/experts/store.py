@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.info import StoreInfo
 from tidecli.experts.runtime import read_expert_packed
 from tidecli.memory import check_fits_ram
@@ -46,9 +47,10 @@ class ExpertSource:
     """Host rows of routed experts, as the slot pools and the CPU workers read them."""
 
     cfg: object
-    dtype: torch.dtype
-    row: int  # elements per packed expert row
+    dtype: torch.dtype  # uint8 for a compressed format
+    row: int  # elements per packed expert row (bytes for a compressed format)
     info: StoreInfo
+    format: ExpertFormat | None = None  # compressed rows (experts/formats.py); None: checkpoint's
     pinned: bool = False
     pin_error: str | None = None
 

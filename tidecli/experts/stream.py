@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import pool_views, run_pairs
+from tidecli.experts.formats import compressed_name
 from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
@@ -63,7 +64,8 @@ class StreamRuntime(PooledRuntime):
         self._clock = torch.zeros((), dtype=torch.long, device=dev)
         self._ticks = 0
         self._host = {layer: device_view(store.layers[layer], device) for layer in cfg.moe_layers}
-        self._host_views = {layer: pool_views(v, cfg.hidden_size, cfg.moe_intermediate_size)
+        self._host_views = {layer: pool_views(v, cfg.hidden_size, cfg.moe_intermediate_size,
+                                              store.format)
                             for layer, v in self._host.items()}
         self._ar_e = torch.arange(e, device=dev)
         self._ar_b = torch.arange(bmax, device=dev)
@@ -233,17 +235,22 @@ class StreamRuntime(PooledRuntime):
         if self.kernel == "grouped_mm":
             gate_up, down = self._host_views[layer]
             return run_pairs(self.kernel, hidden, pair_expert, gate_up, down, self.k)
-        # CPU device (or no grouped kernel): the needed rows in the model's dtype, then the loop
+        # CPU device (or no grouped kernel): the needed rows in the model's dtype (compressed
+        # rows as they are), then the loop
         need = torch.unique(pair_expert[pair_expert >= 0])
-        rows = self.store.layers[layer][need.cpu()].to(self.device, self.dtype)
+        rows = self.store.layers[layer][need.cpu()].to(self.device)
+        if self.format is None or not self.format.compressed:
+            rows = rows.to(self.dtype)
         lut = torch.full((self.cfg.num_experts + 1,), -1, dtype=torch.long, device=self.device)
         lut[need] = torch.arange(need.numel(), device=self.device)
         slot = lut[torch.where(pair_expert >= 0, pair_expert, self.cfg.num_experts)]
-        gate_up, down = pool_views(rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size)
+        gate_up, down = pool_views(rows, self.cfg.hidden_size, self.cfg.moe_intermediate_size,
+                                   self.format)
         return run_pairs(self.kernel, hidden, slot, gate_up, down, self.k)
 
     def describe(self) -> RuntimeInfo:
         return RuntimeInfo(**self.policy.describe(), kernel=self.kernel, misses="stream",
+                           experts_format=compressed_name(self.format),
                            experts_per_layer=dict(self.budgets), host_store=self.store.info,
                            slot_pool_bytes=self.pools.nbytes(), scratch_bytes=0)
 

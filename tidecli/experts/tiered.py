@@ -149,8 +149,7 @@ class TieredExpertStore(ExpertSource):
         self.cfg = cfg
         self.ckpt = ckpt
         self.host = host
-        self.dtype = torch_dtype(ckpt.expert_dtype())
-        self.row = cfg.expert_params
+        self.dtype, self.row = self._row_layout()
         self.expert_bytes = self.row * self.dtype.itemsize
         self.pinned = pin
         self.pin_error = None
@@ -167,13 +166,7 @@ class TieredExpertStore(ExpertSource):
             self._checked[layer] = slots >= 0
             if chosen[layer]:
                 self.ram[layer] = self._alloc((len(chosen[layer]), self.row))
-        with ShardReader() as reader:
-            for layer, experts in chosen.items():
-                for j, e in enumerate(experts):
-                    read_expert_packed(reader, ckpt, layer, e, self.ram[layer][j],
-                                       check=check_finite)
-                    if progress:
-                        progress(self.expert_bytes)
+        self._load_ram(chosen, progress)
         self._files = ShardFiles()
         self.ring = StagingRing(host.staging_experts, alloc=lambda: self._alloc((self.row,)),
                                 reader=self._read, verify=self._verify, threads=readers)
@@ -181,7 +174,22 @@ class TieredExpertStore(ExpertSource):
         self.info = StoreInfo(host.ram_bytes + host.staging_bytes, self.pinned, self.pin_error,
                               time.perf_counter() - t0, tiers=tiers)
 
-    # ---- reading --------------------------------------------------------------------------------
+    # ---- reading (a compressed store reads its cache instead: experts/qstore.py) ----------------
+
+    def _row_layout(self) -> tuple[torch.dtype, int]:
+        """The rows' dtype and elements per row: the checkpoint's."""
+        return torch_dtype(self.ckpt.expert_dtype()), self.cfg.expert_params
+
+    def _load_ram(self, chosen: dict[int, list[int]], progress: Callable[[int], None] | None
+                  ) -> None:
+        """Fill the RAM tier with the `chosen` experts of each layer."""
+        with ShardReader() as reader:
+            for layer, experts in chosen.items():
+                for j, e in enumerate(experts):
+                    read_expert_packed(reader, self.ckpt, layer, e, self.ram[layer][j],
+                                       check=self._check)
+                    if progress:
+                        progress(self.expert_bytes)
 
     def _read(self, tag: Tag, buf: torch.Tensor) -> None:
         """Reader thread: one expert from the files into a ring buffer."""

@@ -26,6 +26,7 @@ class MachineFacts:
     stream_blocker: str | None  # why misses cannot be streamed here (None: they can)
     dtype_bytes: int  # bytes of a weight on the device
     misses: MissMode = MissMode.AUTO  # what the user asked for
+    experts_format: str = "bf16"  # the routed experts' format (experts/formats.py)
 
 
 def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: MachineFacts,
@@ -36,4 +37,5 @@ def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: Machin
     return make_plan(config=config, profile=profile, vram_gib=facts.vram_gib, workload=workload,
                      ram_gib=facts.ram_bytes / GIB, calibration=calibration,
                      model_name=model_name, misses=facts.misses, dtype_bytes=facts.dtype_bytes,
-                     stream_blocker=facts.stream_blocker, cuda=facts.cuda)
+                     stream_blocker=facts.stream_blocker, cuda=facts.cuda,
+                     experts_format=facts.experts_format)

@@ -105,7 +105,8 @@ def calibrated_plan(*, measured: Measurement, model_path: str | Path, config: Mo
     cal = fit_calibration(predictor=model, measured=m)
     new = make_plan(config=config, profile=profile, vram_gib=plan.vram_budget_bytes / GIB,
                     workload=replace(workload, tokens_per_step=None), trace=m.trace,
-                    ram_gib=ram_gib, calibration=cal, model_name=plan.model, misses=plan.misses)
+                    ram_gib=ram_gib, calibration=cal, model_name=plan.model, misses=plan.misses,
+                    experts_format=plan.experts_format)
     warnings = list(new.warnings)
     off = m.step_ms / plan.predicted_step_ms if plan.predicted_step_ms > 0 else 1.0
     if off > OFF_BY or off < 1 / OFF_BY:

@@ -166,9 +166,12 @@ def disk_gbps(profile: HardwareProfile) -> tuple[float, str | None]:
 def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: int,
                    context_tokens: int, tokens_per_call: float = 4.0,
                    cpu_threads: int | None = None,
-                   calibration: Calibration | None = None) -> HardwareCosts:
+                   calibration: Calibration | None = None,
+                   expert_bytes: int | None = None) -> HardwareCosts:
     """`cpu_threads` picks that row of the profile's CPU table when it has one; else the
-    profile's best, else the fastest at `tokens_per_call`."""
+    profile's best, else the fastest at `tokens_per_call`. `expert_bytes`: one compressed
+    expert (experts/formats.py): copies, disk reads and the GPU's expert time (bound by reading
+    the weights) scale with its bytes; the CPU dequantizes, then multiplies as in bf16."""
     cal = calibration or Calibration()
     notes: list[str] = []
     ph, pi = profile.expert_shape
@@ -176,7 +179,11 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
     if abs(scale - 1) > 1e-9:
         notes.append(f"expert times scaled ×{scale:.3g} from the profile's expert shape "
                      f"({ph}×{pi}) to this model's ({cfg.hidden_size}×{cfg.moe_intermediate_size})")
-    eb = cfg.expert_bytes()
+    eb = expert_bytes or cfg.expert_bytes()
+    weights = eb / cfg.expert_bytes()  # the share of bf16's bytes a GPU expert call reads
+    if expert_bytes:
+        notes.append(f"compressed experts: {eb / 2**20:.2f} MiB each ({weights:.2f}× bf16's) for "
+                     "copies, disk reads and the GPU's expert time; CPU expert times as bf16's")
     c_io = eb / (_h2d_gbps(profile, notes) * 1e9) * 1e3
     c_io += profile.copy_latency_ms if profile.copy_latency_ms is not None \
         else FALLBACK_COPY_LATENCY_MS
@@ -185,7 +192,7 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
         mem = FALLBACK_GPU_MEM_GBPS
         notes.append(f"no device memory bandwidth in the profile: assumed {mem:g} GB/s")
     if profile.gpu_expert_ms:
-        gpu_expert = _interp_table(profile.gpu_expert_ms, block_length) * scale
+        gpu_expert = _interp_table(profile.gpu_expert_ms, block_length) * scale * weights
     else:
         notes.append("GPU expert time estimated from device memory bandwidth")
         gpu_expert = eb / (0.7 * mem * 1e9) * 1e3 + 0.005

@@ -68,6 +68,7 @@ class Plan:
     staging_experts: int = 0
     disk_gbps: float | None = None  # set when some experts stay on disk
     misses: str = "cpu"  # where missed experts run (experts/modes.py), never "auto"
+    experts_format: str = "bf16"  # the routed experts' format (experts/formats.py)
 
     @property
     def predicted_step_ms(self) -> float:
@@ -133,6 +134,7 @@ class Plan:
             "model": self.model,
             "profile": self.profile,
             "policy": self.policy,
+            "experts_format": self.experts_format,
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "experts_per_layer_uniform": bs[0] if self.uniform and bs else None,
             "tau": self.tau,

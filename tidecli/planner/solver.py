@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from tidecli.decode.settings import check_routing_block
+from tidecli.experts.formats import expert_format
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
@@ -65,9 +66,9 @@ def _trace_steps_per_block(trace: RoutingTrace) -> float | None:
     return float(np.mean([stop - start for start, stop in runs]))
 
 
-def _disk_warning(cfg: ModelConfig, host, gbps: float) -> str:
-    need = cfg.num_moe_layers * cfg.num_experts * cfg.expert_bytes()
-    return (f"the routed experts ({need / GIB:.1f} GiB in bf16) do not fit the "
+def _disk_warning(cfg: ModelConfig, host, gbps: float, fmt: str = "bf16") -> str:
+    need = cfg.num_moe_layers * cfg.num_experts * host.expert_bytes
+    return (f"the routed experts ({need / GIB:.1f} GiB in {fmt}) do not fit the "
             f"{host.budget / GIB:.1f} GiB of host RAM for experts: {host.disk_experts} of "
             f"{host.disk_experts + host.ram_experts} stay on disk and are read when missed "
             f"(at ~{gbps:g} GB/s): slower, same tokens")
@@ -78,7 +79,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
               ram_gib: float | None = None, calibration: Calibration | None = None,
               model_name: str = "", misses: str | MissMode = MissMode.AUTO,
               dtype_bytes: int = 2, stream_blocker: str | None = None,
-              cuda: bool | None = None) -> Plan:
+              cuda: bool | None = None, experts_format: str = "bf16") -> Plan:
     """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
     VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit.
     `misses` is resolved as the runtime resolves it (experts/modes.py): `auto` streams when the
@@ -86,7 +87,9 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     splits misses between the CPU and GPU scratch slots (whose memory comes out of the budget).
     `cuda`: whether the run is on a GPU (default: whether the profile has one). `dtype_bytes`:
     the size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) —
-    memory only: the host store and the profile's timings are bf16."""
+    memory only: the host store and the profile's timings are bf16. `experts_format`: a
+    compressed format (experts/formats.py) counts its bytes on the device, in RAM, over PCIe
+    and from disk."""
     cfg, wl = config, workload or Workload()
     wl.validate()
     check_routing_block(block_length=wl.block_length,
@@ -98,8 +101,11 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     elif profile.vram_total_bytes and vram_gib * GIB > profile.vram_total_bytes:
         warnings.append(f"--vram {vram_gib:g} GiB exceeds the {profile.vram_total_bytes / GIB:.1f}"
                         f" GiB of {profile.gpu_name or profile.name}")
+    fmt = expert_format(experts_format, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
+    packed = fmt.row_bytes if fmt.compressed else None  # one compressed expert, anywhere
     mem = device_memory(cfg, vram_gib, context_tokens=wl.context_tokens,
-                        block_length=wl.block_length, dtype_bytes=dtype_bytes)
+                        block_length=wl.block_length, dtype_bytes=dtype_bytes,
+                        expert_bytes=packed)
     layers, e, eb = cfg.num_moe_layers, cfg.num_experts, mem.expert_bytes
     budget, dense, kv, work = mem.budget, mem.dense, mem.kv_cache, mem.workspace
     slots = mem.slots
@@ -123,7 +129,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         stats = published_stats(cfg, block_length=wl.block_length, max_age=steps)
 
     ram_bytes, ram_note = ram_budget(cfg, profile, ram_gib)
-    host = plan_host(cfg, ram_bytes)
+    host = plan_host(cfg, ram_bytes, expert_bytes=packed)
     # a disk tier only matters when experts live on the host (not when all fit on the GPU)
     tiered = host is not None and host.tiered and min(e, slots // layers) < e
     cuda = bool(profile.gpu_name) if cuda is None else cuda
@@ -136,7 +142,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     per_call = float(stats.tokens_per_call[:, uniform_b].mean())
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
                            context_tokens=wl.context_tokens, tokens_per_call=per_call,
-                           calibration=calibration)
+                           calibration=calibration, expert_bytes=packed)
     ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
     problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=mode)
     tau, tau_costs = solve_tau(problem, uniform)
@@ -170,7 +176,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
                         f"--context {wl.context_tokens} reserves: raise --context")
     gbps, disk_note = disk_gbps(profile)
     if tiered:
-        warnings.append(_disk_warning(cfg, host, gbps))
+        warnings.append(_disk_warning(cfg, host, gbps, fmt.name))
     mean_distinct = float(stats.distinct.mean())
     if budgets.min() < 0.5 * mean_distinct and mode is MissMode.CPU:
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
@@ -221,7 +227,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         num_experts=e, ram_budget_bytes=host.budget if host is not None else 0,
         experts_in_ram=dict(host.ram_per_layer) if tiered else {},
         staging_experts=host.staging_experts if tiered else 0,
-        disk_gbps=gbps if tiered else None, misses=str(mode))
+        disk_gbps=gbps if tiered else None, misses=str(mode), experts_format=fmt.name)
 
 
 def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
@@ -240,6 +246,7 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
     else:
         stats = published_stats(config, block_length=wl.block_length, max_age=steps)
     budgets = np.array([plan.experts_per_layer[layer] for layer in config.moe_layers])
+    packed = plan.expert_bytes if plan.experts_format != "bf16" else None
     per_call = float(stats.tokens_per_call[np.arange(len(budgets)), budgets].mean())
     ram = np.array([plan.experts_in_ram[layer] for layer in config.moe_layers]) \
         if plan.tiered else None
@@ -247,7 +254,8 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
     def run(calibration: Calibration | None) -> Breakdown:
         costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
-                               cpu_threads=plan.cpu_threads, calibration=calibration)
+                               cpu_threads=plan.cpu_threads, calibration=calibration,
+                               expert_bytes=packed)
         return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram,
                                misses=MissMode(plan.misses)), budgets, plan.tau)
 

@@ -27,11 +27,13 @@ def ram_budget(cfg: ModelConfig, profile: HardwareProfile,
                                    total=profile.ram_total_bytes, given_gib=ram_gib)
 
 
-def plan_host(cfg: ModelConfig, budget: int | None, dtype_bytes: int = 2) -> HostPlan | None:
-    """The runtime's split of `budget` (None: everything in RAM, budget unknown)."""
+def plan_host(cfg: ModelConfig, budget: int | None, dtype_bytes: int = 2,
+              expert_bytes: int | None = None) -> HostPlan | None:
+    """The runtime's split of `budget` (None: everything in RAM, budget unknown);
+    `expert_bytes`: one compressed expert."""
     if budget is None:
         return None
-    return host_tiers(cfg, budget, dtype_bytes=dtype_bytes)
+    return host_tiers(cfg, budget, dtype_bytes=dtype_bytes, expert_bytes=expert_bytes)
 def split_ram(p: Problem, budgets: np.ndarray, tau: int,
               host: HostPlan) -> tuple[np.ndarray, dict[str, float]]:
     """Experts per layer to keep in RAM: uniform, or — with a routing trace, whose layers

@@ -10,9 +10,12 @@ import numpy as np
 import torch
 
 from tidecli.errors import TideError
+from tidecli.experts.formats import ExpertFormat, expert_format
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.offload import OffloadRuntime
 from tidecli.experts.policies import LruPolicy, Policy, ResidentPolicy, StaticPolicy, TidePolicy
+from tidecli.experts.qcache import ensure_cache
+from tidecli.experts.qstore import CompressedHostStore, CompressedTieredStore, load_compressed_pools
 from tidecli.experts.runtime import ResidentRuntime, load_expert_pools
 from tidecli.experts.store import ExpertSource, HostExpertStore
 from tidecli.experts.tiered import TieredExpertStore
@@ -23,13 +26,20 @@ from tidecli.model.tensorio import torch_dtype
 from tidecli.planner.auto import MachineFacts
 from tidecli.planner.plan import Plan
 from tidecli.runtime.devices import pick_dtype
-from tidecli.runtime.facts import stream_blocker
+from tidecli.runtime.facts import routed_bytes, stream_blocker
 from tidecli.runtime.options import EngineOptions
 from tidecli.units import GIB
 
 DEFAULT_TAU = 4  # tide's τ when it neither follows a plan nor is given one
 
 Tick = Callable[[int], None]  # bytes done since the last call
+Ticker = Callable[[str, int], Tick]  # (stage, total bytes) → a tick for that stage
+
+
+def experts_format(ckpt: Checkpoint, name: str) -> ExpertFormat:
+    """The routed experts' format for this model (TideError when its sizes do not suit it)."""
+    cfg = ckpt.config
+    return expert_format(name, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
 
 
 def _check_lru(policy: str, budgets: dict[int, int], hint: str) -> None:
@@ -46,9 +56,12 @@ def expert_budgets(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None,
     cfg, b_opts, policy = ckpt.config, opts.budgets, opts.residency.policy
     wl, dtype_bytes = opts.workload, facts.dtype_bytes
 
+    fmt = experts_format(ckpt, facts.experts_format)
+
     def memory(vram: float) -> DeviceMemory:
         return device_memory(cfg, vram, context_tokens=wl.context_tokens,
-                             block_length=wl.block_length, dtype_bytes=dtype_bytes)
+                             block_length=wl.block_length, dtype_bytes=dtype_bytes,
+                             expert_bytes=fmt.row_bytes if fmt.compressed else None)
 
     if plan is not None:  # per-layer B_ℓ, as a plan gives them
         budgets = {int(k): int(v) for k, v in plan.experts_per_layer.items()}
@@ -167,27 +180,41 @@ def token_counts(ckpt: Checkpoint, path: str | None) -> dict[int, np.ndarray] | 
 
 def host_store(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None, facts: MachineFacts,
                device: torch.device, tick: Tick, notices: list[str],
-               static_budgets: Callable[[], dict[int, int] | None]) -> ExpertSource:
+               static_budgets: Callable[[], dict[int, int] | None],
+               ticker: Ticker | None = None) -> ExpertSource:
     """The routed experts on the host: all in (pinned) RAM when they fit the RAM budget, else
     tiered — as many per layer in RAM as it holds (a plan's counts, else uniform), the rest read
-    from the checkpoint's files on demand (a notice says so)."""
+    from the checkpoint's files on demand (a notice says so). A compressed format's rows come
+    from its cache (experts/qcache.py), which is also what the disk tier reads."""
     pin = device.type == "cuda"
-    need, budget = ckpt.routed_expert_bytes(), facts.ram_bytes
+    fmt = experts_format(ckpt, opts.load.experts_dtype)
+    need, budget = routed_bytes(ckpt, fmt), facts.ram_bytes
     if need <= budget:
+        if fmt.compressed:
+            return CompressedHostStore(ckpt, fmt, pin=pin, device=device, ticker=ticker,
+                                       notices=notices)
         return HostExpertStore(ckpt, pin=pin, progress=tick)
     ram_map = staging = None
     if plan is not None and plan.tiered:
         ram_map, staging = dict(plan.experts_in_ram), plan.staging_experts
     itemsize = torch_dtype(ckpt.expert_dtype()).itemsize
     host = host_tiers(ckpt.config, budget, dtype_bytes=itemsize, staging_experts=staging,
-                      ram_per_layer=ram_map)
+                      ram_per_layer=ram_map,
+                      expert_bytes=fmt.row_bytes if fmt.compressed else None)
     pop = popularity(ckpt, opts.residency.popularity_trace)
     # static with a popularity trace: its GPU placement is fixed, keep the next ones in RAM
     skip = static_budgets() if opts.residency.policy == "static" and pop is not None else None
-    store = TieredExpertStore(ckpt, host, pin=pin, popularity=pop, skip=skip, progress=tick)
+    if fmt.compressed:
+        quantize = ticker(f"quantize {fmt.name}", ckpt.routed_expert_bytes()) if ticker else None
+        cache = ensure_cache(ckpt, fmt, device=device, progress=quantize, notices=notices)
+        store = CompressedTieredStore(ckpt, fmt, cache, host, pin=pin, popularity=pop, skip=skip,
+                                      progress=tick)
+    else:
+        store = TieredExpertStore(ckpt, host, pin=pin, popularity=pop, skip=skip, progress=tick)
     given = "given" if opts.budgets.ram_gib is not None else "available"
     notices.append(
-        f"the routed experts need {need / GIB:.1f} GiB and {budget / GIB:.1f} GiB of RAM is "
+        f"the routed experts need {need / GIB:.1f} GiB"
+        + (f" in {fmt.name}" if fmt.compressed else "") + f" and {budget / GIB:.1f} GiB of RAM is "
         f"{given}: {host.ram_experts} of {host.ram_experts + host.disk_experts} stay in RAM, the "
         f"other {host.disk_experts} are read from disk when used (slower, same tokens)")
     return store
@@ -197,14 +224,20 @@ def host_store(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None, fact
 
 
 def resident_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource | None, *,
-                     device: torch.device, dtype: torch.dtype, tick: Tick) -> ResidentRuntime:
+                     device: torch.device, dtype: torch.dtype, tick: Tick,
+                     ticker: Ticker | None = None,
+                     notices: list[str] | None = None) -> ResidentRuntime:
+    fmt = experts_format(ckpt, opts.load.experts_dtype)
     layers = getattr(store, "layers", None)
-    if layers is not None:  # already in host memory: copy from there
-        pools = {layer: buf.to(device, dtype) for layer, buf in layers.items()}
+    if layers is not None:  # already in host memory: copy from there (compressed rows as bytes)
+        pools = {layer: buf.to(device) if fmt.compressed else buf.to(device, dtype)
+                 for layer, buf in layers.items()}
+    elif fmt.compressed:
+        pools = load_compressed_pools(ckpt, fmt, device=device, ticker=ticker, notices=notices)
     else:
         pools = load_expert_pools(ckpt, device=device, dtype=dtype, progress=tick)
     return ResidentRuntime(ckpt.config, pools, device=device, dtype=dtype,
-                           kernel=opts.load.kernel)
+                           kernel=opts.load.kernel, fmt=fmt if fmt.compressed else None)
 
 
 def policy_for(ckpt: Checkpoint, opts: EngineOptions, plan: Plan | None) -> Policy:
@@ -232,7 +265,7 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
     if r.policy in ("static", "tide"):
         blocker = stream_blocker(device, dtype, store_dtype=store.dtype,
                                  tiered=not isinstance(store, HostExpertStore),
-                                 pinned=store.pinned)
+                                 pinned=store.pinned, fmt=store.format)
         mode = resolve_misses(r.misses, cuda=cuda, stream_blocker=blocker)
     if mode is MissMode.STREAM:
         from tidecli.experts.stream import StreamRuntime

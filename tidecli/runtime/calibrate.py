@@ -48,7 +48,8 @@ def plan_options(model_path: str | Path, plan: Plan, *, device: str,
                  cpu_threads: int | None) -> EngineOptions:
     """An engine that follows `plan` exactly (budgets, τ, threads, RAM tiers, misses)."""
     return EngineOptions(
-        load=LoadOptions(model=str(model_path), device=device),
+        load=LoadOptions(model=str(model_path), device=device,
+                         experts_dtype=plan.experts_format),
         residency=ResidencyOptions(policy="tide", misses=parse_misses(plan.misses),
                                    cpu_threads=plan.cpu_threads if cpu_threads is None
                                    else cpu_threads, cpu_mode=plan.cpu_mode),

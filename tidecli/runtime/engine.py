@@ -29,7 +29,7 @@ from tidecli.planner.plan import Plan, PlanSummary
 from tidecli.runtime import build
 from tidecli.runtime.autoplan import follows_plan, plan_for
 from tidecli.runtime.devices import pick_device, pick_dtype
-from tidecli.runtime.facts import device_free_gib, machine_facts
+from tidecli.runtime.facts import device_free_gib, machine_facts, routed_bytes
 from tidecli.runtime.options import BudgetOptions, EngineOptions, ResidencyOptions
 
 # progress(stage, done_bytes, total_bytes)
@@ -72,6 +72,7 @@ class Engine:
         self.path = resolve_model(opts.load.model, quiet=quiet)
         self.ckpt = Checkpoint.open(self.path)
         self.cfg = self.ckpt.config
+        self.format = build.experts_format(self.ckpt, opts.load.experts_dtype)
         self.tokenizer = ChatTokenizer(self.path)
         self.device = pick_device(opts.load.device)
         self.dtype = pick_dtype(opts.load.dtype, self.device)
@@ -101,14 +102,15 @@ class Engine:
         """Facts, the policy (`auto` resolved), the plan to follow, where misses run and the
         expert budgets. `self.run_opts` are the options with the policy resolved."""
         self.facts = machine_facts(self.ckpt, self.opts, self.device, self.dtype,
-                                   free_vram_gib=self._free_vram)
+                                   free_vram_gib=self._free_vram, fmt=self.format)
         policy, self.choice = build.choose_policy(self.ckpt, self.opts, self.facts)
         o = self.run_opts = replace(self.opts, residency=replace(self.opts.residency,
                                                                  policy=policy))
         self.ignored = o.ignored()
         self.plan = o.plan
         if self.plan is None and follows_plan(o, cuda=self.device.type == "cuda"):
-            key = (o.budgets, o.residency.misses, o.residency.profile, o.workload)
+            key = (o.budgets, o.residency.misses, o.residency.profile, o.workload,
+                   o.load.experts_dtype)
             if key not in self._auto_plans:
                 self._auto_plans[key] = plan_for(self.cfg, o, self.facts, model=self.path,
                                                  notices=self.notices)
@@ -123,7 +125,9 @@ class Engine:
         if o.residency.policy == "resident" and (
                 budgets is None or min(budgets.values(), default=0) >= self.cfg.num_experts):
             return build.resident_runtime(self.ckpt, o, self._store, device=self.device,
-                                          dtype=self.dtype, tick=self._expert_ticker(progress))
+                                          dtype=self.dtype, tick=self._expert_ticker(progress),
+                                          ticker=self._stage_ticker(progress),
+                                          notices=self.notices)
         if budgets is None:  # an offload policy without a budget: the whole device's memory
             budgets, self.memory = self._default_budgets()
         return build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
@@ -138,15 +142,24 @@ class Engine:
 
     def set_runtime(self, progress: LoadProgress | None = None, *,
                     residency: ResidencyOptions | None = None,
-                    budgets: BudgetOptions | None = None) -> None:
-        """Replace the expert runtime with one built from other residency options or budgets;
-        the dense weights and the host store are kept. Compares policies in one process."""
+                    budgets: BudgetOptions | None = None,
+                    experts_dtype: str | None = None) -> None:
+        """Replace the expert runtime with one built from other residency options, budgets or
+        experts' format; the dense weights (and the host store, unless the format changes) are
+        kept. Compares policies and formats in one process."""
         if self.runtime is not None:
             self.runtime.close()
         self.model.experts = self.runtime = None
+        load = self.opts.load
+        if experts_dtype is not None and experts_dtype != load.experts_dtype:
+            load = replace(load, experts_dtype=experts_dtype)
+            self.format = build.experts_format(self.ckpt, experts_dtype)
+            if self._store is not None:  # another format's rows: a new store
+                self._store.close()
+                self._store = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.opts = replace(self.opts, residency=residency or self.opts.residency,
+        self.opts = replace(self.opts, load=load, residency=residency or self.opts.residency,
                             budgets=budgets or self.opts.budgets)
         self.opts.validate()
         self._configure()
@@ -171,7 +184,8 @@ class Engine:
             self._store = build.host_store(
                 self.ckpt, self.run_opts, plan=self.plan, facts=self.facts, device=self.device,
                 tick=self._expert_ticker(progress, "host experts"), notices=self.notices,
-                static_budgets=lambda: self._default_budgets()[0])
+                static_budgets=lambda: self._default_budgets()[0],
+                ticker=self._stage_ticker(progress))
         return self._store
 
     @staticmethod
@@ -187,7 +201,11 @@ class Engine:
         return tick
 
     def _expert_ticker(self, progress: LoadProgress | None, stage: str = "experts"):
-        return self._ticker(progress, stage, self.ckpt.routed_expert_bytes())
+        return self._ticker(progress, stage, routed_bytes(self.ckpt, self.format))
+
+    def _stage_ticker(self, progress: LoadProgress | None):
+        """(stage, total bytes) → a tick for a stage of its own (quantizing, reading a cache)."""
+        return lambda stage, total: self._ticker(progress, stage, total)
 
     # ---- prompts and generations ----------------------------------------------------------------
 

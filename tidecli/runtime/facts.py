@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.gather import stream_available
+from tidecli.experts.qkernel import qkernel_available
 from tidecli.memory import available_ram, ram_for_experts
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import torch_dtype
@@ -24,19 +26,34 @@ def device_free_gib(device: torch.device) -> float:
 
 
 def stream_blocker(device: torch.device, model_dtype: torch.dtype, *, store_dtype: torch.dtype,
-                   tiered: bool, pinned: bool = True) -> str | None:
-    """Why misses cannot be streamed from host memory here (None: they can)."""
+                   tiered: bool, pinned: bool = True,
+                   fmt: ExpertFormat | None = None) -> str | None:
+    """Why misses cannot be streamed from host memory here (None: they can). Compressed rows
+    are read as they are by the dequantizing kernel."""
     if tiered:
         return "some experts live on disk (the tiered store)"
-    if device.type == "cuda" and store_dtype != model_dtype:  # raw rows are read
+    if fmt is not None and fmt.compressed:
+        if device.type == "cuda" and not qkernel_available(device, model_dtype, fmt.name):
+            return (f"the {fmt.name} kernel needs Triton and a bf16 or fp16 model"
+                    + (" on an sm89+ GPU" if fmt.name == "fp8" else ""))
+    elif device.type == "cuda" and store_dtype != model_dtype:  # raw rows are read
         return f"the experts are stored as {store_dtype} but the model runs in {model_dtype}"
     if device.type == "cuda" and not pinned:
         return "the host experts are not in pinned memory"
     return stream_available(device)
 
 
+def routed_bytes(ckpt: Checkpoint, fmt: ExpertFormat) -> int:
+    """The routed experts' bytes in the host store: the checkpoint's, or the compressed rows'."""
+    if not fmt.compressed:
+        return ckpt.routed_expert_bytes()
+    cfg = ckpt.config
+    return cfg.num_moe_layers * cfg.num_experts * fmt.row_bytes
+
+
 def machine_facts(ckpt: Checkpoint, opts: EngineOptions, device: torch.device,
-                  dtype: torch.dtype, *, free_vram_gib: float) -> MachineFacts:
+                  dtype: torch.dtype, *, free_vram_gib: float,
+                  fmt: ExpertFormat | None = None) -> MachineFacts:
     """The facts before any expert is loaded (the store, once built, may still refuse to be
     pinned: the runtime checks again then). `free_vram_gib`: what the device had free before
     the model was loaded (device_free_gib)."""
@@ -48,5 +65,7 @@ def machine_facts(ckpt: Checkpoint, opts: EngineOptions, device: torch.device,
         ram_bytes=ram,
         stream_blocker=stream_blocker(device, dtype,
                                       store_dtype=torch_dtype(ckpt.expert_dtype()),
-                                      tiered=ckpt.routed_expert_bytes() > ram),
-        dtype_bytes=dtype.itemsize, misses=opts.residency.misses)
+                                      tiered=routed_bytes(ckpt, fmt) > ram if fmt else
+                                      ckpt.routed_expert_bytes() > ram, fmt=fmt),
+        dtype_bytes=dtype.itemsize, misses=opts.residency.misses,
+        experts_format=fmt.name if fmt is not None else "bf16")

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from tidecli.errors import TideError
+from tidecli.experts.formats import parse_format
 from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses
 from tidecli.memory import check_ram_gib, check_vram_gib
 from tidecli.planner.plan import Plan
@@ -28,12 +29,14 @@ class LoadOptions:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
+    experts_dtype: str = "bf16"  # the routed experts' format: bf16 | int8 | fp8 | int4 (lossy)
 
     def validate(self) -> None:
         if not _DEVICE.match(self.device):
             raise TideError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
         if self.dtype not in DTYPE_NAMES:
             raise TideError(f"unknown dtype {self.dtype!r}", "use auto, bf16 or fp32")
+        parse_format(self.experts_dtype)
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,12 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
                    popularity_trace: str | None = None, profile: str | None = None,
                    vram_gib: float | None = None, ram_gib: float | None = None,
                    experts_per_layer: int | None = None, block_length: int = 32,
-                   threshold: float | None = None, context_tokens: int = 4096) -> EngineOptions:
+                   threshold: float | None = None, context_tokens: int = 4096,
+                   experts_dtype: str = "bf16") -> EngineOptions:
     """EngineOptions from the flat option names the commands use."""
     return EngineOptions(
-        load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs),
+        load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs,
+                         experts_dtype=parse_format(experts_dtype)),
         residency=ResidencyOptions(
             policy=policy, tide=TideOptions(tau=tau, stall_refresh=stall_refresh,
                                             warm_start=warm_start, skip_last_step=skip_last_step),

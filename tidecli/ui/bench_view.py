@@ -5,29 +5,62 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from tidecli.units import size_text
+
 
 def _f(x, fmt: str = "{:.2f}", none: str = "—") -> str:
     return none if x is None else fmt.format(x)
 
 
+QUALITY_CAVEAT = ("formats against bf16 on the same inputs: KL and top-1 of the logits at masked "
+                  "positions, relative error of expert outputs. On a synthetic checkpoint the "
+                  "weights are random, not a trained model's: numerical figures, not accuracy.")
+
+
 def runs_table(report: dict) -> Table:
     """The columns a person compares (fits 120 columns); the rest are in the JSON."""
+    formats = "formats" in report
     t = Table(title="tide bench", title_justify="left", header_style="bold")
-    for col in ("workload", "policy", "budget", "τ", "misses", "tok/s", "steps/s", "hit %",
-                "H2D GB", "× best base", "same tokens"):
-        t.add_column(col, justify="left" if col in ("workload", "policy") else "right")
+    cols = ["workload", "policy", "budget", "τ", "misses", "tok/s", "steps/s", "hit %",
+            "H2D GB", "× best base", "same tokens"]
+    if formats:  # which format, and how much of bf16's output it kept
+        cols[1:1] = ["experts"]
+        cols.append("= bf16")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("workload", "policy", "experts") else "right")
     for r in report["runs"]:
+        lead = [r["workload"]] + ([r.get("experts_dtype", "bf16")] if formats else [])
         if r.get("skipped"):
-            t.add_row(r["workload"], r["policy"], r["budget"], _f(r["tau"], "{}"),
-                      _f(r["misses"], "{}"), "skipped", *[""] * 5)
+            t.add_row(*lead, r["policy"], r["budget"], _f(r["tau"], "{}"),
+                      _f(r["misses"], "{}"), "skipped", *[""] * (len(cols) - len(lead) - 5))
             continue
         tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
-        t.add_row(r["workload"], r["policy"], r["budget"], tau,
+        extra = [_f(r.get("token_agreement_bf16"), "{:.1%}")] if formats else []
+        t.add_row(*lead, r["policy"], r["budget"], tau,
                   _f(r.get("misses_used") or r["misses"], "{}"),
                   _f(r["tokens_per_s"], "{:.1f}"), _f(r["steps_per_s"], "{:.2f}"),
                   _f(100 * r["hit_rate"], "{:.1f}"), _f(r["h2d_gb"], "{:.3f}"),
-                  _f(r.get("vs_best_baseline"), "{:.2f}×"), _same(r))
+                  _f(r.get("vs_best_baseline"), "{:.2f}×"), _same(r), *extra)
     t.caption = "more per run (CPU calls, stall, peak VRAM, × resident …): --json or -o FILE"
+    return t
+
+
+def quality_table(report: dict) -> Table | None:
+    """Each format against bf16: its size, its logits and expert outputs, its tokens."""
+    figures = report.get("formats")
+    if not figures:
+        return None
+    t = Table(title="experts' formats against bf16", title_justify="left", header_style="bold")
+    for col in ("format", "routed experts", "× smaller", "logits KL", "top-1 same",
+                "expert rel. error", "tokens = bf16"):
+        t.add_column(col, justify="left" if col == "format" else "right")
+    for fmt, q in figures.items():
+        runs = [r for r in report["runs"] if r.get("experts_dtype") == fmt
+                and r.get("token_agreement_bf16") is not None]
+        tokens = min((r["token_agreement_bf16"] for r in runs), default=None)
+        t.add_row(q["label"], size_text(q["routed_expert_bytes"]), _f(q["ratio"], "{:.2f}×"),
+                  _f(q.get("logits_kl"), "{:.2e}"), _f(q.get("logits_top1"), "{:.1%}"),
+                  _f(q["expert_rel_error"], "{:.2e}"), _f(tokens, "{:.1%}"))
     return t
 
 
@@ -44,11 +77,14 @@ def bounds_table(report: dict) -> Table | None:
         return None
     t = Table(title="bounds (tide runs)", title_justify="left", header_style="bold")
     timed = any(b.get("lower_bound_ms") is not None for b in report["bounds"])  # a profile
-    cols = ["workload", "budget", "τ", "misses", "tide hit %", "best hit %", "H2D × oracle"]
+    formats = "formats" in report
+    cols = ["workload", *(("experts",) if formats else ()), "budget", "τ", "misses",
+            "tide hit %", "best hit %", "H2D × oracle"]
     for col in cols + (["bound ms", "tide step ms", "× bound"] if timed else []):
-        t.add_column(col, justify="left" if col == "workload" else "right")
+        t.add_column(col, justify="left" if col in ("workload", "experts") else "right")
     for b in report["bounds"]:
-        row = [b["workload"], b["budget"], _f(b["tau"], "{}"), _f(b["misses"], "{}"),
+        lead = [b["workload"]] + ([b.get("experts_dtype", "bf16")] if formats else [])
+        row = [*lead, b["budget"], _f(b["tau"], "{}"), _f(b["misses"], "{}"),
                _f(100 * b["tide_hit_rate"], "{:.1f}"), _f(100 * b["best_hit_rate"], "{:.1f}"),
                _f(b["tide_over_oracle"])]
         if timed:

@@ -25,6 +25,8 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
     rows.append(("policy", rt.policy + (f" (kernel {rt.kernel})" if rt.kernel else "")))
     if info.choice:
         rows.append(("why", info.choice))
+    if rt.experts_format:  # compressed routed experts: say that they are lossy
+        rows.append(("experts", f"{rt.experts_format}, lossy (quantized once, cached)"))
     epl = rt.experts_per_layer or (plan.experts_per_layer if plan else None)
     if epl:
         vals = list(epl.values())

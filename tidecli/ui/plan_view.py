@@ -109,6 +109,9 @@ def plan_table(plan: Plan, *, verbose: bool = False) -> Table:
               f"{size(plan.workspace_bytes)} + expert slots {size(plan.slot_bytes)}")
     t.add_row("policy", plan.policy + (" (every expert fits the budget)"
                                         if plan.policy == "resident" else ""))
+    if plan.experts_format != "bf16":
+        t.add_row("experts", f"{plan.experts_format}: lossy (quantized once, cached), "
+                             f"{plan.expert_bytes / 2**20:.2f} MiB each")
     for label, value in _tier_rows(plan):
         t.add_row(label, value)
     t.add_row("experts per layer", _budgets(plan))

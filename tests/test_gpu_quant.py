@@ -1,0 +1,105 @@
+"""Compressed experts on CUDA: the dequantizing kernel against the torch reference on mini's
+shapes, in device and in pinned host memory, and every policy with the same compressed store
+gives the resident run's tokens bitwise (one kernel computes every expert). Skipped without a
+GPU."""
+
+import pytest
+import torch
+
+from tidecli.experts.compute import quant_grouped_reference
+from tidecli.experts.formats import COMPRESSED, expert_format
+from tidecli.experts.qkernel import qkernel_available, quant_grouped_mm
+from tidecli.experts.quant import quantize_rows, views
+from tidecli.model.program import StepPrograms
+
+from helpers import cuda_model, decode_cuda
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def _need(name):
+    if not qkernel_available(CUDA, torch.bfloat16, name):
+        pytest.skip(f"no {name} kernel here (Triton, or sm89+ for fp8)")
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("pinned", [False, True])
+def test_kernel_matches_the_reference_on_mini_shapes(name, pinned):
+    from tidecli.experts.gather import device_view
+
+    _need(name)
+    h, i, e = 2048, 512, 12
+    fmt = expert_format(name, hidden=h, inter=i)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(e, 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
+    rows = quantize_rows(w, fmt)
+    if pinned:  # streamed misses: the kernel reads the rows over PCIe
+        host = rows.cpu().pin_memory()
+        rows = device_view(host, CUDA)
+    gu, dn = views(rows, fmt)
+    counts = torch.tensor([3, 0, 40, 1, 0, 7, 16, 2, 0, 5, 33, 1])
+    offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+    m = int(counts.sum()) + 3  # 3 rows past the last group
+    for mat, k in ((gu, h), (dn, i)):
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+        got = quant_grouped_mm(x, mat, offs)
+        want = quant_grouped_reference(x, mat, offs)
+        assert _rel(got, want) < 5e-3
+        assert not bool(got[-3:].any())
+        assert torch.equal(got, quant_grouped_mm(x, mat, offs))  # deterministic
+
+
+def _tokens(tiny_ckpt, name, make):
+    m = StepPrograms(cuda_model(tiny_ckpt, make))
+    out = decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
+    s = m.experts.run_stats.summary()
+    m.experts.close()
+    return out, s
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_every_policy_gives_the_resident_tokens_bitwise(tiny_ckpt, name):
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.policies import LruPolicy, StaticPolicy, TideOptions, TidePolicy
+    from tidecli.experts.qstore import CompressedHostStore, load_compressed_pools
+    from tidecli.experts.runtime import ResidentRuntime
+    from tidecli.experts.stream import StreamRuntime
+
+    _need(name)
+    dt = torch.bfloat16
+
+    def fmt_of(ckpt):
+        cfg = ckpt.config
+        return expert_format(name, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
+
+    def resident(ckpt):
+        fmt = fmt_of(ckpt)
+        rt = ResidentRuntime(ckpt.config, load_compressed_pools(ckpt, fmt, device=CUDA),
+                             device=CUDA, dtype=dt, fmt=fmt)
+        assert rt.kernel == "grouped_mm"
+        return rt
+
+    def pooled(policy, b, kind):
+        def make(ckpt):
+            store = CompressedHostStore(ckpt, fmt_of(ckpt), pin=True, device=CUDA)
+            budgets = {layer: b for layer in ckpt.config.moe_layers}
+            if kind == "stream":
+                return StreamRuntime(ckpt.config, store, budgets, policy(), device=CUDA,
+                                     dtype=dt)
+            return OffloadRuntime(ckpt.config, store, budgets, policy(), device=CUDA,
+                                  dtype=dt, misses=kind, scratch_slots=4)
+        return make
+
+    ref, _ = _tokens(tiny_ckpt, name, resident)
+    cases = [(LruPolicy, 4, "cpu"), (lambda: TidePolicy(TideOptions(tau=3)), 6, "gpu"),
+             (StaticPolicy, 6, "stream"), (lambda: TidePolicy(TideOptions(tau=1)), 6, "stream"),
+             (lambda: TidePolicy(TideOptions(tau=3)), 0, "stream")]
+    for policy, b, kind in cases:
+        out, s = _tokens(tiny_ckpt, name, pooled(policy, b, kind))
+        assert out == ref, (name, kind, b)
+        assert s["cpu_calls"] == 0

@@ -1,0 +1,51 @@
+"""The dequantizing grouped GEMM (experts/qkernel.py) against the torch reference (dequantize,
+then matmul), in Triton's interpreter on the CPU. The interpreter's int → bf16 conversion is
+unreliable, so activations are fp32 here; the GPU test (tests/test_gpu.py) runs bf16."""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():  # there the compiled kernel runs, in tests/test_gpu.py
+    pytest.skip("the interpreter check is for machines without a GPU", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its library follows the mode
+pytest.importorskip("triton")
+
+from tidecli.experts.compute import quant_grouped_reference  # noqa: E402
+from tidecli.experts.formats import COMPRESSED, expert_format  # noqa: E402
+from tidecli.experts.qkernel import quant_grouped_mm  # noqa: E402
+from tidecli.experts.quant import quantize_rows, views  # noqa: E402
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("h,i", [(64, 32), (128, 64)])
+def test_kernel_matches_the_reference(name, h, i):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(5, 3 * h * i, generator=g) * 0.05).to(torch.bfloat16)
+    gu, dn = views(quantize_rows(w, expert_format(name, hidden=h, inter=i)),
+                   expert_format(name, hidden=h, inter=i))
+    # groups of 3, 0, 20 (two row tiles), 1 and 2 rows; the last 2 rows belong to no group
+    offs = torch.tensor([3, 3, 23, 24, 26], dtype=torch.int32)
+    for mat, k in ((gu, h), (dn, i)):
+        x = torch.randn(28, k, generator=g)
+        got = quant_grouped_mm(x, mat, offs)
+        want = quant_grouped_reference(x, mat, offs)
+        assert got.shape == want.shape == (28, mat.layout.n)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert not bool(got[26:].any())  # rows past the last group stay zero
+
+
+def test_experts_read_in_place_from_a_slice_of_rows():
+    """The kernel reads a pool's rows through strided views, and each group its own expert."""
+    h, i = 64, 32
+    fmt = expert_format("int4", hidden=h, inter=i)
+    w = (torch.randn(4, 3 * h * i) * 0.05).to(torch.bfloat16)
+    rows = quantize_rows(w, fmt)
+    gu, _ = views(rows[1:3], fmt)
+    x = torch.randn(4, h)
+    offs = torch.tensor([1, 4], dtype=torch.int32)
+    got = quant_grouped_mm(x, gu, offs)
+    full, _ = views(rows, fmt)
+    ref = quant_grouped_reference(x, full.select(torch.tensor([1, 2])), offs)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,133 @@
+"""A grouped GEMM over compressed experts that dequantizes in registers (Triton).
+
+Called as `torch._grouped_mm` is in experts/compute.py: rows of `x` sorted by group, `offs` the
+group ends, one expert per group; group g's rows are multiplied by expert g's matrixᵀ. The
+weights are read in their compressed form, straight from the slot pool or (streamed misses) from
+pinned host memory mapped into the GPU, so a step moves the compressed bytes only.
+
+One program computes one group's rows (in tiles of BM) for BN output channels, looping over the
+inputs; groups without rows read nothing. Per format, in fp32 accumulators:
+- int8: Σ x·q over every input, times the channel's scale at the end;
+- fp8: per 128-input block, Σ x·q times the block's scale (e4m3 converts to bf16 exactly);
+- int4: per group of inputs, s·Σ x·q + m·Σ x (the two nibble halves of a group are two
+  contiguous input slices, experts/formats.py), so only the 4-bit values enter the dot.
+The tile sizes are fixed, so a row's result never depends on which other rows share its call
+(every policy computes an expert the same way). `quant_grouped_reference` in compute.py is the
+plain version; the tests hold the kernel to it in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tidecli.experts.quant import QMatrix
+
+_KERNEL = None
+_CODE = {"int8": 0, "fp8": 1, "int4": 2}
+# rows and output channels per program, warps and pipeline stages: fixed (see the docstring);
+# tools/bench/qkernel_bench.py times the alternatives
+BM, BN, WARPS, STAGES = 32, 128, 4, 3
+
+
+def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None = None) -> bool:
+    """On CUDA with Triton, for bf16 or fp16 activations (fp8 needs sm89+ to convert e4m3)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if fmt == "fp8":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return True
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def qgmm(x, q, sc, mn, offs, out, N, K, sxm, sqg, ssg, som, KB,
+             FMT: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        g = tl.program_id(0)
+        pn = tl.program_id(1)
+        start = tl.load(offs + g - 1, mask=g > 0, other=0)
+        end = tl.load(offs + g)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        wq = q + g.to(tl.int64) * sqg
+        ws = sc + g.to(tl.int64) * ssg
+        wm = mn + g.to(tl.int64) * ssg
+        for m0 in range(start, end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            mmask = rm < end
+            xrow = x + rm.to(tl.int64)[:, None] * sxm
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if FMT == 2:  # int4: one group per step, its two nibble halves
+                HALF: tl.constexpr = GROUP // 2
+                kh = tl.arange(0, HALF)
+                for k0 in range(0, K, GROUP):
+                    xlo = tl.load(xrow + (k0 + kh)[None, :], mask=mmask[:, None], other=0.0)
+                    xhi = tl.load(xrow + (k0 + HALF + kh)[None, :], mask=mmask[:, None],
+                                  other=0.0)
+                    p = tl.load(wq + rn[None, :] * (K // 2) + (k0 // 2 + kh)[:, None],
+                                mask=nmask[None, :], other=0)
+                    lo = (p & 15).to(xlo.dtype)
+                    hi = (p >> 4).to(xlo.dtype)
+                    part = tl.dot(xlo, lo) + tl.dot(xhi, hi)
+                    gi = k0 // GROUP
+                    s = tl.load(ws + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
+                    m = tl.load(wm + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
+                    xsum = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
+                    acc += part * s[None, :] + xsum[:, None] * m[None, :]
+            else:
+                for k0 in range(0, K, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    kmask = rk < K
+                    xv = tl.load(xrow + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                                 other=0.0)
+                    w = tl.load(wq + rn[None, :] * K + rk[:, None],
+                                mask=nmask[None, :] & kmask[:, None], other=0.0)
+                    part = tl.dot(xv, w.to(xv.dtype))
+                    if FMT == 1:  # fp8: the 128×128 block's scale, per output channel
+                        s = tl.load(ws + (rn // GROUP) * KB + k0 // GROUP, mask=nmask, other=0.0)
+                        acc += part * s[None, :]
+                    else:
+                        acc += part
+                if FMT == 0:  # int8: one scale per output channel
+                    s = tl.load(ws + rn, mask=nmask, other=0.0)
+                    acc = acc * s[None, :]
+            tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :],
+                     acc.to(out.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    _KERNEL = (qgmm, triton.cdiv)
+    return _KERNEL
+
+
+def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.Tensor:
+    """[M, k] rows sorted by group × w (G experts, [n, k] each) → [M, n] in x's dtype; rows past
+    the last group are zero. No host sync (graph-capturable)."""
+    kernel, cdiv = _kernel()
+    lay = w.layout
+    n, k = lay.n, lay.k
+    g = w.q.shape[0]
+    out = torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if g == 0 or x.shape[0] == 0:
+        return out
+    x = x.contiguous()
+    mn = w.minimum if w.minimum is not None else w.scale
+    kb = -(-k // lay.group) if w.fmt == "fp8" else 0
+    bk = max(16, min(128, _pow2(k)))
+    kernel[(g, cdiv(n, BN))](
+        x, w.q, w.scale, mn, offs, out, n, k, x.stride(0), w.q.stride(0), w.scale.stride(0),
+        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=BM, BLOCK_N=BN,
+        num_warps=WARPS, num_stages=STAGES)
+    return out
