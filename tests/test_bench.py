@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tidecli.bench.harness import Bench, BenchSpec, add_ratios, run_points
+from tidecli.bench.harness import Bench, add_ratios
 from tidecli.bench.oracle import belady_loads, best_hit_rate, brute_force_loads, routing_stats
+from tidecli.bench.spec import BenchSpec, run_points
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -108,7 +108,8 @@ def test_a_layer_below_the_pool_keeps_the_interval_schedule(tiny22_ckpt):
 def test_bench_on_the_22_model_compares_policies_with_identical_tokens(tiny22_ckpt):
     """The H200 run's shape on the tiny 2.2 model: budgets below and at the pool bound;
     the routing table reports at most the bound of distinct experts per layer and step."""
-    from tidecli.bench.harness import Bench, BenchSpec
+    from tidecli.bench.harness import Bench
+    from tidecli.bench.spec import BenchSpec
     from tidecli.runtime.engine import Engine
     from tidecli.runtime.options import engine_options
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from tidecli.bench.harness import Bench, BenchSpec, run_points
+from tidecli.bench.harness import Bench
 from tidecli.bench.quality import compare_logits, probe_inputs
+from tidecli.bench.spec import BenchSpec, run_points
 
 from helpers import user_error
 
@@ -72,7 +73,7 @@ def test_bench_cli_takes_a_format_list(tiny_ckpt, tmp_path, capsys):
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--device", "cpu",
                                    "--policies", "resident", "--workloads", "model",
                                    "--gen-length", "16", "--experts-dtype", "fp8,bf16",
-                                   "--json", str(out)])
+                                   "-o", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert [r["experts_dtype"] for r in data["runs"]] == ["bf16", "fp8"]  # bf16 first

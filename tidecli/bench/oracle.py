@@ -102,3 +102,11 @@ def routing_stats(counts: np.ndarray, blocks: list[int], *, lags: tuple[int, ...
         sims = _cos(c[lag:][same], c[:-lag][same])
         out[f"similarity_lag{lag}"] = round(float(sims.mean()), 4)
     return out
+
+
+def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
+    """Share of the reference's tokens that the run reproduced at the same position."""
+    total = sum(len(r) for r in ref)
+    same = sum(int(a == b) for o, r in zip(out, ref, strict=True)
+               for a, b in zip(o, r, strict=False))
+    return same / total if total else 1.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidecli.bench.oracle import agreement
 from tidecli.experts.compute import expert_mlp, pool_views
 from tidecli.experts.formats import ExpertFormat, expert_format
 from tidecli.experts.quant import dequantize_rows, quantize_rows
@@ -92,14 +93,6 @@ def expert_error(ckpt: Checkpoint, fmt: ExpertFormat, *, per_layer: int = 4, tok
                 num += float((expert_mlp(x, qgu[j], qdn[j]) - y).pow(2).sum())
                 den += float(y.pow(2).sum())
     return (num / den) ** 0.5 if den else 0.0
-
-
-def agreement(out: list[list[int]], ref: list[list[int]]) -> float:
-    """Share of the reference's tokens that the run reproduced at the same position."""
-    total = sum(len(r) for r in ref)
-    same = sum(int(a == b) for o, r in zip(out, ref, strict=True)
-               for a, b in zip(o, r, strict=False))
-    return same / total if total else 1.0
 
 
 def stored_expert_bytes(engine, fmt: str) -> int:

@@ -137,7 +137,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                threshold: float | None, repeat: int, experts_dtype: str = "bf16"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
     left empty when none are given (the model's defaults come once its config is read)."""
-    from tidecli.bench.harness import PROMPTS, BenchSpec
+    from tidecli.bench.spec import PROMPTS, BenchSpec
     from tidecli.decode.settings import check_schedule
     from tidecli.experts.formats import parse_formats
     from tidecli.experts.modes import parse_misses
@@ -182,8 +182,9 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
               experts_dtype: str = "bf16") -> None:
     from rich.console import Console
 
-    from tidecli.bench.harness import Bench, default_budgets
+    from tidecli.bench.harness import Bench
     from tidecli.bench.report import check_plot_available, write_json, write_plot
+    from tidecli.bench.spec import default_budgets
     from tidecli.commands.setup import open_engine, plans_on_this_machine
     from tidecli.model.config import load_config
     from tidecli.model.resolve import resolve_model

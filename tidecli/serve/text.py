@@ -74,8 +74,12 @@ class TextStream:
             return ""
         self.ids.extend(ids)
         text = self.decode(self.ids)
-        cut = self.cut(text)
-        return self._advance(cut if self.stopped else settled(text, self.stops))
+        i = find_stop(text, self.stops)
+        # a stop found decides only when no longer stop string, begun before it, may still
+        # complete: the cut is at the earliest stop of the final text, however blocks fall
+        if i is not None and len(settled(text, self.stops)) >= i:
+            return self._advance(self.cut(text))
+        return self._advance(settled(text, self.stops))
 
     def finish(self, final_text: str) -> str:
         """The rest of the text once generation ended; `final_text` decodes every token. The

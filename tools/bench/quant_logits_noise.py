@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from tidecli.bench.harness import PROMPTS
 from tidecli.bench.quality import compare_logits, probe_inputs, probe_logits
+from tidecli.bench.spec import PROMPTS
 from tidecli.decode.diffusion import DecodeSettings
 from tidecli.runtime.engine import Engine
 from tidecli.runtime.options import engine_options
