@@ -32,6 +32,16 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fp32_on_every_cpu(monkeypatch):
+    """`--dtype auto` on the CPU follows the CPU's bf16 units; the tests' figures (bytes per
+    expert, logits compared with fp32 references) must not depend on which CPU runs them, so
+    in-process engines run fp32 (tests/test_hardware.py checks the choice itself)."""
+    from tidecli.runtime import devices
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The demo-sized model (tiny preset, 4 layers, 32 experts)."""

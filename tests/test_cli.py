@@ -74,7 +74,23 @@ def test_out_of_range_options_exit_1(tiny_ckpt, capsys):
 def test_demo_is_the_default_model(capsys):
     code, out, err = _main(["generate", "Hello", "--gen-length", "4", "--json"], capsys)
     assert code == 0, err
-    assert "demo" in json.loads(out)["model"]
+    assert "demo" in json.loads(out)["model"] and json.loads(out)["demo"] is True
+
+
+def test_the_demo_says_what_it_is_and_replies_short(capsys, tiny_ckpt):
+    from tidecli.commands.options import DEMO_GEN_LENGTH, GEN_LENGTH, reply_length
+
+    code, out, err = _main(["generate", "Hello"], capsys)
+    assert code == 0, err
+    assert "demo: random weights, for trying the tool" in err  # the summary line
+    code, out, _ = _main(["generate", "Hello", "--json"], capsys)
+    assert len(json.loads(out)["token_ids"]) <= DEMO_GEN_LENGTH < GEN_LENGTH
+    assert reply_length(None, None) == reply_length(None, "demo") == DEMO_GEN_LENGTH
+    assert reply_length(None, str(tiny_ckpt)) == GEN_LENGTH
+    assert reply_length(7, "demo") == 7  # given: as given
+    code, out, err = _main(["generate", "Hello", "-m", str(tiny_ckpt), "--json"], capsys)
+    assert code == 0 and "demo" not in json.loads(out)
+    assert "demo:" not in err
 
 
 def test_synth_refuses_a_non_empty_folder(tmp_path, capsys):

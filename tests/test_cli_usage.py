@@ -76,7 +76,7 @@ def test_the_command_list_is_whole_and_in_order(capsys):
 
 @pytest.mark.parametrize("command,shown", [
     ("generate", ["[auto|resident|lru|static|tide]", "[auto|stream|split|cpu|gpu]",
-                  "[auto|cuda|cpu]", "[auto|bf16|fp32]", "Default: demo"]),
+                  "[auto|cuda|cpu]", "[auto|bf16|fp32|fp16]", "Default: demo"]),
     ("chat", ["[auto|resident|lru|static|tide]", "Default: demo"]),
     ("plan", ["[auto|stream|split|cpu|gpu]", "Default: demo", "--verbose", "-o, --output"]),
     ("bench", ["--experts-per-layer", "-o, --output", "Default: demo"]),

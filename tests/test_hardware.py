@@ -70,6 +70,50 @@ def test_cpu_features_from_flags_keeps_the_ones_that_matter():
     assert probe.cpu_features_from_flags([]) == []
 
 
+def test_cpu_bf16_units_decide_the_cpu_dtype(monkeypatch):
+    import torch
+
+    from tidecli.runtime import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(probe, "_cpuinfo", lambda: ("x", ["avx2", "avx512f", "avx512_bf16"]))
+    monkeypatch.setattr(devices, "cpu_computes_bf16", probe.cpu_computes_bf16)
+    assert devices.pick_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(probe, "_cpuinfo", lambda: ("x", ["avx2", "avx512f"]))
+    assert devices.pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(probe, "_cpuinfo", lambda: ("", []))  # unreadable: the safe choice
+    assert devices.pick_dtype("auto", cpu) == torch.float32
+    assert devices.pick_dtype("fp16", cpu) == torch.float16  # explicit wins
+
+
+def test_threads_leave_the_busy_cores_alone():
+    assert probe.threads_for(8, 0.0) == 8
+    assert probe.threads_for(8, 0.4) == 8  # noise is not a busy core
+    assert probe.threads_for(8, 1.0) == 7
+    assert probe.threads_for(2, 1.2) == 1
+    assert probe.threads_for(2, 5.0) == 1  # never fewer than one
+    assert 1 <= probe.free_cpu_threads(sample_s=0.01) <= probe.usable_cores()
+
+
+def test_cpu_threads_come_from_the_option_then_the_environment(monkeypatch):
+    import torch
+
+    from tidecli.runtime import devices
+
+    before = torch.get_num_threads()
+    try:
+        assert devices.set_cpu_threads(2) == 2  # --cpu-threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert devices.set_cpu_threads(0) == 1  # the user's OMP_NUM_THREADS is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        monkeypatch.setattr(devices, "free_cpu_threads", lambda: 3)
+        assert devices.set_cpu_threads(0) == 3  # else the free cores
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pcie_peak_per_direction():
     assert probe.pcie_peak_gbps(3, 16) == pytest.approx(15.76)
     assert probe.pcie_peak_gbps(4, 16) == pytest.approx(31.504)

@@ -204,6 +204,11 @@ def test_startup_rows_print_what_is_present():
     assert rows["VRAM budget"].startswith("12.00 GiB")
     assert dict(startup_rows(EngineInfo(runtime=RuntimeInfo(policy="resident")))) == \
         {"policy": "resident"}
+    rows = dict(startup_rows(EngineInfo(model="/m/demo", device="cpu", dtype="bfloat16",
+                                        cpu_threads=3, demo=True,
+                                        runtime=RuntimeInfo(policy="resident"))))
+    assert rows["device"] == "cpu · bfloat16 · 3 threads"
+    assert rows["demo"].startswith("random weights, for trying the tool")
 
 
 def test_layer_table_renders_hit_and_cpu_share():

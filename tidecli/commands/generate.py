@@ -107,7 +107,7 @@ def run_generate(*, prompt: str, opts, settings, system: str | None, raw: bool, 
         err.print(generation_line(tokens=len(result.token_ids), steps=result.steps,
                                   wall=result.wall_seconds, policy=engine.runtime.name,
                                   hit_rate=stats.summary()["hit_rate"] if on_gpu(engine) else None,
-                                  seed=result.seed),
+                                  seed=result.seed, demo=engine.is_demo),
                   soft_wrap=True, markup=False)
         if interrupted:  # the committed prefix is out; the CLI exits 130
             err.print("interrupted: the text above is the committed prefix", style="yellow",

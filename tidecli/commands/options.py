@@ -12,14 +12,19 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
+GEN_LENGTH = 512  # tokens a reply may have at most, unless --gen-length says
+DEMO_GEN_LENGTH = 64  # on the demo model: its words are random, a short reply shows the tool
+
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="FOLDER|HUB_ID|demo",
     help="Checkpoint folder, Hub id (e.g. inclusionAI/LLaDA2.0-mini) or 'demo'. Default: demo "
          "(a miniature LLaDA2 written on first use, no download), or $TIDE_MODEL.")]
 DeviceOpt = Annotated[str, typer.Option(metavar="[auto|cuda|cpu]",
                                         help="auto: the GPU when there is one (cuda:N picks one).")]
-DtypeOpt = Annotated[str, typer.Option(metavar="[auto|bf16|fp32]",
-                                       help="auto: bf16 on a GPU, fp32 on the CPU.")]
+DtypeOpt = Annotated[str, typer.Option(
+    metavar="[auto|bf16|fp32|fp16]",
+    help="auto: bf16 on a GPU and on CPUs with bf16 units (AVX-512 BF16, AMX), else fp32. "
+         "fp16: for GPUs without bf16 (slow on the CPU).")]
 GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
                                          help="CUDA: replay each step as captured CUDA graphs.")]
 ExpertsDtypeOpt = Annotated[str, typer.Option(
@@ -46,7 +51,8 @@ ProfileOpt = Annotated[str | None, typer.Option(
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "
          "Default: this machine's saved profile, measured once when missing.")]
 CpuThreadsOpt = Annotated[int, typer.Option(
-    help="CPU threads for missed experts (0: the plan's, else torch's default).")]
+    help="CPU threads: the whole model on a CPU device, missed experts on a GPU (0: the plan's "
+         "for misses, else the cores other processes leave free, or OMP_NUM_THREADS).")]
 
 # ---- budgets ------------------------------------------------------------------------------------
 VramOpt = Annotated[float | None, typer.Option(
@@ -61,6 +67,10 @@ ExpertsPerLayerOpt = Annotated[int | None, typer.Option(help="Force a uniform ex
 
 # ---- decoding -----------------------------------------------------------------------------------
 GenLengthOpt = Annotated[int, typer.Option(help="Tokens to generate at most.")]
+ReplyLengthOpt = Annotated[int | None, typer.Option(
+    "--gen-length", metavar="<int>",
+    help=f"Tokens to generate at most [default: {GEN_LENGTH}; {DEMO_GEN_LENGTH} on the demo].",
+    show_default=False)]
 BlockLengthOpt = Annotated[int, typer.Option(help="Diffusion block length.")]
 ThresholdOpt = Annotated[float | None, typer.Option(
     help="Commit a masked position above this confidence (default 0.95; 0.5 with Levenshtein "
@@ -112,7 +122,7 @@ def runtime_options(policy: PolicyOpt = "auto", vram: VramOpt = None, ram: RamOp
     """Where the routed experts live and run, and within which budgets."""
 
 
-def decoding_options(gen_length: GenLengthOpt = 512, block_length: BlockLengthOpt = 32,
+def decoding_options(gen_length: ReplyLengthOpt = None, block_length: BlockLengthOpt = 32,
                      threshold: ThresholdOpt = None, decoding: DecodingOpt = None,
                      editing_threshold: EditingThresholdOpt = None,
                      max_post_steps: MaxPostStepsOpt = 16, temperature: TemperatureOpt = 0.0,
@@ -154,12 +164,22 @@ def engine_options_of(o: dict[str, Any]):
         experts_dtype=o.get("experts_dtype", "bf16"))
 
 
+def reply_length(gen_length: int | None, model: str | None) -> int:
+    """--gen-length as given, else the default: short on the demo (its words are random)."""
+    if gen_length is not None:
+        return gen_length
+    from tidecli.model.resolve import DEMO, default_model
+
+    return DEMO_GEN_LENGTH if (model or default_model()) == DEMO else GEN_LENGTH
+
+
 def decode_settings_of(o: dict[str, Any], **extra: Any):
     """DecodeSettings from the decoding group's values."""
     from tidecli.decode.settings import DecodeSettings
 
     return DecodeSettings(
-        gen_length=o["gen_length"], block_length=o["block_length"], threshold=o["threshold"],
+        gen_length=reply_length(o["gen_length"], o.get("model")),
+        block_length=o["block_length"], threshold=o["threshold"],
         editing_threshold=o["editing_threshold"], max_post_steps=o["max_post_steps"],
         temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=o["seed"],
         decoding=o["decoding"], **extra)

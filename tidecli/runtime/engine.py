@@ -23,12 +23,12 @@ from tidecli.model.llada2 import LLaDA2Model
 from tidecli.model.loader import dense_bytes, load_dense
 from tidecli.model.moe import Router
 from tidecli.model.program import StepPrograms
-from tidecli.model.resolve import resolve_model
+from tidecli.model.resolve import demo_path, resolve_model
 from tidecli.model.tokenizer import ChatTokenizer
 from tidecli.planner.plan import Plan, PlanSummary
 from tidecli.runtime import build
 from tidecli.runtime.autoplan import follows_plan, plan_for
-from tidecli.runtime.devices import pick_device, pick_dtype
+from tidecli.runtime.devices import pick_device, pick_dtype, set_cpu_threads
 from tidecli.runtime.facts import device_free_gib, machine_facts, routed_bytes
 from tidecli.runtime.options import BudgetOptions, EngineOptions, ResidencyOptions
 
@@ -48,10 +48,16 @@ class EngineInfo:
     plan: PlanSummary | None = None  # the planner's plan the runtime follows
     peak_allocated_bytes: int | None = None
     choice: str | None = None  # what `--policy auto` chose, and why
+    cpu_threads: int | None = None  # on a CPU device: the threads the model runs on
+    demo: bool = False  # the built-in demo model (random weights)
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "device": self.device, "dtype": self.dtype,
                **self.runtime.to_dict()}
+        if self.cpu_threads is not None:
+            out["cpu_threads"] = self.cpu_threads
+        if self.demo:
+            out["demo"] = True
         if self.memory is not None:
             out["memory_plan"] = self.memory.to_dict()
         if self.plan is not None:
@@ -76,6 +82,10 @@ class Engine:
         self.tokenizer = ChatTokenizer(self.path)
         self.device = pick_device(opts.load.device)
         self.dtype = pick_dtype(opts.load.dtype, self.device)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            self.notices.append("fp16 on the CPU is slow (no fp16 units): bf16 or fp32 run "
+                                "faster")
+        self.cpu_threads = set_cpu_threads(opts.residency.cpu_threads)
         DecodeSettings(block_length=opts.workload.block_length).validate(
             self.cfg.max_position_embeddings)
         self._check_model_format(opts.workload.block_length)
@@ -106,7 +116,7 @@ class Engine:
         policy, self.choice = build.choose_policy(self.ckpt, self.opts, self.facts)
         o = self.run_opts = replace(self.opts, residency=replace(self.opts.residency,
                                                                  policy=policy))
-        self.ignored = o.ignored()
+        self.ignored = o.ignored(cuda=self.device.type == "cuda")
         self.plan = o.plan
         if self.plan is None and follows_plan(o, cuda=self.device.type == "cuda"):
             key = (o.budgets, o.residency.misses, o.residency.profile, o.workload,
@@ -273,7 +283,14 @@ class Engine:
                           dtype=str(self.dtype).replace("torch.", ""),
                           runtime=self.runtime.describe(), memory=self.memory,
                           plan=self.plan.summary() if self.plan is not None else None,
-                          peak_allocated_bytes=peak, choice=self.choice)
+                          peak_allocated_bytes=peak, choice=self.choice,
+                          cpu_threads=self.cpu_threads if self.device.type == "cpu" else None,
+                          demo=self.is_demo)
+
+    @property
+    def is_demo(self) -> bool:
+        """Is this the built-in demo model (random weights, for trying the tool)?"""
+        return self.path.resolve() == demo_path().resolve()
 
     def close(self) -> None:
         if self.runtime is not None:

@@ -26,7 +26,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class LoadOptions:
     model: str | None = None  # a folder, a Hub id or "demo" (None: TIDE_MODEL, else demo)
     device: str = "auto"  # auto | cuda | cuda:N | cpu
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | bf16 | fp32 | fp16
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
     experts_dtype: str = "bf16"  # the routed experts' format: bf16 | int8 | fp8 | int4 (lossy)
@@ -35,7 +35,7 @@ class LoadOptions:
         if not _DEVICE.match(self.device):
             raise TideError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
         if self.dtype not in DTYPE_NAMES:
-            raise TideError(f"unknown dtype {self.dtype!r}", "use auto, bf16 or fp32")
+            raise TideError(f"unknown dtype {self.dtype!r}", "use auto, bf16, fp32 or fp16")
         parse_format(self.experts_dtype)
 
 
@@ -44,7 +44,7 @@ class ResidencyOptions:
     policy: str = "auto"  # auto, or one of experts/policies.py: resident | lru | static | tide
     tide: TideOptions = field(default_factory=TideOptions)  # tau None: the planner's
     misses: MissMode = MissMode.AUTO  # where static/tide misses run (experts/modes.py)
-    cpu_threads: int = 0  # 0: the plan's, else torch's default
+    cpu_threads: int = 0  # 0: the plan's for misses, else the cores other processes leave free
     cpu_mode: str = "intra"
     cpu_dtype: str = "auto"
     popularity_trace: str | None = None  # static: expert popularity from this routing trace
@@ -91,8 +91,9 @@ class EngineOptions:
         self.residency.validate()
         self.budgets.validate()
 
-    def ignored(self) -> list[str]:
-        """The options given that the (resolved) policy does not use, each with why."""
+    def ignored(self, *, cuda: bool = True) -> list[str]:
+        """The options given that the (resolved) policy does not use, each with why. On a CPU
+        device --cpu-threads sets the threads of the whole model."""
         r, t = self.residency, self.residency.tide
         tide_only = [("--tau", t.tau is not None), ("--stall-refresh", t.stall_refresh),
                      ("--cold-start", not t.warm_start),
@@ -102,7 +103,7 @@ class EngineOptions:
         out = []
         if r.policy == "resident":
             given = [n for n, on in [*tide_only, *offload, ("--profile", r.profile is not None),
-                                     ("--cpu-threads", r.cpu_threads != 0)] if on]
+                                     ("--cpu-threads", cuda and r.cpu_threads != 0)] if on]
             if given:
                 out.append(f"{', '.join(given)} (every expert stays on the GPU: nothing is "
                            "offloaded)")

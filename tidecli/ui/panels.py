@@ -19,7 +19,10 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
     rt, plan, mem = info.runtime, info.plan, info.memory
     if info.model:
         rows.append(("model", info.model))
-    dev = " · ".join(x for x in (info.device, info.dtype) if x)
+    if info.demo:
+        rows.append(("demo", "random weights, for trying the tool (-m gives a real model)"))
+    threads = f"{info.cpu_threads} threads" if info.cpu_threads else ""
+    dev = " · ".join(x for x in (info.device, info.dtype, threads) if x)
     if dev:
         rows.append(("device", dev))
     rows.append(("policy", rt.policy + (f" (kernel {rt.kernel})" if rt.kernel else "")))
