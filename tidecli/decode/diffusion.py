@@ -147,19 +147,25 @@ class BlockDiffusionDecoder:
         s = self.s
         return s.block_length + (s.max_post_steps if s.editing_threshold is not None else 0)
 
+    def _prefill(self) -> tuple[KVCache | None, int, int]:
+        """The KV cache (None on the reference path) holding the prompt's whole blocks, the
+        first block to denoise, and the forwards that took (0 or 1)."""
+        bl = self.s.block_length
+        first_block = self.prompt_len // bl
+        if not self.s.use_cache:
+            return None, first_block, 0
+        cache = self.model.cache_for(self.total) if hasattr(self.model, "cache_for") else \
+            KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
+        if not first_block:
+            return cache, first_block, 0
+        self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
+                           block_length=bl)
+        return cache, first_block, 1
+
     def steps(self) -> Iterator[StepEvent]:
         s, bl = self.s, self.s.block_length
         t0 = time.perf_counter()
-        cache = None
-        first_block = self.prompt_len // bl
-        forwards = 0
-        if s.use_cache:
-            cache = self.model.cache_for(self.total) if hasattr(self.model, "cache_for") else \
-                KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
-            if first_block:
-                self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
-                                   block_length=bl)
-                forwards += 1
+        cache, first_block, forwards = self._prefill()
         quotas = quota_schedule(bl, bl)  # one step per position: at least one commit a step
         bound = self.block_bound()
         global_step = 0

@@ -36,7 +36,6 @@ import torch
 
 from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, StepEvent
 from tidecli.decode.sampling import choose
-from tidecli.model.llada2 import KVCache
 from tidecli.model.moe import ForwardInfo
 
 MAX_BLOCK_STEPS = 1000  # the hard cap of denoising steps per block
@@ -240,18 +239,9 @@ class LevenshteinDecoder(BlockDiffusionDecoder):
                       generator=self.generator)
 
     def steps(self) -> Iterator[StepEvent]:
-        s, bl = self.s, self.s.block_length
+        bl = self.s.block_length
         t0 = time.perf_counter()
-        cache: KVCache | None = None
-        first_block = self.prompt_len // bl
-        forwards = 0
-        if s.use_cache:
-            cache = self.model.cache_for(self.total) if hasattr(self.model, "cache_for") else \
-                KVCache(self.model.cfg, self.total, device=self.device, dtype=self.model.dtype)
-            if first_block:
-                self.model.prefill(self.x[: first_block * bl], cache, ForwardInfo("prefill"),
-                                   block_length=bl)
-                forwards += 1
+        cache, first_block, forwards = self._prefill()
         global_step = 0
         stopped_at_eos = False
         for b in range(first_block, self.num_blocks):
