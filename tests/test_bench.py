@@ -229,3 +229,53 @@ def test_bench_tables_fit_120_columns():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 120
     assert "…" not in text.replace("× resident …", "")  # no cell cut short
+
+
+def test_drifting_routing_has_the_published_statistics_and_foreseeable_entries():
+    """The drifting workload: the same three figures as the published one, but the experts
+    that enter a step were mostly ranked just below the top-k the step before (a predictor can
+    read them early); on the published workload they come at random."""
+    from tidecli.bench.drift import DriftingScores
+    from tidecli.bench.synthetic import DriftingRouting
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.moe import ForwardInfo
+    from tidecli.model.presets import preset_config
+
+    gen = DriftingScores(num_experts=256, experts_per_token=8, num_layers=4)
+    steps = [(b, s) for b in range(4) for s in range(24)]
+    counts = np.stack([gen.counts(b, s) for b, s in steps])
+    got = routing_stats(counts, [b for b, _ in steps])
+    assert got["distinct_per_layer_step"] == pytest.approx(70, abs=3)
+    assert got["similarity_lag1"] == pytest.approx(0.985, abs=0.005)
+    assert got["similarity_lag5"] == pytest.approx(0.95, abs=0.01)
+
+    def entered_within(n: int) -> float:
+        """Of the (token, expert) pairs new at step s+1, the share ranked within n at step s."""
+        hit = total = 0
+        for b in range(2):
+            for s in range(16):
+                ranked = gen.ranked(b, s, n)
+                nxt = gen.step(b, s + 1)
+                now = gen.step(b, s)
+                for j in range(4):
+                    for t in range(32):
+                        new = set(nxt[j, t]) - set(now[j, t])
+                        total += len(new)
+                        hit += len(new & set(ranked[j, t]))
+        return hit / total
+
+    assert entered_within(8) == 0.0  # the top-k itself holds none of the new ones
+    assert entered_within(12) > 0.6  # the next four ranks foresee most of them
+    # the same (block, step) gives the same routing whatever came before; experts distinct
+    a = DriftingScores(num_experts=256, experts_per_token=8, num_layers=4)
+    assert np.array_equal(a.step(2, 5), gen.step(2, 5)) and np.array_equal(a.step(0, 1),
+                                                                            gen.step(0, 1))
+    assert all(len(set(row)) == 8 for layer in a.step(1, 3) for row in layer)
+    # as the model's router in a bench: block-length forwards take the drifting choice
+    cfg = config_from_dict(preset_config("mini"))
+    r = DriftingRouting(cfg, device=torch.device("cpu"))
+    r.begin(ForwardInfo("step", block=1, step=3), 32)
+    ids = r.ids(0, 32).numpy()
+    ref = DriftingScores(num_experts=cfg.num_experts, experts_per_token=cfg.num_experts_per_tok,
+                         num_layers=cfg.num_moe_layers).step(1, 3)[0]
+    assert np.array_equal(ids, ref) and r.describe()["workload"] == "drifting"

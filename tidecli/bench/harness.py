@@ -78,12 +78,10 @@ class Bench:
 
     def _set_workload(self, name: str) -> None:
         router = None
-        if name == "synthetic":
-            from tidecli.bench.synthetic import SyntheticRouting
-
-            router = SyntheticRouting(self.engine.cfg, device=self.engine.device,
-                                      block_length=self.engine.opts.workload.block_length,
-                                      seed=self.spec.seed)
+        if name != "model":
+            router = _router_class(name)(self.engine.cfg, device=self.engine.device,
+                                         block_length=self.engine.opts.workload.block_length,
+                                         seed=self.spec.seed)
         self.engine.set_router(router)
 
     # ---- a trace per workload (routing statistics and the oracle) -------------------------------
@@ -280,12 +278,14 @@ def _skipped(pt: RunPoint, why: str) -> dict:
             **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {})}
 
 
-def _label(workload: str) -> str:
-    if workload == "synthetic":
-        from tidecli.bench.synthetic import SyntheticRouting
+def _router_class(workload: str):
+    from tidecli.bench.synthetic import DriftingRouting, SyntheticRouting
 
-        return SyntheticRouting.label
-    return "the model's own routing"
+    return {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[workload]
+
+
+def _label(workload: str) -> str:
+    return "the model's own routing" if workload == "model" else _router_class(workload).label
 
 
 def _budgets(engine) -> dict[str, int]:

@@ -59,7 +59,7 @@ def write_plot(report: dict, path: str | Path) -> Path:
             if r["policy"] == "resident":
                 ax.axhline(r["steps_per_s"], color="grey", linestyle="--",
                            label="resident (all experts on GPU)")
-        ax.set_title(f"{w} routing" + (" (synthetic)" if w == "synthetic" else ""))
+        ax.set_title(f"{w} routing" + (" (synthetic)" if w != "model" else ""))
         ax.set_xlabel("VRAM budget (GiB)" if by_vram else "experts per layer on the GPU")
         ax.set_ylabel("denoising steps / s")
         ax.grid(alpha=0.3)

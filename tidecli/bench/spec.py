@@ -13,6 +13,9 @@ from tidecli.experts.modes import MISS_MODES, POLICIES
 from tidecli.model.config import ModelConfig
 
 SCHEMA = "tide-bench/1"
+# the model's own routing; the published statistics replayed (entering experts drawn at
+# random); the same statistics as the top-k of drifting scores (entering experts foreseeable)
+WORKLOADS = ("model", "synthetic", "drifting")
 BASELINES = ("lru", "static")
 
 PROMPTS = [
@@ -49,10 +52,11 @@ class BenchSpec:
             raise TideError("--experts-dtype names no format", "e.g. --experts-dtype bf16,int4")
         for f in self.formats:
             parse_format(f)
-        wl = [w for w in self.workloads if w not in ("model", "synthetic")]
+        wl = [w for w in self.workloads if w not in WORKLOADS]
         if wl or not self.workloads:
             raise TideError(f"unknown workload {', '.join(wl) or '(none)'}",
-                            "use model, synthetic or both: --workloads model,synthetic")
+                            f"use {', '.join(WORKLOADS)} or a comma list: "
+                            "--workloads model,synthetic")
         if any(v is not None and v <= 0 for v in self.vram):
             raise TideError("--vram budgets must be positive", "e.g. --vram 10,18")
         if any(b < 1 for b in self.experts):

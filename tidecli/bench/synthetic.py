@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from tidecli.bench.drift import DriftingScores
 from tidecli.model.config import ModelConfig
 from tidecli.model.moe import ForwardInfo, Router
 from tidecli.model.router import route
@@ -80,3 +81,15 @@ class SyntheticRouting(PublishedRouting, Router):
         out = self._current[moe_index]
         assert out.shape[0] == tokens, "begin() was not called for this forward"
         return out
+
+
+class DriftingRouting(SyntheticRouting, DriftingScores):
+    """The same replay with bench/drift.py's routing: the top-k of slowly drifting scores,
+    fitted to the same published figures; the experts that enter a step are mostly those ranked
+    just below the top-k, as with a trained router."""
+
+    label = "drifting (top-k of drifting scores, published LLaDA2.0-mini statistics)"
+
+    def describe(self) -> dict:
+        return {"workload": "drifting", "pool": self.pool_size, "sigma": self.sigma,
+                "speed": self.speed, "rho": self.rho, "seed": self.seed}

@@ -88,8 +88,9 @@ def bench(
     = None,
     workloads: Annotated[str, typer.Option(
         metavar="LIST",
-        help="model (the checkpoint's routing) and/or synthetic (published LLaDA2.0-mini routing "
-             "statistics).")] = "model,synthetic",
+        help="model (the checkpoint's routing), synthetic (published LLaDA2.0-mini routing "
+             "statistics, entering experts at random) and/or drifting (the same statistics "
+             "from drifting router scores: entering experts foreseeable).")] = "model,synthetic",
     tau: Annotated[str, typer.Option(
         metavar="LIST",
         help="tide refresh intervals to sweep, e.g. plan,1,2,4,8 ('plan': the planner's τ and "
