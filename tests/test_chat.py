@@ -219,6 +219,7 @@ def test_two_turns_carry_history_and_stats(app, capsys):
     assert "75.0%" in app.buf.getvalue() and "25.0%" in app.buf.getvalue()
     err = capsys.readouterr().err
     assert "8 tokens, 4 steps" in err and "\x1b" not in err
+    assert "expert hit" not in err  # the engine is not on a GPU: no hit rate in the line
 
 
 def test_ctrl_c_keeps_the_prefix_out_of_the_history(app, capsys):

@@ -208,6 +208,9 @@ def test_startup_rows_print_what_is_present():
                                         cpu_threads=3, demo=True,
                                         runtime=RuntimeInfo(policy="resident"))))
     assert rows["device"] == "cpu · bfloat16 · 3 threads"
+    one = EngineInfo(device="cpu", dtype="float32", cpu_threads=1,
+                     runtime=RuntimeInfo(policy="resident"))
+    assert dict(startup_rows(one))["device"] == "cpu · float32 · 1 thread"
     assert rows["demo"].startswith("random weights, for trying the tool")
 
 

@@ -169,7 +169,8 @@ class ChatApp:
             return
         self.note(generation_line(tokens=stats["tokens"], steps=stats["steps"],
                                   wall=stats["wall_seconds"], policy=self.engine.runtime.name,
-                                  hit_rate=(experts.get("summary") or {}).get("hit_rate"),
+                                  hit_rate=(experts.get("summary") or {}).get("hit_rate")
+                                  if on_gpu(self.engine) else None,
                                   seed=stats.get("seed")),
                   style=None)
         per_layer = experts.get("per_layer") or {}

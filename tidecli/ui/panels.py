@@ -21,7 +21,8 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
         rows.append(("model", info.model))
     if info.demo:
         rows.append(("demo", "random weights, for trying the tool (-m gives a real model)"))
-    threads = f"{info.cpu_threads} threads" if info.cpu_threads else ""
+    threads = (f"{info.cpu_threads} thread" + ("s" if info.cpu_threads > 1 else "")) \
+        if info.cpu_threads else ""
     dev = " · ".join(x for x in (info.device, info.dtype, threads) if x)
     if dev:
         rows.append(("device", dev))
