@@ -247,3 +247,16 @@ def fifo_trace(*, layers, experts, distinct, turnover, blocks, steps, per_layer=
                 hot[j] = hot[j][turnover:] + [(fresh[j] + i) % experts for i in range(turnover)]
                 fresh[j] += turnover
     return tr
+
+
+def offload_runtime(factory, b):
+    """A maker of CPU OffloadRuntimes with `b` slots per MoE layer and the policy `factory()`."""
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.store import HostExpertStore
+
+    def make(ckpt):
+        store = HostExpertStore(ckpt, pin=False)
+        budgets = {layer: b for layer in ckpt.config.moe_layers}
+        return OffloadRuntime(ckpt.config, store, budgets, factory(),
+                              device=torch.device("cpu"), dtype=torch.float32)
+    return make

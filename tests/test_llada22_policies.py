@@ -9,7 +9,7 @@ from tidecli.decode.diffusion import DecodeSettings
 from tidecli.decode.levenshtein import LevenshteinDecoder
 from tidecli.experts.policies import LruPolicy, StaticPolicy, TideOptions, TidePolicy
 
-from helpers import PROMPT, check_tables, load_model, stream_runtime
+from helpers import PROMPT, check_tables, load_model, offload_runtime, stream_runtime
 
 POOL = 8  # tiny22: 8 of 32 experts per 32-token routing block
 
@@ -38,18 +38,6 @@ POLICIES = {
 }
 
 
-def _offload(factory, b):
-    from tidecli.experts.offload import OffloadRuntime
-    from tidecli.experts.store import HostExpertStore
-
-    def make(ckpt):
-        store = HostExpertStore(ckpt, pin=False)
-        budgets = {layer: b for layer in ckpt.config.moe_layers}
-        return OffloadRuntime(ckpt.config, store, budgets, factory(),
-                              device=torch.device("cpu"), dtype=torch.float32)
-    return make
-
-
 @pytest.fixture(scope="module")
 def reference(tiny22_ckpt):
     model, _ = load_model(tiny22_ckpt)
@@ -61,7 +49,7 @@ def reference(tiny22_ckpt):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("b", [4, POOL])  # below and at the pool bound
 def test_every_policy_gives_the_resident_tokens_with_cpu_misses(tiny22_ckpt, reference, name, b):
-    model, _ = load_model(tiny22_ckpt, runtime=_offload(POLICIES[name], b))
+    model, _ = load_model(tiny22_ckpt, runtime=offload_runtime(POLICIES[name], b))
     assert decode22(model).token_ids == reference
     s = model.experts.run_stats.summary()
     assert s["gpu_hits"] + s["fetched_calls"] + s["cpu_calls"] == s["pairs"] > 0
@@ -84,7 +72,7 @@ def test_a_layer_holding_the_pool_loads_it_first_and_follows_its_shifts(tiny22_c
     the placement; the plain interval schedule serves its first steps from the last block's."""
     first_step_cpu = {}
     for name in ("tide", "tide-interval"):
-        model, _ = load_model(tiny22_ckpt, runtime=_offload(POLICIES[name], POOL))
+        model, _ = load_model(tiny22_ckpt, runtime=offload_runtime(POLICIES[name], POOL))
         d = LevenshteinDecoder(model, PROMPT, DecodeSettings(gen_length=64,
                                                              decoding="levenshtein"),
                                mask_id=156895, eos_ids={156892}, edit_ids=(156930, 156931),
@@ -98,7 +86,7 @@ def test_a_layer_holding_the_pool_loads_it_first_and_follows_its_shifts(tiny22_c
 
 
 def test_a_layer_below_the_pool_keeps_the_interval_schedule(tiny22_ckpt):
-    model, _ = load_model(tiny22_ckpt, runtime=_offload(POLICIES["tide"], 4))
+    model, _ = load_model(tiny22_ckpt, runtime=offload_runtime(POLICIES["tide"], 4))
     policy = model.experts.policy
     assert policy.pool_experts == POOL and not any(policy.holds_pool(layer)
                                                    for layer in model.cfg.moe_layers)

@@ -9,19 +9,7 @@ from tidecli.experts.policies import (
     ResidentPolicy,
 )
 
-from helpers import POLICIES, decode_cpu, load_model
-
-
-def _offload(factory, b):
-    from tidecli.experts.offload import OffloadRuntime
-    from tidecli.experts.store import HostExpertStore
-
-    def make(ckpt):
-        store = HostExpertStore(ckpt, pin=False)
-        budgets = {layer: b for layer in ckpt.config.moe_layers}
-        return OffloadRuntime(ckpt.config, store, budgets, factory(),
-                              device=torch.device("cpu"), dtype=torch.float32)
-    return make
+from helpers import POLICIES, decode_cpu, load_model, offload_runtime
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def reference(tiny_ckpt):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("b", [1, 5, 16])
 def test_every_policy_gives_the_resident_tokens(tiny_ckpt, reference, name, b):
-    model, _ = load_model(tiny_ckpt, runtime=_offload(POLICIES[name], b))
+    model, _ = load_model(tiny_ckpt, runtime=offload_runtime(POLICIES[name], b))
     out = decode_cpu(model)
     assert out.token_ids == reference
     s = model.experts.run_stats.summary()
@@ -45,7 +33,7 @@ def test_every_policy_gives_the_resident_tokens(tiny_ckpt, reference, name, b):
 
 
 def test_resident_policy_through_the_offload_runtime(tiny_ckpt, reference):
-    model, ckpt = load_model(tiny_ckpt, runtime=_offload(ResidentPolicy, 32))
+    model, ckpt = load_model(tiny_ckpt, runtime=offload_runtime(ResidentPolicy, 32))
     assert decode_cpu(model).token_ids == reference
     s = model.experts.run_stats.summary()
     assert s["cpu_calls"] == 0 and s["gpu_hits"] == s["pairs"]
@@ -55,13 +43,13 @@ def test_resident_policy_refuses_a_partial_budget(tiny_ckpt):
     from tidecli.errors import TideError
 
     with pytest.raises(TideError, match="every expert"):
-        load_model(tiny_ckpt, runtime=_offload(ResidentPolicy, 8))
+        load_model(tiny_ckpt, runtime=offload_runtime(ResidentPolicy, 8))
 
 
 @pytest.mark.parametrize("name", ["resident", "lru", "tide"])
 def test_step_program_gives_the_eager_tokens(tiny_ckpt, reference, name):
-    factory = {"resident": None, "lru": _offload(LruPolicy, 6),
-               "tide": _offload(POLICIES["tide"], 6)}[name]
+    factory = {"resident": None, "lru": offload_runtime(LruPolicy, 6),
+               "tide": offload_runtime(POLICIES["tide"], 6)}[name]
     model, _ = load_model(tiny_ckpt, runtime=factory)
     assert decode_cpu(model, program=True).token_ids == reference
     # and again on the same (reused) program and cache
@@ -69,14 +57,14 @@ def test_step_program_gives_the_eager_tokens(tiny_ckpt, reference, name):
 
 
 def test_step_program_with_editing(tiny_ckpt_b):
-    model, _ = load_model(tiny_ckpt_b, runtime=_offload(POLICIES["tide"], 5))
+    model, _ = load_model(tiny_ckpt_b, runtime=offload_runtime(POLICIES["tide"], 5))
     eager = decode_cpu(model, editing_threshold=0.5, gen_length=64).token_ids
     assert decode_cpu(model, program=True, editing_threshold=0.5, gen_length=64).token_ids == eager
 
 
 def test_tide_hits_more_than_it_misses_on_a_small_budget(tiny_ckpt):
     """Within a block the routing barely changes: the refreshed set serves most pairs."""
-    model, _ = load_model(tiny_ckpt, runtime=_offload(POLICIES["tide"], 12))
+    model, _ = load_model(tiny_ckpt, runtime=offload_runtime(POLICIES["tide"], 12))
     decode_cpu(model)
     s = model.experts.run_stats.summary()
     assert s["gpu_hits"] > s["cpu_calls"]
