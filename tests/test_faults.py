@@ -212,6 +212,7 @@ def test_prompt_longer_than_the_model(tiny_ckpt, capsys):
     (["--vram", "nan"], "--vram must be a positive number of GiB"),
     (["--experts-per-layer", "-1"], "--experts-per-layer must be in 0..32, got -1"),
     (["--cpu-threads", "-1", "--policy", "lru"], "--cpu-threads must not be negative"),
+    (["--cpu-threads", "100000"], "--cpu-threads 100000 is more than the"),  # torch segfaulted
     (["--policy", "fastest"], "unknown policy 'fastest'"),
     (["--dtype", "int3"], "unknown dtype 'int3'"),
 ])
@@ -262,3 +263,20 @@ def test_real_process_traceback_only_with_tide_debug(tmp_path):
     assert len(plain.stderr.splitlines()) == 2 and "Traceback" not in plain.stderr
     debug = subprocess.run(argv, capture_output=True, text=True, env={**env, "TIDE_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "TideError" in debug.stderr
+
+
+@pytest.mark.parametrize("argv, runner", [
+    (["plan", "-p", "rtx4090", "-o", "{missing}/plan.json"], "tidecli.commands.plan.run_plan"),
+    (["bench", "-o", "{missing}/bench.json"], "tidecli.commands.bench.run_bench"),
+    (["bench", "--plot", "{missing}/bench.png"], "tidecli.commands.bench.run_bench"),
+    (["profile", "-o", "{missing}/profile.json"], "tidecli.commands.profile.run_profile"),
+])
+def test_an_output_path_is_checked_before_the_work(tmp_path, capsys, monkeypatch, argv, runner):
+    def no_work(*a, **kw):
+        raise AssertionError("the output path must be refused before any work")
+
+    monkeypatch.setattr(runner, no_work)
+    into_missing = [a.format(missing=tmp_path / "missing") for a in argv]
+    user_error(into_missing, capsys, "cannot write", contains="does not exist")
+    onto_a_folder = [str(tmp_path) if "{missing}" in a else a for a in argv]
+    user_error(onto_a_folder, capsys, "cannot write", contains="it is a folder")

@@ -32,6 +32,17 @@ def test_every_policy_gives_the_resident_tokens(tiny_ckpt, reference, name, b):
     model.experts.close()
 
 
+@pytest.mark.parametrize("name", ["static", "tide", "tide-stall"])
+def test_no_slot_at_all_runs_every_expert_as_a_miss(tiny_ckpt, reference, name):
+    """0 experts per layer: nothing to fetch through (the prefill's fetch rounds used to spin
+    for ever); every pair is a miss on its own path, and the tokens stay the resident ones."""
+    model, _ = load_model(tiny_ckpt, runtime=offload_runtime(POLICIES[name], 0))
+    assert decode_cpu(model).token_ids == reference
+    s = model.experts.run_stats.summary()
+    assert s["gpu_hits"] == 0 and s["cpu_calls"] == s["pairs"] > 0
+    model.experts.close()
+
+
 def test_resident_policy_through_the_offload_runtime(tiny_ckpt, reference):
     model, ckpt = load_model(tiny_ckpt, runtime=offload_runtime(ResidentPolicy, 32))
     assert decode_cpu(model).token_ids == reference

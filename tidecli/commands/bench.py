@@ -23,6 +23,7 @@ from tidecli.commands.options import (
 )
 from tidecli.errors import TideError
 from tidecli.experts.modes import POLICIES
+from tidecli.fsutil import check_writable
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -122,9 +123,10 @@ def bench(
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
                       experts_dtype=options.get("experts_dtype", "bf16"))
     check_model_options(options)
-    if cpu_threads < 0:
-        raise TideError(f"--cpu-threads must not be negative, got {cpu_threads}",
-                        "0 uses torch's default")
+    from tidecli.runtime.options import check_cpu_threads
+
+    check_cpu_threads(cpu_threads)
+    output, plot = (check_writable(p) if p is not None else None for p in (output, plot))
     run_bench(spec=spec, json_out=json_out, output=output, plot=plot, profile=profile,
               cpu_threads=cpu_threads, **options)
 

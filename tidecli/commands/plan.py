@@ -26,6 +26,7 @@ from tidecli.commands.options import (
     TracePathOpt,
 )
 from tidecli.errors import TideError
+from tidecli.fsutil import check_writable
 
 
 def plan(
@@ -34,7 +35,7 @@ def plan(
         "--profile", "-p", metavar="NAME|FILE[,…]",
         help="Hardware profiles to plan with: reference names (e.g. rtx4070,rtx4090: "
              "`tide profile --list`) or profile JSONs, compared side by side. Default: this "
-             "machine's saved profile, measured once when missing.")] = None,
+             "machine's saved profile (`tide profile` measures it).")] = None,
     vram: Annotated[str | None, typer.Option(
         metavar="GIB[,…]", help="GPU memory budgets in GiB, e.g. 8,12,16 (compared side by "
                                 "side). Default: the profile's free VRAM.")] = None,
@@ -81,6 +82,8 @@ def plan(
     check_device(device)
     parse_misses(misses)
     experts_dtype = parse_format(experts_dtype)
+    if output is not None:
+        output = check_writable(output)  # before any planning, not after it
     if calibrate and len(vrams) * len(profiles) > 1:
         raise TideError("--calibrate checks one plan on this machine",
                         "give one --vram and one --profile with --calibrate")

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from tidecli.fsutil import check_writable
+
 MODEL_HELP = ("Time experts of this checkpoint's shape (reads only its config.json; default: "
               "LLaDA2.0-mini's shape) and the read speed of the disk that holds it (default: "
               "the cache folder's).")
@@ -32,6 +34,8 @@ def profile(
     if list_:
         list_references(json_out=json_out)
         return
+    if output is not None:
+        output = check_writable(output)  # before measuring, not after it
     run_profile(quick=quick, json_out=json_out, model=model, no_save=no_save, output=output)
 
 

@@ -7,7 +7,6 @@ after its current step and exits 0. FastAPI and uvicorn come with the `serve` ex
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,7 +43,9 @@ def serve(
 
 def default_name(model: str | None) -> str:
     """--model as the user gave it; a folder by its name."""
-    given = model or os.environ.get("TIDE_MODEL") or "demo"
+    from tidecli.model.resolve import default_model
+
+    given = model or default_model()
     path = Path(given).expanduser()
     return path.name if path.is_dir() else given
 

@@ -82,7 +82,7 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype,
         if fmt is not None and fmt.compressed:
             from tidecli.experts.qkernel import qkernel_available
 
-            return "grouped_mm" if qkernel_available(device, dtype) else "loop"
+            return "grouped_mm" if qkernel_available(device, dtype, fmt.name) else "loop"
         return "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
     return kernel
 

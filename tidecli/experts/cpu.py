@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tidecli.experts.compute import expert_mlp, pool_views
+from tidecli.experts.compute import expert_mlp, expert_weight, pool_views
 from tidecli.experts.formats import ExpertFormat
-from tidecli.experts.quant import QMatrix
 
 
 class CpuExperts:
@@ -32,12 +31,9 @@ class CpuExperts:
 
     def _one(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = pool_views(row[None], self.hidden, self.inter, self.format)
-        if isinstance(gate_up, QMatrix):  # compressed: dequantize (the reference), then multiply
-            gate_up, down = gate_up.dequantize(self.dtype), down.dequantize(self.dtype)
-        gu, dn = gate_up[0], down[0]
-        if gu.dtype != self.dtype:
-            gu, dn = gu.to(self.dtype), dn.to(self.dtype)
-        return expert_mlp(x.to(self.dtype), gu, dn)
+        # compressed: dequantized (the reference), then multiplied
+        gu, dn = expert_weight(gate_up, 0, self.dtype), expert_weight(down, 0, self.dtype)
+        return expert_mlp(x.to(self.dtype), gu.to(self.dtype), dn.to(self.dtype))
 
     def run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """jobs: (packed expert row, x rows [M, H]) → outputs [M, H] in the compute dtype."""

@@ -157,7 +157,7 @@ class OffloadRuntime(PooledRuntime):
         c.fetched_calls += int((now_resident & ~before).sum())
         miss = ~now_resident
         if miss.any():
-            if st["fetch"]:
+            if st["fetch"] and pool.slots:  # no slot to fetch through: the misses' own path
                 self._fetch_rounds(layer, io, miss, over, over_mask, c)
             else:
                 self._split_misses(layer, io, miss, over, over_mask, c)

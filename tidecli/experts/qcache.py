@@ -242,5 +242,5 @@ def ensure_cache(ckpt: Checkpoint, fmt: ExpertFormat, *, device: torch.device,
         return cache
     if why is not None:
         notices.append(damaged_note(fmt, cache_folder(ckpt, fmt), why))
-    check_disk_space(cache_folder(ckpt, fmt), total_bytes(ckpt, fmt), f"{fmt.name} experts")
+    # write_cache checks the disk's room before the (lazy) chunks quantize anything
     return write_cache(ckpt, fmt, quantized_chunks(ckpt, fmt, device=device, progress=progress))

@@ -32,6 +32,7 @@ from tidecli.experts.qcache import (
     ensure_cache,
     open_cache,
     quantized_chunks,
+    total_bytes,
     write_cache,
 )
 from tidecli.experts.staging import Tag
@@ -81,7 +82,7 @@ class CompressedHostStore(HostExpertStore):
         notices = notices if notices is not None else []
         self.cfg, self.format = cfg, fmt
         self.dtype, self.row = torch.uint8, fmt.row_bytes
-        need = cfg.num_moe_layers * cfg.num_experts * fmt.row_bytes
+        need = total_bytes(ckpt, fmt)
         check_fits_ram(need)
         self.pinned, self.pin_error = pin, None
         self.layers = {layer: self._alloc((cfg.num_experts, self.row)) for layer in cfg.moe_layers}
@@ -178,8 +179,7 @@ def load_compressed_pools(ckpt: Checkpoint, fmt: ExpertFormat, *, device: torch.
                 pools[layer][first: first + rows.shape[0]].copy_(rows)
             return pools
         why = _copy_to_pools(cache, pools, ticker(f"{fmt.name} experts",
-                                                  cfg.num_moe_layers * cfg.num_experts *
-                                                  fmt.row_bytes))
+                                                  total_bytes(ckpt, fmt)))
         cache.close()
         if why is None:
             return pools

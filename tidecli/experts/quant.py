@@ -57,8 +57,12 @@ class QMatrix:
             w = self.q.float() * self.scale[..., None]
         elif self.fmt == "fp8":
             b = lay.group
-            sc = self.scale.repeat_interleave(b, 1).repeat_interleave(b, 2)
-            w = self.q.float() * sc[:, : lay.n, : lay.k]
+            if lay.n % b == 0 and lay.k % b == 0:  # whole blocks: the scales broadcast
+                blocks = self.q.float().view(s, lay.n // b, b, lay.k // b, b)
+                w = (blocks * self.scale[:, :, None, :, None]).view(s, lay.n, lay.k)
+            else:
+                sc = self.scale.repeat_interleave(b, 1).repeat_interleave(b, 2)
+                w = self.q.float() * sc[:, : lay.n, : lay.k]
         else:  # int4: byte j of a group holds input j (low nibble) and j + g/2 (high nibble)
             g = lay.group
             p = self.q.view(s, lay.n, lay.k // g, g // 2)

@@ -177,7 +177,7 @@ def usable_cores() -> int:
 
 
 # CPU features with bf16 dot products: an expert there runs faster in bf16 than in fp32 (half the
-# bytes read; measured 2–3× on 2048×1408 experts with AVX-512 BF16, docs/benchmarks.md)
+# bytes read; docs/benchmarks.md, "The CPU's dtype and threads")
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 
 

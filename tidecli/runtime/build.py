@@ -42,6 +42,16 @@ def experts_format(ckpt: Checkpoint, name: str) -> ExpertFormat:
     return expert_format(name, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size)
 
 
+def vram_split(ckpt: Checkpoint, opts: EngineOptions, facts: MachineFacts,
+               vram_gib: float) -> DeviceMemory:
+    """`vram_gib` split for this model, workload, dtype and experts' format."""
+    fmt = experts_format(ckpt, facts.experts_format)
+    wl = opts.workload
+    return device_memory(ckpt.config, vram_gib, context_tokens=wl.context_tokens,
+                         block_length=wl.block_length, dtype_bytes=facts.dtype_bytes,
+                         expert_bytes=fmt.row_bytes if fmt.compressed else None)
+
+
 def _check_lru(policy: str, budgets: dict[int, int], hint: str) -> None:
     if policy == "lru" and min(budgets.values()) < 1:
         raise TideError("the lru policy needs at least one expert slot per layer", hint)
@@ -54,14 +64,9 @@ def expert_budgets(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None,
     were fitted into: a plan's B_ℓ, else --experts-per-layer, else as many as --vram holds
     (or, with `default_vram`, the free device memory) after the scratch slots misses need."""
     cfg, b_opts, policy = ckpt.config, opts.budgets, opts.residency.policy
-    wl, dtype_bytes = opts.workload, facts.dtype_bytes
-
-    fmt = experts_format(ckpt, facts.experts_format)
 
     def memory(vram: float) -> DeviceMemory:
-        return device_memory(cfg, vram, context_tokens=wl.context_tokens,
-                             block_length=wl.block_length, dtype_bytes=dtype_bytes,
-                             expert_bytes=fmt.row_bytes if fmt.compressed else None)
+        return vram_split(ckpt, opts, facts, vram)
 
     if plan is not None:  # per-layer B_ℓ, as a plan gives them
         budgets = {int(k): int(v) for k, v in plan.experts_per_layer.items()}
@@ -112,9 +117,8 @@ def choose_policy(ckpt: Checkpoint, opts: EngineOptions, facts: MachineFacts
         return ("resident", "auto: --experts-per-layer holds every expert") \
             if b >= cfg.num_experts else ("tide", "auto: --experts-per-layer is below the "
                                                   f"model's {cfg.num_experts} experts")
-    wl, vram = opts.workload, facts.vram_gib
-    mem = device_memory(cfg, vram, context_tokens=wl.context_tokens,
-                        block_length=wl.block_length, dtype_bytes=facts.dtype_bytes)
+    vram = facts.vram_gib
+    mem = vram_split(ckpt, opts, facts, vram)
     experts = cfg.num_experts * cfg.num_moe_layers * mem.expert_bytes
     where = f"--vram {vram:g} GiB" if opts.budgets.vram_gib is not None else \
         f"the {vram:.1f} GiB free"

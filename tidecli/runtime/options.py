@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
 from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses
+from tidecli.hardware.probe import usable_cores
 from tidecli.memory import check_ram_gib, check_vram_gib
 from tidecli.planner.plan import Plan
 from tidecli.planner.workload import Workload
@@ -20,6 +21,17 @@ POLICY_CHOICES = ("auto", *POLICIES)
 
 DTYPE_NAMES = ("auto", "bf16", "fp32", "fp16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_cpu_threads(n: int) -> None:
+    """--cpu-threads: 0 (the free cores) up to the CPUs this process may run on."""
+    if n < 0:
+        raise TideError(f"--cpu-threads must not be negative, got {n}",
+                        "0 uses the cores other processes leave free")
+    usable = usable_cores()
+    if n > usable:
+        raise TideError(f"--cpu-threads {n} is more than the {usable} CPUs this process may use",
+                        f"give at most {usable}, or 0 for the cores other processes leave free")
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,7 @@ class ResidencyOptions:
             raise TideError(f"unknown policy {self.policy!r}",
                             f"choose one of {', '.join(POLICY_CHOICES)}")
         parse_misses(self.misses)
-        if self.cpu_threads < 0:
-            raise TideError(f"--cpu-threads must not be negative, got {self.cpu_threads}",
-                            "0 uses torch's default")
+        check_cpu_threads(self.cpu_threads)
         if self.tide.tau is not None and self.tide.tau < 1:
             raise TideError(f"--tau must be at least 1, got {self.tide.tau}", "e.g. --tau 4")
 

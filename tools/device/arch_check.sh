@@ -14,9 +14,10 @@ head -1 tools/bench/bench_prompts.txt > "$W/p1.txt"
 ARGS="bench -m $W/mini --vram 10 --policies resident,lru,tide --tau plan,1 --misses stream \
   --workloads model --prompts $W/p1.txt --gen-length 64 --profile h200"
 for side in after before; do
-  src=$PWD; [ $side = before ] && src=$BEFORE
+  # the tree before the change wrote its JSON with `--json FILE`; this one with `-o FILE`
+  src=$PWD; to=-o; [ $side = before ] && src=$BEFORE && to=--json
   echo "== bench ($side)"
-  (cd "$src" && PYTHONPATH=$src timeout 400 python3 -m tidecli $ARGS --json "$OUT/$side.json" \
+  (cd "$src" && PYTHONPATH=$src timeout 400 python3 -m tidecli $ARGS $to "$OUT/$side.json" \
     2>&1 | grep -v "^\[" | tail -16)
 done
 echo "== resident step breakdown"
