@@ -105,3 +105,25 @@ def test_bad_options(capsys, args, message):
 def test_api_key_from_the_environment(capsys, monkeypatch):
     monkeypatch.setenv("TIDE_API_KEY", " ")  # an empty one counts as unset
     user_error(["serve", "-m", "nowhere"], capsys, "--api-key is empty")
+
+
+def test_a_failed_worker_stops_the_server_with_one_line(tiny_ckpt, capsys, monkeypatch):
+    """The worker thread itself failing (not a generation: those answer their request) must not
+    leave a server that answers 503 forever: it stops, and the command says why, exit 1."""
+    from tidecli.serve.worker import Worker
+
+    def broken(self):
+        raise RuntimeError("no device for this thread")
+
+    monkeypatch.setattr(Worker, "_next", broken)
+    done = threading.Event()
+    timer = threading.Timer(WAIT_S, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()  # a bound: a server that did not stop is interrupted, and the test fails
+    try:
+        user_error(["serve", "-m", str(tiny_ckpt), "--device", "cpu", "--port", "0"], capsys,
+                   "the generation worker stopped: RuntimeError: no device for this thread",
+                   hint="TIDE_DEBUG=1")
+        done.set()
+    finally:
+        timer.cancel()
+    assert done.is_set()

@@ -135,6 +135,18 @@ def test_resident_policy_loads_every_slot_from_disk(tiny_ckpt, reference):
     model.experts.close()
 
 
+def test_pools_that_hold_every_expert_read_the_disk_at_load_only(tiny_ckpt, reference):
+    """Full pools are filled while loading (from RAM and disk alike); the generation's figures
+    then show no disk read, as none happens during the steps."""
+    stores: list[TieredExpertStore] = []
+    model, _ = load_model(tiny_ckpt, runtime=_tiered(POLICIES["tide"], 32, keep=stores))
+    assert stores[0].host.disk_experts > 0
+    assert decode_cpu(model).token_ids == reference
+    s = model.experts.run_stats.summary()
+    assert s["disk_reads"] == 0 and s["gpu_hits"] == s["pairs"]
+    model.experts.close()
+
+
 @pytest.mark.parametrize("name", ["tide", "static", "lru"])
 def test_a_two_buffer_ring_still_gives_the_tokens(tiny_ckpt, reference, name):
     stores: list[TieredExpertStore] = []

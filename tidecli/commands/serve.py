@@ -101,8 +101,15 @@ def run_serve(*, opts: Any, settings: Any, host: str, port: int, api_key: str | 
             app = create_app(engine, model_name=name, defaults=settings, api_key=api_key,
                              max_queue=max_queue, on_ready=ready)
             server = make_server(app)
+            worker = app.state.worker
+            worker.on_failure = lambda exc: setattr(server, "should_exit", True)
             server.run(sockets=[sock])
             ended = app.state.worker_ended or not server.started
+            if worker.failure is not None:
+                exc = worker.failure
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise TideError(f"the generation worker stopped: {type(exc).__name__}: {first}",
+                                "run again with TIDE_DEBUG=1 for the traceback")
             if not server.started:
                 raise TideError("the server did not start", "run again with TIDE_DEBUG=1")
             stopped = {2: "SIGINT", 15: "SIGTERM"}.get(server.stop_signal or 0, "")

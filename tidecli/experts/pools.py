@@ -217,3 +217,5 @@ class PooledRuntime(BaseRuntime):
             self.pools.copy_in(layer, [(e, e) for e in range(cfg.num_experts)],
                                activate_now=True)
         self.pools.drain_copy_timing()
+        # the fill is part of loading: its disk reads are not the first generation's
+        store.drain_counters()

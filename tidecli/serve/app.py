@@ -144,7 +144,8 @@ def create_app(engine: Any, *, model_name: str, defaults: DecodeSettings,
     async def health() -> JSONResponse:
         """Open without a key: a readiness probe learns only this."""
         if not worker.ready:
-            return JSONResponse({"status": "stopping"}, status_code=503)
+            status = "failed" if worker.failure is not None else "stopping"
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok", "model": model_name,
                              "queue_depth": metrics.queue_depth, "running": metrics.running})
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +111,21 @@ class Worker:
         self._running = False
         self._mean_seconds = 0.0  # of recent generations, for Retry-After
         self._thread: threading.Thread | None = None
+        self._cuda_index: int | None = None
+        # set when the worker thread itself fails (not a generation: those answer their request);
+        # the server then stops, and the command reports it
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     # ---- the event loop's side ------------------------------------------------------------------
 
     def start(self) -> None:
+        device = self.engine.device
+        if device.type == "cuda":  # the current device is per thread: name it for the worker
+            import torch
+
+            self._cuda_index = device.index if device.index is not None else \
+                torch.cuda.current_device()
         self._thread = threading.Thread(target=self._loop, name="tide-worker", daemon=True)
         self._thread.start()
 
@@ -198,20 +210,32 @@ class Worker:
                 self._cond.wait(WAIT_S)
 
     def _loop(self) -> None:
-        if self.engine.device.type == "cuda":
-            import torch
+        try:
+            if self._cuda_index is not None:
+                import torch
 
-            torch.cuda.set_device(self.engine.device)  # the device is per thread
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            try:
-                self._serve(job)
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._publish()
+                torch.cuda.set_device(self._cuda_index)
+            while True:
+                job = self._next()
+                if job is None:
+                    return
+                try:
+                    self._serve(job)
+                finally:
+                    with self._cond:
+                        self._running = False
+                        self._publish()
+        except BaseException as exc:  # the worker is gone: answer the waiting, stop the server
+            self.failure = exc
+            self._halt.set()
+            with self._cond:
+                self._fail_pending()
+            if os.environ.get("TIDE_DEBUG") == "1":
+                import traceback
+
+                traceback.print_exception(exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
 
     def _serve(self, job: Job) -> None:
         try:
