@@ -25,9 +25,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path_factory, monkeypatch):
+    # the cache (quantized experts) is shared by the session; settings (profiles,
+    # calibrations) are each test's own, so no test sees what another saved
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("TIDE_CACHE_DIR", str(base / "cache"))
-    monkeypatch.setenv("TIDE_CONFIG_DIR", str(base / "config"))
+    monkeypatch.setenv("TIDE_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
     monkeypatch.delenv("TIDE_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 

@@ -213,3 +213,37 @@ def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
         r["denoise_step_ms"] / r["predicted_step_ms"], rel=1e-3)
     assert r["identical"]
     assert "the planner against the measurement" in err
+
+
+def test_the_runtime_and_the_planner_leave_the_same_slots_beside_the_scratch(tiny_ckpt):
+    """Misses computed on the GPU pass through 16 scratch slots shared by every layer; the
+    runtime (a --vram budget) and the planner must both take them from the total, once."""
+    from tidecli.experts.modes import SCRATCH_SLOTS, MissMode
+    from tidecli.memory import device_memory
+    from tidecli.model.checkpoint import Checkpoint
+    from tidecli.planner import make_plan
+    from tidecli.planner.auto import MachineFacts
+    from tidecli.runtime.build import expert_budgets
+    from tidecli.runtime.options import engine_options
+
+    ckpt = Checkpoint.open(tiny_ckpt)
+    cfg = ckpt.config
+    layers = cfg.num_moe_layers
+    assert SCRATCH_SLOTS % layers  # else the two ways of counting could not differ
+    mem = device_memory(cfg, 64.0)
+    prof = gpu_profile("rtx4090", vram_gib=24, mem_gbps=1008, h2d_gbps=25, cores=16, ram_gib=64,
+                       cpu_1tok_ms=0.1, gpu_expert_ms=0.01)
+    seen = set()
+    for extra in range(SCRATCH_SLOTS + 2, SCRATCH_SLOTS + 3 * layers + 2):
+        vram = (mem.fixed + extra * mem.expert_bytes + 1) / GIB
+        opts = engine_options(model=str(tiny_ckpt), policy="tide", tau=2, vram_gib=vram,
+                              misses="gpu")
+        facts = MachineFacts(cuda=True, vram_gib=vram, ram_bytes=64 * GIB, stream_blocker=None,
+                             dtype_bytes=2, misses=MissMode.GPU)
+        budgets, _ = expert_budgets(ckpt, opts, plan=None, facts=facts, mode=MissMode.GPU)
+        plan = make_plan(config=cfg, profile=prof, vram_gib=vram, misses="gpu", cuda=True)
+        want = (extra - SCRATCH_SLOTS) // layers
+        assert set(budgets.values()) == {want}
+        assert set(plan.experts_per_layer.values()) == {want}
+        seen.add(want)
+    assert len(seen) > 1

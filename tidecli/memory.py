@@ -62,8 +62,19 @@ class DeviceMemory:
     @property
     def experts_per_layer(self) -> int:
         """The same number of slots for every MoE layer."""
-        return min(self.num_experts, self.slots // max(1, self.num_moe_layers)) \
-            if self.num_moe_layers else 0
+        return self.uniform_slots()
+
+    def expert_slots(self, reserved: int = 0) -> int:
+        """Slots left for experts once `reserved` are kept for another use (the scratch slots,
+        shared by every layer, that misses computed on the GPU pass through)."""
+        return max(0, self.slots - reserved)
+
+    def uniform_slots(self, reserved: int = 0) -> int:
+        """The same number of expert slots for every MoE layer, `reserved` kept aside. The
+        runtime and the planner both count with this."""
+        if not self.num_moe_layers:
+            return 0
+        return min(self.num_experts, self.expert_slots(reserved) // self.num_moe_layers)
 
     def slot_bytes(self, budgets: dict[int, int]) -> int:
         """Bytes of per-layer slot pools (a pool holds at least one row, even for B = 0)."""

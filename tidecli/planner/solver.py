@@ -135,9 +135,8 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     cuda = bool(profile.gpu_name) if cuda is None else cuda
     mode = resolve_misses(misses, cuda=cuda, stream_blocker=stream_blocker or (
         "it needs every expert in RAM, and some stay on disk" if tiered else None))
-    if cuda and mode.uses_scratch:  # the scratch slots come out of the same budget
-        slots = max(layers, slots - SCRATCH_SLOTS)
-    uniform_b = min(e, slots // layers)
+    reserved = SCRATCH_SLOTS if cuda and mode.uses_scratch else 0  # out of the same budget
+    slots, uniform_b = mem.expert_slots(reserved), mem.uniform_slots(reserved)
     uniform = np.full(layers, uniform_b, dtype=np.int64)
     per_call = float(stats.tokens_per_call[:, uniform_b].mean())
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,

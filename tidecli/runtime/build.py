@@ -92,9 +92,8 @@ def expert_budgets(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None,
     if vram is not None:
         mem = memory(vram)
         if b is None:
-            b = mem.experts_per_layer
-            if facts.cuda and policy in ("static", "tide") and mode.uses_scratch:
-                b = max(0, b - -(-SCRATCH_SLOTS // max(1, cfg.num_moe_layers)))
+            scratch = facts.cuda and policy in ("static", "tide") and mode.uses_scratch
+            b = mem.uniform_slots(SCRATCH_SLOTS if scratch else 0)
         elif b > mem.experts_per_layer:
             raise TideError(f"--experts-per-layer {b} does not fit --vram {vram:g} GiB "
                             f"(at most {mem.experts_per_layer})", "lower one of them")
