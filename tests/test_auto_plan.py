@@ -247,3 +247,29 @@ def test_the_runtime_and_the_planner_leave_the_same_slots_beside_the_scratch(tin
         assert set(plan.experts_per_layer.values()) == {want}
         seen.add(want)
     assert len(seen) > 1
+
+
+def test_cpu_misses_compute_in_the_dtype_the_profile_measured_fastest(tiny_ckpt):
+    """A plan's CPU costs are the profile's times in the dtype it found fastest on that CPU
+    (fp32 on CPUs without bf16 units); CPU misses beside a GPU then run in that dtype. On a CPU
+    device they keep the model's dtype (the resident tokens)."""
+    from dataclasses import replace as dc_replace
+
+    from tidecli.model.checkpoint import Checkpoint
+    from tidecli.planner import make_plan
+    from tidecli.runtime.build import cpu_setup
+    from tidecli.runtime.options import ResidencyOptions
+
+    cfg = Checkpoint.open(tiny_ckpt).config
+    prof = gpu_profile("rtx3060", vram_gib=12, mem_gbps=360, h2d_gbps=12, cores=6, ram_gib=32,
+                       cpu_1tok_ms=0.4, gpu_expert_ms=0.02)
+    for measured, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        plan = make_plan(config=cfg, profile=dc_replace(prof, cpu_dtype=measured), vram_gib=0.15,
+                         misses="cpu", cuda=True)
+        assert plan.cpu_dtype == measured and plan.to_dict()["cpu_dtype"] == measured
+        threads, mode, dtype = cpu_setup(ResidencyOptions(), plan, torch.device("cuda"))
+        assert (threads, mode, dtype) == (plan.cpu_threads, plan.cpu_mode, want)
+        assert cpu_setup(ResidencyOptions(), plan, torch.device("cpu"))[2] is None
+    streamed = make_plan(config=cfg, profile=prof, vram_gib=0.15, misses="stream", cuda=True)
+    assert cpu_setup(ResidencyOptions(cpu_threads=3), streamed, torch.device("cuda")) == \
+        (3, "intra", None)

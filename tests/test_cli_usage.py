@@ -212,6 +212,8 @@ def test_hub_errors_say_what_happened():
     (["bench", "--experts-per-layer", "0"], "at least 1"),
     (["synth", "out", "--preset", "huge"], "unknown preset 'huge'"),
     (["plan", "-p", "rtx4090", "--vram", "0"], "--vram must be a positive number"),
+    (["bench", "--vram", "10,0"], "--vram must be a positive number"),
+    (["bench", "--vram", "ten"], "--vram: 'ten' is not a number of GiB"),
 ])
 def test_wrong_values_fail_before_torch_is_imported(argv, message):
     code = ("import sys\nfrom tidecli.cli import main\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -10,10 +9,6 @@ GIB = 1 << 30
 def per(count: float, amount: float) -> float:
     """count / amount, 0 when amount is not positive (a rate over no time or no steps)."""
     return count / amount if amount > 0 else 0.0
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / GIB
 
 
 def size_text(nbytes: float) -> str:

@@ -97,10 +97,12 @@ def expert_error(ckpt: Checkpoint, fmt: ExpertFormat, *, per_layer: int = 4, tok
 
 def stored_expert_bytes(engine, fmt: str) -> int:
     """One expert as stored and copied: the checkpoint's bytes, or the format's."""
+    from tidecli.runtime.build import experts_format
+    from tidecli.runtime.facts import routed_bytes
+
     cfg = engine.cfg
-    if fmt == "bf16":
-        return engine.ckpt.routed_expert_bytes() // (cfg.num_moe_layers * cfg.num_experts)
-    return expert_format(fmt, hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size).row_bytes
+    return routed_bytes(engine.ckpt, experts_format(engine.ckpt, fmt)) // \
+        (cfg.num_moe_layers * cfg.num_experts)
 
 
 class FormatComparison:

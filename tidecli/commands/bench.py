@@ -18,23 +18,13 @@ from tidecli.commands.options import (
     CpuThreadsOpt,
     ProfileOpt,
     ThresholdOpt,
+    gib_list,
     model_options,
     with_options,
 )
 from tidecli.errors import TideError
 from tidecli.experts.modes import POLICIES
 from tidecli.fsutil import check_writable
-
-
-def _floats(text: str, name: str) -> list[float]:
-    out: list[float] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            out.append(float(part))
-        except ValueError as exc:
-            raise TideError(f"--{name}: {part!r} is not a number", f"e.g. --{name} 10,18") from exc
-    return out
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -153,7 +143,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     for m in _names(misses):
         parse_misses(m)
     check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
-    spec = BenchSpec(policies=names, vram=_floats(vram, "vram") if vram else [],
+    spec = BenchSpec(policies=names, vram=gib_list(vram) if vram else [],
                      experts=_ints(experts_per_layer, "experts-per-layer")
                      if experts_per_layer else [],
                      workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),

@@ -164,6 +164,24 @@ def engine_options_of(o: dict[str, Any]):
         experts_dtype=o.get("experts_dtype", "bf16"))
 
 
+def gib_list(text: str, option: str = "--vram") -> list[float]:
+    """A comma list of positive amounts of GiB (plan and bench compare several budgets)."""
+    from tidecli.errors import TideError
+
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise TideError(f"{option}: {part!r} is not a number of GiB",
+                            f"e.g. {option} 12, or {option} 8,12,16 to compare") from None
+        if not 0 < value < float("inf"):  # also refuses nan
+            raise TideError(f"{option} must be a positive number of GiB, got {value:g}",
+                            f"e.g. {option} 12")
+        out.append(value)
+    return out
+
+
 def reply_length(gen_length: int | None, model: str | None) -> int:
     """--gen-length as given, else the default: short on the demo (its words are random)."""
     if gen_length is not None:

@@ -24,6 +24,7 @@ from tidecli.commands.options import (
     RamOpt,
     ThresholdOpt,
     TracePathOpt,
+    gib_list,
 )
 from tidecli.errors import TideError
 from tidecli.fsutil import check_writable
@@ -72,7 +73,7 @@ def plan(
     from tidecli.experts.modes import parse_misses
     from tidecli.memory import check_ram_gib
 
-    vrams = _gibs(vram) if vram else [None]
+    vrams: list[float | None] = list(gib_list(vram)) if vram else [None]
     profiles = [p.strip() for p in profile.split(",") if p.strip()] if profile else [None]
     check_schedule(gen_length=gen_length, block_length=block_length, threshold=threshold)
     if context < 1:
@@ -91,21 +92,6 @@ def plan(
              verbose=verbose, trace=trace, gen_length=gen_length, block_length=block_length,
              threshold=threshold, context=context, ram=ram, calibrate=calibrate, device=device,
              misses=misses, experts_dtype=experts_dtype)
-
-
-def _gibs(text: str) -> list[float | None]:
-    out: list[float | None] = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            value = float(part)
-        except ValueError:
-            raise TideError(f"--vram: {part!r} is not a number of GiB",
-                            "e.g. --vram 12, or --vram 8,12,16 to compare") from None
-        if not 0 < value < float("inf"):
-            raise TideError(f"--vram must be a positive number of GiB, got {value:g}",
-                            "e.g. --vram 12")
-        out.append(value)
-    return out
 
 
 def _no_gpu(prof) -> TideError:

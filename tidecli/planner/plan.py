@@ -68,6 +68,7 @@ class Plan:
     staging_experts: int = 0
     disk_gbps: float | None = None  # set when some experts stay on disk
     misses: str = "cpu"  # where missed experts run (experts/modes.py), never "auto"
+    cpu_dtype: str = "bf16"  # what CPU misses compute in: the profile's fastest, as it measured
     experts_format: str = "bf16"  # the routed experts' format (experts/formats.py)
 
     @property
@@ -141,6 +142,7 @@ class Plan:
             "misses": self.misses,
             "cpu_threads": self.cpu_threads,
             "cpu_mode": self.cpu_mode,
+            "cpu_dtype": self.cpu_dtype,
             "predicted_step_ms": round(self.predicted_step_ms, 4),
             "predicted_steps_per_s": round(self.steps_per_s, 3),
             "predicted_tokens_per_s": round(self.tokens_per_s, 3),

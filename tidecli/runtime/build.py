@@ -27,7 +27,7 @@ from tidecli.planner.auto import MachineFacts
 from tidecli.planner.plan import Plan
 from tidecli.runtime.devices import pick_dtype
 from tidecli.runtime.facts import routed_bytes, stream_blocker
-from tidecli.runtime.options import EngineOptions
+from tidecli.runtime.options import EngineOptions, ResidencyOptions
 from tidecli.units import GIB
 
 DEFAULT_TAU = 4  # tide's τ when it neither follows a plan nor is given one
@@ -257,6 +257,20 @@ def policy_for(ckpt: Checkpoint, opts: EngineOptions, plan: Plan | None) -> Poli
     return ResidentPolicy()
 
 
+def cpu_setup(r: ResidencyOptions, plan: Plan | None, device: torch.device
+              ) -> tuple[int, str, torch.dtype | None]:
+    """Threads, threading mode and dtype of CPU misses: the options', or, when a plan places
+    misses on the CPU, the plan's — what the profile measured fastest on this CPU, whose times
+    the plan's CPU costs are. The dtype only beside a GPU: on a CPU device misses compute in the
+    model's dtype, so that every policy keeps the resident tokens (None: the runtime's default)."""
+    threads, mode, dtype = r.cpu_threads, r.cpu_mode, None
+    if plan is not None and plan.misses in ("cpu", "split"):
+        threads, mode = threads or plan.cpu_threads, plan.cpu_mode
+        if device.type == "cuda":
+            dtype = pick_dtype(plan.cpu_dtype, torch.device("cpu"))
+    return threads, mode, dtype
+
+
 def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
                    budgets: dict[int, int], *, plan: Plan | None, device: torch.device,
                    dtype: torch.dtype):
@@ -275,10 +289,7 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
 
         return StreamRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
                              kernel=opts.load.kernel)
-    cpu_dtype = None if r.cpu_dtype == "auto" else pick_dtype(r.cpu_dtype, device)
-    threads, cpu_mode = r.cpu_threads, r.cpu_mode
-    if plan is not None and plan.misses in ("cpu", "split"):  # the plan's CPU set-up
-        threads, cpu_mode = threads or plan.cpu_threads, plan.cpu_mode
+    threads, cpu_mode, cpu_dtype = cpu_setup(r, plan, device)
     return OffloadRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
                           cpu_threads=threads, cpu_mode=cpu_mode, cpu_dtype=cpu_dtype,
                           kernel=opts.load.kernel, misses=mode, scratch_slots=SCRATCH_SLOTS)

@@ -58,7 +58,6 @@ class ResidencyOptions:
     misses: MissMode = MissMode.AUTO  # where static/tide misses run (experts/modes.py)
     cpu_threads: int = 0  # 0: the plan's for misses, else the cores other processes leave free
     cpu_mode: str = "intra"
-    cpu_dtype: str = "auto"
     popularity_trace: str | None = None  # static: expert popularity from this routing trace
     # the hardware profile tide plans with when it follows the planner (a reference name or a
     # file; None: this machine's saved one, measured once when missing; on a CPU device tide

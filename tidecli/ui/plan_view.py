@@ -131,7 +131,7 @@ def plan_table(plan: Plan, *, verbose: bool = False) -> Table:
                                 "the step (no CPU work)")
         else:
             t.add_row("misses", f"{plan.misses}, CPU threads {plan.cpu_threads} "
-                                f"({plan.cpu_mode})")
+                                f"({plan.cpu_mode}, {plan.cpu_dtype})")
     t.add_row("decoding", f"block {plan.block_length}, {plan.steps_per_block} steps/block, "
                           f"{plan.tokens_per_step:.2f} tokens/step")
     if verbose:
