@@ -399,6 +399,22 @@ def test_gpu_benchmarks_arithmetic_on_the_cpu(monkeypatch):
     ms, kernel = measure.gpu_expert_ms(64, 32, device="cpu", tokens=(1, 4), pool_experts=16,
                                        top_k=4, warmup=1, repeats=2, on_tokens=seen.append)
     assert kernel == "loop" and set(ms) == {1, 4} and min(ms.values()) > 0 and seen == [1, 4]
+    # a compressed format's experts, timed through the runtime's own path (its CPU reference
+    # here, the dequantizing kernel on a GPU)
+    for fmt in measure.COMPRESSED_FORMATS:
+        ms, kernel = measure.gpu_expert_ms(64, 32, device="cpu", tokens=(4,), pool_experts=16,
+                                           top_k=4, warmup=1, repeats=2, fmt=fmt)
+        assert kernel == "loop" and set(ms) == {4} and ms[4] > 0
+
+
+def test_per_format_gpu_expert_times_round_trip():
+    prof = HardwareProfile(name="x", kind="measured", gpu_expert_ms={32: 0.005},
+                           gpu_expert_format_ms={"int4": {4: 0.004, 32: 0.006}})
+    back = HardwareProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert back == prof and back.gpu_expert_format_ms["int4"][32] == 0.006
+    old = prof.to_dict()
+    del old["gpu_expert_format_ms"]  # a profile written before formats were measured
+    assert HardwareProfile.from_dict(old).gpu_expert_format_ms == {}
 
 
 def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
@@ -427,12 +443,17 @@ def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
 
     monkeypatch.setattr(measure, "gemm_tflops", no_gemm)
 
-    def fake_experts(h, i, *, tokens, on_tokens, **kw):
+    def fake_experts(h, i, *, tokens, on_tokens=None, fmt="bf16", **kw):
+        if fmt != "bf16":  # the dequantizing kernel
+            return {t: 0.02 for t in tokens}, "grouped_mm"
         for t in tokens:
             on_tokens(t)
         return {t: 0.01 for t in tokens}, "loop"
 
     monkeypatch.setattr(measure, "gpu_expert_ms", fake_experts)
+    from tidecli.experts import qkernel
+    monkeypatch.setattr(qkernel, "qkernel_available",
+                        lambda device, dtype, fmt=None: fmt != "fp8")  # as before sm89
     seen = []
     prof = measure.measure_profile(quick=True, expert_shape=TINY_SHAPE, settings=TINY,
                                    progress=lambda *a: seen.append(a))
@@ -444,6 +465,8 @@ def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
     assert any(n.startswith("bf16 GEMM not measured (RuntimeError: CUBLAS") for n in prof.notes)
     assert prof.gpu_expert_ms == {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.01, 16: 0.01, 32: 0.01}
     assert prof.gpu_expert_kernel == "loop"
+    assert set(prof.gpu_expert_format_ms) == {"int8", "int4"}
+    assert prof.gpu_expert_format_ms["int4"][32] == 0.02
     assert prof.sources["h2d_pinned_gbps"] == "measured"
     assert prof.sources["pcie_peak_gbps"] == "spec"
     assert [d for _, d, _ in seen] == list(range(len(seen) - 1)) + [seen[-1][2]]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tidecli import __version__
+from tidecli.experts.formats import FORMATS
 from tidecli.hardware import probe
 from tidecli.hardware.cpu_measure import (
     CPU_PICK_TOKENS,
@@ -28,6 +29,7 @@ from tidecli.hardware.disk import disk_fields
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.hardware.timing import TOKENS, median_cuda_ms
 
+COMPRESSED_FORMATS = tuple(f for f in FORMATS if f != "bf16")
 Progress = Callable[[str, int, int], None]  # (what is being measured, steps done, steps total)
 
 DEFAULT_EXPERT_SHAPE = (2048, 512)  # LLaDA2.0-mini (hidden, moe_intermediate): 6 MiB in bf16
@@ -139,8 +141,11 @@ def _layer_call(kernel: str, x: Any, pair_slot: Any, gate_up: Any, down: Any,
 
 def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ...] = TOKENS,
                   pool_experts: int = 64, top_k: int = 8, warmup: int = 3, repeats: int = 10,
-                  on_tokens: Callable[[int], None] | None = None) -> tuple[dict[int, float], str]:
-    """One MoE layer on the GPU: T tokens routed top-k over `pool_experts` resident experts.
+                  on_tokens: Callable[[int], None] | None = None,
+                  fmt: str = "bf16") -> tuple[dict[int, float], str]:
+    """One MoE layer on the GPU: T tokens routed top-k over `pool_experts` resident experts,
+    stored in `fmt` (bf16, or a compressed format of experts/formats.py, computed by its
+    dequantizing kernel).
 
     Returns (tokens → ms per distinct expert used, kernel name). Uses the runtime's own grouped
     kernel where it exists, else its per-expert loop.
@@ -148,6 +153,7 @@ def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ..
     import torch
 
     from tidecli.experts.compute import grouped_mm_available, pool_views
+    from tidecli.experts.formats import expert_format
 
     device = torch.device(device)
     # own generators: a profile taken inside `tide generate` must not move the user's seeds
@@ -155,9 +161,19 @@ def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ..
     gen_cpu = torch.Generator().manual_seed(0)
     buf = torch.empty(pool_experts, 3 * hidden * inter, dtype=torch.bfloat16, device=device)
     buf.normal_(0.0, 0.02, generator=gen_dev)
-    gate_up, down = pool_views(buf, hidden, inter)
+    layout = expert_format(fmt, hidden=hidden, inter=inter)
+    if layout.compressed:
+        from tidecli.experts.qkernel import qkernel_available
+        from tidecli.experts.quant import quantize_rows
+
+        # a few experts at a time: quantizing works in fp32, several times bf16's bytes
+        buf = torch.cat([quantize_rows(buf[i: i + 8], layout)
+                         for i in range(0, buf.shape[0], 8)])
+        kernel = "grouped_mm" if qkernel_available(device, torch.bfloat16, fmt) else "loop"
+    else:
+        kernel = "grouped_mm" if grouped_mm_available(device, torch.bfloat16) else "loop"
+    gate_up, down = pool_views(buf, hidden, inter, layout)
     k = min(top_k, pool_experts)
-    kernel = "grouped_mm" if grouped_mm_available(device, torch.bfloat16) else "loop"
     result: dict[int, float] = {}
     for t in tokens:
         if on_tokens is not None:
@@ -220,6 +236,30 @@ def _release_cuda_memory() -> None:
         or getattr(torch._C, "_host_emptyCache", None)
     if empty_host is not None:
         empty_host()
+
+
+def _measure_formats(s: MeasureSettings, hidden: int, inter: int, device: Any, pool: int,
+                     tick: _Ticker, notes: list[str]) -> dict[str, dict[int, float]]:
+    """The compressed formats' dequantizing kernel, timed as bf16's grouped kernel is: its
+    time is not bf16's scaled by the bytes (the kernel unpacks and scales in registers)."""
+    import torch
+
+    from tidecli.experts.qkernel import qkernel_available
+
+    def one(fmt: str) -> tuple[dict[int, float], str] | None:
+        if not qkernel_available(device, torch.bfloat16, fmt):  # e.g. fp8 before sm89
+            return None
+        return gpu_expert_ms(hidden, inter, device=device, tokens=s.gpu_tokens,
+                             pool_experts=pool, top_k=s.top_k, warmup=s.warmup,
+                             repeats=s.gpu_repeats, fmt=fmt)
+
+    out: dict[str, dict[int, float]] = {}
+    for fmt in COMPRESSED_FORMATS:
+        tick(f"GPU experts, {fmt}")
+        res = _attempt(f"GPU expert time in {fmt}", lambda fmt=fmt: one(fmt), notes)
+        if res is not None and res[1] == "grouped_mm":
+            out[fmt] = res[0]
+    return out
 
 
 def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
@@ -286,6 +326,9 @@ def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
         if res[1] == "loop":
             notes.append("GPU experts timed with the per-expert loop (no grouped GEMM kernel "
                          "for this card / torch build)")
+    formats = _measure_formats(s, hidden, inter, device, pool, tick, notes)
+    if formats:
+        f["gpu_expert_format_ms"] = formats
     _release_cuda_memory()
     last = loaded or facts
     if last is not None:
@@ -316,7 +359,8 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
     cpu = probe.probe_cpu()
     cores = max(1, cpu.physical_cores)
     cuda = torch.cuda.is_available()
-    gpu_steps = 8 + len(s.gpu_tokens)  # copies, latency, D2D, GEMM, then one per token count
+    # copies, latency, D2D, GEMM, one per token count, one per compressed format
+    gpu_steps = 8 + len(s.gpu_tokens) + len(COMPRESSED_FORMATS)
     tick = _Ticker((gpu_steps if cuda else 0) + _cpu_steps(s, cores) + 1, progress)
     notes: list[str] = [f"{'quick' if quick else 'full'} profile, torch {torch.__version__}"]
     fields: dict[str, Any] = {}

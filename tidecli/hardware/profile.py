@@ -52,6 +52,9 @@ class HardwareProfile:
     # GPU: one layer's experts in grouped kernels: tokens-per-step → ms per *expert* used
     gpu_expert_ms: dict[int, float] = field(default_factory=dict)
     gpu_expert_kernel: str | None = None  # "grouped_mm" | "loop" (see experts/compute.py)
+    # the same for compressed experts (experts/formats.py) through their dequantizing kernel:
+    # format → tokens-per-step → ms per expert used (measured ones only)
+    gpu_expert_format_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     # CPU: threads → {tokens → ms for one expert call}
     cpu_expert_ms: dict[int, dict[int, float]] = field(default_factory=dict)
     cpu_best_threads: int | None = None
@@ -80,6 +83,8 @@ class HardwareProfile:
         d = asdict(self)
         d["expert_shape"] = list(self.expert_shape)
         d["gpu_expert_ms"] = {str(k): v for k, v in self.gpu_expert_ms.items()}
+        d["gpu_expert_format_ms"] = {f: {str(k): v for k, v in m.items()}
+                                     for f, m in self.gpu_expert_format_ms.items()}
         d["cpu_expert_ms"] = {str(t): {str(k): v for k, v in m.items()}
                               for t, m in self.cpu_expert_ms.items()}
         return d
@@ -94,6 +99,9 @@ class HardwareProfile:
             kw["expert_shape"] = tuple(int(x) for x in kw["expert_shape"])
         if "gpu_expert_ms" in kw:
             kw["gpu_expert_ms"] = {int(k): float(v) for k, v in kw["gpu_expert_ms"].items()}
+        if "gpu_expert_format_ms" in kw:
+            kw["gpu_expert_format_ms"] = {str(f): {int(k): float(v) for k, v in m.items()}
+                                          for f, m in kw["gpu_expert_format_ms"].items()}
         if "cpu_expert_ms" in kw:
             kw["cpu_expert_ms"] = {int(t): {int(k): float(v) for k, v in m.items()}
                                    for t, m in kw["cpu_expert_ms"].items()}

@@ -167,11 +167,14 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
                    context_tokens: int, tokens_per_call: float = 4.0,
                    cpu_threads: int | None = None,
                    calibration: Calibration | None = None,
-                   expert_bytes: int | None = None) -> HardwareCosts:
+                   expert_bytes: int | None = None,
+                   experts_format: str = "bf16") -> HardwareCosts:
     """`cpu_threads` picks that row of the profile's CPU table when it has one; else the
     profile's best, else the fastest at `tokens_per_call`. `expert_bytes`: one compressed
-    expert (experts/formats.py): copies, disk reads and the GPU's expert time (bound by reading
-    the weights) scale with its bytes; the CPU dequantizes, then multiplies as in bf16."""
+    expert of `experts_format` (experts/formats.py): copies and disk reads scale with its bytes;
+    the GPU's expert time is the profile's measurement of that format's kernel, else bf16's
+    scaled by the bytes (an estimate, low where the kernel is not bound by reading the weights);
+    the CPU dequantizes, then multiplies as in bf16."""
     cal = calibration or Calibration()
     notes: list[str] = []
     ph, pi = profile.expert_shape
@@ -181,9 +184,14 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
                      f"({ph}×{pi}) to this model's ({cfg.hidden_size}×{cfg.moe_intermediate_size})")
     eb = expert_bytes or cfg.expert_bytes()
     weights = eb / cfg.expert_bytes()  # the share of bf16's bytes a GPU expert call reads
+    measured = profile.gpu_expert_format_ms.get(experts_format) if expert_bytes else None
     if expert_bytes:
+        gpu_how = (f"the GPU's expert time as measured for the {experts_format} kernel"
+                   if measured else
+                   f"the GPU's expert time scaled from bf16's by the bytes (not measured for "
+                   f"{experts_format} in this profile: `tide profile` on the machine measures it)")
         notes.append(f"compressed experts: {eb / 2**20:.2f} MiB each ({weights:.2f}× bf16's) for "
-                     "copies, disk reads and the GPU's expert time; CPU expert times as bf16's")
+                     f"copies and disk reads; {gpu_how}; CPU expert times as bf16's")
     c_io = eb / (_h2d_gbps(profile, notes) * 1e9) * 1e3
     c_io += profile.copy_latency_ms if profile.copy_latency_ms is not None \
         else FALLBACK_COPY_LATENCY_MS
@@ -191,7 +199,9 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
     if not mem:
         mem = FALLBACK_GPU_MEM_GBPS
         notes.append(f"no device memory bandwidth in the profile: assumed {mem:g} GB/s")
-    if profile.gpu_expert_ms:
+    if measured:
+        gpu_expert = _interp_table(measured, block_length) * scale
+    elif profile.gpu_expert_ms:
         gpu_expert = _interp_table(profile.gpu_expert_ms, block_length) * scale * weights
     else:
         notes.append("GPU expert time estimated from device memory bandwidth")

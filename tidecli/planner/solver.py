@@ -141,7 +141,8 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     per_call = float(stats.tokens_per_call[:, uniform_b].mean())
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
                            context_tokens=wl.context_tokens, tokens_per_call=per_call,
-                           calibration=calibration, expert_bytes=packed)
+                           calibration=calibration, expert_bytes=packed,
+                           experts_format=fmt.name)
     ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
     problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=mode)
     tau, tau_costs = solve_tau(problem, uniform)
@@ -255,7 +256,7 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
         costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
                                cpu_threads=plan.cpu_threads, calibration=calibration,
-                               expert_bytes=packed)
+                               expert_bytes=packed, experts_format=plan.experts_format)
         return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram,
                                misses=MissMode(plan.misses)), budgets, plan.tau)
 

@@ -95,6 +95,8 @@ def _gpu_rows(p: HardwareProfile, add: Callable[[str, str], None]) -> None:
         kernel = f", {p.gpu_expert_kernel}" if p.gpu_expert_kernel else ""
         add(f"GPU expert, ms each{kernel}",
             _series(p.gpu_expert_ms) + _tag(p, "gpu_expert_ms"))
+    for fmt, table in p.gpu_expert_format_ms.items():
+        add(f"GPU expert in {fmt}, ms each", _series(table))
 
 
 def _cpu_rows(p: HardwareProfile, add: Callable[[str, str], None]) -> None:
