@@ -99,3 +99,17 @@ def test_the_gpu_expert_time_of_a_format_is_the_profiles_measurement_when_it_has
                      vram_gib=20, experts_format="int4")
     fast = make_plan(config=MINI, profile=prof, vram_gib=20, experts_format="int4")
     assert slow.breakdown.gpu_expert_ms > 3 * fast.breakdown.gpu_expert_ms
+
+
+@pytest.mark.parametrize(("ram", "hint"), [(30, None), (60, "int4"), (120, "int8")])
+def test_a_bf16_plan_with_a_disk_tier_names_the_format_that_would_fit(ram, hint):
+    plan = make_plan(config=FLASH, profile=resolve_profile("rtx4090"), vram_gib=22,
+                     ram_gib=ram)
+    (warning,) = [w for w in plan.warnings if "do not fit" in w]
+    if hint is None:
+        assert "--experts-dtype" not in warning
+    else:
+        assert f"--experts-dtype {hint} would keep every expert in RAM" in warning
+    int4 = make_plan(config=FLASH, profile=resolve_profile("rtx4090"), vram_gib=22, ram_gib=30,
+                     experts_format="int4")
+    assert not any("--experts-dtype" in w for w in int4.warnings)  # asked for one already

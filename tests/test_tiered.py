@@ -335,3 +335,25 @@ def test_cuda_engine_with_most_experts_on_disk_gives_the_all_in_ram_tokens(tiny_
         assert tokens == runs["ram"][0], name
         assert bad == 0, name
         assert (stats["disk_reads"] > 0) == name.startswith("disk"), (name, stats["disk_reads"])
+
+
+@pytest.mark.parametrize(("in_ram", "hint"), [(10, None), (40, "int4"), (60, "int8")])
+def test_the_disk_tier_note_names_the_least_lossy_format_that_would_fit(tiny_ckpt, in_ram, hint):
+    """bf16 experts that do not fit the RAM budget: the note says which compressed format
+    (least lossy first) would hold them all, when one would."""
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    cfg = Checkpoint.open(tiny_ckpt).config
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
+                               experts_per_layer=5, ram_gib=_budget(cfg, in_ram) / GIB),
+                 quiet=True)
+    try:
+        (note,) = eng.notices
+        assert "read from disk" in note
+        if hint is None:
+            assert "--experts-dtype" not in note
+        else:
+            assert f"--experts-dtype {hint} would keep every expert in RAM (lossy" in note
+    finally:
+        eng.close()

@@ -153,6 +153,23 @@ def expert_format(name: str, *, hidden: int, inter: int) -> ExpertFormat:
     return ExpertFormat(name, hidden, inter, _align(at), layouts["gate_up"], layouts["down"])
 
 
+LEAST_LOSSY_FIRST = ("int8", "int4")  # fp8 holds as many experts as int8, with more error
+
+
+def ram_hint(*, hidden: int, inter: int, experts: int, budget: int) -> str:
+    """When bf16 experts do not fit `budget` bytes of RAM: the least lossy format whose
+    `experts` would, as a clause for the disk tier's note ("" when none would)."""
+    for name in LEAST_LOSSY_FIRST:
+        try:
+            row = expert_format(name, hidden=hidden, inter=inter).row_bytes
+        except TideError:  # int4 needs sizes this model does not have
+            continue
+        if experts * row <= budget:
+            return (f"; --experts-dtype {name} would keep every expert in RAM (lossy: README, "
+                    "\"Fitting bigger models\")")
+    return ""
+
+
 def parse_format(name: str) -> str:
     value = (name or "").strip().lower()
     if value == "bfloat16":

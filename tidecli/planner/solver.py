@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from tidecli.decode.settings import check_routing_block
-from tidecli.experts.formats import expert_format
+from tidecli.experts.formats import expert_format, ram_hint
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
@@ -67,11 +67,14 @@ def _trace_steps_per_block(trace: RoutingTrace) -> float | None:
 
 
 def _disk_warning(cfg: ModelConfig, host, gbps: float, fmt: str = "bf16") -> str:
-    need = cfg.num_moe_layers * cfg.num_experts * host.expert_bytes
+    experts = cfg.num_moe_layers * cfg.num_experts
+    need = experts * host.expert_bytes
+    hint = ram_hint(hidden=cfg.hidden_size, inter=cfg.moe_intermediate_size, experts=experts,
+                    budget=host.budget) if fmt == "bf16" else ""
     return (f"the routed experts ({need / GIB:.1f} GiB in {fmt}) do not fit the "
             f"{host.budget / GIB:.1f} GiB of host RAM for experts: {host.disk_experts} of "
             f"{host.disk_experts + host.ram_experts} stay on disk and are read when missed "
-            f"(at ~{gbps:g} GB/s): slower, same tokens")
+            f"(at ~{gbps:g} GB/s): slower, same tokens{hint}")
 
 
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tidecli.errors import TideError
-from tidecli.experts.formats import ExpertFormat, expert_format
+from tidecli.experts.formats import ExpertFormat, expert_format, ram_hint
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.offload import OffloadRuntime
 from tidecli.experts.policies import LruPolicy, Policy, ResidentPolicy, StaticPolicy, TidePolicy
@@ -219,7 +219,10 @@ def host_store(ckpt: Checkpoint, opts: EngineOptions, *, plan: Plan | None, fact
         f"the routed experts need {need / GIB:.1f} GiB"
         + (f" in {fmt.name}" if fmt.compressed else "") + f" and {budget / GIB:.1f} GiB of RAM is "
         f"{given}: {host.ram_experts} of {host.ram_experts + host.disk_experts} stay in RAM, the "
-        f"other {host.disk_experts} are read from disk when used (slower, same tokens)")
+        f"other {host.disk_experts} are read from disk when used (slower, same tokens)"
+        + ("" if fmt.compressed else ram_hint(
+            hidden=ckpt.config.hidden_size, inter=ckpt.config.moe_intermediate_size,
+            experts=ckpt.config.num_moe_layers * ckpt.config.num_experts, budget=budget)))
     return store
 
 
