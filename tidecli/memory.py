@@ -8,6 +8,7 @@ RAM when they fit, else a staging ring plus as many per layer as fit, the rest r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -35,6 +36,12 @@ def workspace_bytes(cfg: ModelConfig, block_length: int = 32) -> int:
     logits = 3 * block_length * cfg.vocab_size * 4
     acts = 64 * block_length * max(cfg.hidden_size, cfg.intermediate_size) * 4
     return logits + acts + (64 << 20)
+
+
+def pool_bytes(budgets: Iterable[int], expert_bytes: int) -> int:
+    """Bytes of the per-layer slot pools for these budgets (the runtime allocates at least one
+    row per pool, even for B = 0)."""
+    return sum(max(int(b), 1) for b in budgets) * expert_bytes
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,7 @@ class DeviceMemory:
         return min(self.num_experts, self.expert_slots(reserved) // self.num_moe_layers)
 
     def slot_bytes(self, budgets: dict[int, int]) -> int:
-        """Bytes of per-layer slot pools (a pool holds at least one row, even for B = 0)."""
-        return sum(max(b, 1) for b in budgets.values()) * self.expert_bytes
+        return pool_bytes(budgets.values(), self.expert_bytes)
 
     def check_budgets(self, budgets: dict[int, int], vram_gib: float) -> None:
         need, room = self.slot_bytes(budgets), self.budget - self.fixed

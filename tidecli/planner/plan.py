@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidecli.memory import pool_bytes
 from tidecli.planner.model import Breakdown
 from tidecli.planner.report import CalibrationReport
 
@@ -87,8 +88,7 @@ class Plan:
 
     @property
     def slot_bytes(self) -> int:
-        # the runtime allocates at least one row per layer's pool, even for B = 0
-        return sum(max(b, 1) for b in self.experts_per_layer.values()) * self.expert_bytes
+        return pool_bytes(self.experts_per_layer.values(), self.expert_bytes)
 
     @property
     def used_bytes(self) -> int:

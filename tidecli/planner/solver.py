@@ -27,7 +27,7 @@ from tidecli.experts.formats import expert_format, ram_hint
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
-from tidecli.memory import device_memory
+from tidecli.memory import device_memory, pool_bytes
 from tidecli.model.config import ModelConfig
 from tidecli.planner.allocate import allocate_slots
 from tidecli.planner.costs import Calibration, disk_gbps, hardware_costs, profile_vram_gib
@@ -163,7 +163,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     if follows_pool and tau != 1:
         tau, tau_costs = 1, solve_tau(problem, budgets)[1]
         breakdown = predict(problem, budgets, tau)
-    assert mem.fixed + int(np.maximum(budgets, 1).sum()) * eb <= budget, "over budget"
+    assert mem.fixed + pool_bytes(budgets.tolist(), eb) <= budget, "over budget"
     if tiered:
         ram, ram_alts = split_ram(problem, budgets, tau, host)
         alternatives.update(ram_alts)
