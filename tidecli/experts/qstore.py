@@ -38,7 +38,7 @@ from tidecli.experts.qcache import (
 from tidecli.experts.staging import Tag
 from tidecli.experts.store import HostExpertStore
 from tidecli.experts.tiered import TieredExpertStore
-from tidecli.memory import HostPlan, check_fits_ram
+from tidecli.memory import HostPlan
 from tidecli.model.checkpoint import Checkpoint
 
 Tick = Callable[[int], None]
@@ -77,15 +77,9 @@ class CompressedHostStore(HostExpertStore):
                  ticker: Ticker | None = None, notices: list[str] | None = None) -> None:
         # a HostExpertStore filled from the cache, not from the checkpoint: its own constructor
         t0 = time.perf_counter()
-        cfg = ckpt.config
         ticker = ticker or _no_ticks
         notices = notices if notices is not None else []
-        self.cfg, self.format = cfg, fmt
-        self.dtype, self.row = torch.uint8, fmt.row_bytes
-        need = total_bytes(ckpt, fmt)
-        check_fits_ram(need)
-        self.pinned, self.pin_error = pin, None
-        self.layers = {layer: self._alloc((cfg.num_experts, self.row)) for layer in cfg.moe_layers}
+        need = self._allocate(ckpt.config, torch.uint8, fmt.row_bytes, pin=pin, fmt=fmt)
         cache, why = open_cache(ckpt, fmt)
         if cache is not None:
             why = _read_layers(cache, self.layers, ticker(f"{fmt.name} experts", need))

@@ -10,6 +10,7 @@ is [gate (I·H) | up (I·H) | down (H·I)] in the stored dtype: one copy moves o
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -90,20 +91,9 @@ class HostExpertStore(ExpertSource):
 
     def __init__(self, ckpt: Checkpoint, *, pin: bool, check_finite: bool = True,
                  progress: Callable[[int], None] | None = None) -> None:
-        import time
-
-        cfg = ckpt.config
-        self.cfg = cfg
-        self.dtype = torch_dtype(ckpt.expert_dtype())
-        self.row = cfg.expert_params
-        need = cfg.num_experts * self.row * self.dtype.itemsize * cfg.num_moe_layers
-        check_fits_ram(need)
         t0 = time.perf_counter()
-        self.pinned = pin
-        self.pin_error: str | None = None
-        self.layers: dict[int, torch.Tensor] = {}
-        for layer in cfg.moe_layers:
-            self.layers[layer] = self._alloc((cfg.num_experts, self.row))
+        cfg = ckpt.config
+        need = self._allocate(cfg, torch_dtype(ckpt.expert_dtype()), cfg.expert_params, pin=pin)
         with ShardReader() as reader:
             for layer in cfg.moe_layers:
                 buf = self.layers[layer]
@@ -112,6 +102,18 @@ class HostExpertStore(ExpertSource):
                     if progress:
                         progress(self.row * self.dtype.itemsize)
         self.info = StoreInfo(need, self.pinned, self.pin_error, time.perf_counter() - t0)
+
+    def _allocate(self, cfg, dtype: torch.dtype, row: int, *, pin: bool,
+                  fmt: ExpertFormat | None = None) -> int:
+        """Every layer's [E, row] buffer (pinned while pinning works), once the RAM is known to
+        hold them; returns their bytes. Subclasses fill the rows from elsewhere."""
+        self.cfg, self.dtype, self.row, self.format = cfg, dtype, row, fmt
+        need = cfg.num_moe_layers * cfg.num_experts * row * dtype.itemsize
+        check_fits_ram(need)
+        self.pinned, self.pin_error = pin, None
+        self.layers: dict[int, torch.Tensor] = {
+            layer: self._alloc((cfg.num_experts, row)) for layer in cfg.moe_layers}
+        return need
 
     def expert(self, layer: int, e: int) -> torch.Tensor:
         return self.layers[layer][e]

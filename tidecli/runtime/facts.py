@@ -7,6 +7,7 @@ import torch
 
 from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.gather import stream_available
+from tidecli.experts.qcache import total_bytes
 from tidecli.experts.qkernel import qkernel_available
 from tidecli.memory import available_ram, ram_for_experts
 from tidecli.model.checkpoint import Checkpoint
@@ -45,10 +46,7 @@ def stream_blocker(device: torch.device, model_dtype: torch.dtype, *, store_dtyp
 
 def routed_bytes(ckpt: Checkpoint, fmt: ExpertFormat) -> int:
     """The routed experts' bytes in the host store: the checkpoint's, or the compressed rows'."""
-    if not fmt.compressed:
-        return ckpt.routed_expert_bytes()
-    cfg = ckpt.config
-    return cfg.num_moe_layers * cfg.num_experts * fmt.row_bytes
+    return total_bytes(ckpt, fmt) if fmt.compressed else ckpt.routed_expert_bytes()
 
 
 def machine_facts(ckpt: Checkpoint, opts: EngineOptions, device: torch.device,
