@@ -97,6 +97,11 @@ class ModelConfig:
         windows = -(-tokens // self.block_size)
         return min(self.num_experts, windows * self.expert_capacity)
 
+    def block_pool(self, tokens: int) -> int:
+        """With block routing, the bound on a step's distinct experts per layer (the pool
+        tide can follow); 0 without block routing (no such bound)."""
+        return self.pool_experts(tokens) if self.block_routing else 0
+
     @property
     def qkv_rows(self) -> int:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim

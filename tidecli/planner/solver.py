@@ -158,7 +158,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         if bd_n.step_ms < breakdown.step_ms * (1 - NON_UNIFORM_GAIN):
             budgets, breakdown, tau = per_layer, bd_n, tau_n
             tau_costs = solve_tau(problem, budgets)[1]
-    pool = cfg.pool_experts(wl.block_length) if cfg.block_routing else 0
+    pool = cfg.block_pool(wl.block_length)
     follows_pool = bool(pool) and int(budgets.min()) >= pool
     if follows_pool and tau != 1:
         tau, tau_costs = 1, solve_tau(problem, budgets)[1]

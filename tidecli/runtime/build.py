@@ -251,7 +251,7 @@ def policy_for(ckpt: Checkpoint, opts: EngineOptions, plan: Plan | None) -> Poli
     if r.policy == "tide":
         tau = r.tide.tau or (plan.tau if plan is not None else DEFAULT_TAU)
         cfg = ckpt.config  # block routing bounds a step's experts per layer
-        pool = cfg.pool_experts(opts.workload.block_length) if cfg.block_routing else 0
+        pool = cfg.block_pool(opts.workload.block_length)
         return TidePolicy(replace(r.tide, tau=tau), pool_experts=pool)
     if r.policy == "lru":
         return LruPolicy()
