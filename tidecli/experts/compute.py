@@ -15,17 +15,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tidecli.experts.formats import ExpertFormat
+from tidecli.experts.formats import ExpertFormat, is_compressed
 from tidecli.experts.quant import QMatrix, views
 
 Weights = torch.Tensor | QMatrix  # a stack of experts' matrices [S, n, k]
+
+
+def row_dtype(fmt: ExpertFormat | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of expert rows on a device that computes in `dtype`: a compressed format's
+    rows stay its bytes (uint8, dequantized by the kernel); bf16 rows take `dtype`."""
+    return torch.uint8 if is_compressed(fmt) else dtype
 
 
 def pool_views(buf: torch.Tensor, hidden: int, inter: int,
                fmt: ExpertFormat | None = None) -> tuple[Weights, Weights]:
     """buf [S, 3·I·H] → gate_up [S, 2I, H], down [S, H, I] (views, no copy); rows of a
     compressed format → the two QMatrix stacks."""
-    if fmt is not None and fmt.compressed:
+    if is_compressed(fmt):
         return views(buf, fmt)
     s = buf.shape[0]
     gate_up = buf[:, : 2 * inter * hidden].view(s, 2 * inter, hidden)
@@ -79,7 +85,7 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype,
     """"auto" → grouped_mm where it runs (sm90+, bf16; for compressed experts the dequantizing
     Triton kernel: CUDA, bf16 or fp16), else the loop; other names pass."""
     if kernel == "auto":
-        if fmt is not None and fmt.compressed:
+        if is_compressed(fmt):
             from tidecli.experts.qkernel import qkernel_available
 
             return "grouped_mm" if qkernel_available(device, dtype, fmt.name) else "loop"

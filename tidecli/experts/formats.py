@@ -192,9 +192,14 @@ def parse_formats(text: str) -> list[str]:
     return out
 
 
+def is_compressed(fmt: ExpertFormat | None) -> bool:
+    """A compressed format (None stands for the checkpoint's own rows)."""
+    return fmt is not None and fmt.compressed
+
+
 def compressed_name(fmt: ExpertFormat | None) -> str | None:
     """The format's name when it is a compressed one, else None (what runtimes report)."""
-    return fmt.name if fmt is not None and fmt.compressed else None
+    return fmt.name if is_compressed(fmt) else None
 
 
 def expert_row_bytes(name: str, *, hidden: int, inter: int, dtype_bytes: int = 2) -> int:

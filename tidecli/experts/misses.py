@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views, run_pairs
+from tidecli.experts.compute import pool_views, row_dtype, run_pairs
 from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.modes import MissMode
 
@@ -30,9 +30,8 @@ class MissSplitter:
         self.mode = mode
         self.slots = slots if mode is not MissMode.CPU else 0
         self.device, self.kernel = device, kernel
-        if fmt is not None and fmt.compressed:  # scratch slots hold compressed rows as they are
-            dtype = torch.uint8
-        self.buf = torch.empty((max(self.slots, 1), row), dtype=dtype, device=device) \
+        self.buf = torch.empty((max(self.slots, 1), row), dtype=row_dtype(fmt, dtype),
+                               device=device) \
             if self.slots else None
         self.views = pool_views(self.buf, hidden, inter, fmt) if self.buf is not None else None
         self.fetch_ms, self.cpu_ms = fetch_ms, cpu_ms  # per expert, running estimates

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pick_kernel, pool_views
+from tidecli.experts.compute import pick_kernel, pool_views, row_dtype
 from tidecli.experts.formats import ExpertFormat
 from tidecli.experts.runtime import BaseRuntime
 from tidecli.experts.store import ExpertSource
@@ -118,8 +118,7 @@ class PoolSet:
         self.streams = Streams(device)
         self.expert_bytes = store.row * store.dtype.itemsize
         fmt = store.format
-        if fmt is not None and fmt.compressed:  # the slots hold the compressed bytes as they are
-            dtype = store.dtype
+        dtype = row_dtype(fmt, dtype)  # compressed slots hold the rows' bytes as they are
         self.pools = {layer: SlotPool(layer, budgets[layer], cfg.num_experts, store.row,
                                       device=device, dtype=dtype, hidden=cfg.hidden_size,
                                       inter=cfg.moe_intermediate_size, fmt=fmt)

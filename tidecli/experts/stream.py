@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views, run_pairs
+from tidecli.experts.compute import pool_views, row_dtype, run_pairs
 from tidecli.experts.formats import compressed_name
 from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
 from tidecli.experts.gather import copy_rows, device_view
@@ -238,9 +238,8 @@ class StreamRuntime(PooledRuntime):
         # CPU device (or no grouped kernel): the needed rows in the model's dtype (compressed
         # rows as they are), then the loop
         need = torch.unique(pair_expert[pair_expert >= 0])
-        rows = self.store.layers[layer][need.cpu()].to(self.device)
-        if self.format is None or not self.format.compressed:
-            rows = rows.to(self.dtype)
+        rows = self.store.layers[layer][need.cpu()].to(self.device,
+                                                       row_dtype(self.format, self.dtype))
         lut = torch.full((self.cfg.num_experts + 1,), -1, dtype=torch.long, device=self.device)
         lut[need] = torch.arange(need.numel(), device=self.device)
         slot = lut[torch.where(pair_expert >= 0, pair_expert, self.cfg.num_experts)]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tidecli.errors import TideError
+from tidecli.experts.compute import row_dtype
 from tidecli.experts.formats import ExpertFormat, expert_format, ram_hint
 from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.offload import OffloadRuntime
@@ -236,8 +237,7 @@ def resident_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource 
     fmt = experts_format(ckpt, opts.load.experts_dtype)
     layers = getattr(store, "layers", None)
     if layers is not None:  # already in host memory: copy from there (compressed rows as bytes)
-        pools = {layer: buf.to(device) if fmt.compressed else buf.to(device, dtype)
-                 for layer, buf in layers.items()}
+        pools = {layer: buf.to(device, row_dtype(fmt, dtype)) for layer, buf in layers.items()}
     elif fmt.compressed:
         pools = load_compressed_pools(ckpt, fmt, device=device, ticker=ticker, notices=notices)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tidecli.experts.formats import ExpertFormat
+from tidecli.experts.formats import ExpertFormat, is_compressed
 from tidecli.experts.gather import stream_available
 from tidecli.experts.qcache import total_bytes
 from tidecli.experts.qkernel import qkernel_available
@@ -33,7 +33,7 @@ def stream_blocker(device: torch.device, model_dtype: torch.dtype, *, store_dtyp
     are read as they are by the dequantizing kernel."""
     if tiered:
         return "some experts live on disk (the tiered store)"
-    if fmt is not None and fmt.compressed:
+    if is_compressed(fmt):
         if device.type == "cuda" and not qkernel_available(device, model_dtype, fmt.name):
             return (f"the {fmt.name} kernel needs Triton and a bf16 or fp16 model"
                     + (" on an sm89+ GPU" if fmt.name == "fp8" else ""))
