@@ -288,3 +288,23 @@ def test_cuda_engine_on_the_worker_thread(tiny_ckpt):
                                                            seed=3))
     finally:
         eng.close()
+
+
+def test_a_worker_that_dies_mid_generation_answers_its_request_and_reports_failed(engine,
+                                                                                  monkeypatch):
+    """Something a generation's own error handling cannot catch ends the worker thread: the
+    request it was running still gets an answer (500), and /health says `failed`."""
+
+    class Fatal(BaseException):
+        pass
+
+    def decoder(*a, **kw):
+        raise Fatal("gone")
+
+    with serving(engine) as run:
+        monkeypatch.setattr(engine, "decoder", decoder)
+        with pytest.raises(openai.InternalServerError, match="the generation worker stopped"):
+            run.client().chat.completions.create(model="t", messages=HELLO, max_tokens=8)
+        run.until(lambda: httpx.get(f"{run.base}/health", timeout=5).status_code == 503)
+        assert run.health() == {"status": "failed"}
+        monkeypatch.undo()

@@ -210,6 +210,7 @@ class Worker:
                 self._cond.wait(WAIT_S)
 
     def _loop(self) -> None:
+        job: Job | None = None
         try:
             if self._cuda_index is not None:
                 import torch
@@ -221,6 +222,7 @@ class Worker:
                     return
                 try:
                     self._serve(job)
+                    job = None
                 finally:
                     with self._cond:
                         self._running = False
@@ -228,6 +230,11 @@ class Worker:
         except BaseException as exc:  # the worker is gone: answer the waiting, stop the server
             self.failure = exc
             self._halt.set()
+            if job is not None:  # the generation it was running gets an answer too
+                self.metrics.outcome("error")
+                job.push("error", ServeError(500, "internal error: the generation worker "
+                                                  "stopped", type="server_error",
+                                             code="internal_error"))
             with self._cond:
                 self._fail_pending()
             if os.environ.get("TIDE_DEBUG") == "1":
