@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,6 +214,27 @@ def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
         r["denoise_step_ms"] / r["predicted_step_ms"], rel=1e-3)
     assert r["identical"]
     assert "the planner against the measurement" in err
+    # the same plan with the workload's own routing statistics (the run's recorded trace)
+    assert r["predicted_own_routing_ms"] > 0
+    assert r["predicted_own_routing_ms"] != r["predicted_step_ms"]  # not the published ones
+    assert r["measured_over_predicted_own_routing"] == pytest.approx(
+        r["denoise_step_ms"] / r["predicted_own_routing_ms"], rel=1e-3)
+    assert "own routing" in err
+
+
+def test_a_bench_trace_keeps_each_prompts_blocks_apart():
+    from tidecli.bench.harness import _joined
+    from tidecli.experts.trace import RoutingTrace
+
+    traces = []
+    for p in range(2):
+        tr = RoutingTrace(2, 4, [1, 2])
+        for step in range(3):
+            tr.append(np.full((2, 4), p + step), kind="step", block=0, step=step, tokens=32)
+        traces.append(tr)
+    joined = _joined(traces)
+    assert len(joined) == 6 and joined.blocks == [0, 0, 0, 1000, 1000, 1000]
+    assert joined.steps == [0, 1, 2, 0, 1, 2] and int(joined.counts[3][0, 0]) == 1
 
 
 def test_the_runtime_and_the_planner_leave_the_same_slots_beside_the_scratch(tiny_ckpt):

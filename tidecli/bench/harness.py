@@ -23,13 +23,15 @@ from tidecli.bench.oracle import agreement, best_hit_rate, oracle_loads, routing
 from tidecli.bench.spec import BASELINES, SCHEMA, BenchSpec, RunPoint, run_points
 from tidecli.errors import OutOfDeviceMemory, TideError
 from tidecli.experts.modes import parse_misses
+from tidecli.experts.trace import RoutingTrace
 
 Progress = Callable[[str], None]
 
 
-def _plan_fields(eng, measured_ms: float | None) -> dict:
+def _plan_fields(eng, measured_ms: float | None, trace: RoutingTrace | None = None) -> dict:
     """A planned run: the τ used, and the plan's predicted step time against the measured one
-    (denoising steps only). On a CPU device without --profile nothing is planned (τ 4)."""
+    (denoising steps only), also with the workload's own routing statistics (`trace`) in place
+    of the published ones. On a CPU device without --profile nothing is planned (τ 4)."""
     plan = eng.plan
     if plan is None:
         return {"planned": False, "tau": eng.runtime.describe().tau}
@@ -38,6 +40,25 @@ def _plan_fields(eng, measured_ms: float | None) -> dict:
            "plan_calibrated": "calibration" in plan.constants}
     if measured_ms:
         out["measured_over_predicted"] = round(measured_ms / plan.predicted_step_ms, 4)
+    if trace is not None and len(trace):
+        from tidecli.runtime.autoplan import predicted_with_trace
+
+        own = predicted_with_trace(eng.cfg, eng.run_opts, plan, trace, model=eng.path)
+        out["predicted_own_routing_ms"] = round(own, 3)
+        if measured_ms:
+            out["measured_over_predicted_own_routing"] = round(measured_ms / own, 4)
+    return out
+
+
+def _joined(traces: list[RoutingTrace]) -> RoutingTrace:
+    """The prompts' step traces as one, each prompt's blocks kept apart."""
+    first = traces[0]
+    out = RoutingTrace(first.num_layers, first.num_experts, list(first.moe_layers),
+                       meta=dict(first.meta))
+    for i, tr in enumerate(traces):
+        for counts, kind, block, step, tokens in zip(tr.counts, tr.kinds, tr.blocks, tr.steps,
+                                                     tr.tokens, strict=True):
+            out.append(counts, kind=kind, block=block + 1000 * i, step=step, tokens=tokens)
     return out
 
 
@@ -88,20 +109,22 @@ class Bench:
 
     def _record_trace(self, workload: str) -> None:
         rt = self.engine.runtime
-        counts, blocks, per_prompt = [], [], []
+        counts, blocks, per_prompt, traces = [], [], [], []
         for ids in self.prompt_ids:
             tr = rt.enable_trace()
             self.engine.reset_programs()  # the captured step must record the routing too
             self._generate(ids, self.spec.gen_length)
             rt.trace = None
             steps = tr.steps_only()
+            traces.append(steps)
             arr = steps.array()
             counts.append(arr)
             blocks.extend(b + 1000 * len(per_prompt) for b in steps.blocks)
             per_prompt.append(tr.array())  # every forward, in order, for the oracle
         self.engine.reset_programs()
         stats = routing_stats(np.concatenate(counts), blocks)
-        self.traces[workload] = {"stats": stats, "forwards": per_prompt, "steps": counts}
+        self.traces[workload] = {"stats": stats, "forwards": per_prompt, "steps": counts,
+                                 "trace": _joined(traces)}
 
     # ---- runs -----------------------------------------------------------------------------------
 
@@ -155,7 +178,8 @@ class Bench:
             "token_agreement": round(agreement(outputs, want), 4),
         }
         if pt.planned:
-            row.update(_plan_fields(eng, row["denoise_step_ms"]))
+            row.update(_plan_fields(eng, row["denoise_step_ms"],
+                                    self.traces.get(pt.workload, {}).get("trace")))
         if self.formats is not None:
             row.update(self.formats.run_fields(eng, pt.fmt, pt.workload, outputs))
         return row

@@ -9,12 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tidecli.experts.modes import resolve_misses
+from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
 from tidecli.model.config import ModelConfig
 from tidecli.planner.auto import MachineFacts, runtime_plan
 from tidecli.planner.calibration import load_calibration
 from tidecli.planner.plan import Plan
+from tidecli.planner.solver import predictor
 from tidecli.runtime.options import EngineOptions
 
 Progress = Callable[[str, int, int], None]
@@ -54,3 +56,13 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
     calibration = load_calibration(profile=profile, model=model, misses=str(mode))
     return runtime_plan(config=config, profile=profile, facts=facts, workload=opts.workload,
                         calibration=calibration, model_name=str(model))
+
+
+def predicted_with_trace(config: ModelConfig, opts: EngineOptions, plan: Plan,
+                         trace: RoutingTrace, *, model: Path) -> float:
+    """The plan's step time (ms) with the routing statistics of `trace` (the run's own) in
+    place of the published ones: same profile, calibration, B_ℓ and τ. Against the measured
+    step it shows the cost model's error alone, the routing statistics' taken out."""
+    profile = machine_profile(opts.residency.profile)
+    calibration = load_calibration(profile=profile, model=model, misses=plan.misses)
+    return predictor(plan=plan, config=config, profile=profile, trace=trace)(calibration).step_ms

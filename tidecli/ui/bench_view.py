@@ -94,23 +94,32 @@ def bounds_table(report: dict) -> Table | None:
     return t
 
 
+def _error(ratio: float | None) -> str:
+    """measured / predicted → the prediction's error against the measurement."""
+    return _f(None if ratio is None else 100 * (1 / ratio - 1), "{:+.0f} %")
+
+
 def plan_table(report: dict) -> Table | None:
-    """Planned tide runs: the plan's predicted step time against the measured one."""
+    """Planned tide runs: the plan's predicted step time against the measured one, with the
+    published routing statistics it was made with and with the workload's own (which leaves
+    the cost model's error alone)."""
     rows = [r for r in report["runs"] if r.get("planned")]
     if not rows:
         return None
     t = Table(title="the planner against the measurement (denoising steps)", title_justify="left",
               header_style="bold")
-    for col in ("workload", "budget", "τ", "misses", "profile", "calibrated", "predicted ms",
-                "measured ms", "error"):
-        t.add_column(col, justify="left" if col in ("workload", "profile") else "right")
+    for col in ("workload", "budget", "τ", "misses", "calibrated", "measured ms",
+                "predicted ms", "error", "own routing ms", "error "):
+        t.add_column(col, justify="left" if col == "workload" else "right")
     for r in rows:
-        ratio = r.get("measured_over_predicted")
-        err = None if ratio is None else 1 / ratio - 1  # predicted against measured
         t.add_row(r["workload"], r["budget"], _f(r["tau"], "{}"), _f(r.get("misses_used"), "{}"),
-                  r.get("plan_profile", ""), "yes" if r.get("plan_calibrated") else "no",
-                  _f(r["predicted_step_ms"]), _f(r.get("denoise_step_ms")),
-                  _f(None if err is None else 100 * err, "{:+.0f} %"))
+                  "yes" if r.get("plan_calibrated") else "no",
+                  _f(r.get("denoise_step_ms")), _f(r["predicted_step_ms"]),
+                  _error(r.get("measured_over_predicted")), _f(r.get("predicted_own_routing_ms")),
+                  _error(r.get("measured_over_predicted_own_routing")))
+    profiles = ", ".join(dict.fromkeys(r.get("plan_profile", "") for r in rows))
+    t.caption = (f"profile {profiles}; predicted with the published routing statistics the plan "
+                 "was made with, and with this workload's own routing (same B_ℓ and τ)")
     return t
 
 
