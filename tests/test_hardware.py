@@ -13,7 +13,7 @@ import pytest
 
 from tidecli.cli import main
 from tidecli.errors import TideError
-from tidecli.hardware import cpu_measure, measure, probe, store, timing
+from tidecli.hardware import cpu_measure, gpu_measure, measure, probe, store, timing
 from tidecli.hardware.profile import HardwareProfile, load_profile_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -391,18 +391,18 @@ def test_settings_quick_is_lighter_than_full():
 def test_gpu_benchmarks_arithmetic_on_the_cpu(monkeypatch):
     """The GPU microbenchmarks run on CPU tensors with wall-clock timing: shapes, routing and
     the bytes/FLOP accounting are exercised here; CUDA events only on the GPU machine."""
-    monkeypatch.setattr(measure, "median_cuda_ms", timing.median_wall_ms)
-    assert measure.h2d_gbps(1 << 20, pinned=False, device="cpu", warmup=1, repeats=2) > 0
-    assert measure.d2d_gbps(1 << 20, device="cpu", warmup=1, repeats=2) > 0
-    assert measure.gemm_tflops(64, device="cpu", warmup=1, repeats=2) > 0
+    monkeypatch.setattr(gpu_measure, "median_cuda_ms", timing.median_wall_ms)
+    assert gpu_measure.h2d_gbps(1 << 20, pinned=False, device="cpu", warmup=1, repeats=2) > 0
+    assert gpu_measure.d2d_gbps(1 << 20, device="cpu", warmup=1, repeats=2) > 0
+    assert gpu_measure.gemm_tflops(64, device="cpu", warmup=1, repeats=2) > 0
     seen = []
-    ms, kernel = measure.gpu_expert_ms(64, 32, device="cpu", tokens=(1, 4), pool_experts=16,
+    ms, kernel = gpu_measure.gpu_expert_ms(64, 32, device="cpu", tokens=(1, 4), pool_experts=16,
                                        top_k=4, warmup=1, repeats=2, on_tokens=seen.append)
     assert kernel == "loop" and set(ms) == {1, 4} and min(ms.values()) > 0 and seen == [1, 4]
     # a compressed format's experts, timed through the runtime's own path (its CPU reference
     # here, the dequantizing kernel on a GPU)
     for fmt in measure.COMPRESSED_FORMATS:
-        ms, kernel = measure.gpu_expert_ms(64, 32, device="cpu", tokens=(4,), pool_experts=16,
+        ms, kernel = gpu_measure.gpu_expert_ms(64, 32, device="cpu", tokens=(4,), pool_experts=16,
                                            top_k=4, warmup=1, repeats=2, fmt=fmt)
         assert kernel == "loop" and set(ms) == {4} and ms[4] > 0
 

@@ -4,9 +4,9 @@ Host↔GPU copies (pinned and pageable, one expert and large), copy latency, dev
 bandwidth, a bf16 GEMM, one MoE layer's experts on the GPU, host memory reads, and CPU expert
 calls over tokens × threads × dtype × threading mode. Every figure is timed for real: warm-up,
 then the median of repeats (CUDA events on the GPU, wall clock on the CPU). torch is imported
-inside the functions so that importing this module stays cheap. The CPU measurements live in
-cpu_measure.py and the timing helpers in timing.py; this module has the GPU ones and assembles
-the profile.
+inside the functions so that importing this module stays cheap. The GPU measurements live in
+gpu_measure.py, the CPU ones in cpu_measure.py and the timing helpers in timing.py; this module
+assembles the profile.
 """
 
 from __future__ import annotations
@@ -26,8 +26,17 @@ from tidecli.hardware.cpu_measure import (
     thread_counts,
 )
 from tidecli.hardware.disk import disk_fields
+from tidecli.hardware.gpu_measure import (
+    copy_latency_ms,
+    d2d_gbps,
+    d2h_gbps,
+    expert_bytes,
+    gemm_tflops,
+    gpu_expert_ms,
+    h2d_gbps,
+)
 from tidecli.hardware.profile import HardwareProfile
-from tidecli.hardware.timing import TOKENS, median_cuda_ms
+from tidecli.hardware.timing import TOKENS
 
 COMPRESSED_FORMATS = tuple(f for f in FORMATS if f != "bf16")
 Progress = Callable[[str, int, int], None]  # (what is being measured, steps done, steps total)
@@ -62,134 +71,6 @@ FULL = MeasureSettings(large_copy_bytes=1 << 30, copy_repeats=30, warmup=5, d2d_
                        gemm_n=8192, gpu_repeats=30, cpu_jobs=16, cpu_repeats=7,
                        cpu_full_grid=True, cpu_budget_s=2.0, ram_bytes=1 << 30,
                        disk_bytes=1 << 30)
-
-
-def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
-    """gate + up + down of one routed expert."""
-    return 3 * hidden * inter * dtype_bytes
-
-
-# ---------------------------------------------------------------- GPU
-
-
-def h2d_gbps(nbytes: int, *, pinned: bool, device: Any, warmup: int = 3,
-             repeats: int = 10) -> float:
-    """Host → preallocated device buffer, as the runtime promotes an expert into a slot."""
-    import torch
-
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    src.fill_(1)  # commit the pages now: page faults are not part of a transfer
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    ms = median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup, repeats=repeats)
-    return nbytes / ms / 1e6
-
-
-def d2h_gbps(nbytes: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
-    import torch
-
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    ms = median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup, repeats=repeats)
-    return nbytes / ms / 1e6
-
-
-def copy_latency_ms(*, device: Any, nbytes: int = 4096, warmup: int = 5,
-                    repeats: int = 50) -> float:
-    """Fixed cost of one small pinned async copy (issue + DMA set-up)."""
-    import torch
-
-    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return median_cuda_ms(lambda: dst.copy_(src, non_blocking=True), warmup=warmup,
-                          repeats=repeats)
-
-
-def d2d_gbps(nbytes: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
-    """Device memory bandwidth from a large device copy, read and write both counted."""
-    import torch
-
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = median_cuda_ms(lambda: dst.copy_(src), warmup=warmup, repeats=repeats)
-    return 2 * nbytes / ms / 1e6
-
-
-def gemm_tflops(n: int, *, device: Any, warmup: int = 3, repeats: int = 10) -> float:
-    import torch
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device, generator=gen)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device, generator=gen)
-    c = torch.empty_like(a)
-    ms = median_cuda_ms(lambda: torch.mm(a, b, out=c), warmup=warmup, repeats=repeats)
-    return 2 * n**3 / ms / 1e9
-
-
-def _layer_call(kernel: str, x: Any, pair_slot: Any, gate_up: Any, down: Any,
-                k: int) -> Callable[[], Any]:
-    """One layer's expert compute with the runtime's kernel, as a no-argument call."""
-    import torch
-
-    from tidecli.experts.compute import run_grouped_loop, run_grouped_mm
-
-    if kernel == "grouped_mm":
-        return lambda: run_grouped_mm(x, pair_slot, gate_up, down, k)
-    out = torch.empty(pair_slot.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-    slots = pair_slot.tolist()  # the loop groups on the host: do it once, not per call
-    return lambda: run_grouped_loop(x, slots, gate_up, down, k, out)
-
-
-def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ...] = TOKENS,
-                  pool_experts: int = 64, top_k: int = 8, warmup: int = 3, repeats: int = 10,
-                  on_tokens: Callable[[int], None] | None = None,
-                  fmt: str = "bf16") -> tuple[dict[int, float], str]:
-    """One MoE layer on the GPU: T tokens routed top-k over `pool_experts` resident experts,
-    stored in `fmt` (bf16, or a compressed format of experts/formats.py, computed by its
-    dequantizing kernel).
-
-    Returns (tokens → ms per distinct expert used, kernel name). Uses the runtime's own grouped
-    kernel where it exists, else its per-expert loop.
-    """
-    import torch
-
-    from tidecli.experts.compute import grouped_mm_available, pool_views
-    from tidecli.experts.formats import expert_format
-
-    device = torch.device(device)
-    # own generators: a profile taken inside `tide generate` must not move the user's seeds
-    gen_dev = torch.Generator(device=device).manual_seed(0)
-    gen_cpu = torch.Generator().manual_seed(0)
-    buf = torch.empty(pool_experts, 3 * hidden * inter, dtype=torch.bfloat16, device=device)
-    buf.normal_(0.0, 0.02, generator=gen_dev)
-    layout = expert_format(fmt, hidden=hidden, inter=inter)
-    if layout.compressed:
-        from tidecli.experts.qkernel import qkernel_available
-        from tidecli.experts.quant import quantize_rows
-
-        # a few experts at a time: quantizing works in fp32, several times bf16's bytes
-        buf = torch.cat([quantize_rows(buf[i: i + 8], layout)
-                         for i in range(0, buf.shape[0], 8)])
-        kernel = "grouped_mm" if qkernel_available(device, torch.bfloat16, fmt) else "loop"
-    else:
-        kernel = "grouped_mm" if grouped_mm_available(device, torch.bfloat16) else "loop"
-    gate_up, down = pool_views(buf, hidden, inter, layout)
-    k = min(top_k, pool_experts)
-    result: dict[int, float] = {}
-    for t in tokens:
-        if on_tokens is not None:
-            on_tokens(t)
-        x = torch.randn(t, hidden, generator=gen_cpu).to(device, torch.bfloat16)
-        ids = torch.rand(t, pool_experts, generator=gen_cpu).argsort(dim=1)[:, :k]  # distinct
-        distinct = int(ids.unique().numel())
-        pair_slot = ids.reshape(-1).to(device)
-        if kernel == "grouped_mm":
-            try:
-                _layer_call("grouped_mm", x, pair_slot, gate_up, down, k)()
-            except RuntimeError:  # a card or torch build without the kernel: use the loop
-                kernel = "loop"
-        fn = _layer_call(kernel, x, pair_slot, gate_up, down, k)
-        result[t] = median_cuda_ms(fn, warmup=warmup, repeats=repeats) / distinct
-    return result, kernel
 
 
 # ---------------------------------------------------------------- the whole profile
