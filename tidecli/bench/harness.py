@@ -43,7 +43,11 @@ def _plan_fields(eng, measured_ms: float | None, trace: RoutingTrace | None = No
     if trace is not None and len(trace):
         from tidecli.runtime.autoplan import predicted_with_trace
 
-        own = predicted_with_trace(eng.cfg, eng.run_opts, plan, trace, model=eng.path)
+        try:
+            own = predicted_with_trace(eng.cfg, eng.run_opts, plan, trace, model=eng.path)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic column must not end the bench
+            out["predicted_own_routing_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            return out
         out["predicted_own_routing_ms"] = round(own, 3)
         if measured_ms:
             out["measured_over_predicted_own_routing"] = round(measured_ms / own, 4)
