@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from tidecli.experts.compute import Weights, grouped_linear
+from tidecli.experts.triton_util import next_pow2, triton_importable
 
 MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
 MAX_GROUPS = 1024  # experts or slots per layer
@@ -32,17 +33,7 @@ _KERNEL = None
 
 def fused_available(device: torch.device) -> bool:
     """On CUDA with Triton (tests run the kernel on the CPU in Triton's interpreter)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    return device.type == "cuda" and triton_importable()
 
 
 def _kernel():
@@ -138,7 +129,7 @@ class LayerPlan:
     def __init__(self, pairs: int, experts: int, slots: int, device: torch.device) -> None:
         self.P, self.E, self.B = pairs, experts, slots
         # spare bins: E for experts, BB-1 (never a slot, nor the first) for slots
-        self.PB, self.EB, self.BB = _pow2(pairs), _pow2(experts + 1), _pow2(slots + 2)
+        self.PB, self.EB, self.BB = next_pow2(pairs), next_pow2(experts + 1), next_pow2(slots + 2)
         long = dict(dtype=torch.long, device=device)
         self.src = torch.full((max(slots, 1),), -1, **long)
         self.dst = torch.zeros((max(slots, 1),), **long)

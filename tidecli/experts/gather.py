@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from tidecli.experts.triton_util import triton_importable
+
 _KERNEL = None
 
 
@@ -57,9 +59,7 @@ def stream_available(device: torch.device) -> str | None:
     """None when rows can be gathered on `device` without the host, else why not."""
     if device.type != "cuda":
         return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_importable():
         return "triton is not installed (it ships with PyTorch's CUDA wheels)"
     return None
 

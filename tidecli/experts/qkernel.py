@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tidecli.experts.quant import QMatrix
+from tidecli.experts.triton_util import next_pow2, triton_importable
 
 _KERNEL = None
 _CODE = {"int8": 0, "fp8": 1, "int4": 2}
@@ -33,17 +34,11 @@ def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None 
     """On CUDA with Triton, for bf16 or fp16 activations (fp8 needs sm89+ to convert e4m3)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_importable():
         return False
     if fmt == "fp8":
         return torch.cuda.get_device_capability(device) >= (8, 9)
     return True
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _kernel():
@@ -125,7 +120,7 @@ def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.T
     x = x.contiguous()
     mn = w.minimum if w.minimum is not None else w.scale
     kb = -(-k // lay.group) if w.fmt == "fp8" else 0
-    bk = max(16, min(128, _pow2(k)))
+    bk = max(16, min(128, next_pow2(k)))
     kernel[(g, cdiv(n, BN))](
         x, w.q, w.scale, mn, offs, out, n, k, x.stride(0), w.q.stride(0), w.scale.stride(0),
         out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=BM, BLOCK_N=BN,
