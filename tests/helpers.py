@@ -187,6 +187,20 @@ def decode_cuda(model, prompt, **kw):
     return d.result
 
 
+def decode22(model, prompt, *, device: str = "cpu", **kw):
+    """`prompt` decoded with Levenshtein editing (a tiny22 checkpoint's ids); the result."""
+    from tidecli.decode.diffusion import DecodeSettings
+    from tidecli.decode.levenshtein import LevenshteinDecoder
+
+    kw = {"decoding": "levenshtein", **kw}
+    d = LevenshteinDecoder(model, prompt, DecodeSettings(**kw), mask_id=156895,
+                           eos_ids={156892, 156900}, edit_ids=(156930, 156931),
+                           device=torch.device(device))
+    for _ in d.steps():
+        pass
+    return d.result
+
+
 # ---- the planner: configs, profiles, problems and traces made by hand ---------------------------
 
 MINI = config_from_dict(preset_config("mini"))

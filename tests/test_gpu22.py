@@ -7,6 +7,7 @@ import torch
 
 from tidecli.model.program import StepPrograms
 
+import helpers
 from helpers import cuda_model
 
 pytestmark = pytest.mark.gpu
@@ -15,16 +16,8 @@ PROMPT = list(range(2000, 2045))
 
 
 def decode22(model, **kw):
-    from tidecli.decode.diffusion import DecodeSettings
-    from tidecli.decode.levenshtein import LevenshteinDecoder
-
-    kw = {"gen_length": 96, "decoding": "levenshtein", **kw}
-    d = LevenshteinDecoder(model, PROMPT, DecodeSettings(**kw), mask_id=156895,
-                           eos_ids={156892, 156900}, edit_ids=(156930, 156931),
-                           device=torch.device("cuda"))
-    for _ in d.steps():
-        pass
-    return d.result.token_ids
+    kw.setdefault("gen_length", 96)
+    return helpers.decode22(model, PROMPT, device="cuda", **kw).token_ids
 
 
 def test_block_routing_on_the_device_matches_the_reference_loop():

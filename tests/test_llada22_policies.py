@@ -9,19 +9,15 @@ from tidecli.decode.diffusion import DecodeSettings
 from tidecli.decode.levenshtein import LevenshteinDecoder
 from tidecli.experts.policies import LruPolicy, StaticPolicy, TideOptions, TidePolicy
 
+import helpers
 from helpers import PROMPT, check_tables, load_model, offload_runtime, stream_runtime
 
 POOL = 8  # tiny22: 8 of 32 experts per 32-token routing block
 
 
 def decode22(model, **kw):
-    kw = {"gen_length": 64, "decoding": "levenshtein", **kw}
-    d = LevenshteinDecoder(model, PROMPT, DecodeSettings(**kw), mask_id=156895,
-                           eos_ids={156892, 156900}, edit_ids=(156930, 156931),
-                           device=torch.device("cpu"))
-    for _ in d.steps():
-        pass
-    return d.result
+    kw.setdefault("gen_length", 64)
+    return helpers.decode22(model, PROMPT, **kw)
 
 
 def tide(tau, *, pool=POOL, **kw):
