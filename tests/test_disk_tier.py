@@ -69,7 +69,8 @@ def test_flash_on_a_64_gb_desktop_gets_a_three_tier_plan():
     assert bd.disk_reads_per_step > 0 and bd.disk_ms > 0
     assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
                                                    + bd.cpu_stall_ms + bd.pcie_stall_ms
-                                                   + bd.disk_stall_ms)
+                                                   + bd.disk_stall_ms + bd.scratch_ms
+                                                   + bd.host_ms)
     assert 0 < plan.tokens_per_s < 10
     assert any("host RAM" in w and "disk" in w for w in plan.warnings)
     assert any("assumed 2 GB/s" in n for n in plan.notes)

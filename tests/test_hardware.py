@@ -489,3 +489,33 @@ def test_measured_reference_profiles_say_so(name):
     p = store.load_reference_profile(name)
     assert p.kind == "measured" and "measured" in p.name
     assert p.h2d_pinned_gbps > 0 and p.gpu_mem_gbps > 0 and p.cpu_expert_ms
+
+
+def test_the_host_hand_off_is_measured_on_a_tiny_model():
+    """`tide profile`'s hand-off figure runs the real runtimes (resident, then host-driven with
+    every expert in a slot) on a tiny synthetic model; a failure is a note, not a crash."""
+    import math
+
+    from tidecli.commands.profile import with_host_handoff
+    from tidecli.hardware.profile import HardwareProfile
+    from tidecli.runtime.handoff import measure_host_layer_ms
+
+    ms = measure_host_layer_ms("cpu", gen_length=32)
+    assert math.isfinite(ms) and 0.0 <= ms < 100.0
+    prof = with_host_handoff(HardwareProfile(name="cpu box"))
+    assert prof.host_layer_ms is not None and prof.sources["host_layer_ms"] == "measured"
+    again = HardwareProfile.from_dict(prof.to_dict())
+    assert again.host_layer_ms == prof.host_layer_ms
+
+
+def test_a_failed_hand_off_measurement_is_a_note(monkeypatch):
+    from tidecli.commands.profile import with_host_handoff
+    from tidecli.hardware.profile import HardwareProfile
+    from tidecli.runtime import handoff
+
+    def broken(*a, **k):
+        raise RuntimeError("no room\nmore")
+    monkeypatch.setattr(handoff, "measure_host_layer_ms", broken)
+    prof = with_host_handoff(HardwareProfile(name="cpu box"))
+    assert prof.host_layer_ms is None
+    assert prof.notes == ["host hand-off not measured (RuntimeError: no room)"]

@@ -202,7 +202,8 @@ def _check_sane(plan, cfg):
     assert all(math.isfinite(v) and v >= 0 for v in bd.to_dict().values())
     assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
                                                    + bd.cpu_stall_ms + bd.pcie_stall_ms
-                                                   + bd.disk_stall_ms)
+                                                   + bd.disk_stall_ms + bd.scratch_ms
+                                                   + bd.host_ms)
     assert plan.predicted_step_ms >= bd.gpu_dense_ms > 0
     assert 0 < plan.tokens_per_s < plan.steps_per_s * plan.block_length
     assert plan.cpu_threads >= 1
@@ -512,3 +513,36 @@ def test_plan_command_misses_choice(config_only, profile_json, tmp_path, capsys)
     code, out, err = tide(["plan", "--model", str(config_only), "--profile", str(profile_json),
                             "--misses", "stream"], capsys)
     assert code == 1 and "every expert in RAM" in err
+
+
+def test_host_driven_misses_pay_a_hand_off_per_moe_layer():
+    """cpu, split and gpu misses hand every MoE layer to the host: the profile's measured
+    hand-off is added once per MoE layer; streamed misses (one device program) never pay it.
+    Without a measurement the plan says what it assumed."""
+    from dataclasses import replace
+
+    from tidecli.experts.modes import MissMode
+    from tidecli.planner.costs import FALLBACK_HOST_LAYER_MS
+
+    p = toy_problem()
+    costs = replace(p.costs, host_layer_ms=0.3)
+    for mode in (MissMode.CPU, MissMode.SPLIT, MissMode.GPU):
+        without = predict(replace(p, misses=mode), np.array([2, 2]), 2)
+        bd = predict(replace(p, misses=mode, costs=costs), np.array([2, 2]), 2)
+        assert bd.host_ms == pytest.approx(0.3 * p.cfg.num_moe_layers)
+        assert bd.step_ms == pytest.approx(without.step_ms + bd.host_ms)
+    streamed = predict(replace(p, misses=MissMode.STREAM, costs=costs), np.array([2, 2]), 1)
+    assert streamed.host_ms == 0.0
+
+    prof = CONSUMER[3]
+    assert prof.host_layer_ms is None
+    cpu = make_plan(config=MINI, profile=prof, vram_gib=12, misses="cpu")
+    assert cpu.breakdown.host_ms == pytest.approx(FALLBACK_HOST_LAYER_MS * MINI.num_moe_layers)
+    assert any("hand-off" in n and "tide profile" in n for n in cpu.notes)
+    stream = make_plan(config=MINI, profile=prof, vram_gib=12)
+    assert stream.misses == "stream" and not any("hand-off" in n for n in stream.notes)
+    measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms=0.05), vram_gib=12,
+                         misses="cpu")
+    assert measured.breakdown.host_ms == pytest.approx(0.05 * MINI.num_moe_layers)
+    assert not any("hand-off" in n for n in measured.notes)
+    assert measured.predicted_step_ms < cpu.predicted_step_ms

@@ -62,6 +62,23 @@ def expert_shape_for(folder: Path) -> tuple[int, int]:
     return cfg.hidden_size, cfg.moe_intermediate_size
 
 
+def with_host_handoff(prof):
+    """The profile with `host_layer_ms` measured on its device (runtime/handoff.py); a failed
+    measurement becomes a note and the planner's stated assumption."""
+    from dataclasses import replace
+
+    from tidecli.runtime.handoff import measure_host_layer_ms
+
+    try:
+        ms = measure_host_layer_ms("cuda" if prof.gpu_name else "cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure is worth a note only
+        first = (str(exc).splitlines() or [""])[0][:160]
+        return replace(prof, notes=[*prof.notes, f"host hand-off not measured "
+                                                 f"({type(exc).__name__}: {first})"])
+    return replace(prof, host_layer_ms=round(ms, 4),
+                   sources={**prof.sources, "host_layer_ms": "measured"})
+
+
 def run_profile(*, quick: bool, json_out: bool, model: str | None, no_save: bool,
                 output: Path | None) -> None:
     from tidecli.hardware.measure import measure_profile
@@ -76,6 +93,8 @@ def run_profile(*, quick: bool, json_out: bool, model: str | None, no_save: bool
     with measure_progress() as progress:
         prof = measure_profile(quick=quick, expert_shape=shape, progress=progress,
                                disk_folder=folder)
+    err.print("timing a MoE layer's hand-off to the host (a tiny synthetic model) …")
+    prof = with_host_handoff(prof)
     saved = None if no_save else save_profile(prof)
     if output is not None:
         save_profile(prof, output)

@@ -47,6 +47,10 @@ class HardwareProfile:
     h2d_pageable_expert_gbps: float | None = None
     d2h_pinned_gbps: float | None = None
     copy_latency_ms: float | None = None  # fixed cost of one small async copy
+    # one MoE layer handed to the host by the host-driven runtime (--misses cpu|split|gpu, a
+    # disk tier): the step replayed in pieces, the routing read by the host, Python between;
+    # measured as (host-driven − resident) ms per forward / MoE layers on a tiny model
+    host_layer_ms: float | None = None
     # ---- expert compute, for expert_shape = (hidden, moe_intermediate) in bf16 ----
     expert_shape: tuple[int, int] = (2048, 512)
     # GPU: one layer's experts in grouped kernels: tokens-per-step → ms per *expert* used

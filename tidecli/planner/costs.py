@@ -32,6 +32,9 @@ FALLBACK_H2D_GBPS = 12.0  # PCIe 3.0 x16 / 4.0 x8 pinned
 FALLBACK_COPY_LATENCY_MS = 0.01
 FALLBACK_DISK_GBPS = 2.0  # a PCIe 3.0/4.0 NVMe SSD reading large files, stated when used
 DISK_LATENCY_MS = 0.05  # per expert read (one or two positional reads of a few MiB)
+# One MoE layer's hand-off to the host in the host-driven runtime when the profile has no
+# measurement (`tide profile` measures it): what an H200 host measured (docs/benchmarks.md).
+FALLBACK_HOST_LAYER_MS = 0.8
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class HardwareCosts:
     overlap: bool = True
     notes: tuple[str, ...] = field(default=())
     disk_expert_ms: float = 0.0  # one expert read from the checkpoint's files (disk tier)
+    host_layer_ms: float = 0.0  # one MoE layer's hand-off to the host (host-driven runtime)
+    host_layer_measured: bool = True  # False: FALLBACK_HOST_LAYER_MS, not this machine's
 
     def cpu_call_ms(self, tokens: np.ndarray | float) -> np.ndarray | float:
         """One expert call with `tokens` tokens on the host: linear between measured points,
@@ -89,7 +94,8 @@ class HardwareCosts:
                 "cpu_threads": self.cpu_threads,
                 "cpu_expert_ms": {str(int(n)) if float(n).is_integer() else str(n): round(ms, 5)
                                   for n, ms in self.cpu_points},
-                "disk_expert_ms": round(self.disk_expert_ms, 4), "overlap": self.overlap}
+                "disk_expert_ms": round(self.disk_expert_ms, 4),
+                "host_layer_ms": round(self.host_layer_ms, 4), "overlap": self.overlap}
 
 
 def profile_vram_gib(profile: HardwareProfile) -> float:
@@ -214,9 +220,12 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
     launch = per_layer * cfg.num_hidden_layers
     threads, pts = _cpu_table(cfg, profile, scale, tokens_per_call, cpu_threads, notes)
     disk = eb / (disk_gbps(profile)[0] * 1e9) * 1e3 + DISK_LATENCY_MS
+    host_layer = profile.host_layer_ms
     return HardwareCosts(
         c_io_ms=c_io * cal.io_scale, gpu_expert_ms=gpu_expert * cal.gpu_scale,
         dense_ms=read_ms * cal.gpu_scale + launch, dense_read_ms=read_ms * cal.gpu_scale,
         launch_ms=launch, cpu_threads=threads,
         cpu_points=tuple((n, ms * cal.cpu_scale) for n, ms in pts), overlap=cal.overlap,
-        notes=tuple(notes), disk_expert_ms=disk)
+        notes=tuple(notes), disk_expert_ms=disk,
+        host_layer_ms=FALLBACK_HOST_LAYER_MS if host_layer is None else host_layer,
+        host_layer_measured=host_layer is not None)

@@ -19,6 +19,11 @@ pinned RAM itself, inside the step, at C_IO; on a refresh step it keeps it in a 
 GPU hits + missed experts · C_IO, and the τ program is the block's streamed reads: misses only
 grow with τ, so τ = 1 wins whenever streaming applies.
 
+Host-driven modes (`CPU`, `SPLIT`, `GPU`, any disk tier) hand every MoE layer to the host: the
+step is replayed in pieces and the host reads each layer's routing before its misses can start,
+a fixed cost per MoE layer (`host_ms`, the profile's measured hand-off) that streamed misses and
+the all-resident step, one device program each, do not pay.
+
 Misses through GPU scratch slots (`GPU`): each missed expert is copied (C_IO) and computed by the
 GPU after the resident experts. `SPLIT` (experts/misses.py): the runtime sends the GPU the share
 of a layer's missed experts that balances their copies against the CPU's work on the rest, and
@@ -67,10 +72,12 @@ class Breakdown:
     disk_stall_ms: float = 0.0  # the part of disk_ms the GPU waits for beyond the CPU stall
     disk_reads_per_step: float = 0.0
     scratch_ms: float = 0.0  # GPU time on misses through scratch slots (copies + compute)
+    host_ms: float = 0.0  # the MoE layers' hand-offs to the host (host-driven runtime)
 
     @property
     def stall_ms(self) -> float:
-        return self.cpu_stall_ms + self.pcie_stall_ms + self.disk_stall_ms + self.scratch_ms
+        return (self.cpu_stall_ms + self.pcie_stall_ms + self.disk_stall_ms + self.scratch_ms
+                + self.host_ms)
 
     @property
     def step_ms(self) -> float:
@@ -88,7 +95,7 @@ class Breakdown:
                 "promotions_per_step": round(self.promotions_per_step, 3),
                 "disk_ms": round(self.disk_ms, r), "disk_stall_ms": round(self.disk_stall_ms, r),
                 "disk_reads_per_step": round(self.disk_reads_per_step, 3),
-                "scratch_ms": round(self.scratch_ms, r)}
+                "scratch_ms": round(self.scratch_ms, r), "host_ms": round(self.host_ms, r)}
 
 
 # ---- the paper's program ------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
         promotions_per_step=float(promoted.sum()) / tau,
         disk_ms=float(reads.sum()) * co.disk_expert_ms,
         disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()),
-        scratch_ms=0.0 if on_cpu else miss_stall)
+        scratch_ms=0.0 if on_cpu else miss_stall,
+        host_ms=p.cfg.num_moe_layers * co.host_layer_ms)
 
 
 def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:

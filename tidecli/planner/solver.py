@@ -86,8 +86,9 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     """Plan TIDE offload of `config` on `profile` within `vram_gib` (default: the profile's free
     VRAM minus the CUDA context's reserve). Raises TideError when the dense part cannot fit.
     `misses` is resolved as the runtime resolves it (experts/modes.py): `auto` streams when the
-    profile has a GPU and nothing blocks streaming (`stream_blocker`, or a disk tier), else
-    splits misses between the CPU and GPU scratch slots (whose memory comes out of the budget).
+    profile has a GPU and nothing blocks streaming (`stream_blocker`, or a disk tier), else runs
+    them on the CPU; `split` and `gpu` pass through scratch slots (whose memory comes out of
+    the budget).
     `cuda`: whether the run is on a GPU (default: whether the profile has one). `dtype_bytes`:
     the size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) —
     memory only: the host store and the profile's timings are bf16. `experts_format`: a
@@ -185,6 +186,10 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
+    if breakdown.host_ms and not costs.host_layer_measured:
+        notes.append(f"each MoE layer's hand-off to the host (--misses {mode}"
+                     + (", a disk tier" if tiered else "") + f") assumed {costs.host_layer_ms:g} "
+                     "ms, as an H200 host measured: `tide profile` on the machine measures it")
     if calibration is not None:
         launch = calibration.launch_ms_per_layer
         notes.append("corrected by `tide plan --calibrate` on real steps: "

@@ -89,6 +89,9 @@ def _breakdown_rows(plan: Plan) -> list[tuple[str, str]]:
                                      f"{num(bd.cpu_stall_ms)} ms"))
         rows.append(("  PCIe promotions", f"{num(bd.pcie_ms)} ms ({bd.promotions_per_step:.1f} "
                                           f"experts/step), stall {num(bd.pcie_stall_ms)} ms"))
+    if bd.host_ms:
+        rows.append(("  host hand-offs", f"{num(bd.host_ms)} ms (each MoE layer's routing read "
+                                         "by the host)"))
     if plan.tiered:
         rows.append(("  disk reads", f"{num(bd.disk_ms)} ms ({bd.disk_reads_per_step:.1f} "
                                      f"experts/step), stall {num(bd.disk_stall_ms)} ms beyond "
