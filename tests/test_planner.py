@@ -463,19 +463,19 @@ def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
 
 
 def test_streamed_misses_plan_tau_one_and_no_cpu_work():
-    """With every expert in RAM on a GPU, misses are streamed: the τ program is the block's
+    """With every expert in RAM on a GPU, misses can be streamed: the τ program is the block's
     streamed reads (which only grow with τ), the breakdown has no CPU term, and the step is
     dense + resident experts + the missed experts' PCIe reads."""
     for prof in CONSUMER:
-        plan = make_plan(config=MINI, profile=prof, vram_gib=12)
-        if plan.tiered:  # mini's 28.5 GiB of experts do not fit this machine's RAM
-            assert plan.misses == "cpu"
-            continue
+        if make_plan(config=MINI, profile=prof, vram_gib=12, misses="cpu").tiered:
+            continue  # mini's 28.5 GiB of experts do not fit this machine's RAM
+        plan = make_plan(config=MINI, profile=prof, vram_gib=12, misses="stream")
         assert plan.misses == "stream" and plan.to_dict()["misses"] == "stream"
         assert plan.tau == 1
         assert list(plan.tau_costs_ms) == sorted(plan.tau_costs_ms)
         bd = plan.breakdown
         assert bd.cpu_miss_ms == 0 and bd.cpu_stall_ms == 0 and bd.pcie_ms > 0
+        assert bd.host_ms == 0
         assert plan.predicted_step_ms == pytest.approx(bd.gpu_dense_ms + bd.gpu_expert_ms
                                                        + bd.pcie_ms)
         _check_sane(plan, MINI)
@@ -483,9 +483,34 @@ def test_streamed_misses_plan_tau_one_and_no_cpu_work():
     assert cpu.misses == "cpu" and cpu.breakdown.cpu_miss_ms > 0
 
 
-def test_a_disk_tier_plans_cpu_misses():
+@pytest.mark.parametrize("vram", [8, 12, 16])
+def test_auto_misses_are_the_mode_predicted_fastest(vram):
+    """`--misses auto` on a GPU plans stream (when every expert is in RAM), gpu and cpu and
+    keeps the fastest; a bitwise-exact mode within 5 % of it is preferred; split (whose tokens
+    follow timings) is never chosen. The note and the alternatives say what was compared."""
+    from tidecli.planner.solver import EXACT_MARGIN
+
+    for prof in CONSUMER:
+        auto = make_plan(config=MINI, profile=prof, vram_gib=vram)
+        each = {m: make_plan(config=MINI, profile=prof, vram_gib=vram, misses=m)
+                for m in ("gpu", "cpu") + (() if auto.tiered else ("stream",))}
+        fastest = min(p.predicted_step_ms for p in each.values())
+        near = {m for m, p in each.items() if p.predicted_step_ms <= fastest * (1 + EXACT_MARGIN)}
+        want = min(near & {"stream", "gpu"} or near, key=lambda m: each[m].predicted_step_ms)
+        assert auto.misses == want
+        assert auto.predicted_step_ms == pytest.approx(each[want].predicted_step_ms)
+        assert auto.experts_per_layer == each[want].experts_per_layer
+        assert any(n.startswith(f"--misses auto: {want}") for n in auto.notes)
+        assert {k for k in auto.alternatives if k.startswith("misses ")} == \
+            {f"misses {m}" for m in each}
+    cpu_box = make_plan(config=MINI, profile=CONSUMER[0], vram_gib=vram, cuda=False)
+    assert cpu_box.misses == "cpu" and not any("--misses auto" in n for n in cpu_box.notes)
+
+
+def test_a_disk_tier_plans_host_driven_misses():
     plan = make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48)
-    assert plan.tiered and plan.misses == "cpu"
+    assert plan.tiered and plan.misses in ("cpu", "gpu")
+    assert "misses stream" not in plan.alternatives
     with pytest.raises(TideError, match="every expert in RAM"):
         make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48, misses="stream")
 

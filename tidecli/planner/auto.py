@@ -4,6 +4,7 @@ the workload and the saved corrections."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidecli.experts.modes import MissMode
@@ -27,15 +28,22 @@ class MachineFacts:
     dtype_bytes: int  # bytes of a weight on the device
     misses: MissMode = MissMode.AUTO  # what the user asked for
     experts_format: str = "bf16"  # the routed experts' format (experts/formats.py)
+    cpu_threads: int = 0  # --cpu-threads (0: the plan's)
+    usable_cpus: int | None = None  # the CPUs this process may run on
 
 
 def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: MachineFacts,
                  workload: Workload, calibration: Calibration | None = None,
-                 model_name: str = "") -> Plan:
+                 model_name: str = "",
+                 calibration_for: Callable[[str], Calibration | None] | None = None) -> Plan:
     """Plan for these facts: misses resolved as the runtime will run them, the scratch slots
-    and the disk tier accounted for as the runtime will build them."""
+    and the disk tier accounted for as the runtime will build them; CPU misses planned with the
+    threads the runtime will use. `calibration_for(mode)`: the saved corrections of each miss
+    mode `auto` compares (else `calibration`)."""
     return make_plan(config=config, profile=profile, vram_gib=facts.vram_gib, workload=workload,
                      ram_gib=facts.ram_bytes / GIB, calibration=calibration,
                      model_name=model_name, misses=facts.misses, dtype_bytes=facts.dtype_bytes,
                      stream_blocker=facts.stream_blocker, cuda=facts.cuda,
-                     experts_format=facts.experts_format)
+                     experts_format=facts.experts_format,
+                     cpu_threads=facts.cpu_threads or None, max_cpu_threads=facts.usable_cpus,
+                     calibration_for=calibration_for)

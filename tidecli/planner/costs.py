@@ -120,12 +120,21 @@ Points = tuple[tuple[float, float], ...]
 
 
 def _cpu_table(cfg: ModelConfig, profile: HardwareProfile, scale: float, tokens_per_call: float,
-               threads: int | None, notes: list[str]) -> tuple[int, Points]:
+               threads: int | None, notes: list[str],
+               max_threads: int | None = None) -> tuple[int, Points]:
     tables = {t: m for t, m in profile.cpu_expert_ms.items() if m}
     if tables:
-        best = threads if threads in tables else profile.cpu_best_threads
-        if best not in tables:  # the thread count fastest at the expected batch of a miss
-            best = min(tables, key=lambda t: _interp_table(tables[t], tokens_per_call))
+        if threads:  # the runtime runs exactly this many: their row, else the nearest below
+            best = threads if threads in tables else \
+                max((t for t in tables if t <= threads), default=min(tables))
+            if best != threads:
+                notes.append(f"CPU expert times for {threads} threads are the profile's for "
+                             f"{best} (no row for {threads})")
+        else:  # the runtime follows the plan: the profile's best within the CPUs it may use
+            usable = {t: m for t, m in tables.items() if max_threads is None or t <= max_threads}
+            usable = usable or {min(tables): tables[min(tables)]}
+            best = profile.cpu_best_threads if profile.cpu_best_threads in usable else \
+                min(usable, key=lambda t: _interp_table(usable[t], tokens_per_call))
         pts = tuple((float(n), ms * scale) for n, ms in sorted(tables[best].items()))
         if len(pts) == 1:  # one point: assume the weight read dominates, flat in tokens
             pts = pts + ((pts[0][0] * 2, pts[0][1]),)
@@ -171,12 +180,13 @@ def disk_gbps(profile: HardwareProfile) -> tuple[float, str | None]:
 
 def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: int,
                    context_tokens: int, tokens_per_call: float = 4.0,
-                   cpu_threads: int | None = None,
+                   cpu_threads: int | None = None, max_cpu_threads: int | None = None,
                    calibration: Calibration | None = None,
                    expert_bytes: int | None = None,
                    experts_format: str = "bf16") -> HardwareCosts:
-    """`cpu_threads` picks that row of the profile's CPU table when it has one; else the
-    profile's best, else the fastest at `tokens_per_call`. `expert_bytes`: one compressed
+    """`cpu_threads` picks that row of the profile's CPU table (else the nearest below it);
+    without it, the profile's best, else the fastest at `tokens_per_call`, among the rows of at
+    most `max_cpu_threads` (the CPUs this process may run on). `expert_bytes`: one compressed
     expert of `experts_format` (experts/formats.py): copies and disk reads scale with its bytes;
     the GPU's expert time is the profile's measurement of that format's kernel, else bf16's
     scaled by the bytes (an estimate, low where the kernel is not bound by reading the weights);
@@ -218,7 +228,8 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
     per_layer = LAUNCH_MS_PER_LAYER if cal.launch_ms_per_layer is None \
         else cal.launch_ms_per_layer
     launch = per_layer * cfg.num_hidden_layers
-    threads, pts = _cpu_table(cfg, profile, scale, tokens_per_call, cpu_threads, notes)
+    threads, pts = _cpu_table(cfg, profile, scale, tokens_per_call, cpu_threads, notes,
+                              max_cpu_threads)
     disk = eb / (disk_gbps(profile)[0] * 1e9) * 1e3 + DISK_LATENCY_MS
     host_layer = profile.host_layer_ms
     return HardwareCosts(

@@ -3,6 +3,8 @@ memory, RAM for the expert store, and whether missed experts can be streamed."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tidecli.experts.formats import ExpertFormat, is_compressed
@@ -66,4 +68,13 @@ def machine_facts(ckpt: Checkpoint, opts: EngineOptions, device: torch.device,
                                       tiered=routed_bytes(ckpt, fmt) > ram if fmt else
                                       ckpt.routed_expert_bytes() > ram, fmt=fmt),
         dtype_bytes=dtype.itemsize, misses=opts.residency.misses,
-        experts_format=fmt.name if fmt is not None else "bf16")
+        experts_format=fmt.name if fmt is not None else "bf16",
+        cpu_threads=opts.residency.cpu_threads, usable_cpus=usable_cpus())
+
+
+def usable_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity, e.g. under `taskset`), where the OS says."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
