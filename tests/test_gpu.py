@@ -225,3 +225,36 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
             s = m.experts.run_stats.summary()
             assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
             m.experts.close()
+
+
+def test_capturing_again_does_not_grow_device_memory(tiny_ckpt):
+    """Programs are captured again for a new runtime (every `tide bench` run) or a reset; each
+    capture used to warm up on a new stream, and cuBLAS keeps a workspace per stream for good,
+    so the allocation grew by one workspace per capture."""
+    from dataclasses import replace
+
+    from tidecli.decode.settings import DecodeSettings
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cuda", policy="tide", tau=1,
+                                experts_per_layer=8, misses="gpu"), quiet=True)
+    try:
+        ids = eng.prompt_ids("Say something.")
+
+        def run():
+            for _ in eng.decoder(ids, DecodeSettings(gen_length=32)).steps():
+                pass
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+
+        run()
+        first = run()
+        for n in range(4):
+            eng.set_runtime(residency=replace(eng.opts.residency,
+                                              misses=("gpu", "cpu")[n % 2]))
+            eng.reset_programs()
+            after = run()
+        assert after - first < 4 << 20, (first, after)
+    finally:
+        eng.close()

@@ -22,6 +22,22 @@ import torch
 from tidecli.model.llada2 import KVCache, LLaDA2Model
 from tidecli.model.moe import ForwardInfo, LayerIO
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device that every capture warms up on. cuBLAS keeps a workspace
+    for each stream it has run on (tens of MiB on recent GPUs) until the process ends, so a new
+    stream per capture grew the allocation by one workspace every time programs were captured
+    again (a new runtime, a new block shape, every `tide bench` run)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _WARMUP_STREAMS.get(device)
+    if stream is None:
+        stream = _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
 
 class StepProgram:
     def __init__(self, model: LLaDA2Model, cache: KVCache, block: int, *, capture: bool) -> None:
@@ -115,7 +131,7 @@ class StepProgram:
         # block, which holds nothing yet when the first step of a generation captures (the
         # prompt's K/V at the front must survive), and which a step rewrites before reading.
         self.start.fill_(self.cache.capacity - self.T)
-        side = torch.cuda.Stream(self.device)
+        side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: kernels chosen, workspaces allocated
             for _ in range(2):
