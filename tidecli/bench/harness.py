@@ -142,6 +142,7 @@ class Bench:
         if cuda:
             torch.cuda.synchronize(eng.device)
             torch.cuda.reset_peak_memory_stats(eng.device)
+            at_start = torch.cuda.memory_allocated(eng.device)
         eng.runtime.reset_stats()
         tokens = steps = 0
         wall = denoise_ms = 0.0
@@ -176,6 +177,9 @@ class Bench:
             "stall_ms": s["stall_ms"],
             "peak_vram_gib": round(torch.cuda.max_memory_allocated(eng.device) / 2**30, 3)
             if cuda else None,
+            # allocated before the run's first step: the engine, and whatever else this process
+            # holds (the peak counts it too)
+            "vram_at_start_gib": round(at_start / 2**30, 3) if cuda else None,
             "identical": outputs == want,
             # what exactness promises: the GPU kernel computes every expert (see README)
             "exact_expected": pt.policy in ("resident", "lru") or used in ("gpu", "stream"),

@@ -7,6 +7,7 @@ follow (runtime/autoplan.py), the expert budgets and where misses run (runtime/b
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -169,6 +170,7 @@ class Engine:
                 self._store.close()
                 self._store = None
         if self.device.type == "cuda":
+            gc.collect()  # the old runtime's device buffers, if a cycle still holds them
             torch.cuda.empty_cache()
         self.opts = replace(self.opts, load=load, residency=residency or self.opts.residency,
                             budgets=budgets or self.opts.budgets)
