@@ -501,9 +501,11 @@ def test_the_host_hand_off_is_measured_on_a_tiny_model():
     from tidecli.runtime.handoff import measure_host_layer_ms
 
     ms = measure_host_layer_ms("cpu", gen_length=32)
-    assert math.isfinite(ms) and 0.0 <= ms < 100.0
+    assert set(ms) == {"cpu", "gpu"}
+    assert all(math.isfinite(v) and 0.0 <= v < 100.0 for v in ms.values())
     prof = with_host_handoff(HardwareProfile(name="cpu box"))
-    assert prof.host_layer_ms is not None and prof.sources["host_layer_ms"] == "measured"
+    assert set(prof.host_layer_ms) == {"cpu", "gpu"}
+    assert prof.sources["host_layer_ms"] == "measured"
     again = HardwareProfile.from_dict(prof.to_dict())
     assert again.host_layer_ms == prof.host_layer_ms
 
@@ -517,5 +519,5 @@ def test_a_failed_hand_off_measurement_is_a_note(monkeypatch):
         raise RuntimeError("no room\nmore")
     monkeypatch.setattr(handoff, "measure_host_layer_ms", broken)
     prof = with_host_handoff(HardwareProfile(name="cpu box"))
-    assert prof.host_layer_ms is None
+    assert prof.host_layer_ms == {}
     assert prof.notes == ["host hand-off not measured (RuntimeError: no room)"]

@@ -550,24 +550,25 @@ def test_host_driven_misses_pay_a_hand_off_per_moe_layer():
     from tidecli.planner.costs import FALLBACK_HOST_LAYER_MS
 
     p = toy_problem()
-    costs = replace(p.costs, host_layer_ms=0.3)
-    for mode in (MissMode.CPU, MissMode.SPLIT, MissMode.GPU):
+    costs = replace(p.costs, host_layer_ms={"cpu": 0.3, "gpu": 0.5})
+    for mode, each in ((MissMode.CPU, 0.3), (MissMode.SPLIT, 0.4), (MissMode.GPU, 0.5)):
         without = predict(replace(p, misses=mode), np.array([2, 2]), 2)
         bd = predict(replace(p, misses=mode, costs=costs), np.array([2, 2]), 2)
-        assert bd.host_ms == pytest.approx(0.3 * p.cfg.num_moe_layers)
+        assert bd.host_ms == pytest.approx(each * p.cfg.num_moe_layers)
         assert bd.step_ms == pytest.approx(without.step_ms + bd.host_ms)
     streamed = predict(replace(p, misses=MissMode.STREAM, costs=costs), np.array([2, 2]), 1)
     assert streamed.host_ms == 0.0
 
     prof = CONSUMER[3]
-    assert prof.host_layer_ms is None
+    assert not prof.host_layer_ms
     cpu = make_plan(config=MINI, profile=prof, vram_gib=12, misses="cpu")
-    assert cpu.breakdown.host_ms == pytest.approx(FALLBACK_HOST_LAYER_MS * MINI.num_moe_layers)
+    assert cpu.breakdown.host_ms == pytest.approx(FALLBACK_HOST_LAYER_MS["cpu"]
+                                                  * MINI.num_moe_layers)
     assert any("hand-off" in n and "tide profile" in n for n in cpu.notes)
     stream = make_plan(config=MINI, profile=prof, vram_gib=12)
     assert stream.misses == "stream" and not any("hand-off" in n for n in stream.notes)
-    measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms=0.05), vram_gib=12,
-                         misses="cpu")
+    measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms={"cpu": 0.05}),
+                         vram_gib=12, misses="cpu")
     assert measured.breakdown.host_ms == pytest.approx(0.05 * MINI.num_moe_layers)
     assert not any("hand-off" in n for n in measured.notes)
     assert measured.predicted_step_ms < cpu.predicted_step_ms

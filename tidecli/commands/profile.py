@@ -75,7 +75,7 @@ def with_host_handoff(prof):
         first = (str(exc).splitlines() or [""])[0][:160]
         return replace(prof, notes=[*prof.notes, f"host hand-off not measured "
                                                  f"({type(exc).__name__}: {first})"])
-    return replace(prof, host_layer_ms=round(ms, 4),
+    return replace(prof, host_layer_ms={m: round(v, 4) for m, v in ms.items()},
                    sources={**prof.sources, "host_layer_ms": "measured"})
 
 

@@ -47,10 +47,11 @@ class HardwareProfile:
     h2d_pageable_expert_gbps: float | None = None
     d2h_pinned_gbps: float | None = None
     copy_latency_ms: float | None = None  # fixed cost of one small async copy
-    # one MoE layer handed to the host by the host-driven runtime (--misses cpu|split|gpu, a
-    # disk tier): the step replayed in pieces, the routing read by the host, Python between;
-    # measured as (host-driven − resident) ms per forward / MoE layers on a tiny model
-    host_layer_ms: float | None = None
+    # one MoE layer handed to the host by the host-driven runtime, per miss mode ("cpu",
+    # "gpu"): the step replayed in pieces, the routing read by the host, the misses grouped and
+    # put back, Python between; (host-driven − resident) ms per forward / MoE layers on a tiny
+    # model with a few misses per layer (runtime/handoff.py)
+    host_layer_ms: dict[str, float] = field(default_factory=dict)
     # ---- expert compute, for expert_shape = (hidden, moe_intermediate) in bf16 ----
     expert_shape: tuple[int, int] = (2048, 512)
     # GPU: one layer's experts in grouped kernels: tokens-per-step → ms per *expert* used
@@ -109,6 +110,10 @@ class HardwareProfile:
         if "cpu_expert_ms" in kw:
             kw["cpu_expert_ms"] = {int(t): {int(k): float(v) for k, v in m.items()}
                                    for t, m in kw["cpu_expert_ms"].items()}
+        if "host_layer_ms" in kw:
+            raw_h = kw["host_layer_ms"]
+            kw["host_layer_ms"] = {str(k): float(v) for k, v in raw_h.items()} \
+                if isinstance(raw_h, dict) else {}
         if "cpu_variant_ms" in kw:
             kw["cpu_variant_ms"] = {str(k): float(v) for k, v in kw["cpu_variant_ms"].items()}
         return cls(**kw)

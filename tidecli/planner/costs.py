@@ -32,9 +32,10 @@ FALLBACK_H2D_GBPS = 12.0  # PCIe 3.0 x16 / 4.0 x8 pinned
 FALLBACK_COPY_LATENCY_MS = 0.01
 FALLBACK_DISK_GBPS = 2.0  # a PCIe 3.0/4.0 NVMe SSD reading large files, stated when used
 DISK_LATENCY_MS = 0.05  # per expert read (one or two positional reads of a few MiB)
-# One MoE layer's hand-off to the host in the host-driven runtime when the profile has no
-# measurement (`tide profile` measures it): what an H200 host measured (docs/benchmarks.md).
-FALLBACK_HOST_LAYER_MS = 0.8
+# One MoE layer's hand-off to the host in the host-driven runtime, per miss mode, when the
+# profile has no measurement (`tide profile` measures it): what an H200 host measured
+# (docs/benchmarks.md, the planner section).
+FALLBACK_HOST_LAYER_MS = {"cpu": 0.033, "gpu": 0.032}
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,16 @@ class HardwareCosts:
     overlap: bool = True
     notes: tuple[str, ...] = field(default=())
     disk_expert_ms: float = 0.0  # one expert read from the checkpoint's files (disk tier)
-    host_layer_ms: float = 0.0  # one MoE layer's hand-off to the host (host-driven runtime)
+    # one MoE layer's hand-off to the host (host-driven runtime), per miss mode
+    host_layer_ms: dict[str, float] = field(default_factory=dict)
     host_layer_measured: bool = True  # False: FALLBACK_HOST_LAYER_MS, not this machine's
+
+    def host_ms(self, mode: str) -> float:
+        """A MoE layer's hand-off under miss mode `mode`: split does both sides' work."""
+        h = self.host_layer_ms
+        if mode == "split":
+            return (h.get("cpu", 0.0) + h.get("gpu", 0.0)) / 2
+        return h.get(mode, 0.0)
 
     def cpu_call_ms(self, tokens: np.ndarray | float) -> np.ndarray | float:
         """One expert call with `tokens` tokens on the host: linear between measured points,
@@ -95,7 +104,8 @@ class HardwareCosts:
                 "cpu_expert_ms": {str(int(n)) if float(n).is_integer() else str(n): round(ms, 5)
                                   for n, ms in self.cpu_points},
                 "disk_expert_ms": round(self.disk_expert_ms, 4),
-                "host_layer_ms": round(self.host_layer_ms, 4), "overlap": self.overlap}
+                "host_layer_ms": {m: round(v, 4) for m, v in self.host_layer_ms.items()},
+                "overlap": self.overlap}
 
 
 def profile_vram_gib(profile: HardwareProfile) -> float:
@@ -238,5 +248,5 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
         launch_ms=launch, cpu_threads=threads,
         cpu_points=tuple((n, ms * cal.cpu_scale) for n, ms in pts), overlap=cal.overlap,
         notes=tuple(notes), disk_expert_ms=disk,
-        host_layer_ms=FALLBACK_HOST_LAYER_MS if host_layer is None else host_layer,
-        host_layer_measured=host_layer is not None)
+        host_layer_ms=dict(host_layer or FALLBACK_HOST_LAYER_MS),
+        host_layer_measured=bool(host_layer))

@@ -21,8 +21,9 @@ grow with τ, so τ = 1 wins whenever streaming applies.
 
 Host-driven modes (`CPU`, `SPLIT`, `GPU`, any disk tier) hand every MoE layer to the host: the
 step is replayed in pieces and the host reads each layer's routing before its misses can start,
-a fixed cost per MoE layer (`host_ms`, the profile's measured hand-off) that streamed misses and
-the all-resident step, one device program each, do not pay.
+a cost per MoE layer beyond the misses' compute and copies (`host_ms`, the profile's measured
+hand-off for the mode) that streamed misses and the all-resident step, one device program each,
+do not pay.
 
 Misses through GPU scratch slots (`GPU`): each missed expert is copied (C_IO) and computed by the
 GPU after the resident experts. `SPLIT` (experts/misses.py): the runtime sends the GPU the share
@@ -248,7 +249,7 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
         disk_ms=float(reads.sum()) * co.disk_expert_ms,
         disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()),
         scratch_ms=0.0 if on_cpu else miss_stall,
-        host_ms=p.cfg.num_moe_layers * co.host_layer_ms)
+        host_ms=p.cfg.num_moe_layers * co.host_ms(str(p.misses)))
 
 
 def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:

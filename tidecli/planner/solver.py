@@ -248,8 +248,9 @@ def _plan_for_mode(*, config: ModelConfig, profile: HardwareProfile, vram_gib: f
     notes = list(costs.notes)
     if breakdown.host_ms and not costs.host_layer_measured:
         notes.append(f"each MoE layer's hand-off to the host (--misses {mode}"
-                     + (", a disk tier" if tiered else "") + f") assumed {costs.host_layer_ms:g} "
-                     "ms, as an H200 host measured: `tide profile` on the machine measures it")
+                     + (", a disk tier" if tiered else "") + f") assumed "
+                     f"{costs.host_ms(str(mode)):g} ms, as an H200 host measured: `tide profile` "
+                     "on the machine measures it")
     if calibration is not None:
         launch = calibration.launch_ms_per_layer
         notes.append("corrected by `tide plan --calibrate` on real steps: "

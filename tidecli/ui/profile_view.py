@@ -149,9 +149,10 @@ def render_profile(profile: HardwareProfile, *, saved_to: Path | None = None) ->
     else:
         add("GPU", "none usable (CPU-only profile)")
     _cpu_rows(profile, add)
-    if profile.host_layer_ms is not None:
-        add("host hand-off", f"{profile.host_layer_ms:.3f} ms per MoE layer (--misses "
-            f"cpu|split|gpu, a disk tier){_tag(profile, 'host_layer_ms')}")
+    if profile.host_layer_ms:
+        each = " · ".join(f"{m} {ms:.3f}" for m, ms in profile.host_layer_ms.items())
+        add("host hand-off",
+            f"ms per MoE layer with misses: {each}{_tag(profile, 'host_layer_ms')}")
     err.print(table)
     for note in profile.notes:
         err.print(f"[dim]· {escape(note)}[/]")
