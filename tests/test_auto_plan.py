@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tidecli.errors import TideError
-from tidecli.memory import device_dense_bytes, workspace_bytes
 from tidecli.hardware.store import load_reference_profile
+from tidecli.memory import device_dense_bytes, workspace_bytes
 from tidecli.model.config import config_from_dict, load_config
 from tidecli.model.presets import preset_config
 from tidecli.planner import Calibration
@@ -298,46 +298,6 @@ def test_cpu_misses_compute_in_the_dtype_the_profile_measured_fastest(tiny_ckpt)
     streamed = make_plan(config=cfg, profile=prof, vram_gib=0.15, misses="stream", cuda=True)
     assert cpu_setup(ResidencyOptions(cpu_threads=3), streamed, torch.device("cuda")) == \
         (3, "intra", None)
-
-
-def test_auto_misses_follow_the_plan_and_give_way_when_streaming_is_impossible():
-    from types import SimpleNamespace
-
-    from tidecli.experts.modes import MissMode
-    from tidecli.runtime.build import miss_mode
-
-    gpu_plan, stream_plan = SimpleNamespace(misses="gpu"), SimpleNamespace(misses="stream")
-    assert miss_mode(MissMode.AUTO, cuda=True, stream_blocker=None, plan=gpu_plan) \
-        is MissMode.GPU
-    assert miss_mode(MissMode.AUTO, cuda=True, stream_blocker=None, plan=stream_plan) \
-        is MissMode.STREAM
-    # the store could not be pinned after all: the rule's choice, not the plan's stream
-    assert miss_mode(MissMode.AUTO, cuda=True, stream_blocker="not pinned",
-                     plan=stream_plan) is MissMode.CPU
-    assert miss_mode(MissMode.AUTO, cuda=True, stream_blocker=None, plan=None) \
-        is MissMode.STREAM
-    assert miss_mode(MissMode.CPU, cuda=True, stream_blocker=None, plan=gpu_plan) \
-        is MissMode.CPU  # what the user asked for wins
-
-
-def test_auto_compares_each_mode_with_its_own_calibration():
-    from tidecli.planner import make_plan
-    from tidecli.planner.costs import Calibration
-
-    prof = load_reference_profile("rtx4090")
-    cfg = config_from_dict(preset_config("mini"))
-    assert make_plan(config=cfg, profile=prof, vram_gib=12).misses == "stream"
-    slow_stream = Calibration(io_scale=50.0)  # this machine streamed far slower than predicted
-    asked: list[str] = []
-
-    def saved(mode: str):
-        asked.append(mode)
-        return slow_stream if mode == "stream" else None
-
-    plan = make_plan(config=cfg, profile=prof, vram_gib=12, calibration_for=saved)
-    assert {"stream", "gpu", "cpu"} <= set(asked)
-    assert plan.misses != "stream"
-    assert plan.alternatives["misses stream"] > plan.predicted_step_ms
 
 
 def test_cpu_costs_use_the_threads_the_runtime_will_have():

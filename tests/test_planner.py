@@ -483,34 +483,9 @@ def test_streamed_misses_plan_tau_one_and_no_cpu_work():
     assert cpu.misses == "cpu" and cpu.breakdown.cpu_miss_ms > 0
 
 
-@pytest.mark.parametrize("vram", [8, 12, 16])
-def test_auto_misses_are_the_mode_predicted_fastest(vram):
-    """`--misses auto` on a GPU plans stream (when every expert is in RAM), gpu and cpu and
-    keeps the fastest; a bitwise-exact mode within 5 % of it is preferred; split (whose tokens
-    follow timings) is never chosen. The note and the alternatives say what was compared."""
-    from tidecli.planner.solver import EXACT_MARGIN
-
-    for prof in CONSUMER:
-        auto = make_plan(config=MINI, profile=prof, vram_gib=vram)
-        each = {m: make_plan(config=MINI, profile=prof, vram_gib=vram, misses=m)
-                for m in ("gpu", "cpu") + (() if auto.tiered else ("stream",))}
-        fastest = min(p.predicted_step_ms for p in each.values())
-        near = {m for m, p in each.items() if p.predicted_step_ms <= fastest * (1 + EXACT_MARGIN)}
-        want = min(near & {"stream", "gpu"} or near, key=lambda m: each[m].predicted_step_ms)
-        assert auto.misses == want
-        assert auto.predicted_step_ms == pytest.approx(each[want].predicted_step_ms)
-        assert auto.experts_per_layer == each[want].experts_per_layer
-        assert any(n.startswith(f"--misses auto: {want}") for n in auto.notes)
-        assert {k for k in auto.alternatives if k.startswith("misses ")} == \
-            {f"misses {m}" for m in each}
-    cpu_box = make_plan(config=MINI, profile=CONSUMER[0], vram_gib=vram, cuda=False)
-    assert cpu_box.misses == "cpu" and not any("--misses auto" in n for n in cpu_box.notes)
-
-
-def test_a_disk_tier_plans_host_driven_misses():
+def test_a_disk_tier_plans_cpu_misses():
     plan = make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48)
-    assert plan.tiered and plan.misses in ("cpu", "gpu")
-    assert "misses stream" not in plan.alternatives
+    assert plan.tiered and plan.misses == "cpu"
     with pytest.raises(TideError, match="every expert in RAM"):
         make_plan(config=FLASH, profile=CONSUMER[3], vram_gib=24, ram_gib=48, misses="stream")
 
@@ -567,8 +542,8 @@ def test_host_driven_misses_pay_a_hand_off_per_moe_layer():
     assert any("hand-off" in n and "tide profile" in n for n in cpu.notes)
     stream = make_plan(config=MINI, profile=prof, vram_gib=12)
     assert stream.misses == "stream" and not any("hand-off" in n for n in stream.notes)
-    measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms={"cpu": 0.05}),
+    measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms={"cpu": 0.5}),
                          vram_gib=12, misses="cpu")
-    assert measured.breakdown.host_ms == pytest.approx(0.05 * MINI.num_moe_layers)
+    assert measured.breakdown.host_ms == pytest.approx(0.5 * MINI.num_moe_layers)
     assert not any("hand-off" in n for n in measured.notes)
-    assert measured.predicted_step_ms < cpu.predicted_step_ms
+    assert measured.predicted_step_ms > cpu.predicted_step_ms

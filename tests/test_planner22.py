@@ -55,8 +55,8 @@ def test_a_budget_holding_the_pool_plans_tau_1_and_says_why():
 
 @pytest.mark.parametrize("name", CONSUMER)
 def test_flash22_plans_on_every_consumer_profile(name):
-    p22 = make_plan(config=FLASH22, profile=resolve_profile(name), misses="cpu")
-    p20 = make_plan(config=FLASH, profile=resolve_profile(name), misses="cpu")
+    p22 = make_plan(config=FLASH22, profile=resolve_profile(name))
+    p20 = make_plan(config=FLASH, profile=resolve_profile(name))
     assert p22.policy == "tide" and p22.predicted_step_ms > 0
     # the same budget; fewer distinct experts per step, so no slower than 2.0-flash's plan
     assert p22.experts_per_layer == p20.experts_per_layer

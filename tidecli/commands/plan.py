@@ -163,14 +163,14 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
 
 def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
               device, make_plan, load_calibration, fmt):
-    def saved(misses: str):  # what the runtime would follow: this machine's corrections
-        return None if calibrate else load_calibration(profile=prof, model=folder,
-                                                      misses=misses)
-
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                     ram_gib=ram, model_name=name, misses=mode, experts_format=fmt,
-                     calibration_for=saved)
-    if not calibrate:
+                     ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
+    if not calibrate:  # what the runtime would follow: with this machine's saved corrections
+        saved = load_calibration(profile=prof, model=folder, misses=plan.misses)
+        if saved is not None:
+            plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
+                             trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
+                             calibration=saved, experts_format=fmt)
         return plan
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err

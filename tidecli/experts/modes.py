@@ -7,11 +7,9 @@ GPU slots, with one rule for `auto`. No torch here (commands check values before
 - `cpu`: on the CPU, the paper's runtime (experts/offload.py); bf16 rounding may differ.
 - `gpu`: copied into GPU scratch slots by the host, then the GPU's kernel; bitwise exact.
 - `split`: CPU and GPU scratch slots at once, split by measured cost (experts/misses.py).
-- `auto`: when tide follows a plan, the mode the planner predicts fastest on this machine among
-  `stream` (when possible), `gpu` and `cpu`, an exact one (stream, gpu) when within 5 % of it
-  (planner/solver.py); without a plan, `stream` on a GPU when streaming is possible (every
-  expert in pinned RAM, in the model's dtype, Triton present), else `cpu` (`resolve_misses`).
-  `split` is never chosen for you: its share follows timings, so its tokens can vary by run.
+- `auto`: `stream` on a GPU when streaming is possible (every expert in pinned RAM, in the
+  model's dtype, Triton present), else `cpu`: deterministic tokens, and what the planner's
+  default plans model. `split` is timing-dependent (the split follows measured costs).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ the workload and the saved corrections."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidecli.experts.modes import MissMode
@@ -34,16 +33,13 @@ class MachineFacts:
 
 def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: MachineFacts,
                  workload: Workload, calibration: Calibration | None = None,
-                 model_name: str = "",
-                 calibration_for: Callable[[str], Calibration | None] | None = None) -> Plan:
+                 model_name: str = "") -> Plan:
     """Plan for these facts: misses resolved as the runtime will run them, the scratch slots
     and the disk tier accounted for as the runtime will build them; CPU misses planned with the
-    threads the runtime will use. `calibration_for(mode)`: the saved corrections of each miss
-    mode `auto` compares (else `calibration`)."""
+    threads the runtime will use."""
     return make_plan(config=config, profile=profile, vram_gib=facts.vram_gib, workload=workload,
                      ram_gib=facts.ram_bytes / GIB, calibration=calibration,
                      model_name=model_name, misses=facts.misses, dtype_bytes=facts.dtype_bytes,
                      stream_blocker=facts.stream_blocker, cuda=facts.cuda,
                      experts_format=facts.experts_format,
-                     cpu_threads=facts.cpu_threads or None, max_cpu_threads=facts.usable_cpus,
-                     calibration_for=calibration_for)
+                     cpu_threads=facts.cpu_threads or None, max_cpu_threads=facts.usable_cpus)

@@ -23,9 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from tidecli.decode.settings import check_routing_block
-from tidecli.errors import TideError
 from tidecli.experts.formats import expert_format, ram_hint
-from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, parse_misses, resolve_misses
+from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.memory import device_memory, pool_bytes
@@ -78,64 +77,7 @@ def _disk_warning(cfg: ModelConfig, host, gbps: float, fmt: str = "bf16") -> str
             f"(at ~{gbps:g} GB/s): slower, same tokens{hint}")
 
 
-# `--misses auto` chooses among these by predicted step time; `split` is left out because its
-# share follows costs measured while it runs, so its tokens can differ from run to run
-AUTO_MODES = (MissMode.STREAM, MissMode.GPU, MissMode.CPU)
-EXACT_MARGIN = 0.05  # a bitwise-exact mode within this share of the fastest is preferred
-
-
 def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
-              workload: Workload | None = None, trace: RoutingTrace | None = None,
-              ram_gib: float | None = None, calibration: Calibration | None = None,
-              model_name: str = "", misses: str | MissMode = MissMode.AUTO,
-              dtype_bytes: int = 2, stream_blocker: str | None = None,
-              cuda: bool | None = None, experts_format: str = "bf16",
-              cpu_threads: int | None = None, max_cpu_threads: int | None = None,
-              calibration_for: Callable[[str], Calibration | None] | None = None) -> Plan:
-    """The plan (`_plan_for_mode`) for the miss mode asked for. `auto` on a GPU plans every mode
-    of AUTO_MODES that can run here (`stream` only when nothing blocks it) and keeps the one
-    predicted fastest, a bitwise-exact one (stream, gpu) when within EXACT_MARGIN of it; each
-    with its own calibration (`calibration_for(mode)`, else `calibration` for all). Off a GPU
-    `auto` is `cpu`. `cpu_threads`: the threads CPU misses will run with (the profile's row);
-    `max_cpu_threads`: the CPUs this process may use (the plan picks its threads within)."""
-    kw = dict(config=config, profile=profile, vram_gib=vram_gib, workload=workload, trace=trace,
-              ram_gib=ram_gib, model_name=model_name, dtype_bytes=dtype_bytes,
-              stream_blocker=stream_blocker, cuda=cuda, experts_format=experts_format,
-              cpu_threads=cpu_threads, max_cpu_threads=max_cpu_threads)
-
-    def cal(mode: str | MissMode) -> Calibration | None:
-        return calibration_for(str(mode)) if calibration_for is not None else calibration
-
-    if parse_misses(misses) is not MissMode.AUTO:
-        return _plan_for_mode(**kw, misses=misses, calibration=cal(misses))
-    on_gpu = bool(profile.gpu_name) if cuda is None else cuda
-    rule = resolve_misses(MissMode.AUTO, cuda=on_gpu, stream_blocker=stream_blocker)
-    first = _plan_for_mode(**kw, misses=MissMode.AUTO, calibration=cal(rule))
-    if first.misses != str(rule):  # a disk tier blocked streaming: that mode's calibration
-        first = _plan_for_mode(**kw, misses=first.misses, calibration=cal(first.misses))
-    if not on_gpu or first.policy == "resident":
-        return first
-    plans = {first.misses: first}
-    for mode in AUTO_MODES:
-        if str(mode) in plans or mode is MissMode.STREAM:  # stream: only if the rule streams
-            continue
-        try:
-            plans[str(mode)] = _plan_for_mode(**kw, misses=mode, calibration=cal(mode))
-        except TideError:  # e.g. the scratch slots do not fit the budget: not a candidate
-            continue
-    fastest = min(p.predicted_step_ms for p in plans.values())
-    near = [p for p in plans.values() if p.predicted_step_ms <= fastest * (1 + EXACT_MARGIN)]
-    exact = [p for p in near if p.misses in ("stream", "gpu")]
-    chosen = min(exact or near, key=lambda p: p.predicted_step_ms)
-    others = ", ".join(f"{m} {p.predicted_step_ms:.1f} ms" for m, p in plans.items()
-                       if p is not chosen)
-    note = (f"--misses auto: {chosen.misses}, predicted {chosen.predicted_step_ms:.1f} ms a step"
-            + (f" (against {others})" if others else ""))
-    return replace(chosen, notes=(*chosen.notes, note), alternatives={
-        **chosen.alternatives, **{f"misses {m}": p.predicted_step_ms for m, p in plans.items()}})
-
-
-def _plan_for_mode(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float | None = None,
               workload: Workload | None = None, trace: RoutingTrace | None = None,
               ram_gib: float | None = None, calibration: Calibration | None = None,
               model_name: str = "", misses: str | MissMode = MissMode.AUTO,
@@ -152,7 +94,8 @@ def _plan_for_mode(*, config: ModelConfig, profile: HardwareProfile, vram_gib: f
     the size of a weight on the device (2 for bf16; 4 when a CPU device computes in fp32) —
     memory only: the host store and the profile's timings are bf16. `experts_format`: a
     compressed format (experts/formats.py) counts its bytes on the device, in RAM, over PCIe
-    and from disk."""
+    and from disk. `cpu_threads`: the threads CPU misses will run with (the profile's row for
+    them); `max_cpu_threads`: the CPUs this process may use (the plan picks within them)."""
     cfg, wl = config, workload or Workload()
     wl.validate()
     check_routing_block(block_length=wl.block_length,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from tidecli.experts.modes import resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
@@ -51,9 +52,10 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
              notices: list[str]) -> Plan:
     """The plan for this model, options and machine, with this machine's saved corrections."""
     profile = machine_profile(opts.residency.profile, notices=notices)
+    mode = resolve_misses(facts.misses, cuda=facts.cuda, stream_blocker=facts.stream_blocker)
+    calibration = load_calibration(profile=profile, model=model, misses=str(mode))
     return runtime_plan(config=config, profile=profile, facts=facts, workload=opts.workload,
-                        model_name=str(model), calibration_for=lambda mode: load_calibration(
-                            profile=profile, model=model, misses=mode))
+                        calibration=calibration, model_name=str(model))
 
 
 def predicted_with_trace(config: ModelConfig, opts: EngineOptions, plan: Plan,

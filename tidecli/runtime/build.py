@@ -142,16 +142,10 @@ def check_resident(ckpt: Checkpoint, opts: EngineOptions,
                     "resident", "raise --vram, or use --policy auto or tide")
 
 
-def miss_mode(requested: MissMode, *, cuda: bool, stream_blocker: str | None,
-              plan: Plan | None) -> MissMode:
-    """Where static/tide misses run: `auto` is the plan's choice when there is a plan (it
-    compared the modes' predicted steps), else experts/modes.py's rule; the plan's `stream`
-    gives way to the rule when streaming turned out impossible (e.g. the store is unpinned)."""
-    want = requested
-    if want is MissMode.AUTO and plan is not None and not (plan.misses == "stream"
-                                                           and stream_blocker):
-        want = MissMode(plan.misses)
-    return resolve_misses(want, cuda=cuda, stream_blocker=stream_blocker)
+def miss_mode(opts: EngineOptions, facts: MachineFacts) -> MissMode:
+    """Where static/tide misses will run, decided before the host store exists."""
+    return resolve_misses(opts.residency.misses, cuda=facts.cuda,
+                          stream_blocker=facts.stream_blocker)
 
 
 # ---- the routing trace behind static popularity --------------------------------------------------
@@ -292,7 +286,7 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
         blocker = stream_blocker(device, dtype, store_dtype=store.dtype,
                                  tiered=not isinstance(store, HostExpertStore),
                                  pinned=store.pinned, fmt=store.format)
-        mode = miss_mode(r.misses, cuda=cuda, stream_blocker=blocker, plan=plan)
+        mode = resolve_misses(r.misses, cuda=cuda, stream_blocker=blocker)
     if mode is MissMode.STREAM:
         from tidecli.experts.stream import StreamRuntime
 

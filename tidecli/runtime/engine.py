@@ -126,8 +126,7 @@ class Engine:
                 self._auto_plans[key] = plan_for(self.cfg, o, self.facts, model=self.path,
                                                  notices=self.notices)
             self.plan = self._auto_plans[key]
-        self.misses = build.miss_mode(o.residency.misses, cuda=self.facts.cuda,
-                                      stream_blocker=self.facts.stream_blocker, plan=self.plan)
+        self.misses = build.miss_mode(o, self.facts)
         self.budgets, self.memory = build.expert_budgets(self.ckpt, o, plan=self.plan,
                                                          facts=self.facts, mode=self.misses)
         build.check_resident(self.ckpt, o, self.budgets)
