@@ -67,3 +67,50 @@ if [ "$STAGE" = flash ]; then
     python3 -c "import json,sys;d=json.load(open(sys.argv[1]));s=d['expert_stats']['summary'];print({k:d.get(k) for k in ('steps_per_second','tokens_per_second','misses','experts_per_layer')}, {k:s.get(k) for k in ('hit_rate','disk_reads','bytes_disk','bytes_h2d')}, d['host_store'].get('tiers'))" "$OUT/flash4-$fmt-ram4.5.json"
   done
 fi
+if [ "$STAGE" = step1 ]; then  # issue: every miss mode's step against the plan, one bench
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  TO 330 bench -m "$W/mini" --policies resident,lru,tide --misses stream,cpu,split,gpu \
+    --vram 10,6 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile h200 -o "$OUT/step-bench-mini.json" 2>&1 | grep -v "^\[" | tail -40
+  timeout 150 python3 tools/bench/step_breakdown.py "$W/mini" --gen-length 64 --out "$OUT" \
+    2>&1 | tail -30
+fi
+if [ "$STAGE" = step2 ]; then  # the consumer host settings, the profile, the VRAM peak
+  for n in 8 6; do
+    echo "== taskset $n CPUs"
+    timeout 150 taskset -c 0-$((n - 1)) python3 -m tidecli bench -m "$W/mini" --policies tide \
+      --misses stream,cpu,split,gpu --vram 10 --workloads model --cpu-threads $n \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+      -o "$OUT/step-bench-mini-cpus$n.json" 2>&1 | grep -v "^\[" | tail -14
+  done
+  TO 150 profile -m "$W/mini" -o "$OUT/h200-profile.json" --no-save 2>&1 | tail -12
+  timeout 120 python3 tools/bench/vram_peak.py "$OUT/vram-int4-6.pickle" -- generate \
+    "$PROMPT" -m "$W/mini" --policy tide --vram 6 --experts-dtype int4 --gen-length 64 \
+    --no-live --json > "$OUT/vram-int4-6.json" 2> "$OUT/vram-int4-6.err"; tail -3 "$OUT/vram-int4-6.err"
+  ls -la "$OUT"
+fi
+if [ "$STAGE" = step3 ]; then  # the planner with the measured host hand-off, every miss mode
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  TO 200 profile -m "$W/mini" -o "$OUT/h200-profile.json" --no-save 2>&1 | tail -6
+  P=$OUT/h200-profile.json
+  TO 280 bench -m "$W/mini" --policies resident,tide --misses auto,stream,cpu,split,gpu \
+    --vram 10,6 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile "$P" -o "$OUT/step-bench-mini-handoff.json" 2>&1 | grep -v "^\[" | tail -34
+  for n in 8 6; do
+    echo "== taskset $n CPUs"
+    timeout 100 taskset -c 0-$((n - 1)) python3 -m tidecli bench -m "$W/mini" --policies tide \
+      --misses auto,stream,cpu,split,gpu --vram 10 --workloads model --profile "$P" \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+      -o "$OUT/step-bench-mini-handoff-cpus$n.json" 2>&1 | grep -v "^\[" | sed -n '/planner against/,/profile /p'
+  done
+fi
+if [ "$STAGE" = trace ]; then  # where a host-driven step's time goes (torch.profiler)
+  mini
+  for m in gpu cpu stream; do
+    timeout 120 python3 tools/bench/step_trace.py "$W/mini" --misses $m --vram 10 --out "$OUT" \
+      > "$OUT/trace-$m.txt" 2>&1; head -3 "$OUT/trace-$m.txt" | cut -c1-300
+  done
+  ls -la "$OUT"
+fi
