@@ -35,7 +35,7 @@ DISK_LATENCY_MS = 0.05  # per expert read (one or two positional reads of a few 
 # One MoE layer's hand-off to the host in the host-driven runtime, per miss mode, when the
 # profile has no measurement (`tide profile` measures it): what an H200 host measured
 # (docs/benchmarks.md, the planner section).
-FALLBACK_HOST_LAYER_MS = {"cpu": 0.033, "gpu": 0.032}
+FALLBACK_HOST_LAYER_MS = {"cpu": 0.09, "gpu": 0.118}
 
 
 @dataclass(frozen=True)
