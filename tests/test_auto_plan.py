@@ -222,6 +222,13 @@ def test_bench_tau_plan_reports_the_prediction(tiny_ckpt, tmp_path, capsys):
     assert r["predicted_own_routing_ms"] != r["predicted_step_ms"]  # not the published ones
     assert r["measured_over_predicted_own_routing"] == pytest.approx(
         r["denoise_step_ms"] / r["predicted_own_routing_ms"], rel=1e-3)
+    # and where each prediction puts the time, part by part
+    for key, total in (("predicted_parts", "predicted_step_ms"),
+                       ("predicted_own_routing_parts", "predicted_own_routing_ms")):
+        parts = r[key]
+        assert parts["step_ms"] == pytest.approx(r[total], abs=1e-3)
+        assert parts["step_ms"] == pytest.approx(
+            parts["gpu_dense_ms"] + parts["gpu_expert_ms"] + parts["stall_ms"], abs=1e-3)
     assert "own routing" in err
 
 

@@ -37,6 +37,7 @@ def _plan_fields(eng, measured_ms: float | None, trace: RoutingTrace | None = No
         return {"planned": False, "tau": eng.runtime.describe().tau}
     out = {"planned": True, "tau": plan.tau, "plan_profile": plan.profile,
            "predicted_step_ms": round(plan.predicted_step_ms, 3),
+           "predicted_parts": plan.breakdown.to_dict(),
            "plan_calibrated": "calibration" in plan.constants}
     if measured_ms:
         out["measured_over_predicted"] = round(measured_ms / plan.predicted_step_ms, 4)
@@ -48,9 +49,10 @@ def _plan_fields(eng, measured_ms: float | None, trace: RoutingTrace | None = No
         except Exception as exc:  # noqa: BLE001 - a diagnostic column must not end the bench
             out["predicted_own_routing_error"] = f"{type(exc).__name__}: {exc}"[:200]
             return out
-        out["predicted_own_routing_ms"] = round(own, 3)
+        out["predicted_own_routing_ms"] = round(own.step_ms, 3)
+        out["predicted_own_routing_parts"] = own.to_dict()  # where the model puts the time
         if measured_ms:
-            out["measured_over_predicted_own_routing"] = round(measured_ms / own, 4)
+            out["measured_over_predicted_own_routing"] = round(measured_ms / own.step_ms, 4)
     return out
 
 

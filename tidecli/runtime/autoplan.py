@@ -15,6 +15,7 @@ from tidecli.hardware.store import load_or_create_profile, resolve_profile, save
 from tidecli.model.config import ModelConfig
 from tidecli.planner.auto import MachineFacts, runtime_plan
 from tidecli.planner.calibration import load_calibration
+from tidecli.planner.model import Breakdown
 from tidecli.planner.plan import Plan
 from tidecli.planner.solver import predictor
 from tidecli.runtime.options import EngineOptions
@@ -59,10 +60,10 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
 
 
 def predicted_with_trace(config: ModelConfig, opts: EngineOptions, plan: Plan,
-                         trace: RoutingTrace, *, model: Path) -> float:
-    """The plan's step time (ms) with the routing statistics of `trace` (the run's own) in
-    place of the published ones: same profile, calibration, B_ℓ and τ. Against the measured
-    step it shows the cost model's error alone, the routing statistics' taken out."""
+                         trace: RoutingTrace, *, model: Path) -> Breakdown:
+    """The plan's predicted step (its parts, ms) with the routing statistics of `trace` (the
+    run's own) in place of the published ones: same profile, calibration, B_ℓ and τ. Against
+    the measured step it shows the cost model's error alone, the routing statistics' taken out."""
     profile = machine_profile(opts.residency.profile)
     calibration = load_calibration(profile=profile, model=model, misses=plan.misses)
-    return predictor(plan=plan, config=config, profile=profile, trace=trace)(calibration).step_ms
+    return predictor(plan=plan, config=config, profile=profile, trace=trace)(calibration)
