@@ -1,8 +1,10 @@
 """Resident generation on a checkpoint with the time of a step split into its parts.
 
 Usage: PYTHONPATH=. python tools/bench/step_breakdown.py MODEL [--gen-length N] [--out DIR]
-Reports steps/s, the per-step split (attention, router, experts, shared expert, lm_head, ...),
-and the HBM-bandwidth bound for the bytes one step reads.
+Reports steps/s of the captured step, the HBM-bandwidth bound for the bytes one step reads, and
+a split into parts (attention, router, experts, shared expert, lm_head, ...) timed on the eager
+path with events around each part: that synchronisation inflates every part, so the parts only
+compare with each other (tools/bench/step_trace.py profiles the captured step).
 """
 
 from __future__ import annotations

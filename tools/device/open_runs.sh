@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU runs for the serve, compressed-experts and step issues, by stage:
+# GPU runs for the serve, compressed-experts and step issues, by stage (step1-3, trace: below):
 #   serve  full-size synthetic mini behind `tide serve` at 10 GiB, tools/bench/serve_load.py
 #   quant  every expert format on full-size mini, resident and tide at 10 and 6 GiB, one bench
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
