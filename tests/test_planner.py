@@ -540,8 +540,10 @@ def test_host_driven_misses_pay_a_hand_off_per_moe_layer():
     assert cpu.breakdown.host_ms == pytest.approx(FALLBACK_HOST_LAYER_MS["cpu"]
                                                   * MINI.num_moe_layers)
     assert any("hand-off" in n and "tide profile" in n for n in cpu.notes)
+    assert any("predicted optimistically" in n and "--calibrate" in n for n in cpu.notes)
     stream = make_plan(config=MINI, profile=prof, vram_gib=12)
     assert stream.misses == "stream" and not any("hand-off" in n for n in stream.notes)
+    assert not any("optimistically" in n for n in stream.notes)
     measured = make_plan(config=MINI, profile=replace(prof, host_layer_ms={"cpu": 0.5}),
                          vram_gib=12, misses="cpu")
     assert measured.breakdown.host_ms == pytest.approx(0.5 * MINI.num_moe_layers)

@@ -189,6 +189,10 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         warnings.append(f"only {int(budgets.min())} slots per layer for ~{mean_distinct:.0f} "
                         "experts a step uses: most routed pairs run on the CPU")
     notes = list(costs.notes)
+    if mode is not MissMode.STREAM and cuda and calibration is None:
+        notes.append(f"--misses {mode} is predicted optimistically: on an H200 host-driven steps "
+                     "measured 1.2-3.4x this model's prediction (docs/benchmarks.md, section 11); "
+                     "`tide plan --calibrate` on the machine corrects it")
     if breakdown.host_ms and not costs.host_layer_measured:
         notes.append(f"each MoE layer's hand-off to the host (--misses {mode}"
                      + (", a disk tier" if tiered else "") + f") assumed "
