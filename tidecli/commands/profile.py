@@ -67,14 +67,14 @@ def with_host_handoff(prof):
     measurement becomes a note and the planner's stated assumption."""
     from dataclasses import replace
 
+    from tidecli.hardware.measure import attempt
     from tidecli.runtime.handoff import measure_host_layer_ms
 
-    try:
-        ms = measure_host_layer_ms("cuda" if prof.gpu_name else "cpu")
-    except Exception as exc:  # noqa: BLE001 - any failure is worth a note only
-        first = (str(exc).splitlines() or [""])[0][:160]
-        return replace(prof, notes=[*prof.notes, f"host hand-off not measured "
-                                                 f"({type(exc).__name__}: {first})"])
+    notes = list(prof.notes)
+    ms = attempt("host hand-off",
+                 lambda: measure_host_layer_ms("cuda" if prof.gpu_name else "cpu"), notes)
+    if ms is None:
+        return replace(prof, notes=notes)
     return replace(prof, host_layer_ms={m: round(v, 4) for m, v in ms.items()},
                    sources={**prof.sources, "host_layer_ms": "measured"})
 

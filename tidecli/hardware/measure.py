@@ -98,7 +98,7 @@ def _cpu_steps(s: MeasureSettings, cores: int) -> int:
     return 1 + 4 + (n_threads - 1) + n_tokens
 
 
-def _attempt(label: str, fn: Callable[[], Any], notes: list[str]) -> Any:
+def attempt(label: str, fn: Callable[[], Any], notes: list[str]) -> Any:
     """Run one measurement; a failure becomes a note, and the rest of the profile goes on."""
     try:
         return fn()
@@ -137,7 +137,7 @@ def _measure_formats(s: MeasureSettings, hidden: int, inter: int, device: Any, p
     out: dict[str, dict[int, float]] = {}
     for fmt in COMPRESSED_FORMATS:
         tick(f"GPU experts, {fmt}")
-        res = _attempt(f"GPU expert time in {fmt}", lambda fmt=fmt: one(fmt), notes)
+        res = attempt(f"GPU expert time in {fmt}", lambda fmt=fmt: one(fmt), notes)
         if res is not None and res[1] == "grouped_mm":
             out[fmt] = res[0]
     return out
@@ -183,7 +183,7 @@ def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
     loaded = None
     for field, label, fn in steps:
         tick(label)
-        f[field] = _attempt(label, fn, notes)
+        f[field] = attempt(label, fn, notes)
         if field == "h2d_pinned_gbps":
             # read the link right after traffic: an idle GPU may drop to a slower generation
             loaded = probe.probe_gpu(uuid=uuid, index=device.index or 0)
@@ -197,7 +197,7 @@ def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
         done_tokens.append(t)
         tick(f"GPU experts, {t} tok")
 
-    res = _attempt("GPU expert time", lambda: gpu_expert_ms(
+    res = attempt("GPU expert time", lambda: gpu_expert_ms(
         hidden, inter, device=device, tokens=s.gpu_tokens, pool_experts=pool, top_k=s.top_k,
         warmup=warm, repeats=s.gpu_repeats, on_tokens=on_tokens), notes)
     for _ in range(len(s.gpu_tokens) - len(done_tokens)):
@@ -246,7 +246,7 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
     notes: list[str] = [f"{'quick' if quick else 'full'} profile, torch {torch.__version__}"]
     fields: dict[str, Any] = {}
     if cuda:
-        gpu = _attempt("GPU", lambda: _measure_gpu(s, hidden, inter, tick, notes), notes)
+        gpu = attempt("GPU", lambda: _measure_gpu(s, hidden, inter, tick, notes), notes)
         fields.update(gpu or {})  # a broken CUDA set-up still leaves a CPU profile
     else:
         seen = probe.probe_gpu()
@@ -254,11 +254,11 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
                if seen is not None else "no CUDA GPU found")
         notes.append(f"{why}: GPU and PCIe measurements skipped, CPU-only profile")
     tick("host memory read")
-    fields["ram_read_gbps"] = _attempt(
+    fields["ram_read_gbps"] = attempt(
         "host memory read", lambda: ram_read_gbps(s.ram_bytes, warmup=1,
                                                   repeats=max(3, s.cpu_repeats)), notes)
     tick("disk read")
-    fields.update(_attempt("disk read", lambda: disk_fields(disk_folder, s.disk_bytes, notes),
+    fields.update(attempt("disk read", lambda: disk_fields(disk_folder, s.disk_bytes, notes),
                            notes) or {})
     cpu_res = measure_cpu_experts(hidden, inter, cores=cores, tokens=s.cpu_tokens,
                                   jobs=s.cpu_jobs, repeats=s.cpu_repeats,

@@ -50,7 +50,7 @@ class HardwareProfile:
     # one MoE layer handed to the host by the host-driven runtime, per miss mode ("cpu",
     # "gpu"): the step replayed in pieces, the routing read by the host, the misses grouped and
     # put back, Python between; (host-driven − resident) ms per forward / MoE layers on a tiny
-    # model with a few misses per layer (runtime/handoff.py)
+    # model with half of each layer's experts in slots (runtime/handoff.py)
     host_layer_ms: dict[str, float] = field(default_factory=dict)
     # ---- expert compute, for expert_shape = (hidden, moe_intermediate) in bf16 ----
     expert_shape: tuple[int, int] = (2048, 512)

@@ -34,7 +34,7 @@ FALLBACK_DISK_GBPS = 2.0  # a PCIe 3.0/4.0 NVMe SSD reading large files, stated 
 DISK_LATENCY_MS = 0.05  # per expert read (one or two positional reads of a few MiB)
 # One MoE layer's hand-off to the host in the host-driven runtime, per miss mode, when the
 # profile has no measurement (`tide profile` measures it): what an H200 host measured
-# (docs/benchmarks.md, the planner section).
+# (docs/benchmarks.md, section 11).
 FALLBACK_HOST_LAYER_MS = {"cpu": 0.09, "gpu": 0.118}
 
 

@@ -3,14 +3,13 @@ memory, RAM for the expert store, and whether missed experts can be streamed."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tidecli.experts.formats import ExpertFormat, is_compressed
 from tidecli.experts.gather import stream_available
 from tidecli.experts.qcache import total_bytes
 from tidecli.experts.qkernel import qkernel_available
+from tidecli.hardware.probe import usable_cores
 from tidecli.memory import available_ram, ram_for_experts
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import torch_dtype
@@ -69,12 +68,4 @@ def machine_facts(ckpt: Checkpoint, opts: EngineOptions, device: torch.device,
                                       ckpt.routed_expert_bytes() > ram, fmt=fmt),
         dtype_bytes=dtype.itemsize, misses=opts.residency.misses,
         experts_format=fmt.name if fmt is not None else "bf16",
-        cpu_threads=opts.residency.cpu_threads, usable_cpus=usable_cpus())
-
-
-def usable_cpus() -> int | None:
-    """The CPUs this process may run on (its affinity, e.g. under `taskset`), where the OS says."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count()
+        cpu_threads=opts.residency.cpu_threads, usable_cpus=usable_cores())
