@@ -37,6 +37,7 @@ class MissSplitter:
         self.fetch_ms, self.cpu_ms = fetch_ms, cpu_ms  # per expert, running estimates
         self.cuda = device.type == "cuda"
         self._host_idx: torch.Tensor | None = None
+        self._read: torch.cuda.Event | None = None  # the last kernel reading the scratch slots
 
     def _index_buffer(self, n: int) -> torch.Tensor:
         """A reusable (pinned on CUDA) int64 host buffer of at least n entries. Reused across
@@ -83,6 +84,7 @@ class MissSplitter:
         Returns (pairs, copy start, copy end)."""
         pairs_done = 0
         first = last = None
+        copy = streams.copy  # None on the CPU: the copies run in order with the compute
         # one host buffer for every round's (pair, slot) indices, copied in one upload per round
         # at distinct offsets, so no round overwrites an upload still in flight
         host = self._index_buffer(2 * len(flat))
@@ -93,13 +95,12 @@ class MissSplitter:
             group, todo = todo[: self.slots], todo[self.slots:]
             slot_of = {e: s for s, e in enumerate(group)}
             for batch in store.batches(layer, group):
-                start = streams.compute_event()
-                for e in batch.experts:
-                    self.buf[slot_of[e]].copy_(batch.row(e), non_blocking=True)
-                end = streams.compute_event()
+                start, end = self._copy_in(batch, slot_of, copy, streams)
                 batch.release_after = end
                 first = first if first is not None else start
                 last = end
+            if copy is not None:  # the scratch GEMM waits for its rows, nothing else does
+                torch.cuda.current_stream(self.device).wait_event(last)
             slot_lut[:] = -1
             slot_lut[group] = np.arange(len(group))
             rows = np.nonzero(slot_lut[flat] >= 0)[0]  # pair indices, ascending
@@ -119,4 +120,23 @@ class MissSplitter:
             if keep is not None:
                 for e, slot in slot_of.items():
                     keep(e, self.buf[slot])
+            # the next copies into the scratch slots wait for this round's reads of them
+            self._read = streams.compute_event()
         return pairs_done, first, last
+
+    def _copy_in(self, batch, slot_of: dict[int, int], copy, streams) -> tuple[object, object]:
+        """Copy a batch's rows into their scratch slots; on CUDA on the copy stream, so they run
+        beside the layer's resident experts (queued before them on the compute stream) instead
+        of after them. Returns the copy's (start, end) events (None on the CPU)."""
+        if copy is None:
+            for e in batch.experts:
+                self.buf[slot_of[e]].copy_(batch.row(e))
+            return None, None
+        with torch.cuda.stream(copy):
+            if self._read is not None:
+                copy.wait_event(self._read)  # never overwrite a slot a kernel still reads
+            start = streams.copy_event()
+            for e in batch.experts:
+                self.buf[slot_of[e]].copy_(batch.row(e), non_blocking=True)
+            end = streams.copy_event()
+        return start, end
