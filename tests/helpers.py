@@ -132,8 +132,9 @@ def decode_cpu(model, *, program=False, **kw):
     return d.result
 
 
-def stream_runtime(factory, b):
-    """A runtime factory: streamed misses (experts/stream.py), `b` slots per layer, on the CPU."""
+def stream_runtime(factory, b, *, prefetch=False):
+    """A runtime factory: streamed misses (experts/stream.py), `b` slots per layer, on the CPU
+    (`prefetch`: reading each layer's guessed experts ahead)."""
     from tidecli.experts.store import HostExpertStore
     from tidecli.experts.stream import StreamRuntime
 
@@ -141,7 +142,7 @@ def stream_runtime(factory, b):
         store = HostExpertStore(ckpt, pin=False)
         budgets = {layer: b for layer in ckpt.config.moe_layers}
         return StreamRuntime(ckpt.config, store, budgets, factory(), device=torch.device("cpu"),
-                             dtype=torch.float32)
+                             dtype=torch.float32, prefetch=prefetch)
     return make
 
 

@@ -206,6 +206,8 @@ def test_hub_errors_say_what_happened():
     (["generate", "hi", "--policy", "fast"], "unknown policy 'fast'"),
     (["chat", "--device", "tpu"], "unknown device 'tpu'"),
     (["chat", "--misses", "nowhere"], "unknown --misses 'nowhere'"),
+    (["generate", "hi", "--prefetch", "next"], "unknown --prefetch 'next'"),
+    (["bench", "--prefetch", "off,next"], "unknown --prefetch 'next'"),
     (["generate", "hi", "--tau", "0"], "--tau must be at least 1"),
     (["plan", "--vram", "8,x"], "--vram"),
     (["bench", "--policies", "fast"], "unknown policy"),

@@ -17,8 +17,8 @@ from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy  # no
 from helpers import check_tables, decode_cpu, load_model, stream_runtime  # noqa: E402
 
 
-def _run(path, factory, b, fused):
-    model, _ = load_model(path, runtime=stream_runtime(factory, b))
+def _run(path, factory, b, fused, prefetch=False):
+    model, _ = load_model(path, runtime=stream_runtime(factory, b, prefetch=prefetch))
     rt = model.experts
     rt.fused = fused
     out = decode_cpu(model, program=True, gen_length=48)
@@ -36,5 +36,20 @@ def test_fused_plan_matches_the_reference(tiny_ckpt, b, policy):
     assert rt._plans  # the fused path ran
     assert tokens == ref_tokens
     assert rt.run_stats.summary() == ref.run_stats.summary()
+    assert torch.equal(rt.table, ref.table) and torch.equal(rt.owner, ref.owner)
+    check_tables(rt)
+
+
+def test_fused_read_ahead_matches_the_reference(tiny_ckpt):
+    """The read-ahead's plan (the kernel without marking last use) places what the torch path
+    places: same guesses scored, same tables."""
+    factory = lambda: TidePolicy(TideOptions(tau=1))  # noqa: E731
+    ref_tokens, ref = _run(tiny_ckpt, factory, 5, fused=False, prefetch=True)
+    tokens, rt = _run(tiny_ckpt, factory, 5, fused=True, prefetch=True)
+    assert rt._pref_plans  # the fused read-ahead ran
+    assert tokens == ref_tokens
+    s = rt.run_stats.summary()
+    assert s["prefetched"] > 0
+    assert s == ref.run_stats.summary()
     assert torch.equal(rt.table, ref.table) and torch.equal(rt.owner, ref.owner)
     check_tables(rt)

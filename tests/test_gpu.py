@@ -258,3 +258,36 @@ def test_capturing_again_does_not_grow_device_memory(tiny_ckpt):
         assert after - first < 4 << 20, (first, after)
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_read_ahead_is_bitwise_exact(tiny_ckpt, fused):
+    """--prefetch layer: each layer's guessed experts are placed on a side stream inside the
+    step's graph while the layer before computes; tokens stay the resident run's, and the
+    side stream is joined before the layer's experts run (a missing join would race)."""
+    from tidecli.experts.gather import stream_available
+    from tidecli.experts.policies import TideOptions, TidePolicy
+    from tidecli.experts.store import HostExpertStore
+    from tidecli.experts.stream import StreamRuntime
+
+    if stream_available(torch.device("cuda")):
+        pytest.skip(stream_available(torch.device("cuda")))
+    ref = _program_tokens("resident", tiny_ckpt, capture=True)
+    for capture in (True, False):
+        def make(ckpt):
+            rt = StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
+                               {layer: 6 for layer in ckpt.config.moe_layers},
+                               TidePolicy(TideOptions(tau=1)), device=torch.device("cuda"),
+                               dtype=torch.bfloat16, prefetch=True)
+            rt.fused = fused
+            return rt
+
+        m = StepPrograms(cuda_model(tiny_ckpt, make), capture=capture)
+        out = [decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
+               for _ in range(2)]
+        assert out[0] == out[1] == ref, capture
+        assert bool(m.experts._pref_plans) == fused
+        s = m.experts.run_stats.summary()
+        assert s["prefetched"] > 0 and 0 <= s["prefetch_used"] <= s["prefetched"]
+        assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+        m.experts.close()

@@ -90,3 +90,81 @@ def test_stream_needs_experts_in_ram(tiny_ckpt):
     with pytest.raises(TideError, match="on disk"):
         Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="tide",
                               experts_per_layer=4, misses="stream", ram_gib=0.001), quiet=True)
+
+
+# ---- read-ahead (--prefetch layer) ------------------------------------------------------------
+
+@pytest.mark.parametrize("name,b,program", [("tide1", 3, True), ("tide1", 12, False),
+                                            ("tide3", 12, True), ("static", 8, True)])
+def test_read_ahead_gives_the_resident_tokens(tiny_ckpt, reference, name, b, program):
+    model, _ = load_model(tiny_ckpt, runtime=stream_runtime(POLICIES[name], b, prefetch=True))
+    assert decode_cpu(model, program=program).token_ids == reference
+    rt = model.experts
+    s = rt.run_stats.summary()
+    assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+    if name.startswith("tide"):
+        assert s["prefetched"] > 0
+    assert 0 <= s["prefetch_used"] <= s["prefetched"]
+    ebytes = rt.expert_bytes
+    assert s["bytes_prefetch_wasted"] == (s["prefetched"] - s["prefetch_used"]) * ebytes
+    assert s["bytes_h2d"] == (s["promotions"] + s["streamed"]) * ebytes
+    check_tables(rt)
+
+
+def _one_layer(tiny_ckpt, b):
+    model, _ = load_model(tiny_ckpt, runtime=stream_runtime(
+        lambda: TidePolicy(TideOptions(tau=1)), b, prefetch=True))
+    rt = model.experts
+    layer = model.cfg.moe_layers[0]
+    hidden = torch.randn(4, model.cfg.hidden_size)
+    return rt, layer, hidden
+
+
+def _forward(rt, layer, hidden, guess, ids):
+    from tidecli.model.moe import ForwardInfo
+
+    rt.begin_forward(ForwardInfo("step"))
+    if guess is not None:
+        rt.prefetch(layer, guess)
+    out = rt.device_begin(layer, hidden, ids)
+    return out, rt.end_forward().layer(layer)
+
+
+def _same_as_without_a_guess(tiny_ckpt, b, rt, layer, hidden, ids, out):
+    """The rows equal those of a fresh runtime that took no guess; the tables stay sound."""
+    fresh, _, _ = _one_layer(tiny_ckpt, b)
+    ref, c = _forward(fresh, layer, hidden, None, ids)
+    assert c.prefetched == 0
+    assert torch.equal(out, ref)
+    check_tables(rt)
+
+
+def test_a_right_guess_turns_the_layer_into_hits(tiny_ckpt):
+    rt, layer, hidden = _one_layer(tiny_ckpt, 8)
+    ids = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])
+    out, c = _forward(rt, layer, hidden, ids, ids)
+    assert c.prefetched == 4 and c.prefetch_used == 4 and c.bytes_prefetch_wasted == 0
+    assert c.gpu_hits == ids.numel()  # every pair found its expert resident
+    _same_as_without_a_guess(tiny_ckpt, 8, rt, layer, hidden, ids, out)
+
+
+def test_a_wrong_guess_costs_copies_not_results(tiny_ckpt):
+    rt, layer, hidden = _one_layer(tiny_ckpt, 4)
+    guess = torch.tensor([[4, 5], [6, 7], [4, 6], [5, 7]])
+    ids = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])
+    out, c = _forward(rt, layer, hidden, guess, ids)
+    assert c.prefetched == 4 and c.prefetch_used == 0
+    assert c.bytes_prefetch_wasted == 4 * rt.expert_bytes
+    assert c.gpu_hits == 0 and c.promotions == 8  # the guesses, then the layer's own
+    _same_as_without_a_guess(tiny_ckpt, 4, rt, layer, hidden, ids, out)
+
+
+def test_a_guess_from_the_layers_own_input_is_its_routing(tiny_ckpt):
+    """The predictor is the router itself: applied to the layer's own input it is exact."""
+    from tidecli.model.router import route
+
+    model, _ = load_model(tiny_ckpt)
+    layer = model.cfg.moe_layers[-1]
+    n = torch.randn(6, model.cfg.hidden_size)
+    ids, _ = route(n, model.w.layers[layer].router, model.cfg)
+    assert torch.equal(model.predict(layer, n), ids)

@@ -46,6 +46,11 @@ MissesOpt = Annotated[str, typer.Option(
          "scratch slots by measured cost), cpu, or gpu (scratch slots); auto = stream on a GPU "
          "when the experts fit pinned RAM, else cpu. stream and gpu give bitwise the resident "
          "run's tokens.")]
+PrefetchOpt = Annotated[str, typer.Option(
+    metavar="[off|layer]",
+    help="Streamed misses: layer reads each MoE layer's likely experts ahead, guessed by its "
+         "router from the layer before, while that layer computes (a wrong guess costs copies, "
+         "never different tokens); off places only what the routing asks for.")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", "-p", metavar="NAME|FILE",
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "
@@ -114,7 +119,8 @@ def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: Dty
 
 def runtime_options(policy: PolicyOpt = "auto", vram: VramOpt = None, ram: RamOpt = None,
                     experts_per_layer: ExpertsPerLayerOpt = None, tau: TauOpt = None,
-                    misses: MissesOpt = "auto", profile: ProfileOpt = None,
+                    misses: MissesOpt = "auto", prefetch: PrefetchOpt = "off",
+                    profile: ProfileOpt = None,
                     cpu_threads: CpuThreadsOpt = 0,
                     popularity_trace: PopularityTraceOpt = None,
                     stall_refresh: StallRefreshOpt = False, cold_start: ColdStartOpt = False,
@@ -157,7 +163,7 @@ def engine_options_of(o: dict[str, Any]):
         model=o["model"], device=o["device"], dtype=o["dtype"], graphs=o["graphs"],
         policy=o["policy"], tau=o["tau"], stall_refresh=o["stall_refresh"],
         warm_start=not o["cold_start"], skip_last_step=not o["refresh_last_step"],
-        misses=o["misses"], cpu_threads=o["cpu_threads"],
+        misses=o["misses"], prefetch=o.get("prefetch", "off"), cpu_threads=o["cpu_threads"],
         popularity_trace=str(trace) if trace else None, profile=o["profile"],
         vram_gib=o["vram"], ram_gib=o["ram"], experts_per_layer=o["experts_per_layer"],
         block_length=o["block_length"], threshold=o["threshold"],

@@ -47,7 +47,8 @@ def _kernel():
     def layer_plan(ids, table, owner, last, keep_ptr, clock_ptr, counts,
                    src_out, dst_out, prow, pdst, poffs, hrow, hdst, hoffs, ctr,
                    scr_used, scr_vic, P, E, B, K,
-                   PB: tl.constexpr, EB: tl.constexpr, BB: tl.constexpr, KEY: tl.constexpr):
+                   PB: tl.constexpr, EB: tl.constexpr, BB: tl.constexpr, KEY: tl.constexpr,
+                   MARK: tl.constexpr):
         p = tl.arange(0, PB)
         pm = p < P
         pe = tl.load(ids + p, mask=pm, other=0).to(tl.int32)
@@ -94,8 +95,9 @@ def _kernel():
         tl.debug_barrier()
         slot = tl.load(table + pe, mask=pm, other=-1)
         inpool = pm & (slot >= 0)
-        clock = tl.load(clock_ptr)
-        tl.store(last + slot, tl.zeros([PB], tl.int64) + clock, mask=inpool)
+        if MARK:  # a guess (read-ahead) places without marking: unused, it goes first
+            clock = tl.load(clock_ptr)
+            tl.store(last + slot, tl.zeros([PB], tl.int64) + clock, mask=inpool)
         # pairs by slot (pool) and by expert (pinned RAM); padding lanes sort last
         pk = tl.where(inpool, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
         po = tl.sort(pk, 0) % KEY
@@ -126,12 +128,16 @@ def _kernel():
 class LayerPlan:
     """Static buffers for one layer's fused plan (reused every forward pass)."""
 
-    def __init__(self, pairs: int, experts: int, slots: int, device: torch.device) -> None:
+    def __init__(self, pairs: int, experts: int, slots: int, device: torch.device, *,
+                 src: torch.Tensor | None = None, mark: bool = True) -> None:
+        """`src`: where to write the placed experts (a [slots] long view; default its own);
+        `mark=False`: the pairs' slots keep their last-use time (a guess's plan)."""
         self.P, self.E, self.B = pairs, experts, slots
+        self.mark = mark
         # spare bins: E for experts, BB-1 (never a slot, nor the first) for slots
         self.PB, self.EB, self.BB = next_pow2(pairs), next_pow2(experts + 1), next_pow2(slots + 2)
         long = dict(dtype=torch.long, device=device)
-        self.src = torch.full((max(slots, 1),), -1, **long)
+        self.src = src if src is not None else torch.full((max(slots, 1),), -1, **long)
         self.dst = torch.zeros((max(slots, 1),), **long)
         self.prow = torch.zeros(pairs, **long)
         self.pdst = torch.zeros(pairs, **long)
@@ -152,7 +158,7 @@ class LayerPlan:
         _kernel()[(1,)](flat, table, owner, last, keep, clock, counts, self.src, self.dst,
                         self.prow, self.pdst, self.poffs, self.hrow, self.hdst, self.hoffs, ctr,
                         self.scr_used, self.scr_vic, self.P, self.E, self.B, k,
-                        PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY)
+                        PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY, MARK=self.mark)
 
 
 def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,

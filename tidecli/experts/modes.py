@@ -10,6 +10,10 @@ GPU slots, with one rule for `auto`. No torch here (commands check values before
 - `auto`: `stream` on a GPU when streaming is possible (every expert in pinned RAM, in the
   model's dtype, Triton present), else `cpu`: deterministic tokens, and what the planner's
   default plans model. `split` is timing-dependent (the split follows measured costs).
+
+Read-ahead (`--prefetch`, streamed misses only): `layer` guesses each MoE layer's experts with
+its router applied to the layer before's input, and places the guessed misses while that layer
+computes (experts/stream.py); `off` places only what the routing asks for. Tokens are the same.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def parse_misses(value: str | MissMode) -> MissMode:
         return MissMode(value)
     except ValueError:
         raise TideError(f"unknown --misses {value!r}", f"use {', '.join(MISS_MODES)}") from None
+
+
+PREFETCH_MODES = ("off", "layer")
+
+
+def parse_prefetch(value: str) -> str:
+    if value not in PREFETCH_MODES:
+        raise TideError(f"unknown --prefetch {value!r}", f"use {', '.join(PREFETCH_MODES)}")
+    return value
 
 
 def resolve_misses(requested: str | MissMode, *, cuda: bool,

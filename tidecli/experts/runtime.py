@@ -28,6 +28,7 @@ class BaseRuntime:
 
     name = "base"
     needs_host = False  # True: host phases between the device phases (no single-graph step)
+    prefetches = False  # True: `prefetch` reads guessed experts ahead of their layer
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg = cfg
@@ -90,6 +91,9 @@ class BaseRuntime:
     def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Device only: per-pair output rows [T·k, H] of the resident experts, zero elsewhere."""
         raise NotImplementedError
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """Device only: ids [T, k] guess `layer`'s experts (only when `prefetches`)."""
 
     def host_before(self, layer: int, io: LayerIO) -> None:
         """Host work that must precede device_begin (activations, promotions before compute)."""

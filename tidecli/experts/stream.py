@@ -8,9 +8,12 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 2. on a refresh step the experts the step needs and lacks take the slots of residents it does
    not use, least recently used first — their rows are gathered from pinned RAM into the slots
    by a kernel (experts/gather.py), as many as there are such slots;
-3. every pair whose expert now has a slot runs in one grouped GEMM over the slots; the pairs of
+3. every pair whose expert now has a slot runs in a grouped GEMM over the slots; the pairs of
    experts left without one (between refreshes, or when the step needs more experts than the
    layer has slots) run in a grouped GEMM that reads its weights from pinned RAM over PCIe.
+4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
+   layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
+   stream). Only the guesses' cost depends on how good they are.
 
 No expert's arithmetic depends on where its weights were read from, so tokens are those of the
 all-resident run. Between refreshes (steps t ≢ 0 mod τ) the placement is frozen, as in TIDE;
@@ -47,12 +50,19 @@ class StreamRuntime(PooledRuntime):
 
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", prefetch: bool = False) -> None:
         super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
         m, e = cfg.num_moe_layers, cfg.num_experts
         bmax = max(budgets.values(), default=0)
         self.bmax = bmax
         dev = device
+        # read-ahead: the experts a guess placed in each layer this forward (-1: none), read
+        # back with the counters to score the guesses
+        self.prefetches = prefetch and bmax > 0
+        self.pref_src = torch.full((m, max(bmax, 1)), -1, dtype=torch.long, device=dev)
+        self._pref_counts = torch.zeros((m, e), dtype=torch.long, device=dev)  # scratch
+        self._pref_ctr = torch.zeros((m, 5), dtype=torch.long, device=dev)  # scratch
+        self._pref_plans: dict[tuple[int, int], LayerPlan] = {}
         # device truth of the placement; column E (table) and bmax (owner, last) take the
         # writes of entries that place nothing, so every update has a static shape
         self.table = torch.full((m, e + 1), -1, dtype=torch.long, device=dev)
@@ -92,6 +102,8 @@ class StreamRuntime(PooledRuntime):
         # Python scalars: fill kernels, no host-to-device copy to order
         self._keep.fill_(1 if self.policy.stream_keep(info) else 0)
         self._clock.fill_(self._ticks)
+        if self.prefetches:
+            self.pref_src.fill_(-1)
 
     def end_forward(self):
         ctr = self.counters.cpu().numpy()  # the one host sync of a forward pass
@@ -107,9 +119,27 @@ class StreamRuntime(PooledRuntime):
             c.streamed += int(row[_STREAMED])
             if counts is not None and self.trace is not None:
                 self._trace_counts[j] = counts[j]
+        if self.prefetches:
+            self._score_guesses(counts if counts is not None else self.counts.cpu().numpy())
         if counts is not None:
             self._host_placement(counts)
         return super().end_forward()
+
+    def _score_guesses(self, counts: np.ndarray) -> None:
+        """Count what the read-ahead placed this forward and how much of it its layer used."""
+        src = self.pref_src.cpu().numpy()
+        ebytes = self.expert_bytes
+        for j, layer in enumerate(self.cfg.moe_layers):
+            placed = src[j][src[j] >= 0]
+            if not placed.size:
+                continue
+            used = int((counts[j][placed] > 0).sum())
+            c = self.forward_stats.layer(layer)
+            c.prefetched += int(placed.size)
+            c.prefetch_used += used
+            c.promotions += int(placed.size)
+            c.bytes_h2d += int(placed.size) * ebytes
+            c.bytes_prefetch_wasted += (int(placed.size) - used) * ebytes
 
     def _needs_counts(self) -> bool:
         return self.trace is not None or self.policy.places_on_host(self.info)
@@ -173,7 +203,7 @@ class StreamRuntime(PooledRuntime):
         slot0 = table[flat]
         placed_n = torch.zeros((), dtype=torch.long, device=flat.device)
         if b > 0:
-            placed_n = self._place(j, pool, used)
+            placed_n, _ = self._place(j, pool, used)
         slot = table[flat]
         out = run_pairs(self.kernel, hidden, slot, pool.gate_up, pool.down, self.k)
         if b > 0:  # mark the slots this step reads as just used
@@ -187,6 +217,35 @@ class StreamRuntime(PooledRuntime):
             (slot0 >= 0).sum(), placed_n, ((slot0 < 0) & ~rest).sum(),
             missing_after.sum(), rest.sum()]))
         return out
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """A guess of the layer's experts, before its router runs (StepProgram queues it on a
+        side stream while the layer before computes): on a refresh forward the guessed experts
+        without a slot are placed as the layer's own routing would place them — the slots of
+        experts the guess does not use, least recently used first — and their rows gathered
+        from pinned RAM. Those slots keep their last-use time, so a wrong guess is the first to
+        go. The layer's own plan then finds them resident; whatever the guess, it places and
+        computes exactly what its routing asks for."""
+        j = self.layer_index[layer]
+        pool = self.pools.pools[layer]
+        b, e = pool.slots, self.cfg.num_experts
+        if b == 0:
+            return
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        if self.fused and LayerPlan.fits(n, e, b):
+            lp = self._pref_plans.get((j, n))
+            if lp is None:
+                lp = self._pref_plans[(j, n)] = LayerPlan(
+                    n, e, b, self.device, src=self.pref_src[j, :b], mark=False)
+            lp.run(flat, self.table[j], self.owner[j], self.last[j], self._keep, self._clock,
+                   self._pref_counts[j], self._pref_ctr[j], self.k)
+            copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
+            return
+        # index_fill_ takes the value as a kernel argument: no host copy (captured on a GPU)
+        used = torch.zeros(e, dtype=torch.bool, device=flat.device).index_fill_(0, flat, True)
+        _, src = self._place(j, pool, used)
+        self.pref_src[j, :b].copy_(src)
 
     def _device_begin_fused(self, j: int, layer: int, pool, hidden: torch.Tensor,
                             flat: torch.Tensor) -> torch.Tensor:
@@ -203,10 +262,11 @@ class StreamRuntime(PooledRuntime):
         grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out)
         return out[:n]
 
-    def _place(self, j: int, pool, used: torch.Tensor) -> torch.Tensor:
+    def _place(self, j: int, pool, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """On a refresh forward: the used experts without a slot take the slots whose experts
         this step does not use, least recently used first (free slots before any). Returns how
-        many were placed (a device scalar)."""
+        many were placed (a device scalar) and the placed experts by slot rank ([slots], -1
+        past them)."""
         b, e, bmax = pool.slots, self.cfg.num_experts, self.bmax
         table, owner, last = self.table[j], self.owner[j], self.last[j]
         own = owner[:b]
@@ -227,7 +287,7 @@ class StreamRuntime(PooledRuntime):
         table.index_put_((torch.where(take, src, e),), torch.where(take, victims, -1))
         owner.index_put_((torch.where(take, victims, bmax),), torch.where(take, src, -1))
         copy_rows(self._host[pool.layer], src, pool.buf, victims)
-        return n_place
+        return n_place, src
 
     def _from_host(self, layer: int, hidden: torch.Tensor,
                    pair_expert: torch.Tensor) -> torch.Tensor:
@@ -249,6 +309,7 @@ class StreamRuntime(PooledRuntime):
 
     def describe(self) -> RuntimeInfo:
         return RuntimeInfo(**self.policy.describe(), kernel=self.kernel, misses="stream",
+                           prefetch="layer" if self.prefetches else "off",
                            experts_format=compressed_name(self.format),
                            experts_per_layer=dict(self.budgets), host_store=self.store.info,
                            slot_pool_bytes=self.pools.nbytes(), scratch_bytes=0)

@@ -22,6 +22,9 @@ class LayerCounters:
     bytes_disk: int = 0
     staging_hits: int = 0  # experts found still staged, not read again
     disk_wait_ms: float = 0.0  # time the host waited for those reads
+    prefetched: int = 0  # experts read ahead of their layer's router on a guess
+    prefetch_used: int = 0  # of those, the experts the layer's routing then used
+    bytes_prefetch_wasted: int = 0  # bytes read ahead for experts the layer did not use
 
     def add(self, other: LayerCounters) -> None:
         for f in fields(self):
@@ -85,6 +88,10 @@ class ExpertStats:
             "bytes_disk": t.bytes_disk,
             "staging_hits": t.staging_hits,
             "disk_wait_ms": round(t.disk_wait_ms, 3),
+            "prefetched": t.prefetched,
+            "prefetch_used": t.prefetch_used,
+            "prefetch_accuracy": t.prefetch_used / t.prefetched if t.prefetched else None,
+            "bytes_prefetch_wasted": t.bytes_prefetch_wasted,
         }
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ import torch
 from tidecli.model.config import ModelConfig
 from tidecli.model.layers import Rotary, attention, block_causal_mask, rms_norm, swiglu
 from tidecli.model.moe import ExpertRuntime, ForwardInfo, Router
+from tidecli.model.router import predict
 from tidecli.model.weights import DenseWeights
 
 
@@ -52,6 +53,8 @@ class LLaDA2Model:
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
         self.router = router or Router()
         self.moe_index = {layer: j for j, layer in enumerate(cfg.moe_layers)}
+        moe = list(cfg.moe_layers)
+        self.next_moe = dict(zip(moe, moe[1:], strict=False))  # MoE layer → the next one
         self._cache: KVCache | None = None
 
     def cache_for(self, positions: int, *, round_to: int = 512) -> KVCache:
@@ -95,6 +98,11 @@ class LLaDA2Model:
         """A MoE layer's expert ids [T, k] and weights [T, k] (fp32)."""
         return self.router(self.moe_index[i], n, self.w.layers[i].router, self.cfg, static=static)
 
+    def predict(self, i: int, n: torch.Tensor) -> torch.Tensor:
+        """A guess of MoE layer i's expert ids [T, k]: its router applied to `n`, an earlier
+        layer's normed input (the model's router, whatever router the run chose)."""
+        return predict(n, self.w.layers[i].router, self.cfg)
+
     def expert_part(self, i: int, n: torch.Tensor, ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
         return self.experts.run(i, n, ids, weights)
@@ -117,6 +125,9 @@ class LLaDA2Model:
         if self.w.layers[i].dense_ffn is not None:
             return self.dense_part(i, h, n)
         ids, weights = self.route(i, n)
+        nxt = self.next_moe.get(i)
+        if nxt is not None and self.experts.prefetches:
+            self.experts.prefetch(nxt, self.predict(nxt, n))
         y = self.expert_part(i, n, ids, weights)
         return self.residual(h, y, self.shared_part(i, n))
 

@@ -65,6 +65,7 @@ class ExpertRuntime(Protocol):
     """What the model needs from an expert runtime (experts/ implements it)."""
 
     needs_host: bool  # host phases between the device phases (no single-graph step)
+    prefetches: bool  # takes guesses of a layer's experts before its router runs (`prefetch`)
     forward_stats: ExpertStats  # counters of the forward pass in progress (or last finished)
 
     def begin_forward(self, info: ForwardInfo) -> None: ...
@@ -77,6 +78,11 @@ class ExpertRuntime(Protocol):
     def make_io(self, ids: torch.Tensor, hidden: torch.Tensor) -> LayerIO: ...
 
     def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """Device only: `ids` [T, k] guess layer's experts; the runtime may start reading them.
+        Queued before the layer's own routing exists (on a side stream on a GPU); a wrong guess
+        may cost copies, never a different result."""
 
     def host_before(self, layer: int, io: LayerIO) -> None: ...
 

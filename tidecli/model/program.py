@@ -22,20 +22,21 @@ import torch
 from tidecli.model.llada2 import KVCache, LLaDA2Model
 from tidecli.model.moe import ForwardInfo, LayerIO
 
-_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
 
-def warmup_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream per device that every capture warms up on. cuBLAS keeps a workspace
-    for each stream it has run on (tens of MiB on recent GPUs) until the process ends, so a new
+def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """The one side stream per device and role ("warmup": every capture warms up on it;
+    "prefetch": the read-ahead of the next MoE layer's experts). cuBLAS keeps a workspace for
+    each stream it has run on (tens of MiB on recent GPUs) until the process ends, so a new
     stream per capture grew the allocation by one workspace every time programs were captured
     again (a new runtime, a new block shape, every `tide bench` run)."""
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    stream = _WARMUP_STREAMS.get(device)
+    stream = _SIDE_STREAMS.get((device, role))
     if stream is None:
-        stream = _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+        stream = _SIDE_STREAMS[(device, role)] = torch.cuda.Stream(device)
     return stream
 
 
@@ -74,6 +75,9 @@ class StepProgram:
         self.logits: torch.Tensor | None = None
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.single = not self.rt.needs_host
+        # read-ahead of the next MoE layer's experts (a runtime that takes guesses)
+        self.prefetch = self.rt.prefetches
+        self._ahead: list[torch.cuda.Stream | None] = [None] * m
         if capture and self.cuda:
             self._capture()
 
@@ -108,12 +112,32 @@ class StepProgram:
         h, n = self._attn(layer, x)
         ids, w = model.route(layer, n, static=True)
         self.h[j], self.n[j], self.ids[j], self.w[j] = h, n, ids, w
+        if self.prefetch and j + 1 < len(self.moe):
+            self._read_ahead(j + 1, n)
         if self.to_host:  # the routing goes to the host as soon as it exists
             self.host_ids[j].copy_(ids, non_blocking=True)
             self.host_x[j].copy_(n, non_blocking=True)
 
+    def _read_ahead(self, j: int, n: torch.Tensor) -> None:
+        """Guess MoE layer j's experts from the layer before's input and let the runtime read
+        them, on a side stream: it overlaps that layer's experts and layer j's attention, and
+        joins before layer j's experts run (`_gpu`)."""
+        nxt = self.moe[j]
+        if not self.cuda:
+            self.rt.prefetch(nxt, self.model.predict(nxt, n))
+            return
+        side = side_stream(self.device, "prefetch")
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.rt.prefetch(nxt, self.model.predict(nxt, n))
+        self._ahead[j] = side
+
     def _gpu(self, j: int) -> None:
         layer = self.moe[j]
+        side = self._ahead[j]
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._ahead[j] = None
         self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
         self.shared[j] = self.model.shared_part(layer, self.n[j])
 
@@ -131,7 +155,7 @@ class StepProgram:
         # block, which holds nothing yet when the first step of a generation captures (the
         # prompt's K/V at the front must survive), and which a step rewrites before reading.
         self.start.fill_(self.cache.capacity - self.T)
-        side = warmup_stream(self.device)
+        side = side_stream(self.device, "warmup")
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: kernels chosen, workspaces allocated
             for _ in range(2):

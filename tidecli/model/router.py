@@ -26,15 +26,26 @@ def route(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
     """x: [T, H] → (expert ids [T, k] int64, weights [T, k] fp32). `offset`: the first token's
     absolute position modulo the routing block (block routing only; the model's forward passes
     always start on a routing-block boundary: 0)."""
-    logits = F.linear(x.float(), w.weight.float())  # [T, E], fp32 whatever the stored dtype
-    scores = logits.sigmoid()
+    scores = F.linear(x.float(), w.weight.float()).sigmoid()  # [T, E], fp32 whatever stored
+    ids = choose(scores, w, cfg, offset=offset)
+    return ids, routing_weights(scores, ids, cfg)
+
+
+def predict(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig) -> torch.Tensor:
+    """The expert ids [T, k] that router `w` would choose for x: the router's own choice, without
+    the weights. Applied to an earlier layer's input it guesses a later layer's experts (read
+    ahead, experts/stream.py); nothing computed depends on the guess."""
+    return choose(F.linear(x.float(), w.weight.float()).sigmoid(), w, cfg)
+
+
+def choose(scores: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
+           offset: int = 0) -> torch.Tensor:
+    """Sigmoid scores [T, E] → expert ids [T, k] (the bias shifts the choice, not the weights)."""
     choice = scores + w.expert_bias if w.expert_bias is not None else scores
     if cfg.block_routing:
-        ids = block_choice(choice, capacity=cfg.expert_capacity, window=cfg.block_size,
-                           k=cfg.num_experts_per_tok, offset=offset)
-    else:
-        ids = group_choice(choice, cfg)
-    return ids, routing_weights(scores, ids, cfg)
+        return block_choice(choice, capacity=cfg.expert_capacity, window=cfg.block_size,
+                            k=cfg.num_experts_per_tok, offset=offset)
+    return group_choice(choice, cfg)
 
 
 def routing_weights(scores: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

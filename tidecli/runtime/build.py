@@ -291,7 +291,7 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
         from tidecli.experts.stream import StreamRuntime
 
         return StreamRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
-                             kernel=opts.load.kernel)
+                             kernel=opts.load.kernel, prefetch=r.prefetch == "layer")
     threads, cpu_mode, cpu_dtype = cpu_setup(r, plan, device)
     return OffloadRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
                           cpu_threads=threads, cpu_mode=cpu_mode, cpu_dtype=cpu_dtype,

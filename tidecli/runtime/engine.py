@@ -141,8 +141,13 @@ class Engine:
                                           notices=self.notices)
         if budgets is None:  # an offload policy without a budget: the whole device's memory
             budgets, self.memory = self._default_budgets()
-        return build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
-                                    plan=self.plan, device=self.device, dtype=self.dtype)
+        rt = build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
+                                  plan=self.plan, device=self.device, dtype=self.dtype)
+        if o.residency.prefetch != "off" and not rt.prefetches:
+            self.notices.append(f"--prefetch {o.residency.prefetch} reads ahead only for "
+                                f"streamed misses; these run {rt.describe().misses}: no "
+                                "read-ahead")
+        return rt
 
     def _default_budgets(self):
         budgets, memory = build.expert_budgets(self.ckpt, self.run_opts, plan=self.plan,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
-from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses
+from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses, parse_prefetch
 from tidecli.hardware.probe import usable_cores
 from tidecli.memory import check_ram_gib, check_vram_gib
 from tidecli.planner.plan import Plan
@@ -56,6 +56,7 @@ class ResidencyOptions:
     policy: str = "auto"  # auto, or one of experts/policies.py: resident | lru | static | tide
     tide: TideOptions = field(default_factory=TideOptions)  # tau None: the planner's
     misses: MissMode = MissMode.AUTO  # where static/tide misses run (experts/modes.py)
+    prefetch: str = "off"  # streamed misses: read the next layer's guessed experts ahead
     cpu_threads: int = 0  # 0: the plan's for misses, else the cores other processes leave free
     cpu_mode: str = "intra"
     popularity_trace: str | None = None  # static: expert popularity from this routing trace
@@ -69,6 +70,7 @@ class ResidencyOptions:
             raise TideError(f"unknown policy {self.policy!r}",
                             f"choose one of {', '.join(POLICY_CHOICES)}")
         parse_misses(self.misses)
+        parse_prefetch(self.prefetch)
         check_cpu_threads(self.cpu_threads)
         if self.tide.tau is not None and self.tide.tau < 1:
             raise TideError(f"--tau must be at least 1, got {self.tide.tau}", "e.g. --tau 4")
@@ -108,8 +110,13 @@ class EngineOptions:
                      ("--cold-start", not t.warm_start),
                      ("--refresh-last-step", not t.skip_last_step)]
         offload = [("--misses", r.misses is not MissMode.AUTO),
-                   ("--popularity-trace", r.popularity_trace is not None)]
+                   ("--popularity-trace", r.popularity_trace is not None),
+                   ("--prefetch", r.prefetch != "off")]
         out = []
+        if r.prefetch != "off" and r.misses in (MissMode.CPU, MissMode.SPLIT, MissMode.GPU) \
+                and r.policy in ("static", "tide"):
+            out.append(f"--prefetch (it reads ahead for streamed misses, not --misses "
+                       f"{r.misses})")
         if r.policy == "resident":
             given = [n for n, on in [*tide_only, *offload, ("--profile", r.profile is not None),
                                      ("--cpu-threads", cuda and r.cpu_threads != 0)] if on]
@@ -133,7 +140,8 @@ class EngineOptions:
 def engine_options(*, model: str | None = None, device: str = "auto", dtype: str = "auto",
                    graphs: bool = True, kernel: str = "auto", policy: str = "auto",
                    tau: int | None = None, stall_refresh: bool = False, warm_start: bool = True,
-                   skip_last_step: bool = True, misses: str = "auto", cpu_threads: int = 0,
+                   skip_last_step: bool = True, misses: str = "auto", prefetch: str = "off",
+                   cpu_threads: int = 0,
                    popularity_trace: str | None = None, profile: str | None = None,
                    vram_gib: float | None = None, ram_gib: float | None = None,
                    experts_per_layer: int | None = None, block_length: int = 32,
@@ -146,7 +154,8 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
         residency=ResidencyOptions(
             policy=policy, tide=TideOptions(tau=tau, stall_refresh=stall_refresh,
                                             warm_start=warm_start, skip_last_step=skip_last_step),
-            misses=parse_misses(misses), cpu_threads=cpu_threads,
+            misses=parse_misses(misses), prefetch=parse_prefetch(prefetch),
+            cpu_threads=cpu_threads,
             popularity_trace=popularity_trace, profile=profile),
         budgets=BudgetOptions(vram_gib=vram_gib, ram_gib=ram_gib,
                               experts_per_layer=experts_per_layer),

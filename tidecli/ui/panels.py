@@ -43,6 +43,8 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
     if plan and plan.profile:  # the runtime follows the planner's plan
         rows.append(("plan", f"planned for {plan.profile}" +
                      (" (calibrated on this machine)" if plan.calibrated else "")))
+    if rt.prefetch == "layer":
+        rows.append(("read-ahead", "each layer's guessed experts, while the layer before computes"))
     if rt.cpu_threads:
         rows.append(("CPU experts", f"{rt.cpu_threads} threads, {rt.cpu_mode or ''}".rstrip(", ")))
     if mem is not None and mem.budget:
