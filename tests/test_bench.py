@@ -100,7 +100,8 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
-            "stall_ms", "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
+            "stall_ms", "prefetch", "prefetched", "prefetch_accuracy", "wasted_h2d_gb",
+            "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
             "vs_best_baseline", "vs_resident"}
 BOUND_KEYS = {"workload", "budget", "tau", "oracle_h2d_gb", "tide_h2d_gb", "tide_over_oracle",
@@ -280,3 +281,22 @@ def test_drifting_routing_has_the_published_statistics_and_foreseeable_entries()
     ref = DriftingScores(num_experts=cfg.num_experts, experts_per_token=cfg.num_experts_per_tok,
                          num_layers=cfg.num_moe_layers).step(1, 3)[0]
     assert np.array_equal(ids, ref) and r.describe()["workload"] == "drifting"
+
+
+def test_read_ahead_is_swept_only_where_misses_may_stream():
+    spec = BenchSpec(policies=["resident", "lru", "tide"], vram=[10.0], workloads=["model"],
+                     taus=[1], misses=["stream", "gpu"], prefetch=["off", "layer"])
+    spec.validate()
+    pts = [(p.policy, p.misses, p.prefetch) for p in run_points(spec)]
+    assert pts == [("resident", None, "off"), ("lru", None, "off"), ("tide", "stream", "off"),
+                   ("tide", "stream", "layer"), ("tide", "gpu", "off")]
+
+
+def test_bench_refuses_an_unknown_read_ahead():
+    from tidecli.commands.bench import bench_spec
+    from tidecli.errors import TideError
+
+    with pytest.raises(TideError, match="--prefetch"):
+        bench_spec(policies="tide", vram="10", experts_per_layer=None, workloads="model",
+                   tau="plan", misses="stream", prompts=None, gen_length=8, threshold=None,
+                   repeat=1, prefetch="next")

@@ -177,6 +177,12 @@ class Bench:
             "h2d_gb": round(s["bytes_h2d"] / 1e9, 4),
             "promotions": s["promotions"],
             "stall_ms": s["stall_ms"],
+            # read-ahead: what it read, and how much of that its layer then used
+            "prefetch": eng.runtime.describe().prefetch,
+            "prefetched": s["prefetched"],
+            "prefetch_accuracy": round(s["prefetch_accuracy"], 4)
+            if s["prefetch_accuracy"] is not None else None,
+            "wasted_h2d_gb": round(s["bytes_prefetch_wasted"] / 1e9, 4),
             "peak_vram_gib": round(torch.cuda.max_memory_allocated(eng.device) / 2**30, 3)
             if cuda else None,
             # allocated before the run's first step: the engine, and whatever else this process
@@ -211,13 +217,15 @@ class Bench:
                 f"{pt.workload} · {pt.policy} · {pt.budget}" + \
                 (f" · τ={pt.tau}" if pt.tau is not None else "") + \
                 (" · planned" if pt.planned else "") + \
-                (f" · misses {pt.misses}" if pt.misses is not None else "")
+                (f" · misses {pt.misses}" if pt.misses is not None else "") + \
+                (f" · prefetch {pt.prefetch}" if pt.prefetch != "off" else "")
             self.say(label)
             try:
                 self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),
-                    misses=parse_misses(pt.misses or "auto")), budgets=replace(
+                    misses=parse_misses(pt.misses or "auto"), prefetch=pt.prefetch),
+                    budgets=replace(
                     base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
                     experts_dtype=pt.fmt)
                 for note in self.engine.notices:  # a cache built or rebuilt, say
@@ -308,7 +316,8 @@ class Bench:
 
 def _skipped(pt: RunPoint, why: str) -> dict:
     return {"workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
-            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "skipped": why,
+            "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "prefetch": pt.prefetch,
+            "skipped": why,
             **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {})}
 
 

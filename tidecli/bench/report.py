@@ -50,7 +50,8 @@ def write_plot(report: dict, path: str | Path) -> Path:
             if x is None:
                 continue
             name = r["policy"] + (f" τ={r['tau']}" if r["tau"] is not None else "") + \
-                (f" ({r['misses']})" if r.get("misses") not in (None, "auto") else "")
+                (f" ({r['misses']})" if r.get("misses") not in (None, "auto") else "") + \
+                (" +ahead" if r.get("prefetch") == "layer" else "")
             lines.setdefault(name, []).append((x, r["steps_per_s"]))
         for name, pts in lines.items():
             pts.sort()

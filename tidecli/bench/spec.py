@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
-from tidecli.experts.modes import MISS_MODES, POLICIES
+from tidecli.experts.modes import MISS_MODES, POLICIES, PREFETCH_MODES
 from tidecli.model.config import ModelConfig
 
 SCHEMA = "tide-bench/1"
@@ -34,6 +34,7 @@ class BenchSpec:
     workloads: list[str] = field(default_factory=lambda: ["model", "synthetic"])
     taus: list[int | str] = field(default_factory=lambda: ["plan"])  # "plan": the planner's
     misses: list[str] = field(default_factory=lambda: ["auto"])  # static/tide miss placement
+    prefetch: list[str] = field(default_factory=lambda: ["off"])  # read-ahead (streamed misses)
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     gen_length: int = 256
     threshold: float | None = None  # None: the checkpoint's preset
@@ -68,6 +69,9 @@ class BenchSpec:
                             "add --vram 10,18 or --experts-per-layer 8,16")
         if not self.misses or any(m not in MISS_MODES for m in self.misses):
             raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
+        if not self.prefetch or any(m not in PREFETCH_MODES for m in self.prefetch):
+            raise TideError(f"--prefetch takes {', '.join(PREFETCH_MODES)}",
+                            "e.g. --prefetch off,layer")
         if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
                                 for t in self.taus):
             raise TideError("--tau values must be 'plan' or at least 1", "e.g. --tau plan,1,2,4,8")
@@ -116,6 +120,7 @@ class RunPoint:
     misses: str | None = None
     planned: bool = False  # tide with the planner's τ and budgets (at this VRAM budget)
     fmt: str = "bf16"  # the routed experts' format
+    prefetch: str = "off"  # read-ahead of streamed misses
 
     @property
     def budget(self) -> str:
@@ -136,8 +141,12 @@ def run_points(spec: BenchSpec) -> list[RunPoint]:
                     if p == "resident":
                         continue
                     for m in (spec.misses if p in ("static", "tide") else [None]):
+                        # read-ahead only where misses may stream
+                        ahead = spec.prefetch if m in ("auto", "stream") else ["off"]
                         for t in (spec.taus if p == "tide" else [None]):
                             plan = t == "plan" and b is None  # --experts fixes the budgets
                             tau = None if plan or t is None else (4 if t == "plan" else int(t))
-                            pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f))
+                            for a in ahead:
+                                pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
+                                                    prefetch=a))
     return pts

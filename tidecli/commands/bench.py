@@ -89,6 +89,9 @@ def bench(
     misses: Annotated[str, typer.Option(
         metavar="LIST", help="static/tide miss placement to sweep, from auto, stream, split, "
                              "cpu, gpu (e.g. stream,split).")] = "auto",
+    prefetch: Annotated[str, typer.Option(
+        metavar="LIST", help="Read-ahead for streamed misses to sweep: off and/or layer "
+                             "(e.g. off,layer).")] = "off",
     prompts: Annotated[Path | None, typer.Option(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
@@ -109,7 +112,8 @@ def bench(
 ) -> None:
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
     spec = bench_spec(policies=policies, vram=vram, experts_per_layer=experts_per_layer,
-                      workloads=workloads, tau=tau, misses=misses, prompts=prompts,
+                      workloads=workloads, tau=tau, misses=misses, prefetch=prefetch,
+                      prompts=prompts,
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
                       experts_dtype=options.get("experts_dtype", "bf16"))
     check_model_options(options)
@@ -127,13 +131,14 @@ def _names(text: str) -> list[str]:
 
 def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
                workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
+               prefetch: str = "off",
                threshold: float | None, repeat: int, experts_dtype: str = "bf16"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
     left empty when none are given (the model's defaults come once its config is read)."""
     from tidecli.bench.spec import PROMPTS, BenchSpec
     from tidecli.decode.settings import check_schedule
     from tidecli.experts.formats import parse_formats
-    from tidecli.experts.modes import parse_misses
+    from tidecli.experts.modes import parse_misses, parse_prefetch
 
     names = _names(policies)
     bad = [p for p in names if p not in POLICIES]
@@ -142,11 +147,14 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                         f"choose among {', '.join(POLICIES)}")
     for m in _names(misses):
         parse_misses(m)
+    for m in _names(prefetch):
+        parse_prefetch(m)
     check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
     spec = BenchSpec(policies=names, vram=gib_list(vram) if vram else [],
                      experts=_ints(experts_per_layer, "experts-per-layer")
                      if experts_per_layer else [],
                      workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),
+                     prefetch=_names(prefetch),
                      prompts=_prompts(prompts) or list(PROMPTS),
                      gen_length=gen_length, threshold=threshold, repeat=repeat,
                      formats=_formats(parse_formats(experts_dtype)))

@@ -36,8 +36,11 @@ def runs_table(report: dict) -> Table:
             continue
         tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
         extra = [_f(r.get("token_agreement_bf16"), "{:.1%}")] if formats else []
-        t.add_row(*lead, r["policy"], r["budget"], tau,
-                  _f(r.get("misses_used") or r["misses"], "{}"),
+        misses = _f(r.get("misses_used") or r["misses"], "{}")
+        if r.get("prefetch") == "layer":  # read ahead: how many of its guesses were used
+            acc = r.get("prefetch_accuracy")
+            misses += " +ahead" + (f" {acc:.0%}" if acc is not None else "")
+        t.add_row(*lead, r["policy"], r["budget"], tau, misses,
                   _f(r["tokens_per_s"], "{:.1f}"), _f(r["steps_per_s"], "{:.2f}"),
                   _f(100 * r["hit_rate"], "{:.1f}"), _f(r["h2d_gb"], "{:.3f}"),
                   _f(r.get("vs_best_baseline"), "{:.2f}×"), _same(r), *extra)
