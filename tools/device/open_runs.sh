@@ -2,6 +2,9 @@
 # GPU runs for the serve, compressed-experts and step issues, by stage (step1-3, trace: below):
 #   serve  full-size synthetic mini behind `tide serve` at 10 GiB, tools/bench/serve_load.py
 #   quant  every expert format on full-size mini, resident and tide at 10 and 6 GiB, one bench
+#   ahead  GPU tests of the read-ahead, and a bench of it with stream and gpu misses
+#   ab     the same bench on the tree in old.tar and on this one (before/after, one machine)
+#   drift  lru and tide at 10 GiB on the synthetic and drifting workloads
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -49,6 +52,8 @@ if [ "$STAGE" = serve ]; then
   tail -5 "$OUT/serve.log"
 fi
 if [ "$STAGE" = quant ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k \
+    "read_ahead or streamed or capturing" 2>&1 | tail -3
   mini; df -h "$W" | tail -1
   TO 560 bench -m "$W/mini" --experts-dtype bf16,int8,fp8,int4 --policies resident,tide \
     --vram 10,6 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
@@ -105,6 +110,34 @@ if [ "$STAGE" = step3 ]; then  # the planner with the measured host hand-off, ev
       --prompts tools/bench/bench_prompts.txt --gen-length 64 \
       -o "$OUT/step-bench-mini-handoff-cpus$n.json" 2>&1 | grep -v "^\[" | sed -n '/planner against/,/profile /p'
   done
+fi
+if [ "$STAGE" = ahead ]; then  # read-ahead (--prefetch layer) and gpu misses' copy stream
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k \
+    "read_ahead or streamed or misses_on_the_gpu or capturing or step_program" 2>&1 | tail -4
+  mini
+  TO 330 bench -m "$W/mini" --policies resident,lru,tide --misses stream,gpu \
+    --prefetch off,layer --vram 10,6 --workloads model \
+    --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile h200 -o "$OUT/ahead-bench-mini.json" 2>&1 | grep -v "^\[" | tail -30
+fi
+if [ "$STAGE" = ab ]; then  # before/after in one run: the tree in old.tar (`git archive REV
+  # -o old.tar`, left untracked), then this one, the same bench on the same machine
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  for tree in old new; do
+    dir=$PWD; [ $tree = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir timeout 250 python3 -m tidecli bench -m "$W/mini" \
+      --policies resident,lru,tide --misses stream,gpu --vram 10,6 --workloads model \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+      -o "$OUT/ab-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
+  done
+fi
+if [ "$STAGE" = drift ]; then  # the two synthetic workloads (random and drifting entries)
+  mini
+  TO 280 bench -m "$W/mini" --policies lru,tide --vram 10 --workloads synthetic,drifting \
+    --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+    -o "$OUT/drift-bench-mini.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p'
 fi
 if [ "$STAGE" = trace ]; then  # where a host-driven step's time goes (torch.profiler)
   mini
