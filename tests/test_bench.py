@@ -100,7 +100,7 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
-            "stall_ms", "prefetch", "prefetched", "prefetch_accuracy", "wasted_h2d_gb",
+            "stall_ms", "measured_parts_ms", "prefetch", "prefetched", "prefetch_accuracy", "wasted_h2d_gb",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
             "vs_best_baseline", "vs_resident"}
@@ -128,8 +128,16 @@ def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
         assert r["tokens"] > 0 and r["steps"] > 0
         # a denoising step alone leaves out the prompt's prefill and the commit passes
         assert 0 < r["denoise_step_ms"] <= r["step_ms"]
+        parts = r["measured_parts_ms"]
+        assert set(parts) == {"copy_ms", "cpu_ms", "stall_ms", "disk_wait_ms"}
+        assert all(v >= 0 for v in parts.values())
+        if r["cpu_calls"]:  # misses computed on the CPU were timed
+            assert parts["cpu_ms"] > 0
+        if r["policy"] == "resident":
+            assert not any(parts.values())
     tide = [r for r in report["runs"] if r["policy"] == "tide"]
     assert all(r["vs_best_baseline"] is not None for r in tide)
+    assert any(r["measured_parts_ms"]["cpu_ms"] > 0 for r in tide)  # CPU misses on this device
     assert len(report["bounds"]) == 4
     for b in report["bounds"]:
         assert BOUND_KEYS <= set(b)

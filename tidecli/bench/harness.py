@@ -177,6 +177,11 @@ class Bench:
             "h2d_gb": round(s["bytes_h2d"] / 1e9, 4),
             "promotions": s["promotions"],
             "stall_ms": s["stall_ms"],
+            # what the runtime times as it runs (events and host clocks, no extra syncs), per
+            # denoising step: copy-stream time, CPU time on misses, the GPU waiting for either,
+            # the host waiting for disk reads (every forward of the run, prefill included)
+            "measured_parts_ms": {k: round(s[k] / steps, 3) if steps else None
+                                  for k in ("copy_ms", "cpu_ms", "stall_ms", "disk_wait_ms")},
             # read-ahead: what it read, and how much of that its layer then used
             "prefetch": eng.runtime.describe().prefetch,
             "prefetched": s["prefetched"],
