@@ -100,7 +100,8 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
-            "stall_ms", "measured_parts_ms", "prefetch", "prefetched", "prefetch_accuracy", "wasted_h2d_gb",
+            "stall_ms", "measured_parts_ms", "prefetch", "prefetched", "prefetch_accuracy",
+            "wasted_h2d_gb",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
             "vs_best_baseline", "vs_resident"}
