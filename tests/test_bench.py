@@ -101,7 +101,7 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
             "stall_ms", "measured_parts_ms", "prefetch", "prefetched", "prefetch_accuracy",
-            "wasted_h2d_gb",
+            "wasted_h2d_gb", "prefetch_off_forwards",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
             "vs_best_baseline", "vs_resident"}

@@ -168,3 +168,37 @@ def test_a_guess_from_the_layers_own_input_is_its_routing(tiny_ckpt):
     n = torch.randn(6, model.cfg.hidden_size)
     ids, _ = route(n, model.w.layers[layer].router, model.cfg)
     assert torch.equal(model.predict(layer, n), ids)
+
+
+def test_the_read_ahead_gate_turns_off_on_bad_guesses_and_retries():
+    from tidecli.experts.stream import ReadAheadGate
+
+    g = ReadAheadGate(min_accuracy=0.5, window=2, retry_every=3)
+    g.forward_done(0, 0)  # nothing guessed: not judged
+    g.forward_done(10, 4)
+    assert g.on
+    g.forward_done(10, 5)  # 9 of 20 used over the window: below one half
+    assert not g.on
+    for _ in range(3):
+        g.forward_done(0, 0)
+    assert g.on and g.off_forwards == 3  # tried again
+    g.forward_done(10, 6)
+    g.forward_done(10, 5)  # 11 of 20
+    assert g.on
+
+
+def test_a_gated_read_ahead_keeps_the_tokens_and_reads_less(tiny_ckpt, reference):
+    def run(gate):
+        model, _ = load_model(tiny_ckpt, runtime=stream_runtime(POLICIES["tide1"], 3,
+                                                                prefetch=True))
+        model.experts.ahead_gate = gate
+        assert decode_cpu(model, program=True).token_ids == reference
+        check_tables(model.experts)
+        return model.experts.run_stats.summary(), gate
+
+    from tidecli.experts.stream import ReadAheadGate
+
+    free, _ = run(ReadAheadGate(min_accuracy=0.0))
+    gated, gate = run(ReadAheadGate(min_accuracy=1.01, window=2, retry_every=10_000))
+    assert not gate.on and gate.off_forwards > 0
+    assert 0 < gated["prefetched"] < free["prefetched"]

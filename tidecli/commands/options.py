@@ -50,7 +50,8 @@ PrefetchOpt = Annotated[str, typer.Option(
     metavar="[off|layer]",
     help="Streamed misses: layer reads each MoE layer's likely experts ahead, guessed by its "
          "router from the layer before, while that layer computes (a wrong guess costs copies, "
-         "never different tokens); off places only what the routing asks for.")]
+         "never different tokens; it pauses itself while under half of its guesses are used); "
+         "off places only what the routing asks for.")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", "-p", metavar="NAME|FILE",
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "

@@ -27,6 +27,8 @@ Triton compiler (for the gather kernel).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -40,6 +42,42 @@ from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
 from tidecli.model.moe import ForwardInfo
+
+
+@dataclass
+class ReadAheadGate:
+    """Keeps the read-ahead on only while its guesses pay: judged over `window` forwards that
+    placed guesses, it turns off when fewer than `min_accuracy` of the guessed experts were
+    used by their layer (each unused one cost a copy and a slot), and tries again after
+    `retry_every` forwards off. The device still computes the guesses while it is off (the
+    captured step has them); they place nothing."""
+
+    min_accuracy: float = 0.5
+    window: int = 8
+    retry_every: int = 64
+    on: bool = True
+    off_forwards: int = 0  # forwards spent off, in all
+    _placed: int = 0
+    _used: int = 0
+    _seen: int = 0
+    _off_for: int = 0
+
+    def forward_done(self, placed: int, used: int) -> None:
+        if not self.on:
+            self.off_forwards += 1
+            self._off_for += 1
+            if self._off_for >= self.retry_every:
+                self.on, self._off_for = True, 0
+            return
+        if placed <= 0:  # nothing guessed this forward (not a refresh): nothing to judge
+            return
+        self._placed += placed
+        self._used += used
+        self._seen += 1
+        if self._seen >= self.window:
+            self.on = self._used >= self.min_accuracy * self._placed
+            self._placed = self._used = self._seen = 0
+
 
 # per-layer counters written by the device each forward pass
 _HITS, _PLACED, _PLACED_PAIRS, _STREAMED, _STREAMED_PAIRS = range(5)
@@ -63,6 +101,8 @@ class StreamRuntime(PooledRuntime):
         self._pref_counts = torch.zeros((m, e), dtype=torch.long, device=dev)  # scratch
         self._pref_ctr = torch.zeros((m, 5), dtype=torch.long, device=dev)  # scratch
         self._pref_plans: dict[tuple[int, int], LayerPlan] = {}
+        self._pref_keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: guesses may place
+        self.ahead_gate = ReadAheadGate()
         # device truth of the placement; column E (table) and bmax (owner, last) take the
         # writes of entries that place nothing, so every update has a static shape
         self.table = torch.full((m, e + 1), -1, dtype=torch.long, device=dev)
@@ -100,10 +140,12 @@ class StreamRuntime(PooledRuntime):
                 self.last.fill_(-1)
         self._ticks += 1
         # Python scalars: fill kernels, no host-to-device copy to order
-        self._keep.fill_(1 if self.policy.stream_keep(info) else 0)
+        keep = self.policy.stream_keep(info)
+        self._keep.fill_(1 if keep else 0)
         self._clock.fill_(self._ticks)
         if self.prefetches:
             self.pref_src.fill_(-1)
+            self._pref_keep.fill_(1 if keep and self.ahead_gate.on else 0)
 
     def end_forward(self):
         ctr = self.counters.cpu().numpy()  # the one host sync of a forward pass
@@ -126,20 +168,25 @@ class StreamRuntime(PooledRuntime):
         return super().end_forward()
 
     def _score_guesses(self, counts: np.ndarray) -> None:
-        """Count what the read-ahead placed this forward and how much of it its layer used."""
+        """Count what the read-ahead placed this forward and how much of it its layer used;
+        the gate hears the forward's totals."""
         src = self.pref_src.cpu().numpy()
         ebytes = self.expert_bytes
+        placed_all = used_all = 0
         for j, layer in enumerate(self.cfg.moe_layers):
             placed = src[j][src[j] >= 0]
             if not placed.size:
                 continue
             used = int((counts[j][placed] > 0).sum())
+            placed_all += int(placed.size)
+            used_all += used
             c = self.forward_stats.layer(layer)
             c.prefetched += int(placed.size)
             c.prefetch_used += used
             c.promotions += int(placed.size)
             c.bytes_h2d += int(placed.size) * ebytes
             c.bytes_prefetch_wasted += (int(placed.size) - used) * ebytes
+        self.ahead_gate.forward_done(placed_all, used_all)
 
     def _needs_counts(self) -> bool:
         return self.trace is not None or self.policy.places_on_host(self.info)
@@ -238,13 +285,13 @@ class StreamRuntime(PooledRuntime):
             if lp is None:
                 lp = self._pref_plans[(j, n)] = LayerPlan(
                     n, e, b, self.device, src=self.pref_src[j, :b], mark=False)
-            lp.run(flat, self.table[j], self.owner[j], self.last[j], self._keep, self._clock,
-                   self._pref_counts[j], self._pref_ctr[j], self.k)
+            lp.run(flat, self.table[j], self.owner[j], self.last[j], self._pref_keep,
+                   self._clock, self._pref_counts[j], self._pref_ctr[j], self.k)
             copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
             return
         # index_fill_ takes the value as a kernel argument: no host copy (captured on a GPU)
         used = torch.zeros(e, dtype=torch.bool, device=flat.device).index_fill_(0, flat, True)
-        _, src = self._place(j, pool, used)
+        _, src = self._place(j, pool, used, keep=self._pref_keep)
         self.pref_src[j, :b].copy_(src)
 
     def _device_begin_fused(self, j: int, layer: int, pool, hidden: torch.Tensor,
@@ -262,7 +309,8 @@ class StreamRuntime(PooledRuntime):
         grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out)
         return out[:n]
 
-    def _place(self, j: int, pool, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _place(self, j: int, pool, used: torch.Tensor,
+               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """On a refresh forward: the used experts without a slot take the slots whose experts
         this step does not use, least recently used first (free slots before any). Returns how
         many were placed (a device scalar) and the placed experts by slot rank ([slots], -1
@@ -273,7 +321,8 @@ class StreamRuntime(PooledRuntime):
         busy = (own >= 0) & used[own.clamp(min=0)]
         missing = used & (table[:e] < 0)
         pos = torch.cumsum(missing, 0) - 1  # rank of each missing expert, by id
-        n_place = torch.minimum(missing.sum(), (~busy).sum()) * self._keep
+        n_place = torch.minimum(missing.sum(), (~busy).sum()) * \
+            (self._keep if keep is None else keep)
         big = torch.iinfo(torch.long).max
         victims = torch.argsort(torch.where(busy, big, last[:b]), stable=True)  # [b]
         # the j-th missing expert (j < n_place) goes to victims[j]
