@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from tidecli.cli import app, main
@@ -52,6 +53,20 @@ def test_generate_text_on_stdout(tiny_ckpt, capsys):
     code, out, err = _main(["generate", "Hello", "-m", str(tiny_ckpt), "--gen-length", "6"],
                            capsys)
     assert code == 0 and out.strip() and "tokens/s" in err and "tokens/s" not in out
+
+
+@pytest.mark.parametrize("policy,note", [
+    ("tide", "--prefetch layer reads ahead only for streamed misses; these run cpu"),
+    ("lru", "ignored --prefetch (they apply to other policies than lru)")])
+def test_a_read_ahead_that_cannot_run_is_said_once(tiny_ckpt, capsys, policy, note):
+    """On a CPU device misses do not stream: the run goes on without read-ahead, and says so
+    in one note (not once from the options and again from the runtime)."""
+    code, out, err = _main(["generate", "Hello", "-m", str(tiny_ckpt), "--gen-length", "6",
+                            "--policy", policy, "--experts-per-layer", "4", "--prefetch",
+                            "layer", "--json"], capsys)
+    assert code == 0, err
+    assert note in err and err.count("--prefetch") == 1, err
+    assert json.loads(out)["expert_stats"]["summary"]["prefetched"] == 0
 
 
 def test_bad_model_is_one_line_and_exit_1(capsys, tmp_path):

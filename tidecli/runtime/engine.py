@@ -143,7 +143,9 @@ class Engine:
             budgets, self.memory = self._default_budgets()
         rt = build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
                                   plan=self.plan, device=self.device, dtype=self.dtype)
-        if o.residency.prefetch != "off" and not rt.prefetches:
+        # (with lru, `ignored` says it already: no policy of its kind reads ahead)
+        if o.residency.prefetch != "off" and not rt.prefetches and \
+                o.residency.policy in ("static", "tide"):
             self.notices.append(f"--prefetch {o.residency.prefetch} reads ahead only for "
                                 f"streamed misses; these run {rt.describe().misses}: no "
                                 "read-ahead")

@@ -113,10 +113,6 @@ class EngineOptions:
                    ("--popularity-trace", r.popularity_trace is not None),
                    ("--prefetch", r.prefetch != "off")]
         out = []
-        if r.prefetch != "off" and r.misses in (MissMode.CPU, MissMode.SPLIT, MissMode.GPU) \
-                and r.policy in ("static", "tide"):
-            out.append(f"--prefetch (it reads ahead for streamed misses, not --misses "
-                       f"{r.misses})")
         if r.policy == "resident":
             given = [n for n, on in [*tide_only, *offload, ("--profile", r.profile is not None),
                                      ("--cpu-threads", cuda and r.cpu_threads != 0)] if on]
