@@ -62,6 +62,19 @@ def test_streamed_misses_give_the_resident_tokens(tiny22_ckpt, reference, name, 
     check_tables(model.experts)
 
 
+@pytest.mark.parametrize("b", [4, POOL])
+def test_read_ahead_on_block_routing_gives_the_resident_tokens(tiny22_ckpt, reference, b):
+    """The guess is the next layer's block routing (its windows' pools, then top-k inside):
+    whatever it places, the tokens are the resident run's and the tables stay sound."""
+    model, _ = load_model(tiny22_ckpt, runtime=stream_runtime(POLICIES["tide"], b,
+                                                              prefetch=True))
+    assert decode22(model).token_ids == reference
+    s = model.experts.run_stats.summary()
+    assert s["prefetched"] > 0 and 0 <= s["prefetch_used"] <= s["prefetched"]
+    assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+    check_tables(model.experts)
+
+
 def test_a_layer_holding_the_pool_loads_it_first_and_follows_its_shifts(tiny22_ckpt, reference):
     """With slots for a whole pool, each block's first step computes every expert from the
     slots (loaded before it computes), and a later step refreshes only when its routing left
