@@ -309,3 +309,23 @@ def test_bench_refuses_an_unknown_read_ahead():
         bench_spec(policies="tide", vram="10", experts_per_layer=None, workloads="model",
                    tau="plan", misses="stream", prompts=None, gen_length=8, threshold=None,
                    repeat=1, prefetch="next")
+
+
+def test_a_read_ahead_run_that_cannot_read_ahead_is_skipped_with_why(tiny_ckpt):
+    """On a CPU device misses do not stream: the read-ahead point would repeat the run without
+    it, so it is skipped and says why."""
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    spec = BenchSpec(policies=["tide"], experts=[8], workloads=["model"], taus=[1],
+                     prefetch=["off", "layer"], prompts=["Hello there"], gen_length=8,
+                     warmup_tokens=4)
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="resident"),
+                 quiet=True)
+    try:
+        runs = Bench(eng, spec).run()["runs"]
+    finally:
+        eng.close()
+    assert [r.get("skipped") is None for r in runs] == [True, False]
+    assert runs[1]["skipped"] == "read-ahead needs streamed misses; these run cpu"
+    assert runs[1]["prefetch"] == "layer"

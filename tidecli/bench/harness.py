@@ -238,6 +238,12 @@ class Bench:
                     budgets=replace(
                     base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
                     experts_dtype=pt.fmt)
+                rt = self.engine.runtime
+                if pt.prefetch != "off" and not rt.prefetches:  # the same run as without
+                    self.engine.notices.clear()
+                    runs.append(_skipped(pt, f"read-ahead needs streamed misses; these run "
+                                             f"{rt.describe().misses}"))
+                    continue
                 for note in self.engine.notices:  # a cache built or rebuilt, say
                     self.say(f"note: {note}")
                 self.engine.notices.clear()

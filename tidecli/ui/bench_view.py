@@ -31,8 +31,9 @@ def runs_table(report: dict) -> Table:
     for r in report["runs"]:
         lead = [r["workload"]] + ([r.get("experts_dtype", "bf16")] if formats else [])
         if r.get("skipped"):
+            ahead = " +ahead" if r.get("prefetch") == "layer" else ""
             t.add_row(*lead, r["policy"], r["budget"], _f(r["tau"], "{}"),
-                      _f(r["misses"], "{}"), "skipped", *[""] * (len(cols) - len(lead) - 5))
+                      _f(r["misses"], "{}") + ahead, "skipped", *[""] * (len(cols) - len(lead) - 5))
             continue
         tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
         extra = [_f(r.get("token_agreement_bf16"), "{:.1%}")] if formats else []
@@ -145,5 +146,6 @@ def routing_table(report: dict) -> Table:
 
 
 def skipped_lines(report: dict) -> list[str]:
-    return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}: {r['skipped']}"
+    return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}"
+            + (" · prefetch layer" if r.get("prefetch") == "layer" else "") + f": {r['skipped']}"
             for r in report["runs"] if r.get("skipped")]
