@@ -201,4 +201,6 @@ def test_a_gated_read_ahead_keeps_the_tokens_and_reads_less(tiny_ckpt, reference
     free, _ = run(ReadAheadGate(min_accuracy=0.0))
     gated, gate = run(ReadAheadGate(min_accuracy=1.01, window=2, retry_every=10_000))
     assert not gate.on and gate.off_forwards > 0
+    assert gated["prefetch_off_forwards"] == gate.off_forwards  # the run's counters say so too
+    assert free["prefetch_off_forwards"] == 0
     assert 0 < gated["prefetched"] < free["prefetched"]

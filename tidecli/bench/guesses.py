@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from tidecli.model.config import ModelConfig
 from tidecli.model.moe import ForwardInfo, Router
-from tidecli.model.router import predict, route
+from tidecli.model.router import biased, choose, predict, router_scores, routing_weights
 from tidecli.model.weights import RouterWeights
 
 
@@ -61,10 +60,11 @@ class GuessRecorder(Router):
 
     def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, weights = route(x, w, cfg)
-        scores = F.linear(x.float(), w.weight.float()).sigmoid()
-        choice = scores + w.expert_bias if w.expert_bias is not None else scores
-        below = choice.scatter(1, ids, float("-inf")).topk(self.ranked, dim=-1).indices
+        # route()'s own steps, with the scores kept for the ranks below the choice
+        scores = router_scores(x, w)
+        ids = choose(scores, w, cfg)
+        weights = routing_weights(scores, ids, cfg)
+        below = biased(scores, w).scatter(1, ids, float("-inf")).topk(self.ranked, dim=-1).indices
         nxt = predict(x, self.routers[moe_index + 1], cfg) \
             if moe_index + 1 < len(self.routers) else None
         self.forwards[-1].layers[moe_index] = LayerRecord(

@@ -137,8 +137,6 @@ class Bench:
     def _measure(self, pt: RunPoint) -> dict:
         import torch
 
-        from tidecli.experts.stream import StreamRuntime
-
         eng = self.engine
         cuda = eng.device.type == "cuda"
         spec = self.spec
@@ -191,8 +189,7 @@ class Bench:
             if s["prefetch_accuracy"] is not None else None,
             "wasted_h2d_gb": round(s["bytes_prefetch_wasted"] / 1e9, 4),
             # forwards its gate held the read-ahead off (its guesses were not used enough)
-            "prefetch_off_forwards": eng.runtime.ahead_gate.off_forwards
-            if isinstance(eng.runtime, StreamRuntime) and eng.runtime.prefetches else None,
+            "prefetch_off_forwards": s["prefetch_off_forwards"],
             "peak_vram_gib": round(torch.cuda.max_memory_allocated(eng.device) / 2**30, 3)
             if cuda else None,
             # allocated before the run's first step: the engine, and whatever else this process

@@ -102,6 +102,7 @@ class StreamRuntime(PooledRuntime):
         self._pref_ctr = torch.zeros((m, 5), dtype=torch.long, device=dev)  # scratch
         self._pref_plans: dict[tuple[int, int], LayerPlan] = {}
         self._pref_keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: guesses may place
+        self._pref_on = False  # the host's copy of _pref_keep for the forward in progress
         self.ahead_gate = ReadAheadGate()
         # device truth of the placement; column E (table) and bmax (owner, last) take the
         # writes of entries that place nothing, so every update has a static shape
@@ -144,8 +145,10 @@ class StreamRuntime(PooledRuntime):
         self._keep.fill_(1 if keep else 0)
         self._clock.fill_(self._ticks)
         if self.prefetches:
-            self.pref_src.fill_(-1)
-            self._pref_keep.fill_(1 if keep and self.ahead_gate.on else 0)
+            self._pref_on = keep and self.ahead_gate.on
+            if self._pref_on:  # otherwise the guesses place nothing: pref_src stays all -1
+                self.pref_src.fill_(-1)
+            self._pref_keep.fill_(1 if self._pref_on else 0)
 
     def end_forward(self):
         ctr = self.counters.cpu().numpy()  # the one host sync of a forward pass
@@ -162,7 +165,12 @@ class StreamRuntime(PooledRuntime):
             if counts is not None and self.trace is not None:
                 self._trace_counts[j] = counts[j]
         if self.prefetches:
-            self._score_guesses(counts if counts is not None else self.counts.cpu().numpy())
+            if not self.ahead_gate.on:
+                self.forward_stats.prefetch_off_forwards = 1
+            if self._pref_on:  # the guesses may have placed: read them back and score them
+                self._score_guesses(counts if counts is not None else self.counts.cpu().numpy())
+            else:
+                self.ahead_gate.forward_done(0, 0)
         if counts is not None:
             self._host_placement(counts)
         return super().end_forward()

@@ -50,6 +50,7 @@ class ExpertStats:
 
     layers: dict[int, LayerCounters] = field(default_factory=dict)
     forwards: int = 0
+    prefetch_off_forwards: int = 0  # forwards whose read-ahead its gate held off
 
     def layer(self, i: int) -> LayerCounters:
         c = self.layers.get(i)
@@ -59,6 +60,7 @@ class ExpertStats:
 
     def add(self, other: ExpertStats) -> None:
         self.forwards += other.forwards
+        self.prefetch_off_forwards += other.prefetch_off_forwards
         for i, c in other.layers.items():
             self.layer(i).add(c)
 
@@ -92,6 +94,7 @@ class ExpertStats:
             "prefetch_used": t.prefetch_used,
             "prefetch_accuracy": t.prefetch_used / t.prefetched if t.prefetched else None,
             "bytes_prefetch_wasted": t.bytes_prefetch_wasted,
+            "prefetch_off_forwards": self.prefetch_off_forwards,
         }
 
     def to_dict(self) -> dict:

@@ -26,7 +26,7 @@ def route(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
     """x: [T, H] → (expert ids [T, k] int64, weights [T, k] fp32). `offset`: the first token's
     absolute position modulo the routing block (block routing only; the model's forward passes
     always start on a routing-block boundary: 0)."""
-    scores = F.linear(x.float(), w.weight.float()).sigmoid()  # [T, E], fp32 whatever stored
+    scores = router_scores(x, w)
     ids = choose(scores, w, cfg, offset=offset)
     return ids, routing_weights(scores, ids, cfg)
 
@@ -35,17 +35,27 @@ def predict(x: torch.Tensor, w: RouterWeights, cfg: ModelConfig) -> torch.Tensor
     """The expert ids [T, k] that router `w` would choose for x: the router's own choice, without
     the weights. Applied to an earlier layer's input it guesses a later layer's experts (read
     ahead, experts/stream.py); nothing computed depends on the guess."""
-    return choose(F.linear(x.float(), w.weight.float()).sigmoid(), w, cfg)
+    return choose(router_scores(x, w), w, cfg)
+
+
+def router_scores(x: torch.Tensor, w: RouterWeights) -> torch.Tensor:
+    """[T, E] sigmoid scores, in fp32 whatever the stored dtype."""
+    return F.linear(x.float(), w.weight.float()).sigmoid()
 
 
 def choose(scores: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
            offset: int = 0) -> torch.Tensor:
     """Sigmoid scores [T, E] → expert ids [T, k] (the bias shifts the choice, not the weights)."""
-    choice = scores + w.expert_bias if w.expert_bias is not None else scores
+    choice = biased(scores, w)
     if cfg.block_routing:
         return block_choice(choice, capacity=cfg.expert_capacity, window=cfg.block_size,
                             k=cfg.num_experts_per_tok, offset=offset)
     return group_choice(choice, cfg)
+
+
+def biased(scores: torch.Tensor, w: RouterWeights) -> torch.Tensor:
+    """What the experts are chosen by: the scores plus the router's bias, when it has one."""
+    return scores + w.expert_bias if w.expert_bias is not None else scores
 
 
 def routing_weights(scores: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
