@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tidecli.model.weights import AttentionWeights, FFNWeights
+from tidecli.model.weights import FFNWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,16 +28,25 @@ class Rotary:
         self.cos = emb.cos()
         self.sin = emb.sin()
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, rot] of `positions` in `dtype`: one pair serves q and k of every
+        layer of a forward pass."""
+        return (self.cos[positions].to(dtype)[:, None, :],
+                self.sin[positions].to(dtype)[:, None, :])
+
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, hd]. Rotates the first `rotary_dim` dims ("rotate half" pairing d with
-        d + rot/2); the rest pass through untouched."""
-        rot = self.rotary_dim
-        cos = self.cos[positions].to(x.dtype)[:, None, :]  # [T, 1, rot]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        xr, xp = x[..., :rot], x[..., rot:]
-        half = rot // 2
-        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-        return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+        return rotate(x, *self.tables(positions, x.dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]. Rotates the first `rot` dims of each head (cos/sin [T, 1, rot],
+    "rotate half" pairing d with d + rot/2); the rest pass through untouched."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
 
 
 def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block: int) -> torch.Tensor:
@@ -45,33 +54,35 @@ def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, block: int) -> t
     return (k_pos[None, :] // block) <= (q_pos[:, None] // block)
 
 
-def attention(
-    x: torch.Tensor,  # [T, H] normed input
-    w: AttentionWeights,
-    *,
-    positions: torch.Tensor,  # [T] absolute positions
-    rotary: Rotary,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    eps: float,
-    kv: tuple[torch.Tensor, torch.Tensor] | None,  # cache [S, nkv, hd] ×2 or None
-    kv_start: int | None,  # position of x[0]: K/V written at kv_start..kv_start+T, keys up to
-    # there; None (the captured step): written at `positions`, keys = the whole cache + `mask`
-    mask: torch.Tensor | None,  # [T, S] bool or None (= attend to every key)
-) -> torch.Tensor:
+def attention_in(x: torch.Tensor, norm: torch.Tensor, qkv: torch.Tensor,
+                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor, *, eps: float, num_heads: int, num_kv_heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-norm, the fused QKV projection, QK-norm (over head_dim, before RoPE) and RoPE:
+    x [T, H] → q [T, nh, hd], k and v [T, nkv, hd]. Pure (tensors in, tensors out): the step
+    program may run it compiled."""
     t = x.shape[0]
-    qkv = F.linear(x, w.qkv)
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
-                         num_kv_heads * head_dim], dim=-1)
+    q, k, v = F.linear(rms_norm(x, norm, eps), qkv).split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q = q.view(t, num_heads, head_dim)
     k = k.view(t, num_kv_heads, head_dim)
     v = v.view(t, num_kv_heads, head_dim)
-    if w.q_norm is not None:  # QK-norm over head_dim comes before RoPE
-        q = rms_norm(q, w.q_norm, eps)
-        k = rms_norm(k, w.k_norm, eps)
-    q = rotary.apply(q, positions)
-    k = rotary.apply(k, positions)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    positions: torch.Tensor,  # [T] absolute positions
+    kv: tuple[torch.Tensor, torch.Tensor] | None,  # cache [S, nkv, hd] ×2 or None
+    kv_start: int | None,  # position of q[0]: K/V written at kv_start..kv_start+T, keys up to
+    # there; None (the captured step): written at `positions`, keys = the whole cache + `mask`
+    mask: torch.Tensor | None,  # [T, S] bool or None (= attend to every key)
+) -> torch.Tensor:
+    """Write this pass's K/V into the cache and attend: → [T, nh·hd]."""
+    t, num_heads, head_dim = q.shape
     if kv is not None:
         cache_k, cache_v = kv
         if kv_start is None:  # static shapes for graph capture: positions live on the device
@@ -86,12 +97,23 @@ def attention(
     # SDPA wants [B, heads, T, hd]; GQA handled by the kernel, softmax accumulates in fp32.
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, enable_gqa=num_heads != num_kv_heads,
+        attn_mask=mask, enable_gqa=num_heads != k.shape[1],
     )
-    out = out[0].transpose(0, 1).reshape(t, num_heads * head_dim)
-    return F.linear(out, w.dense)
+    return out[0].transpose(0, 1).reshape(t, num_heads * head_dim)
+
+
+def attention_out(x: torch.Tensor, out: torch.Tensor, dense: torch.Tensor, norm: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output projection and the residual, then the FFN's pre-norm: (h, normed h). Pure."""
+    h = x + F.linear(out, dense)
+    return h, rms_norm(h, norm, eps)
 
 
 def swiglu(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
-    gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w.down)
+    return ffn(x, w.gate_up, w.down)
+
+
+def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with the gate and up projections fused in one GEMM. Pure."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)

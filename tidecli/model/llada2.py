@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from tidecli.model.config import ModelConfig
-from tidecli.model.layers import Rotary, attention, block_causal_mask, rms_norm, swiglu
+from tidecli.model.layers import Rotary, attend, block_causal_mask, rms_norm
 from tidecli.model.moe import ExpertRuntime, ForwardInfo, Router
+from tidecli.model.parts import EAGER, LayerFns, residual
 from tidecli.model.router import predict
 from tidecli.model.weights import DenseWeights
 
@@ -78,25 +79,35 @@ class LLaDA2Model:
         rows = table[ids.to(table.device)]
         return rows.to(self.device, dtype=self.dtype, non_blocking=True)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) for a forward pass's positions: every layer reads the same pair."""
+        return self.rotary.tables(positions, self.dtype)
+
     def attention_part(self, i: int, x: torch.Tensor, positions: torch.Tensor, *,
                        kv: tuple[torch.Tensor, torch.Tensor] | None, kv_start: int | None,
-                       mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                       fns: LayerFns = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm attention with its residual: (h, the FFN's normed input)."""
         cfg, lw = self.cfg, self.w.layers[i]
-        h = x + attention(
-            rms_norm(x, lw.input_norm, cfg.rms_norm_eps), lw.attn, positions=positions,
-            rotary=self.rotary, num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
-            kv=kv, kv_start=kv_start, mask=mask)
-        return h, rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+        a = lw.attn
+        q, k, v = fns.attention_in(x, lw.input_norm, a.qkv, a.q_norm, a.k_norm, *rope,
+                                   eps=cfg.rms_norm_eps, num_heads=cfg.num_attention_heads,
+                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        out = attend(q, k, v, positions=positions, kv=kv, kv_start=kv_start, mask=mask)
+        return fns.attention_out(x, out, a.dense, lw.post_norm, cfg.rms_norm_eps)
 
-    def dense_part(self, i: int, h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def dense_part(self, i: int, h: torch.Tensor, n: torch.Tensor, *,
+                   fns: LayerFns = EAGER) -> torch.Tensor:
         """A dense layer's FFN with its residual (layers < first_k_dense_replace)."""
-        return h + swiglu(n, self.w.layers[i].dense_ffn)
+        w = self.w.layers[i].dense_ffn
+        return fns.residual(h, fns.ffn(n, w.gate_up, w.down), None)
 
-    def route(self, i: int, n: torch.Tensor, *, static: bool = False):
+    def route(self, i: int, n: torch.Tensor, *, static: bool = False, fns: LayerFns = EAGER):
         """A MoE layer's expert ids [T, k] and weights [T, k] (fp32)."""
-        return self.router(self.moe_index[i], n, self.w.layers[i].router, self.cfg, static=static)
+        w = self.w.layers[i].router
+        if type(self.router).__call__ is Router.__call__:  # the model's own routing
+            return fns.route(n, w, self.cfg)
+        return self.router(self.moe_index[i], n, w, self.cfg, static=static)
 
     def predict(self, i: int, n: torch.Tensor) -> torch.Tensor:
         """A guess of MoE layer i's expert ids [T, k]: its router applied to `n`, an earlier
@@ -107,21 +118,17 @@ class LLaDA2Model:
                     weights: torch.Tensor) -> torch.Tensor:
         return self.experts.run(i, n, ids, weights)
 
-    def shared_part(self, i: int, n: torch.Tensor) -> torch.Tensor | None:
+    def shared_part(self, i: int, n: torch.Tensor, *,
+                    fns: LayerFns = EAGER) -> torch.Tensor | None:
         shared = self.w.layers[i].shared
-        return swiglu(n, shared) if shared is not None else None
-
-    @staticmethod
-    def residual(h: torch.Tensor, y: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        """A MoE layer's output: h + routed experts (+ the shared expert, ungated)."""
-        return h + (y if shared is None else y + shared)
+        return fns.ffn(n, shared.gate_up, shared.down) if shared is not None else None
 
     def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, *,
-              cache: KVCache | None, start: int | None, mask: torch.Tensor | None
-              ) -> torch.Tensor:
+              cache: KVCache | None, start: int | None, mask: torch.Tensor | None,
+              rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h, n = self.attention_part(i, x, positions,
                                    kv=cache.layer(i) if cache is not None else None,
-                                   kv_start=start, mask=mask)
+                                   kv_start=start, mask=mask, rope=rope)
         if self.w.layers[i].dense_ffn is not None:
             return self.dense_part(i, h, n)
         ids, weights = self.route(i, n)
@@ -129,7 +136,7 @@ class LLaDA2Model:
         if nxt is not None and self.experts.prefetches:
             self.experts.prefetch(nxt, self.predict(nxt, n))
         y = self.expert_part(i, n, ids, weights)
-        return self.residual(h, y, self.shared_part(i, n))
+        return residual(h, y, self.shared_part(i, n))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head; logits in fp32."""
@@ -138,8 +145,9 @@ class LLaDA2Model:
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None,
                 start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        rope = self.rope(positions)
         for i in range(self.cfg.num_hidden_layers):
-            x = self.layer(i, x, positions, cache=cache, start=start, mask=mask)
+            x = self.layer(i, x, positions, cache=cache, start=start, mask=mask, rope=rope)
         return x
 
     # ---- the cached path ------------------------------------------------------------------------

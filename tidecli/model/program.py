@@ -21,6 +21,7 @@ import torch
 
 from tidecli.model.llada2 import KVCache, LLaDA2Model
 from tidecli.model.moe import ForwardInfo, LayerIO
+from tidecli.model.parts import EAGER, LayerFns
 
 _SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
@@ -41,9 +42,11 @@ def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
 
 
 class StepProgram:
-    def __init__(self, model: LLaDA2Model, cache: KVCache, block: int, *, capture: bool) -> None:
+    def __init__(self, model: LLaDA2Model, cache: KVCache, block: int, *, capture: bool,
+                 fns: LayerFns = EAGER) -> None:
         cfg = model.cfg
         self.model = model
+        self.fns = fns  # eager, or compiled (model/parts.py)
         self.rt = model.experts
         self.cache = cache
         self.T = block
@@ -83,34 +86,41 @@ class StepProgram:
 
     # ---- device segments ------------------------------------------------------------------------
 
+    def _where(self) -> None:
+        """The step's positions, key mask and RoPE tables, once for every layer (positions
+        live on the device: static shapes)."""
+        self.positions = self.start + self._offsets
+        self.mask = (self._key_pos < self.start + self.T)[None, :]
+        self.rope = self.model.rope(self.positions)
+
     def _attn(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's attention part over the whole fixed-size cache, keys past the block
-        masked (static shapes; positions live on the device)."""
-        positions = self.start + self._offsets
-        mask = (self._key_pos < self.start + self.T)[None, :]
-        return self.model.attention_part(i, x, positions, kv=self.cache.layer(i), kv_start=None,
-                                         mask=mask)
+        masked."""
+        return self.model.attention_part(i, x, self.positions, kv=self.cache.layer(i),
+                                         kv_start=None, mask=self.mask, rope=self.rope,
+                                         fns=self.fns)
 
     def _chunk(self, j: int) -> None:
         """From the end of MoE layer j-1 (or the input) to the router of MoE layer j (or the
         logits when j is past the last MoE layer)."""
         model = self.model
         if j == 0:
+            self._where()
             x, first = self.x0, 0
         else:
             prev = self.moe[j - 1]
             y = self.rt.device_end(prev, self.pair[j - 1], self.w[j - 1], self.over,
                                    self.over_mask)
-            x, first = model.residual(self.h[j - 1], y, self.shared[j - 1]), prev + 1
+            x, first = self.fns.residual(self.h[j - 1], y, self.shared[j - 1]), prev + 1
         stop = self.moe[j] if j < len(self.moe) else model.cfg.num_hidden_layers
         for i in range(first, stop):  # dense layers in between
-            x = model.dense_part(i, *self._attn(i, x))
+            x = model.dense_part(i, *self._attn(i, x), fns=self.fns)
         if j == len(self.moe):
             self.logits = model.head(x)
             return
         layer = self.moe[j]
         h, n = self._attn(layer, x)
-        ids, w = model.route(layer, n, static=True)
+        ids, w = model.route(layer, n, static=True, fns=self.fns)
         self.h[j], self.n[j], self.ids[j], self.w[j] = h, n, ids, w
         if self.prefetch and j + 1 < len(self.moe):
             self._read_ahead(j + 1, n)
@@ -139,7 +149,7 @@ class StepProgram:
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._ahead[j] = None
         self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
-        self.shared[j] = self.model.shared_part(layer, self.n[j])
+        self.shared[j] = self.model.shared_part(layer, self.n[j], fns=self.fns)
 
     def _segments(self) -> list:
         segs = []
@@ -225,9 +235,11 @@ class StepPrograms:
     and the reference path run eagerly. `reset` forgets the programs (after the expert runtime
     or the routing changed)."""
 
-    def __init__(self, model: LLaDA2Model, *, capture: bool = True) -> None:
+    def __init__(self, model: LLaDA2Model, *, capture: bool = True,
+                 fns: LayerFns = EAGER) -> None:
         self.model = model
         self.capture = capture
+        self.fns = fns
         self._programs: dict[int, StepProgram] = {}
 
     def __getattr__(self, name: str):  # cfg, dtype, device, experts, prefill, reference_logits…
@@ -239,7 +251,7 @@ class StepPrograms:
     def program(self, cache: KVCache, block: int) -> StepProgram:
         prog = self._programs.get(block)
         if prog is None or prog.cache is not cache or prog.rt is not self.model.experts:
-            prog = StepProgram(self.model, cache, block, capture=self.capture)
+            prog = StepProgram(self.model, cache, block, capture=self.capture, fns=self.fns)
             self._programs[block] = prog
         return prog
 

@@ -1,0 +1,81 @@
+"""The pure device functions a layer is made of, as one set: eager, or the same functions
+through torch.compile (`--compile on`).
+
+A captured step is bound by the number of small kernels it launches (norms, RoPE, casts,
+routing arithmetic, residual adds: ≈ 50 per layer), not by bandwidth. Compiled, each function
+here becomes a few fused Triton kernels around the same cuBLAS GEMMs, traced once per shape: the
+step program's shapes never change, and every layer has the same ones, so one compile serves
+every layer and every later step. Only the step program uses the compiled set; prefill and the
+reference path stay eager (their lengths vary).
+
+Fused arithmetic rounds differently from eager (bf16 products kept in fp32 inside a kernel), so a
+compiled step's logits differ from an eager step's in the last bits. Every expert policy runs the
+same compiled functions, so each still gives exactly the tokens of the all-resident run compiled
+the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tidecli.model.layers import attention_in, attention_out, ffn
+from tidecli.model.router import route
+
+
+def residual(h: torch.Tensor, y: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """A MoE layer's output: h + routed experts (+ the shared expert, ungated)."""
+    return h + (y if shared is None else y + shared)
+
+
+@dataclass(frozen=True)
+class LayerFns:
+    """The functions a forward pass calls for each part of a layer (see layers.py, router.py)."""
+
+    name: str  # "eager" | "compiled"
+    attention_in: Callable
+    attention_out: Callable
+    ffn: Callable
+    route: Callable  # the model's own routing (a replaced router runs as written)
+    residual: Callable
+
+
+EAGER = LayerFns("eager", attention_in, attention_out, ffn, route, residual)
+
+
+def compiled(backend: str = "inductor") -> LayerFns:
+    """The same functions through torch.compile: static shapes, whole graphs (a function that
+    cannot be traced whole fails at its first call instead of running in pieces).
+
+    Inductor compiles in this process, not in its pool of worker processes: on an H200 host
+    (16 cores) the first engine of a process that had started the pool ran its steps at 19-24
+    ms instead of 6.6-7.1 (the GPU's share unchanged at 6 ms), and compiling in-process removed
+    that (docs/benchmarks.md). TORCHINDUCTOR_COMPILE_THREADS, when set, still decides."""
+    if backend == "inductor" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = 1
+
+    def c(fn: Callable) -> Callable:
+        return torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+
+    return LayerFns("compiled", c(attention_in), c(attention_out), c(ffn), c(route),
+                    c(residual))
+
+
+def compile_missing(device: torch.device) -> str | None:
+    """Why `--compile on` cannot run on `device`, or None. Inductor writes Triton kernels for
+    a GPU and builds their launchers with the system's C compiler."""
+    if device.type != "cuda":
+        return "compiling the step needs a CUDA device"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "compiling the step needs Triton (pip install triton)"
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        return "compiling the step needs a C compiler (gcc or clang) on PATH"
+    return None
