@@ -159,7 +159,7 @@ class Bench:
                 outputs.append(res.token_ids)
         s = eng.runtime.run_stats.summary()
         used = eng.runtime.describe().misses if pt.misses is not None else None
-        want = self.expected.setdefault((pt.workload, pt.fmt), outputs)
+        want = self.expected.setdefault((pt.workload, pt.fmt, pt.compile), outputs)
         row = {
             "workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
             "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "misses_used": used,
@@ -198,6 +198,7 @@ class Bench:
             "identical": outputs == want,
             # what exactness promises: the GPU kernel computes every expert (see README)
             "exact_expected": pt.policy in ("resident", "lru") or used in ("gpu", "stream"),
+            **({"compiled": True} if pt.compile == "on" else {}),
             "token_agreement": round(agreement(outputs, want), 4),
         }
         if pt.planned:
@@ -215,11 +216,12 @@ class Bench:
         base = self.engine.opts
         current = None
         for n, pt in enumerate(points, 1):
-            if (pt.workload, pt.fmt) != current:
-                current = (pt.workload, pt.fmt)
+            if (pt.workload, pt.fmt, pt.compile) != current:
+                current = (pt.workload, pt.fmt, pt.compile)
                 self._set_workload(pt.workload)
                 self.expected.pop(current, None)
             label = f"[{n}/{len(points)}] " + \
+                ("compiled · " if pt.compile == "on" else "") + \
                 (f"{pt.fmt} · " if spec.compares_formats else "") + \
                 f"{pt.workload} · {pt.policy} · {pt.budget}" + \
                 (f" · τ={pt.tau}" if pt.tau is not None else "") + \
@@ -236,6 +238,11 @@ class Bench:
                     base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
                     experts_dtype=pt.fmt)
                 rt = self.engine.runtime
+                if not self.engine.set_compile(pt.compile):  # says why in a notice
+                    why = "; ".join(self.engine.notices) or "the step cannot run compiled here"
+                    self.engine.notices.clear()
+                    runs.append(_skipped(pt, why))
+                    continue
                 if pt.prefetch != "off" and not rt.prefetches:  # the same run as without
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, f"read-ahead needs streamed misses; these run "
@@ -331,7 +338,8 @@ def _skipped(pt: RunPoint, why: str) -> dict:
     return {"workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
             "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "prefetch": pt.prefetch,
             "skipped": why,
-            **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {})}
+            **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {}),
+            **({"compiled": True} if pt.compile == "on" else {})}
 
 
 def _router_class(workload: str):
@@ -356,12 +364,12 @@ def add_ratios(runs: list[dict]) -> None:
     vs_resident: over resident on the same workload."""
     ok = [r for r in runs if not r.get("skipped")]
     for r in ok:
-        fmt = r.get("experts_dtype")
-        base = [b["steps_per_s"] for b in ok if b["policy"] in BASELINES
-                and b["workload"] == r["workload"] and b["budget"] == r["budget"]
-                and b.get("experts_dtype") == fmt]
-        res = [b["steps_per_s"] for b in ok if b["policy"] == "resident"
-               and b["workload"] == r["workload"] and b.get("experts_dtype") == fmt]
+        like = [b for b in ok if b["workload"] == r["workload"]
+                and b.get("experts_dtype") == r.get("experts_dtype")
+                and b.get("compiled") == r.get("compiled")]
+        base = [b["steps_per_s"] for b in like if b["policy"] in BASELINES
+                and b["budget"] == r["budget"]]
+        res = [b["steps_per_s"] for b in like if b["policy"] == "resident"]
         r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
             else None
         r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None

@@ -11,6 +11,7 @@ from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
 from tidecli.experts.modes import MISS_MODES, POLICIES, PREFETCH_MODES
 from tidecli.model.config import ModelConfig
+from tidecli.runtime.options import COMPILE_MODES
 
 SCHEMA = "tide-bench/1"
 # the model's own routing; the published statistics replayed (entering experts drawn at
@@ -42,6 +43,7 @@ class BenchSpec:
     warmup_tokens: int = 64
     seed: int = 0
     formats: list[str] = field(default_factory=lambda: ["bf16"])  # of the routed experts
+    compile: list[str] = field(default_factory=lambda: ["off"])  # the step's layer functions
 
     @property
     def compares_formats(self) -> bool:
@@ -51,6 +53,8 @@ class BenchSpec:
         """`need_budgets=False`: budgets may still be empty (chosen once the model is known)."""
         if not self.formats:
             raise TideError("--experts-dtype names no format", "e.g. --experts-dtype bf16,int4")
+        if not self.compile or any(c not in COMPILE_MODES for c in self.compile):
+            raise TideError(f"--compile takes {', '.join(COMPILE_MODES)}", "e.g. --compile off,on")
         for f in self.formats:
             parse_format(f)
         wl = [w for w in self.workloads if w not in WORKLOADS]
@@ -121,6 +125,7 @@ class RunPoint:
     planned: bool = False  # tide with the planner's τ and budgets (at this VRAM budget)
     fmt: str = "bf16"  # the routed experts' format
     prefetch: str = "off"  # read-ahead of streamed misses
+    compile: str = "off"  # the step's layer functions compiled (on) or eager
 
     @property
     def budget(self) -> str:
@@ -131,22 +136,29 @@ class RunPoint:
 
 def run_points(spec: BenchSpec) -> list[RunPoint]:
     pts: list[RunPoint] = []
-    for f in spec.formats:
-        for w in spec.workloads:
-            if "resident" in spec.policies:
-                pts.append(RunPoint(w, "resident", None, None, fmt=f))
-            budgets = [(v, None) for v in spec.vram] + [(None, b) for b in spec.experts]
-            for v, b in budgets:
-                for p in spec.policies:
-                    if p == "resident":
-                        continue
-                    for m in (spec.misses if p in ("static", "tide") else [None]):
-                        # read-ahead only where misses may stream
-                        ahead = spec.prefetch if m in ("auto", "stream") else ["off"]
-                        for t in (spec.taus if p == "tide" else [None]):
-                            plan = t == "plan" and b is None  # --experts fixes the budgets
-                            tau = None if plan or t is None else (4 if t == "plan" else int(t))
-                            for a in ahead:
-                                pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
-                                                    prefetch=a))
+    for c in spec.compile:
+        for f in spec.formats:
+            for w in spec.workloads:
+                pts += _points(spec, w, f, c)
+    return pts
+
+
+def _points(spec: BenchSpec, w: str, f: str, c: str) -> list[RunPoint]:
+    """One workload's runs in one format, compiled or not: resident, then each budget."""
+    pts = [RunPoint(w, "resident", None, None, fmt=f, compile=c)] \
+        if "resident" in spec.policies else []
+    budgets = [(v, None) for v in spec.vram] + [(None, b) for b in spec.experts]
+    for v, b in budgets:
+        for p in spec.policies:
+            if p == "resident":
+                continue
+            for m in (spec.misses if p in ("static", "tide") else [None]):
+                # read-ahead only where misses may stream
+                ahead = spec.prefetch if m in ("auto", "stream") else ["off"]
+                for t in (spec.taus if p == "tide" else [None]):
+                    plan = t == "plan" and b is None  # --experts fixes the budgets
+                    tau = None if plan or t is None else (4 if t == "plan" else int(t))
+                    for a in ahead:
+                        pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
+                                            prefetch=a, compile=c))
     return pts

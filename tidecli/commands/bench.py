@@ -115,7 +115,8 @@ def bench(
                       workloads=workloads, tau=tau, misses=misses, prefetch=prefetch,
                       prompts=prompts,
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
-                      experts_dtype=options.get("experts_dtype", "bf16"))
+                      experts_dtype=options.get("experts_dtype", "bf16"),
+                      compile=options.get("compile", "off"))
     check_model_options(options)
     from tidecli.runtime.options import check_cpu_threads
 
@@ -132,13 +133,15 @@ def _names(text: str) -> list[str]:
 def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
                workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
                prefetch: str = "off",
-               threshold: float | None, repeat: int, experts_dtype: str = "bf16"):
+               threshold: float | None, repeat: int, experts_dtype: str = "bf16",
+               compile: str = "off"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
     left empty when none are given (the model's defaults come once its config is read)."""
     from tidecli.bench.spec import PROMPTS, BenchSpec
     from tidecli.decode.settings import check_schedule
     from tidecli.experts.formats import parse_formats
     from tidecli.experts.modes import parse_misses, parse_prefetch
+    from tidecli.runtime.options import parse_compile
 
     names = _names(policies)
     bad = [p for p in names if p not in POLICIES]
@@ -149,6 +152,8 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
         parse_misses(m)
     for m in _names(prefetch):
         parse_prefetch(m)
+    for c in _names(compile):
+        parse_compile(c)
     check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
     spec = BenchSpec(policies=names, vram=gib_list(vram) if vram else [],
                      experts=_ints(experts_per_layer, "experts-per-layer")
@@ -157,7 +162,8 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                      prefetch=_names(prefetch),
                      prompts=_prompts(prompts) or list(PROMPTS),
                      gen_length=gen_length, threshold=threshold, repeat=repeat,
-                     formats=_formats(parse_formats(experts_dtype)))
+                     formats=_formats(parse_formats(experts_dtype)),
+                     compile=_names(compile))
     spec.validate(need_budgets=False)
     return spec
 
@@ -180,7 +186,7 @@ def _profile(spec: str | None):
 
 def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
               profile: str | None, model, device, dtype, cpu_threads, graphs,
-              experts_dtype: str = "bf16") -> None:
+              experts_dtype: str = "bf16", compile: str = "off") -> None:
     from rich.console import Console
 
     from tidecli.bench.harness import Bench
@@ -217,7 +223,8 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
     # the first run's runtime is built by the bench itself; start from the resident default
     opts = engine_options(model=model, device=device, dtype=dtype, policy="resident",
                           cpu_threads=cpu_threads, graphs=graphs, profile=profile,
-                          threshold=threshold, experts_dtype=spec.formats[0])
+                          threshold=threshold, experts_dtype=spec.formats[0],
+                          compile=spec.compile[0])
     planned = "tide" in spec.policies and "plan" in spec.taus and profile is None
     tide = replace(opts, residency=replace(opts.residency, policy="tide"))
     engine = open_engine(opts, build_runtime=False,

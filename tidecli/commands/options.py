@@ -27,6 +27,12 @@ DtypeOpt = Annotated[str, typer.Option(
          "fp16: for GPUs without bf16 (slow on the CPU).")]
 GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
                                          help="CUDA: replay each step as captured CUDA graphs.")]
+CompileOpt = Annotated[str, typer.Option(
+    "--compile", metavar="[off|on]",
+    help="CUDA: on fuses each step's norms, RoPE, routing and residuals into a few kernels "
+         "with torch.compile (needs Triton and a C compiler; the first step compiles for a "
+         "while, later runs reuse the cache). Logits change in the last bits; every policy "
+         "still gives the resident run's tokens. bench: a comma list to compare.")]
 ExpertsDtypeOpt = Annotated[str, typer.Option(
     "--experts-dtype",
     help="Format of the routed experts: bf16 (exact, default), or int8, fp8, int4 (lossy: "
@@ -114,7 +120,8 @@ PopularityTraceOpt = Annotated[Path | None, typer.Option(
 
 
 def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-                  graphs: GraphsOpt = True, experts_dtype: ExpertsDtypeOpt = "bf16") -> None:
+                  graphs: GraphsOpt = True, compile: CompileOpt = "off",
+                  experts_dtype: ExpertsDtypeOpt = "bf16") -> None:
     """Which model, on which device, in which dtype."""
 
 
@@ -168,7 +175,7 @@ def engine_options_of(o: dict[str, Any]):
         popularity_trace=str(trace) if trace else None, profile=o["profile"],
         vram_gib=o["vram"], ram_gib=o["ram"], experts_per_layer=o["experts_per_layer"],
         block_length=o["block_length"], threshold=o["threshold"],
-        experts_dtype=o.get("experts_dtype", "bf16"))
+        experts_dtype=o.get("experts_dtype", "bf16"), compile=o.get("compile", "off"))
 
 
 def gib_list(text: str, option: str = "--vram") -> list[float]:

@@ -23,6 +23,7 @@ from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.llada2 import LLaDA2Model
 from tidecli.model.loader import dense_bytes, load_dense
 from tidecli.model.moe import Router
+from tidecli.model.parts import EAGER, LayerFns, compile_missing, compiled
 from tidecli.model.program import StepPrograms
 from tidecli.model.resolve import demo_path, resolve_model
 from tidecli.model.tokenizer import ChatTokenizer
@@ -51,6 +52,7 @@ class EngineInfo:
     choice: str | None = None  # what `--policy auto` chose, and why
     cpu_threads: int | None = None  # on a CPU device: the threads the model runs on
     demo: bool = False  # the built-in demo model (random weights)
+    compiled: bool = False  # the step's layer functions run compiled (--compile on)
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "device": self.device, "dtype": self.dtype,
@@ -59,6 +61,8 @@ class EngineInfo:
             out["cpu_threads"] = self.cpu_threads
         if self.demo:
             out["demo"] = True
+        if self.compiled:
+            out["compiled"] = True
         if self.memory is not None:
             out["memory_plan"] = self.memory.to_dict()
         if self.plan is not None:
@@ -102,9 +106,11 @@ class Engine:
         self.runtime = self._build(progress) if build_runtime else None
         self.model = LLaDA2Model(self.cfg, self.weights, self.runtime, device=self.device,
                                  dtype=self.dtype, block_length=opts.workload.block_length)
-        # on a GPU a step runs as a static program (CUDA graphs unless turned off); on the CPU
-        # the eager path is as fast and simpler
-        self.runner = StepPrograms(self.model, capture=opts.load.graphs) \
+        # on a GPU a step runs as a static program (CUDA graphs unless turned off), its layer
+        # functions compiled when asked; on the CPU the eager path is as fast and simpler
+        self._compiled: LayerFns | None = None
+        fns = self.layer_fns(opts.load.compile)
+        self.runner = StepPrograms(self.model, capture=opts.load.graphs, fns=fns) \
             if self.device.type == "cuda" else self.model
 
     # ---- what runs ------------------------------------------------------------------------------
@@ -185,6 +191,28 @@ class Engine:
         self.runtime = self._build(progress)
         self.model.experts = self.runtime
         self.reset_programs()
+
+    def layer_fns(self, mode: str) -> LayerFns:
+        """The step's layer functions for `--compile mode`: eager, or compiled (one set per
+        engine: its compiled code is reused by every later program). Where compiling cannot
+        run, one note says why and the step runs eager."""
+        if mode == "off":
+            return EAGER
+        why = compile_missing(self.device)
+        if why is not None:
+            self.notices.append(f"--compile {mode}: {why}; the step runs uncompiled")
+            return EAGER
+        if self._compiled is None:
+            self._compiled = compiled()
+        return self._compiled
+
+    def set_compile(self, mode: str) -> bool:
+        """Run later steps with `--compile mode`'s functions; False where they cannot run."""
+        fns = self.layer_fns(mode)
+        if isinstance(self.runner, StepPrograms) and self.runner.fns is not fns:
+            self.runner.fns = fns
+            self.runner.reset()
+        return fns.name == ("compiled" if mode == "on" else "eager")
 
     def set_router(self, router: Router | None) -> None:
         """Replace the model's expert choice (benchmarks: a synthetic workload); None restores
@@ -294,7 +322,12 @@ class Engine:
                           plan=self.plan.summary() if self.plan is not None else None,
                           peak_allocated_bytes=peak, choice=self.choice,
                           cpu_threads=self.cpu_threads if self.device.type == "cpu" else None,
-                          demo=self.is_demo)
+                          demo=self.is_demo, compiled=self.compiled)
+
+    @property
+    def compiled(self) -> bool:
+        """Do the steps run the compiled layer functions (`--compile on` where it can)?"""
+        return isinstance(self.runner, StepPrograms) and self.runner.fns.name == "compiled"
 
     @property
     def is_demo(self) -> bool:

@@ -20,7 +20,14 @@ from tidecli.planner.workload import Workload
 POLICY_CHOICES = ("auto", *POLICIES)
 
 DTYPE_NAMES = ("auto", "bf16", "fp32", "fp16")
+COMPILE_MODES = ("off", "on")  # the step's layer functions through torch.compile (model/parts.py)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def parse_compile(value: str) -> str:
+    if value not in COMPILE_MODES:
+        raise TideError(f"unknown --compile {value!r}", "use on or off")
+    return value
 
 
 def check_cpu_threads(n: int) -> None:
@@ -42,6 +49,7 @@ class LoadOptions:
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
     experts_dtype: str = "bf16"  # the routed experts' format: bf16 | int8 | fp8 | int4 (lossy)
+    compile: str = "off"  # CUDA: the step's layer functions through torch.compile (on | off)
 
     def validate(self) -> None:
         if not _DEVICE.match(self.device):
@@ -49,6 +57,7 @@ class LoadOptions:
         if self.dtype not in DTYPE_NAMES:
             raise TideError(f"unknown dtype {self.dtype!r}", "use auto, bf16, fp32 or fp16")
         parse_format(self.experts_dtype)
+        parse_compile(self.compile)
 
 
 @dataclass(frozen=True)
@@ -142,11 +151,12 @@ def engine_options(*, model: str | None = None, device: str = "auto", dtype: str
                    vram_gib: float | None = None, ram_gib: float | None = None,
                    experts_per_layer: int | None = None, block_length: int = 32,
                    threshold: float | None = None, context_tokens: int = 4096,
-                   experts_dtype: str = "bf16") -> EngineOptions:
+                   experts_dtype: str = "bf16", compile: str = "off") -> EngineOptions:
     """EngineOptions from the flat option names the commands use."""
     return EngineOptions(
         load=LoadOptions(model=model, device=device, dtype=dtype, kernel=kernel, graphs=graphs,
-                         experts_dtype=parse_format(experts_dtype)),
+                         experts_dtype=parse_format(experts_dtype),
+                         compile=parse_compile(compile)),
         residency=ResidencyOptions(
             policy=policy, tide=TideOptions(tau=tau, stall_refresh=stall_refresh,
                                             warm_start=warm_start, skip_last_step=skip_last_step),

@@ -32,7 +32,7 @@ def runs_table(report: dict) -> Table:
         lead = [r["workload"]] + ([r.get("experts_dtype", "bf16")] if formats else [])
         if r.get("skipped"):
             ahead = " +ahead" if r.get("prefetch") == "layer" else ""
-            t.add_row(*lead, r["policy"], r["budget"], _f(r["tau"], "{}"),
+            t.add_row(*lead, _policy(r), r["budget"], _f(r["tau"], "{}"),
                       _f(r["misses"], "{}") + ahead, "skipped", *[""] * (len(cols) - len(lead) - 5))
             continue
         tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
@@ -41,12 +41,16 @@ def runs_table(report: dict) -> Table:
         if r.get("prefetch") == "layer":  # read ahead: how many of its guesses were used
             acc = r.get("prefetch_accuracy")
             misses += " +ahead" + (f" {acc:.0%}" if acc is not None else "")
-        t.add_row(*lead, r["policy"], r["budget"], tau, misses,
+        t.add_row(*lead, _policy(r), r["budget"], tau, misses,
                   _f(r["tokens_per_s"], "{:.1f}"), _f(r["steps_per_s"], "{:.2f}"),
                   _f(100 * r["hit_rate"], "{:.1f}"), _f(r["h2d_gb"], "{:.3f}"),
                   _f(r.get("vs_best_baseline"), "{:.2f}×"), _same(r), *extra)
     t.caption = "more per run (CPU calls, stall, peak VRAM, × resident …): --json or -o FILE"
     return t
+
+
+def _policy(r: dict) -> str:
+    return r["policy"] + (" compiled" if r.get("compiled") else "")
 
 
 def quality_table(report: dict) -> Table | None:

@@ -27,6 +27,8 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
     if dev:
         rows.append(("device", dev))
     rows.append(("policy", rt.policy + (f" (kernel {rt.kernel})" if rt.kernel else "")))
+    if info.compiled:
+        rows.append(("step", "compiled (torch.compile; the first step compiles)"))
     if info.choice:
         rows.append(("why", info.choice))
     if rt.experts_format:  # compressed routed experts: say that they are lossy

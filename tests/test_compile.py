@@ -1,0 +1,118 @@
+"""--compile: the step's layer functions through torch.compile.
+
+On the CPU the functions are traced whole with the aot_eager backend (the same aten ops run, so
+the step must give the eager step's logits bitwise, and tracing must depend on shapes, not on
+layers); on a GPU with Inductor every policy must give the compiled resident run's tokens."""
+
+import pytest
+import torch
+
+from tidecli.model.moe import ForwardInfo
+from tidecli.model.parts import EAGER, compile_missing, compiled
+from tidecli.model.program import StepProgram, StepPrograms
+
+from helpers import cuda_model, decode_cuda, load_model, tide, user_error
+
+
+def _step(model, fns, ids, start=0):
+    cache = model.cache_for(start + 64)
+    prog = StepProgram(model, cache, 32, capture=False, fns=fns)
+    return [prog.run(ids, start, ForwardInfo("step")).clone() for _ in range(2)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_ckpt", "tiny22_ckpt"])
+def test_traced_step_gives_the_eager_logits_bitwise(fixture, request):
+    from torch._dynamo.utils import counters
+
+    model, _ = load_model(request.getfixturevalue(fixture))
+    ids = list(range(5, 37))
+    with torch.inference_mode():
+        eager = _step(model, EAGER, ids)
+        torch._dynamo.reset()
+        counters.clear()
+        fns = compiled("aot_eager")
+        first = _step(model, fns, ids)
+        graphs = counters["stats"]["unique_graphs"]
+        later = _step(model, fns, list(range(40, 72)), start=32)  # another block, same shapes
+    assert torch.equal(eager[0], first[0]) and torch.equal(first[0], first[1])
+    # one graph per function and shape (attention in/out, routing, the dense and the shared
+    # FFN, the two residuals), whatever the number of layers; a later block adds none
+    assert 0 < graphs <= 8, graphs
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert later[0].shape == first[0].shape
+
+
+def test_compile_needs_a_gpu_and_says_so():
+    assert "CUDA" in compile_missing(torch.device("cpu"))
+
+
+def test_compile_on_the_cpu_is_one_note_and_the_step_runs(tiny_ckpt, capsys):
+    rc, out, err = tide(["generate", "hi", "-m", str(tiny_ckpt), "--device", "cpu",
+                         "--compile", "on", "--gen-length", "8"], capsys)
+    assert rc == 0, err
+    assert "--compile on: compiling the step needs a CUDA device; the step runs uncompiled" \
+        in err
+    assert "Traceback" not in err
+
+
+def test_bad_compile_value_is_one_line(tiny_ckpt, capsys):
+    user_error(["generate", "hi", "-m", str(tiny_ckpt), "--compile", "max"], capsys,
+               "unknown --compile 'max'", hint="use on or off")
+
+
+def test_bench_compile_axis_on_the_cpu_skips_with_why(tiny_ckpt, capsys, tmp_path):
+    out = tmp_path / "b.json"
+    rc, _, err = tide(["bench", "-m", str(tiny_ckpt), "--device", "cpu", "--policies",
+                       "resident", "--workloads", "model", "--gen-length", "8",
+                       "--compile", "off,on", "-o", str(out)], capsys)
+    assert rc == 0, err
+    import json
+
+    runs = json.loads(out.read_text())["runs"]
+    assert [r.get("compiled", False) for r in runs] == [False, True]
+    assert not runs[0].get("skipped")
+    assert "needs a CUDA device" in runs[1]["skipped"]
+
+
+def test_bench_compile_values_are_checked(tiny_ckpt, capsys):
+    user_error(["bench", "-m", str(tiny_ckpt), "--compile", "off,fast"], capsys,
+               "unknown --compile 'fast'")
+
+
+@pytest.mark.gpu
+def test_compiled_steps_every_policy_gives_the_compiled_resident_tokens(tiny_ckpt):
+    """Inductor's kernels inside the captured step; lru, tide with streamed and with gpu
+    misses give the compiled resident run's tokens, replayed twice."""
+    if compile_missing(torch.device("cuda")):
+        pytest.skip(compile_missing(torch.device("cuda")))
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.policies import LruPolicy, TideOptions, TidePolicy
+    from tidecli.experts.store import HostExpertStore
+    from tidecli.experts.stream import StreamRuntime
+
+    fns = compiled()
+    prompt = list(range(2000, 2045))
+
+    def tokens(runtime=None):
+        m = StepPrograms(cuda_model(tiny_ckpt, runtime), capture=True, fns=fns)
+        out = [decode_cuda(m, prompt, gen_length=96).token_ids for _ in range(2)]
+        assert out[0] == out[1]
+        assert all(p.graphs for p in m._programs.values())
+        if hasattr(m.experts, "close"):
+            m.experts.close()
+        return out[0]
+
+    ref = tokens()
+    for policy in (LruPolicy, lambda: TidePolicy(TideOptions(tau=1))):
+        def make(ckpt, policy=policy):
+            return StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
+                                 {layer: 6 for layer in ckpt.config.moe_layers}, policy(),
+                                 device=torch.device("cuda"), dtype=torch.bfloat16)
+        assert tokens(make) == ref
+
+    def gpu_misses(ckpt):  # host phases between the device segments: one graph per segment
+        return OffloadRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
+                              {layer: 6 for layer in ckpt.config.moe_layers},
+                              TidePolicy(TideOptions(tau=1)), device=torch.device("cuda"),
+                              dtype=torch.bfloat16, misses="gpu")
+    assert tokens(gpu_misses) == ref
