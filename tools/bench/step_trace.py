@@ -1,8 +1,9 @@
 """Where a host-driven step's time goes: torch.profiler over a few denoising steps.
 
 Usage: PYTHONPATH=. python tools/bench/step_trace.py MODEL --misses gpu --vram 10 --out DIR
+       [--policy resident] [--compile on]
 Prints the CUDA and CPU time per operator over the profiled steps, the wall time per step, and
-writes a Chrome trace (DIR/trace-<misses>.json.gz) to read the timeline.
+writes a Chrome trace (DIR/trace-<policy>-<misses>[-compiled].json.gz) to read the timeline.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def main() -> None:
     ap.add_argument("--vram", type=float, default=10.0)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--gen-length", type=int, default=32)
+    ap.add_argument("--compile", default="off")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
-    eng = Engine(engine_options(model=a.model, policy=a.policy, misses=a.misses, vram_gib=a.vram,
-                                profile=a.profile, tau=1), quiet=True)
+    resident = a.policy == "resident"
+    eng = Engine(engine_options(model=a.model, policy=a.policy, misses=a.misses,
+                                vram_gib=None if resident else a.vram,
+                                profile=a.profile, tau=None if resident else 1,
+                                compile=a.compile), quiet=True)
     ids = eng.prompt_ids("Explain why the sky is blue to a ten-year-old.")
     for _ in eng.decoder(ids, DecodeSettings(gen_length=64)).steps():
         pass
@@ -52,7 +57,8 @@ def main() -> None:
     print(ka.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     out = Path(a.out)
-    raw = out / f"trace-{a.misses}.json"
+    name = f"{a.policy}-{a.misses}" + ("-compiled" if a.compile == "on" else "")
+    raw = out / f"trace-{name}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)

@@ -3,7 +3,9 @@
 #   serve  full-size synthetic mini behind `tide serve` at 10 GiB, tools/bench/serve_load.py
 #   quant  every expert format on full-size mini, resident and tide at 10 and 6 GiB, one bench
 #   ahead  GPU tests of the read-ahead, and a bench of it with stream and gpu misses
-#   ab     the same bench on the tree in old.tar and on this one (before/after, one machine)
+#   ab     the same bench on the tree in old.tar and on this one (before/after, one machine);
+#          AB="bench options" replaces its run list
+#   compile GPU tests of --compile and of the step program, then one bench with --compile off,on
 #   drift  lru and tide at 10 GiB on the synthetic and drifting workloads
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -127,11 +129,24 @@ if [ "$STAGE" = ab ]; then  # before/after in one run: the tree in old.tar (`git
   mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
   for tree in old new; do
     dir=$PWD; [ $tree = old ] && dir=$W/old
+    # shellcheck disable=SC2086
     (cd "$dir" && PYTHONPATH=$dir timeout 250 python3 -m tidecli bench -m "$W/mini" \
-      --policies resident,lru,tide --misses stream,gpu --vram 10,6 --workloads model \
+      ${AB:---policies resident,lru,tide --misses stream,gpu --vram 10,6} --workloads model \
       --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
       -o "$OUT/ab-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
   done
+fi
+if [ "$STAGE" = gputests ]; then  # the step program's GPU tests, --compile's among them
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_gpu.py \
+    -k "compiled or step_program or streamed or misses_on_the_gpu or read_ahead or capturing" \
+    2>&1 | tail -4
+fi
+if [ "$STAGE" = compile ]; then  # the compiled step against the eager one, one bench
+  mini
+  TO 560 bench -m "$W/mini" --policies resident,lru,tide --misses stream --vram 10,6 \
+    --compile off,on --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile h200 -o "$OUT/compile-bench-mini.json" 2>&1 | grep -v "^\[" | tail -30
 fi
 if [ "$STAGE" = drift ]; then  # the two synthetic workloads (random and drifting entries)
   mini
