@@ -204,6 +204,8 @@ class Engine:
             return EAGER
         if self._compiled is None:
             self._compiled = compiled()
+            self.notices.append("--compile on: the first step compiles its kernels (≈ 10 s the "
+                                "first time, a few s once cached)")
         return self._compiled
 
     def set_compile(self, mode: str) -> bool:
