@@ -116,3 +116,29 @@ def test_compiled_steps_every_policy_gives_the_compiled_resident_tokens(tiny_ckp
                               TidePolicy(TideOptions(tau=1)), device=torch.device("cuda"),
                               dtype=torch.bfloat16, misses="gpu")
     assert tokens(gpu_misses) == ref
+
+
+def test_bench_keeps_compiled_runs_apart(tiny_ckpt, capsys, tmp_path, monkeypatch):
+    """Where the step compiles, each mode has its own reference tokens, routing trace, bounds
+    and ratios. (The CPU engine runs its steps eager whatever the set: this checks the bench's
+    bookkeeping, the GPU test above the compiled step.)"""
+    import json
+
+    from tidecli.runtime import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "compile_missing", lambda device: None)
+    monkeypatch.setattr(engine_mod, "compiled", lambda: compiled("aot_eager"))
+    out = tmp_path / "b.json"
+    rc, _, err = tide(["bench", "-m", str(tiny_ckpt), "--device", "cpu", "--policies",
+                       "resident,tide", "--experts-per-layer", "8", "--tau", "2",
+                       "--workloads", "model", "--gen-length", "8", "--compile", "off,on",
+                       "-o", str(out)], capsys)
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [(r["policy"], r.get("compiled", False)) for r in runs] == [
+        ("resident", False), ("tide", False), ("resident", True), ("tide", True)]
+    assert all(r["identical"] and r["vs_resident"] is not None for r in runs)
+    assert set(report["workloads"]) == {"model", "model, compiled"}
+    assert [b.get("compiled", False) for b in report["bounds"]] == [False, True]
+    assert "compiled" in err  # the tables mark the compiled rows

@@ -113,7 +113,9 @@ class Bench:
 
     # ---- a trace per workload (routing statistics and the oracle) -------------------------------
 
-    def _record_trace(self, workload: str) -> None:
+    def _record_trace(self, workload: str, key: str) -> None:
+        """The routing of `workload` as this engine runs it now (compiled steps decode their own
+        way), under `key`."""
         rt = self.engine.runtime
         counts, blocks, per_prompt, traces = [], [], [], []
         for ids in self.prompt_ids:
@@ -129,8 +131,8 @@ class Bench:
             per_prompt.append(tr.array())  # every forward, in order, for the oracle
         self.engine.reset_programs()
         stats = routing_stats(np.concatenate(counts), blocks)
-        self.traces[workload] = {"stats": stats, "forwards": per_prompt, "steps": counts,
-                                 "trace": _joined(traces)}
+        self.traces[key] = {"stats": stats, "forwards": per_prompt, "steps": counts,
+                            "trace": _joined(traces), "label": _label(workload)}
 
     # ---- runs -----------------------------------------------------------------------------------
 
@@ -203,7 +205,8 @@ class Bench:
         }
         if pt.planned:
             row.update(_plan_fields(eng, row["denoise_step_ms"],
-                                    self.traces.get(pt.workload, {}).get("trace")))
+                                    self.traces.get(_trace_key(pt.workload, pt.compile == "on"),
+                                                    {}).get("trace")))
         if self.formats is not None:
             row.update(self.formats.run_fields(eng, pt.fmt, pt.workload, outputs))
         return row
@@ -251,8 +254,9 @@ class Bench:
                 for note in self.engine.notices:  # a cache built or rebuilt, say
                     self.say(f"note: {note}")
                 self.engine.notices.clear()
-                if pt.workload not in self.traces:
-                    self._record_trace(pt.workload)
+                key = _trace_key(pt.workload, pt.compile == "on")
+                if key not in self.traces:
+                    self._record_trace(pt.workload, key)
                 runs.append(self._measure(pt))
             except (TideError, OutOfDeviceMemory) as exc:
                 runs.append(_skipped(pt, exc.message))
@@ -269,8 +273,8 @@ class Bench:
                          "decoding": used.decoding,
                          "repeat": spec.repeat, "prompts": len(spec.prompts),
                          "block_length": self.engine.opts.workload.block_length},
-            "workloads": {w: {"label": _label(w), "routing": t["stats"]}
-                          for w, t in self.traces.items()},
+            "workloads": {k: {"label": t["label"], "routing": t["stats"]}
+                          for k, t in self.traces.items()},
             "runs": runs,
             "bounds": self._bounds(runs),
             **extra,
@@ -288,7 +292,7 @@ class Bench:
             fmt = r.get("experts_dtype", "bf16")
             from tidecli.bench.quality import stored_expert_bytes
             ebytes = stored_expert_bytes(self.engine, fmt)
-            tr = self.traces[r["workload"]]
+            tr = self.traces[_trace_key(r["workload"], bool(r.get("compiled")))]
             budgets = [r["experts_per_layer"][str(layer)] for layer in cfg.moe_layers]
             # every forward of the run in order (prompts × repeats), from an empty GPU
             seq = np.concatenate(tr["forwards"] * self.spec.repeat)
@@ -300,7 +304,8 @@ class Bench:
                    "tide_over_oracle": round(r["h2d_gb"] / oracle_gb, 3) if oracle_gb else None,
                    "best_hit_rate": round(best_hit_rate(seq, budgets), 4),
                    "tide_hit_rate": r["hit_rate"],
-                   **({"experts_dtype": fmt} if "experts_dtype" in r else {})}
+                   **({"experts_dtype": fmt} if "experts_dtype" in r else {}),
+                   **({"compiled": True} if r.get("compiled") else {})}
             bound = self._step_bound(tr, oracle_gb / self.spec.repeat, fmt)
             if bound is not None:
                 row.update(bound)
@@ -346,6 +351,12 @@ def _router_class(workload: str):
     from tidecli.bench.synthetic import DriftingRouting, SyntheticRouting
 
     return {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[workload]
+
+
+def _trace_key(workload: str, compiled: bool) -> str:
+    """A workload's routing trace, per way of running the step: compiled logits round
+    differently, so the same prompts decode (and route) their own way."""
+    return workload + (", compiled" if compiled else "")
 
 
 def _label(workload: str) -> str:

@@ -49,6 +49,10 @@ def runs_table(report: dict) -> Table:
     return t
 
 
+def _workload(r: dict) -> str:
+    return r["workload"] + (", compiled" if r.get("compiled") else "")
+
+
 def _policy(r: dict) -> str:
     return r["policy"] + (" compiled" if r.get("compiled") else "")
 
@@ -91,7 +95,7 @@ def bounds_table(report: dict) -> Table | None:
     for col in cols + (["bound ms", "tide step ms", "× bound"] if timed else []):
         t.add_column(col, justify="left" if col in ("workload", "experts") else "right")
     for b in report["bounds"]:
-        lead = [b["workload"]] + ([b.get("experts_dtype", "bf16")] if formats else [])
+        lead = [_workload(b)] + ([b.get("experts_dtype", "bf16")] if formats else [])
         row = [*lead, b["budget"], _f(b["tau"], "{}"), _f(b["misses"], "{}"),
                _f(100 * b["tide_hit_rate"], "{:.1f}"), _f(100 * b["best_hit_rate"], "{:.1f}"),
                _f(b["tide_over_oracle"])]
@@ -120,7 +124,7 @@ def plan_table(report: dict) -> Table | None:
                 "predicted ms", "error", "own routing ms", "error "):
         t.add_column(col, justify="left" if col == "workload" else "right")
     for r in rows:
-        t.add_row(r["workload"], r["budget"], _f(r["tau"], "{}"), _f(r.get("misses_used"), "{}"),
+        t.add_row(_workload(r), r["budget"], _f(r["tau"], "{}"), _f(r.get("misses_used"), "{}"),
                   "yes" if r.get("plan_calibrated") else "no",
                   _f(r.get("denoise_step_ms")), _f(r["predicted_step_ms"]),
                   _error(r.get("measured_over_predicted")), _f(r.get("predicted_own_routing_ms")),
