@@ -321,3 +321,40 @@ def test_cpu_costs_use_the_threads_the_runtime_will_have():
     assert capped.cpu_threads <= 8
     free = hardware_costs(cfg=cfg, profile=prof, block_length=32, context_tokens=4096)
     assert free.cpu_threads == prof.cpu_best_threads
+
+
+def test_compiled_steps_have_their_own_calibration(tmp_path, tiny_ckpt, capsys):
+    """A compiled step has fewer kernels, so a smaller fixed cost: its corrections are saved
+    and used apart from the eager step's. On the CPU the steps run eager whatever --compile
+    says, so a calibration run there is saved as eager."""
+    from tidecli.runtime.autoplan import runs_compiled
+    from tidecli.runtime.options import engine_options
+
+    prof, path = _profile_file(tmp_path)
+    cal = Calibration(gpu_scale=0.9, cpu_scale=1.0, io_scale=1.0, launch_ms_per_layer=0.02)
+    assert calibration_path(profile=prof, model=tiny_ckpt, misses="stream", compiled=True) != \
+        calibration_path(profile=prof, model=tiny_ckpt, misses="stream")
+    save_calibration(profile=prof, model=tiny_ckpt, misses="stream", calibration=cal,
+                     compiled=True)
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream") is None
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream",
+                            compiled=True) == cal
+    cfg = load_config(tiny_ckpt)
+    vram = _vram_for(cfg, 12)
+    base = ["plan", "--model", str(tiny_ckpt), "--profile", str(path), "--vram", repr(vram),
+            "--misses", "stream", "--json"]
+    for flag, used in ((["--compile", "on"], True), ([], False)):
+        code, out, err = tide(base + flag, capsys)
+        assert code == 0, err
+        notes = json.loads(out)["notes"]
+        assert any(n.startswith("corrected by `tide plan --calibrate`") for n in notes) == used
+    # the engine asks for the compiled corrections only where its steps compile
+    opts = engine_options(model=str(tiny_ckpt), compile="on")
+    assert not runs_compiled(opts, cuda=False)
+    assert not runs_compiled(engine_options(model=str(tiny_ckpt)), cuda=True)
+    code, out, err = tide(base[:-1] + ["--calibrate", "--device", "cpu", "--threshold", "1e-7",
+                                       "--compile", "on", "--json"], capsys)
+    assert code == 0, err
+    measured = json.loads(out)["calibration"]["measured"]
+    assert measured["compiled"] is False
+    assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream") is not None

@@ -233,6 +233,11 @@ class Bench:
                 (f" · prefetch {pt.prefetch}" if pt.prefetch != "off" else "")
             self.say(label)
             try:
+                if not self.engine.set_compile(pt.compile):  # says why in a notice
+                    why = "; ".join(self.engine.notices) or "the step cannot run compiled here"
+                    self.engine.notices.clear()
+                    runs.append(_skipped(pt, why))
+                    continue
                 self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),
@@ -241,11 +246,6 @@ class Bench:
                     base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
                     experts_dtype=pt.fmt)
                 rt = self.engine.runtime
-                if not self.engine.set_compile(pt.compile):  # says why in a notice
-                    why = "; ".join(self.engine.notices) or "the step cannot run compiled here"
-                    self.engine.notices.clear()
-                    runs.append(_skipped(pt, why))
-                    continue
                 if pt.prefetch != "off" and not rt.prefetches:  # the same run as without
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, f"read-ahead needs streamed misses; these run "

@@ -61,6 +61,10 @@ def plan(
     device: DeviceOpt = "auto",
     misses: MissesOpt = "auto",
     experts_dtype: ExpertsDtypeOpt = "bf16",
+    compile: Annotated[str, typer.Option(
+        "--compile", metavar="[off|on]",
+        help="The steps the plan is for: on, compiled (`--compile on`: calibrate them, and use "
+             "their saved corrections).")] = "off",
 ) -> None:
     """Plan expert offload for a model on a GPU: budgets, τ, CPU threads, predicted speed.
 
@@ -72,6 +76,7 @@ def plan(
     from tidecli.experts.formats import parse_format
     from tidecli.experts.modes import parse_misses
     from tidecli.memory import check_ram_gib
+    from tidecli.runtime.options import parse_compile
 
     vrams: list[float | None] = list(gib_list(vram)) if vram else [None]
     profiles = [p.strip() for p in profile.split(",") if p.strip()] if profile else [None]
@@ -83,6 +88,7 @@ def plan(
     check_device(device)
     parse_misses(misses)
     experts_dtype = parse_format(experts_dtype)
+    parse_compile(compile)
     if output is not None:
         output = check_writable(output)  # before any planning, not after it
     if calibrate and len(vrams) * len(profiles) > 1:
@@ -91,7 +97,7 @@ def plan(
     run_plan(model=model, profiles=profiles, vrams=vrams, json_out=json_out, output=output,
              verbose=verbose, trace=trace, gen_length=gen_length, block_length=block_length,
              threshold=threshold, context=context, ram=ram, calibrate=calibrate, device=device,
-             misses=misses, experts_dtype=experts_dtype)
+             misses=misses, experts_dtype=experts_dtype, compile=compile)
 
 
 def _no_gpu(prof) -> TideError:
@@ -105,7 +111,7 @@ def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float
              json_out: bool, output: Path | None, verbose: bool, trace: Path | None,
              gen_length: int, block_length: int, threshold: float | None, context: int,
              ram: float | None, calibrate: bool, device: str, misses: str = "auto",
-             experts_dtype: str = "bf16") -> None:
+             experts_dtype: str = "bf16", compile: str = "off") -> None:
     from tidecli.experts.modes import parse_misses
     from tidecli.experts.trace import RoutingTrace
     from tidecli.fsutil import atomic_write_text
@@ -136,7 +142,7 @@ def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float
                                     routing=routing, ram=ram, name=name, mode=mode,
                                     folder=folder, calibrate=calibrate, device=device,
                                     make_plan=make_plan, load_calibration=load_calibration,
-                                    fmt=experts_dtype)))
+                                    fmt=experts_dtype, compile=compile)))
     if len(plans) == 1:
         render_plan(plans[0][1], verbose=verbose)
         data: object = plans[0][1].to_dict()
@@ -162,11 +168,12 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
 
 
 def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
-              device, make_plan, load_calibration, fmt):
+              device, make_plan, load_calibration, fmt, compile):
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
-        saved = load_calibration(profile=prof, model=folder, misses=plan.misses)
+        saved = load_calibration(profile=prof, model=folder, misses=plan.misses,
+                                 compiled=compile == "on")
         if saved is not None:
             plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
                              trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
@@ -179,4 +186,5 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
               f"{sum(plan.experts_per_layer.values())} expert slots on this machine …")
     with byte_progress() as progress:
         return calibrate_plan(model_path=folder, config=cfg, profile=prof, plan=plan,
-                              workload=workload, ram_gib=ram, device=device, progress=progress)
+                              workload=workload, ram_gib=ram, device=device, compile=compile,
+                              progress=progress)

@@ -124,7 +124,7 @@ def calibrated_plan(*, measured: Measurement, model_path: str | Path, config: Mo
         profile_only=plan.breakdown, with_trace=with_trace, calibrated=model(cal), scales=cal,
         measured_over_predicted=off)
     path = save_calibration(profile=profile, model=model_path, misses=plan.misses,
-                            calibration=cal, report=report)
+                            calibration=cal, report=report, compiled=m.compiled)
     return replace(new, warnings=tuple(warnings), calibration=replace(report,
                                                                       saved_to=str(path)))
 
@@ -132,29 +132,34 @@ def calibrated_plan(*, measured: Measurement, model_path: str | Path, config: Mo
 # ---- saved corrections --------------------------------------------------------------------------
 
 
-def calibration_path(*, profile: HardwareProfile, model: str | Path, misses: str) -> Path:
-    """Where the corrections for this profile (machine), model folder and miss mode live."""
+def calibration_path(*, profile: HardwareProfile, model: str | Path, misses: str,
+                     compiled: bool = False) -> Path:
+    """Where the corrections for this profile (machine), model folder, miss mode and kind of
+    step (eager, or compiled: fewer kernels, a smaller fixed cost per layer) live."""
     folder = Path(model).expanduser().resolve()
     digest = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
-    name = f"{probe.slug(profile.name)}--{probe.slug(folder.name)}-{digest}--{misses}.json"
+    name = f"{probe.slug(profile.name)}--{probe.slug(folder.name)}-{digest}--{misses}" + \
+        ("--compiled" if compiled else "") + ".json"
     return config_dir() / "calibrations" / name
 
 
 def save_calibration(*, profile: HardwareProfile, model: str | Path, misses: str,
-                     calibration: Calibration, report: CalibrationReport | None = None) -> Path:
-    path = calibration_path(profile=profile, model=model, misses=misses)
+                     calibration: Calibration, report: CalibrationReport | None = None,
+                     compiled: bool = False) -> Path:
+    path = calibration_path(profile=profile, model=model, misses=misses, compiled=compiled)
     return atomic_write_json(path, make_parents=True, obj={
         "schema": CALIBRATION_SCHEMA, "profile": profile.name,
         "model": str(Path(model).expanduser().resolve()), "misses": misses,
+        "compiled": compiled,
         "created": datetime.date.today().isoformat(), "scales": calibration.to_dict(),
         "measured": report.to_dict() if report else {}})
 
 
-def load_calibration(*, profile: HardwareProfile, model: str | Path,
-                     misses: str) -> Calibration | None:
-    """The corrections `tide plan --calibrate` saved for this profile, model and miss mode, or
-    None; an unreadable file is a one-line error."""
-    path = calibration_path(profile=profile, model=model, misses=misses)
+def load_calibration(*, profile: HardwareProfile, model: str | Path, misses: str,
+                     compiled: bool = False) -> Calibration | None:
+    """The corrections `tide plan --calibrate` saved for this profile, model, miss mode and
+    kind of step, or None; an unreadable file is a one-line error."""
+    path = calibration_path(profile=profile, model=model, misses=misses, compiled=compiled)
     if not path.is_file():
         return None
     try:

@@ -21,9 +21,11 @@ class Measurement:
     hit_rate: float
     trace: RoutingTrace
     reads: float = 0.0  # experts moved host → GPU per step (copied or read by the GPU)
+    compiled: bool = False  # the steps ran compiled (--compile on)
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "steps": self.steps, "step_ms": round(self.step_ms, 4),
+        return {"device": self.device, "compiled": self.compiled, "steps": self.steps,
+                "step_ms": round(self.step_ms, 4),
                 "cpu_ms": round(self.cpu_ms, 4), "copy_ms": round(self.copy_ms, 4),
                 "stall_ms": round(self.stall_ms, 4), "hit_rate": round(self.hit_rate, 4),
                 "reads_per_step": round(self.reads, 3)}

@@ -34,6 +34,18 @@ def follows_plan(opts: EngineOptions, *, cuda: bool) -> bool:
     return cuda or r.profile is not None
 
 
+def runs_compiled(opts: EngineOptions, *, cuda: bool) -> bool:
+    """Do the engine's steps run compiled (`--compile on` where it can run, model/parts.py)?
+    Their saved corrections are their own: a compiled step has a smaller fixed cost."""
+    if opts.load.compile != "on" or not cuda:
+        return False
+    import torch
+
+    from tidecli.model.parts import compile_missing
+
+    return compile_missing(torch.device("cuda")) is None
+
+
 def machine_profile(spec: str | None, *, notices: list[str] | None = None,
                     progress: Progress | None = None) -> HardwareProfile:
     """`spec` (a reference name or a file) when given; else this machine's saved profile,
@@ -54,7 +66,8 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
     """The plan for this model, options and machine, with this machine's saved corrections."""
     profile = machine_profile(opts.residency.profile, notices=notices)
     mode = resolve_misses(facts.misses, cuda=facts.cuda, stream_blocker=facts.stream_blocker)
-    calibration = load_calibration(profile=profile, model=model, misses=str(mode))
+    calibration = load_calibration(profile=profile, model=model, misses=str(mode),
+                                   compiled=runs_compiled(opts, cuda=facts.cuda))
     return runtime_plan(config=config, profile=profile, facts=facts, workload=opts.workload,
                         calibration=calibration, model_name=str(model))
 
@@ -65,5 +78,6 @@ def predicted_with_trace(config: ModelConfig, opts: EngineOptions, plan: Plan,
     run's own) in place of the published ones: same profile, calibration, B_ℓ and τ. Against
     the measured step it shows the cost model's error alone, the routing statistics' taken out."""
     profile = machine_profile(opts.residency.profile)
-    calibration = load_calibration(profile=profile, model=model, misses=plan.misses)
+    calibration = load_calibration(profile=profile, model=model, misses=plan.misses,
+                                   compiled=runs_compiled(opts, cuda=True))
     return predictor(plan=plan, config=config, profile=profile, trace=trace)(calibration)

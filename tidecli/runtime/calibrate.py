@@ -45,11 +45,12 @@ class StepMeans:
 
 
 def plan_options(model_path: str | Path, plan: Plan, *, device: str,
-                 cpu_threads: int | None) -> EngineOptions:
-    """An engine that follows `plan` exactly (budgets, τ, threads, RAM tiers, misses)."""
+                 cpu_threads: int | None, compile: str = "off") -> EngineOptions:
+    """An engine that follows `plan` exactly (budgets, τ, threads, RAM tiers, misses), its
+    steps compiled or not."""
     return EngineOptions(
         load=LoadOptions(model=str(model_path), device=device,
-                         experts_dtype=plan.experts_format),
+                         experts_dtype=plan.experts_format, compile=compile),
         residency=ResidencyOptions(policy="tide", misses=parse_misses(plan.misses),
                                    cpu_threads=plan.cpu_threads if cpu_threads is None
                                    else cpu_threads, cpu_mode=plan.cpu_mode),
@@ -80,10 +81,11 @@ def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> Step
 
 def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
             threshold: float | None = None, cpu_threads: int | None = None,
-            prompt: str = CALIBRATION_PROMPT,
+            prompt: str = CALIBRATION_PROMPT, compile: str = "off",
             progress: Callable[[str, int, int], None] | None = None) -> Measurement:
     """Run `plan` for `blocks` blocks of real denoising steps and average what the runtime saw."""
-    opts = plan_options(model_path, plan, device=device, cpu_threads=cpu_threads)
+    opts = plan_options(model_path, plan, device=device, cpu_threads=cpu_threads,
+                        compile=compile)
     try:
         engine = Engine(opts, progress=progress, quiet=True)
     except torch.OutOfMemoryError as exc:
@@ -96,21 +98,24 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
         ids = engine.prompt_ids(prompt)
         trace = engine.runtime.enable_trace()
         m = step_means(engine, ids, settings)
-        dev = engine.device
+        dev, compiled = engine.device, engine.compiled
     finally:
         engine.close()
     return Measurement(device=str(dev), overlap=dev.type == "cuda", steps=m.steps,
                        step_ms=m.step_ms, cpu_ms=m.cpu_ms, copy_ms=m.copy_ms,
-                       stall_ms=m.stall_ms, hit_rate=m.hit_rate, trace=trace, reads=m.reads)
+                       stall_ms=m.stall_ms, hit_rate=m.hit_rate, trace=trace, reads=m.reads,
+                       compiled=compiled)
 
 
 def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: HardwareProfile,
                    plan: Plan, workload: Workload, ram_gib: float | None = None,
                    device: str = "auto", cpu_threads: int | None = None, blocks: int = 2,
+                   compile: str = "off",
                    progress: Callable[[str, int, int], None] | None = None) -> Plan:
     """Measure `plan` on this machine; the plan solved again with the fitted corrections (saved
-    for this machine and model)."""
+    for this machine, model and kind of step)."""
     m = measure(model_path=model_path, plan=plan, device=device, blocks=blocks,
-                threshold=workload.threshold, cpu_threads=cpu_threads, progress=progress)
+                threshold=workload.threshold, cpu_threads=cpu_threads, compile=compile,
+                progress=progress)
     return calibrated_plan(measured=m, model_path=model_path, config=config, profile=profile,
                            plan=plan, workload=workload, ram_gib=ram_gib)

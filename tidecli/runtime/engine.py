@@ -127,7 +127,7 @@ class Engine:
         self.plan = o.plan
         if self.plan is None and follows_plan(o, cuda=self.device.type == "cuda"):
             key = (o.budgets, o.residency.misses, o.residency.profile, o.workload,
-                   o.load.experts_dtype)
+                   o.load.experts_dtype, o.load.compile)
             if key not in self._auto_plans:
                 self._auto_plans[key] = plan_for(self.cfg, o, self.facts, model=self.path,
                                                  notices=self.notices)
@@ -209,7 +209,9 @@ class Engine:
         return self._compiled
 
     def set_compile(self, mode: str) -> bool:
-        """Run later steps with `--compile mode`'s functions; False where they cannot run."""
+        """Run later steps with `--compile mode`'s functions (a runtime built after this plans
+        with their saved corrections); False where they cannot run."""
+        self.opts = replace(self.opts, load=replace(self.opts.load, compile=mode))
         fns = self.layer_fns(mode)
         if isinstance(self.runner, StepPrograms) and self.runner.fns is not fns:
             self.runner.fns = fns
