@@ -139,6 +139,8 @@ def test_bench_keeps_compiled_runs_apart(tiny_ckpt, capsys, tmp_path, monkeypatc
     assert [(r["policy"], r.get("compiled", False)) for r in runs] == [
         ("resident", False), ("tide", False), ("resident", True), ("tide", True)]
     assert all(r["identical"] and r["vs_resident"] is not None for r in runs)
+    assert all(r["eager_over_compiled_step"] > 0 for r in runs if r.get("compiled"))
+    assert all("eager_over_compiled_step" not in r for r in runs if not r.get("compiled"))
     assert set(report["workloads"]) == {"model", "model, compiled"}
     assert [b.get("compiled", False) for b in report["bounds"]] == [False, True]
     assert "compiled" in err  # the tables mark the compiled rows

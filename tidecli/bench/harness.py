@@ -372,7 +372,8 @@ def _budgets(engine) -> dict[str, int]:
 
 def add_ratios(runs: list[dict]) -> None:
     """vs_best_baseline: steps/s over the best of lru and static at the same workload and budget;
-    vs_resident: over resident on the same workload."""
+    vs_resident: over resident on the same workload; on a compiled run,
+    eager_over_compiled_step: the same run's eager time per denoising step over its own."""
     ok = [r for r in runs if not r.get("skipped")]
     for r in ok:
         like = [b for b in ok if b["workload"] == r["workload"]
@@ -384,3 +385,10 @@ def add_ratios(runs: list[dict]) -> None:
         r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
             else None
         r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None
+        if r.get("compiled"):  # compiled steps decode their own way: compare time per step
+            same = ("workload", "policy", "budget", "tau", "misses", "prefetch", "experts_dtype")
+            eager = [b for b in ok if not b.get("compiled")
+                     and all(b.get(f) == r.get(f) for f in same)]
+            ms = r.get("denoise_step_ms")
+            r["eager_over_compiled_step"] = round(eager[0]["denoise_step_ms"] / ms, 3) \
+                if eager and ms and eager[0].get("denoise_step_ms") else None
