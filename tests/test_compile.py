@@ -144,3 +144,28 @@ def test_bench_keeps_compiled_runs_apart(tiny_ckpt, capsys, tmp_path, monkeypatc
     assert set(report["workloads"]) == {"model", "model, compiled"}
     assert [b.get("compiled", False) for b in report["bounds"]] == [False, True]
     assert "compiled" in err  # the tables mark the compiled rows
+
+
+def test_a_compile_that_fails_is_one_line_with_what_to_do(tiny_ckpt):
+    """Inductor can fail on a user's machine (a Triton or compiler error): the step says so in
+    one line and how to run without it, instead of an engine crash."""
+    from tidecli.errors import TideError
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C compiler")
+
+    model, _ = load_model(tiny_ckpt)
+    torch._dynamo.reset()
+    runner = StepPrograms(model, capture=False, fns=compiled(broken))
+    cache = model.cache_for(64)
+    ids = torch.arange(5, 37)
+    with pytest.raises(TideError, match="compiling the step failed") as exc:
+        runner.block_forward(ids, 0, cache, ForwardInfo("step"), ids_host=ids.tolist())
+    assert "--compile off" in exc.value.hint
+    assert "no working C compiler" in exc.value.message
+    assert not runner._programs  # nothing half-made is kept
+    torch._dynamo.reset()
+    # eager programs raise what they raise: only compile failures become this line
+    runner = StepPrograms(model, capture=False, fns=EAGER)
+    out = runner.block_forward(ids, 0, cache, ForwardInfo("step"), ids_host=ids.tolist())
+    assert out.shape[0] == 32

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tidecli.errors import TideError
 from tidecli.model.llada2 import KVCache, LLaDA2Model
 from tidecli.model.moe import ForwardInfo, LayerIO
 from tidecli.model.parts import EAGER, LayerFns
@@ -261,5 +262,16 @@ class StepPrograms:
                       ids_host: list[int] | None = None) -> torch.Tensor | None:
         if ids_host is None:
             return self.model.block_forward(ids, start, cache, info, rows=rows, logits=logits)
-        out = self.program(cache, ids.shape[0]).run(ids_host, start, info)
+        try:  # a program compiles (--compile on) when it is captured or first run
+            out = self.program(cache, ids.shape[0]).run(ids_host, start, info)
+        except Exception as exc:
+            from torch._dynamo.exc import TorchDynamoException
+
+            if self.fns.name != "compiled" or not isinstance(exc, TorchDynamoException):
+                raise
+            self.reset()
+            cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error
+            first = (str(cause).strip().splitlines() or [""])[0][:160]
+            raise TideError(f"compiling the step failed ({type(cause).__name__}: {first})",
+                            "run with --compile off; TIDE_DEBUG=1 shows the traceback") from exc
         return (out if rows is None else out[rows]) if logits else None
