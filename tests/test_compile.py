@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tidecli.model.moe import ForwardInfo
-from tidecli.model.parts import EAGER, compile_missing, compiled
+from tidecli.model.parts import EAGER, compiled
 from tidecli.model.program import StepProgram, StepPrograms
+from tidecli.runtime.devices import compile_missing
 
 from helpers import cuda_model, decode_cuda, load_model, tide, user_error
 

@@ -41,7 +41,7 @@ def runs_compiled(opts: EngineOptions, *, cuda: bool) -> bool:
         return False
     import torch
 
-    from tidecli.model.parts import compile_missing
+    from tidecli.runtime.devices import compile_missing
 
     return compile_missing(torch.device("cuda")) is None
 

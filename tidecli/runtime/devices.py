@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
 from tidecli.errors import TideError
+from tidecli.experts.triton_util import triton_importable
 from tidecli.hardware.probe import cpu_computes_bf16, free_cpu_threads
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
@@ -24,6 +26,18 @@ def pick_device(name: str) -> torch.device:
         raise TideError("--device cuda asked for, but no CUDA GPU is visible",
                         "use --device cpu, or check the NVIDIA driver")
     return dev
+
+
+def compile_missing(device: torch.device) -> str | None:
+    """Why `--compile on` cannot run on `device`, or None. Inductor writes Triton kernels for
+    a GPU and builds their launchers with the system's C compiler."""
+    if device.type != "cuda":
+        return "compiling the step needs a CUDA device"
+    if not triton_importable():
+        return "compiling the step needs Triton (pip install triton)"
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        return "compiling the step needs a C compiler (gcc or clang) on PATH"
+    return None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -23,14 +23,14 @@ from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.llada2 import LLaDA2Model
 from tidecli.model.loader import dense_bytes, load_dense
 from tidecli.model.moe import Router
-from tidecli.model.parts import EAGER, LayerFns, compile_missing, compiled
+from tidecli.model.parts import EAGER, LayerFns, compiled
 from tidecli.model.program import StepPrograms
 from tidecli.model.resolve import demo_path, resolve_model
 from tidecli.model.tokenizer import ChatTokenizer
 from tidecli.planner.plan import Plan, PlanSummary
 from tidecli.runtime import build
 from tidecli.runtime.autoplan import follows_plan, plan_for
-from tidecli.runtime.devices import pick_device, pick_dtype, set_cpu_threads
+from tidecli.runtime.devices import compile_missing, pick_device, pick_dtype, set_cpu_threads
 from tidecli.runtime.facts import device_free_gib, machine_facts, routed_bytes
 from tidecli.runtime.options import BudgetOptions, EngineOptions, ResidencyOptions
 
@@ -204,8 +204,8 @@ class Engine:
             return EAGER
         if self._compiled is None:
             self._compiled = compiled()
-            self.notices.append("--compile on: the first step compiles its kernels (≈ 10 s the "
-                                "first time, a few s once cached)")
+            self.notices.append("--compile on: the first step compiles its kernels (longest the "
+                                "first time on this machine; cached after)")
         return self._compiled
 
     def set_compile(self, mode: str) -> bool:
