@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from tidecli.experts.compute import (
-    combine,
     grouped_mm_available,
+    grouped_rows,
     pool_views,
     run_grouped_loop,
     run_grouped_mm,
 )
+from tidecli.experts.pairsort import sort_pairs, sort_pairs_reference
+from tidecli.model.parts import combine
 from tidecli.model.program import StepPrograms
+from tidecli.model.route_kernel import group_topk_kernel
+from tidecli.model.router import group_topk_reference
 
 from helpers import cuda_model, decode_cuda
 
@@ -38,6 +42,22 @@ def test_grouped_mm_matches_the_loop():
     assert torch.all(fast[slots < 0] == 0)
     w = torch.rand(t, k, device="cuda")
     assert _rel(combine(fast, w, torch.bfloat16), combine(ref, w, torch.bfloat16)) < 1e-2
+    # the pair-sort kernel: the stable argsort's order, and bitwise the same expert rows
+    got, want = sort_pairs(slots, e, k), sort_pairs_reference(slots, e, k)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    slow = torch.zeros((t * k + 1, h), dtype=x.dtype, device="cuda")
+    grouped_rows(x, *want, gate_up, down, slow)
+    assert torch.equal(fast, slow[:-1])
+
+
+def test_route_kernel_matches_the_reference_on_the_gpu():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    choice = torch.rand(64, 256, device="cuda", generator=g)
+    choice[0, :100] = 0.5  # ties
+    for n_group, topk_group in [(8, 4), (1, 1)]:
+        got = group_topk_kernel(choice, n_group, topk_group, 8)
+        assert torch.equal(got, group_topk_reference(choice, n_group, topk_group, 8))
+        assert torch.equal(torch.ops.tide.group_topk(choice, n_group, topk_group, 8), got)
 
 
 def _offload(policy_factory, b):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tidecli.experts.formats import ExpertFormat, is_compressed
+from tidecli.experts.pairsort import pairsort_fits, sort_pairs, sort_pairs_reference
 from tidecli.experts.quant import QMatrix, views
 
 Weights = torch.Tensor | QMatrix  # a stack of experts' matrices [S, n, k]
@@ -43,16 +44,6 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> to
     """One expert on a group of rows: down(silu(gate x) * up x). x [M, H] → [M, H]."""
     g, u = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(g) * u, down)
-
-
-def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """pair_out [T·k, H] (expert outputs), weights [T, k] fp32 → [T, H] in `dtype`.
-
-    fp32 weighting and a sum over k in slot order, as the reference does.
-    """
-    t, k = weights.shape
-    out = pair_out.view(t, k, -1).float() * weights[..., None]
-    return out.sum(dim=1).to(dtype)
 
 
 def expert_weight(w: Weights, s: int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,21 +145,26 @@ def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: Weights,
                    down: Weights, k: int) -> torch.Tensor:
     """All resident experts of a layer in two grouped GEMMs, without a host sync.
 
-    pair_slot [T·k] (device, -1 = skip). Pairs are sorted by slot; `offs` are the group ends.
-    Returns [T·k, H] with zero rows for skipped pairs.
+    pair_slot [T·k] (device, -1 = skip). Pairs are ordered by slot (stably: one kernel on a GPU,
+    experts/pairsort.py; a stable argsort elsewhere, its reference). Returns [T·k, H] with zero
+    rows for skipped pairs.
     """
-    s = gate_up.shape[0]
-    slot = torch.where(pair_slot < 0, s, pair_slot)
-    order = torch.argsort(slot, stable=True)
-    # scatter_add, not bincount: bincount sizes its output from the data (a host sync)
-    counts = torch.zeros(s + 1, dtype=torch.int32, device=slot.device).scatter_add_(
-        0, slot, torch.ones_like(slot, dtype=torch.int32))[:s]
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    xs = x[order // k]
+    s, p = gate_up.shape[0], pair_slot.numel()
+    sort = sort_pairs if pairsort_fits(x.device, p, s) else sort_pairs_reference
+    rows, dst, offs = sort(pair_slot, s, k)
+    out = torch.zeros((p + 1, x.shape[1]), dtype=x.dtype, device=x.device)  # + a dummy row
+    grouped_rows(x, rows, dst, offs, gate_up, down, out)
+    return out[:p]
+
+
+def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                 offs: torch.Tensor, gate_up: Weights, down: Weights,
+                 out: torch.Tensor) -> None:
+    """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
+    (offs: group ends); entries past the last group write the dummy row out[-1]. A row's result
+    depends on its group's expert alone, whatever the other rows hold."""
+    xs = hidden.index_select(0, rows)
     h = grouped_linear(xs, gate_up, offs)
     g, u = h.chunk(2, dim=-1)
     y = grouped_linear(F.silu(g) * u, down, offs)
-    valid = (slot[order] < s)[:, None]
-    out = torch.zeros_like(y)
-    out[order] = torch.where(valid, y, 0)
-    return out
+    out.index_copy_(0, dst, y.to(out.dtype))

@@ -13,17 +13,15 @@ and pairs) does all of it:
   slots and over the experts in pinned RAM (invalid entries point at a dummy row);
 - the layer's counters and routing counts.
 
-Then `grouped_rows` runs one expert group set: gather rows, two grouped GEMMs, scatter back.
+Then `compute.grouped_rows` runs one expert group set: gather rows, two grouped GEMMs, scatter back.
 Tests run the kernel in Triton's interpreter on the CPU and compare it with the torch path.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
-from tidecli.experts.compute import Weights, grouped_linear
-from tidecli.experts.triton_util import next_pow2, triton_importable
+from tidecli.model.triton_util import next_pow2, triton_importable
 
 MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
 MAX_GROUPS = 1024  # experts or slots per layer
@@ -159,15 +157,3 @@ class LayerPlan:
                         self.prow, self.pdst, self.poffs, self.hrow, self.hdst, self.hoffs, ctr,
                         self.scr_used, self.scr_vic, self.P, self.E, self.B, k,
                         PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY, MARK=self.mark)
-
-
-def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
-                 offs: torch.Tensor, gate_up: Weights, down: Weights,
-                 out: torch.Tensor) -> None:
-    """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
-    (offs: group ends); entries past the last group write the dummy row out[-1]."""
-    xs = hidden.index_select(0, rows)
-    h = grouped_linear(xs, gate_up, offs)
-    g, u = h.chunk(2, dim=-1)
-    y = grouped_linear(F.silu(g) * u, down, offs)
-    out.index_copy_(0, dst, y.to(out.dtype))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tidecli.experts.triton_util import triton_importable
+from tidecli.model.triton_util import triton_importable
 
 _KERNEL = None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from tidecli.experts.quant import QMatrix
-from tidecli.experts.triton_util import next_pow2, triton_importable
+from tidecli.model.triton_util import next_pow2, triton_importable
 
 _KERNEL = None
 _CODE = {"int8": 0, "fp8": 1, "int4": 2}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tidecli.experts.compute import combine, pick_kernel, pool_views, run_pairs
+from tidecli.experts.compute import pick_kernel, pool_views, run_pairs
 from tidecli.experts.formats import ExpertFormat, compressed_name
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.trace import RoutingTrace
@@ -20,6 +20,7 @@ from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.config import ModelConfig
 from tidecli.model.counters import ExpertStats
 from tidecli.model.moe import ForwardInfo, LayerIO
+from tidecli.model.parts import combine
 from tidecli.model.tensorio import ShardReader, check_finite, torch_dtype
 
 
@@ -104,12 +105,13 @@ class BaseRuntime:
         phases replay from a captured graph): counters, the trace, and — for runtimes that
         need the host — rows computed elsewhere, written to `over` with `over_mask` set."""
 
-    def device_end(self, layer: int, pair_out: torch.Tensor, weights: torch.Tensor,
-                   over: torch.Tensor | None, over_mask: torch.Tensor | None) -> torch.Tensor:
-        """Device only: replace overridden rows, weight in fp32 and sum over k."""
+    def device_end(self, layer: int, pair_out: torch.Tensor, over: torch.Tensor | None,
+                   over_mask: torch.Tensor | None) -> torch.Tensor:
+        """Device only: the per-pair rows with the overridden ones replaced (the model weights
+        and sums them: `model.parts.combine`)."""
         if over is not None:
             pair_out = torch.where(over_mask[:, None], over, pair_out)
-        return combine(pair_out, weights, pair_out.dtype)
+        return pair_out
 
     def run(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,8 @@ class BaseRuntime:
             over = torch.empty_like(pair_out)
             over_mask = torch.zeros(pair_out.shape[0], dtype=torch.bool, device=pair_out.device)
         self.host_after(layer, io, pair_out, over, over_mask)
-        return self.device_end(layer, pair_out, weights, over, over_mask)
+        rows = self.device_end(layer, pair_out, over, over_mask)
+        return combine(rows, weights, rows.dtype)
 
     def make_io(self, ids: torch.Tensor, hidden: torch.Tensor) -> LayerIO:
         return LayerIO(ids=ids, hidden=hidden)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tidecli.experts.compute import pool_views, row_dtype, run_pairs
+from tidecli.experts.compute import grouped_rows, pool_views, row_dtype, run_pairs
 from tidecli.experts.formats import compressed_name
-from tidecli.experts.fused import LayerPlan, fused_available, grouped_rows
+from tidecli.experts.fused import LayerPlan, fused_available
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.policies import Policy

@@ -8,9 +8,9 @@ the model where it is (`ForwardInfo`), the model passes it on; nothing else flow
 For the captured step program (model/program.py) the same work is split into phases:
 `device_begin` (device only: resident experts → per-pair rows), the host phases `host_before` /
 `host_after` (routing on the host, promotions, CPU misses, which write rows into an override
-buffer), and `device_end` (device only: take the override rows, weight and sum). `run` is these
-phases in order. A runtime whose step needs no host phase says so (`needs_host` False) and gets
-the whole step as one graph.
+buffer), and `device_end` (device only: take the override rows); the model weights and sums the
+rows (`parts.moe_out`). `run` is these phases in order, summed. A runtime whose step needs no
+host phase says so (`needs_host` False) and gets the whole step as one graph.
 
 Routing can be replaced from outside (benchmarks replay a synthetic workload): a `Router` gets
 told where each forward pass is and picks the experts of each MoE layer.
@@ -89,8 +89,8 @@ class ExpertRuntime(Protocol):
     def host_after(self, layer: int, io: LayerIO, pair_out: torch.Tensor,
                    over: torch.Tensor | None, over_mask: torch.Tensor | None) -> None: ...
 
-    def device_end(self, layer: int, pair_out: torch.Tensor, weights: torch.Tensor,
-                   over: torch.Tensor | None, over_mask: torch.Tensor | None) -> torch.Tensor: ...
+    def device_end(self, layer: int, pair_out: torch.Tensor, over: torch.Tensor | None,
+                   over_mask: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class Router:

@@ -32,6 +32,23 @@ def residual(h: torch.Tensor, y: torch.Tensor, shared: torch.Tensor | None) -> t
     return h + (y if shared is None else y + shared)
 
 
+def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pair_out [T·k, H] (expert outputs), weights [T, k] fp32 → [T, H] in `dtype`.
+
+    fp32 weighting and a sum over k in slot order, as the reference does: a token's result does
+    not depend on where each of its experts ran.
+    """
+    t, k = weights.shape
+    out = pair_out.view(t, k, -1).float() * weights[..., None]
+    return out.sum(dim=1).to(dtype)
+
+
+def moe_out(h: torch.Tensor, pair_out: torch.Tensor, weights: torch.Tensor,
+            shared: torch.Tensor | None) -> torch.Tensor:
+    """A MoE layer's output from its per-pair expert rows: `residual` of their `combine`."""
+    return residual(h, combine(pair_out, weights, pair_out.dtype), shared)
+
+
 @dataclass(frozen=True)
 class LayerFns:
     """The functions a forward pass calls for each part of a layer (see layers.py, router.py)."""
@@ -42,9 +59,10 @@ class LayerFns:
     ffn: Callable
     route: Callable  # the model's own routing (a replaced router runs as written)
     residual: Callable
+    moe_out: Callable  # combine + residual (the step program; runtimes give per-pair rows)
 
 
-EAGER = LayerFns("eager", attention_in, attention_out, ffn, route, residual)
+EAGER = LayerFns("eager", attention_in, attention_out, ffn, route, residual, moe_out)
 
 
 def compiled(backend: str = "inductor") -> LayerFns:
@@ -64,5 +82,5 @@ def compiled(backend: str = "inductor") -> LayerFns:
         return torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
 
     return LayerFns("compiled", c(attention_in), c(attention_out), c(ffn), c(route),
-                    c(residual))
+                    c(residual), c(moe_out))
 

@@ -110,9 +110,9 @@ class StepProgram:
             x, first = self.x0, 0
         else:
             prev = self.moe[j - 1]
-            y = self.rt.device_end(prev, self.pair[j - 1], self.w[j - 1], self.over,
-                                   self.over_mask)
-            x, first = self.fns.residual(self.h[j - 1], y, self.shared[j - 1]), prev + 1
+            rows = self.rt.device_end(prev, self.pair[j - 1], self.over, self.over_mask)
+            x = self.fns.moe_out(self.h[j - 1], rows, self.w[j - 1], self.shared[j - 1])
+            first = prev + 1
         stop = self.moe[j] if j < len(self.moe) else model.cfg.num_hidden_layers
         for i in range(first, stop):  # dense layers in between
             x = model.dense_part(i, *self._attn(i, x), fns=self.fns)

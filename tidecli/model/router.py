@@ -8,8 +8,9 @@ Expert choice, by config:
   `block_size` aligned positions; a window admits the `expert_capacity` experts whose best
   score + bias over its tokens is highest (its pool), and each token takes its top k inside its
   window's pool. The groups are not applied.
-Ties go to the lower expert id in block routing (a stable sort), so the fast path and the
-reference loop (`block_route_reference`) agree exactly.
+Ties go to the lower expert id (a stable sort), in both: block routing's fast path and its
+reference loop (`block_route_reference`) agree exactly, and so do the group-limited kernel on a
+GPU (model/route_kernel.py) and its torch reference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tidecli.model.config import ModelConfig
+from tidecli.model.route_kernel import group_topk_kernel, kernel_fits
+from tidecli.model.triton_util import triton_importable
 from tidecli.model.weights import RouterWeights
 
 
@@ -67,14 +70,39 @@ def routing_weights(scores: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -
 
 
 def group_choice(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Group-limited top-k: one kernel per forward on a GPU (model/route_kernel.py), its torch
+    reference elsewhere. Both break ties to the lower index."""
+    grouped = cfg.n_group > 1 and cfg.topk_group < cfg.n_group
+    n_group, topk_group = (cfg.n_group, cfg.topk_group) if grouped else (1, 1)
+    if choice.is_cuda:
+        return torch.ops.tide.group_topk(choice, n_group, topk_group, cfg.num_experts_per_tok)
+    return group_topk_reference(choice, n_group, topk_group, cfg.num_experts_per_tok)
+
+
+def group_topk_reference(choice: torch.Tensor, n_group: int, topk_group: int,
+                         k: int) -> torch.Tensor:
+    """choice [T, E] → ids [T, k]: each group scores the sum of its top 2, the best
+    `topk_group` groups stay, then the best k of their experts, best first."""
     t, e = choice.shape
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        grouped = choice.view(t, cfg.n_group, e // cfg.n_group)
+    if n_group > 1:
+        grouped = choice.view(t, n_group, e // n_group)
         group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-        keep = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = _top(group_score, topk_group)  # [T, topk_group]
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(t, e)
-    return choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=True).indices
+    return _top(choice, k)
+
+
+@torch.library.custom_op("tide::group_topk", mutates_args=())
+def _group_topk(choice: torch.Tensor, n_group: int, topk_group: int, k: int) -> torch.Tensor:
+    if choice.is_cuda and kernel_fits(choice.shape[1], n_group) and triton_importable():
+        return group_topk_kernel(choice, n_group, topk_group, k)
+    return group_topk_reference(choice, n_group, topk_group, k)
+
+
+@_group_topk.register_fake
+def _(choice, n_group, topk_group, k):
+    return choice.new_empty((choice.shape[0], k), dtype=torch.long)
 
 
 def _top(values: torch.Tensor, n: int) -> torch.Tensor:

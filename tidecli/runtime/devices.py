@@ -8,8 +8,8 @@ import shutil
 import torch
 
 from tidecli.errors import TideError
-from tidecli.experts.triton_util import triton_importable
 from tidecli.hardware.probe import cpu_computes_bf16, free_cpu_threads
+from tidecli.model.triton_util import triton_importable
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
           "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
