@@ -9,8 +9,10 @@ and pairs) does all of it:
   forward — their placement into the slots of residents this forward does not use, least
   recently used first: tables updated in place, the (expert, slot) list for the gather kernel;
 - each pair's slot after placement, the slots' last use;
-- the pairs sorted by slot and by expert with the group ends, ready for grouped GEMMs over the
-  slots and over the experts in pinned RAM (invalid entries point at a dummy row);
+- the pairs sorted by slot and by expert with the group ends, ready for grouped GEMMs: over the
+  slots whose expert was there before this forward, over the slots placed now (their rows are
+  still arriving while the first set computes), and over the experts read in place from pinned
+  RAM (invalid entries point at a dummy row);
 - the layer's counters and routing counts.
 
 Then `compute.grouped_rows` runs one expert group set: gather rows, two grouped GEMMs, scatter back.
@@ -43,7 +45,7 @@ def _kernel():
 
     @triton.jit
     def layer_plan(ids, table, owner, last, keep_ptr, clock_ptr, counts,
-                   src_out, dst_out, prow, pdst, poffs, hrow, hdst, hoffs, ctr,
+                   src_out, dst_out, prow, pdst, poffs, qrow, qdst, qoffs, hrow, hdst, hoffs, ctr,
                    scr_used, scr_vic, P, E, B, K,
                    PB: tl.constexpr, EB: tl.constexpr, BB: tl.constexpr, KEY: tl.constexpr,
                    MARK: tl.constexpr):
@@ -96,14 +98,24 @@ def _kernel():
         if MARK:  # a guess (read-ahead) places without marking: unused, it goes first
             clock = tl.load(clock_ptr)
             tl.store(last + slot, tl.zeros([PB], tl.int64) + clock, mask=inpool)
-        # pairs by slot (pool) and by expert (pinned RAM); padding lanes sort last
-        pk = tl.where(inpool, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
+        # pairs by slot: those whose expert held its slot before this forward (computed while
+        # the placed experts arrive), then those placed now; padding lanes sort last
+        hit = pm & (slot0 >= 0)
+        pk = tl.where(hit, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
         po = tl.sort(pk, 0) % KEY
-        pv = p < tl.sum(inpool.to(tl.int32), 0)  # sorted lanes holding a pool pair
+        pv = p < tl.sum(hit.to(tl.int32), 0)  # sorted lanes holding a pair of a held slot
         tl.store(prow + p, tl.where(pv, po // K, 0).to(tl.int64), mask=pm)
         tl.store(pdst + p, tl.where(pv, po, P).to(tl.int64), mask=pm)
-        pc = tl.cumsum(tl.histogram(tl.where(inpool, slot.to(tl.int32), BB - 1), BB), 0)
+        pc = tl.cumsum(tl.histogram(tl.where(hit, slot.to(tl.int32), BB - 1), BB), 0)
         tl.store(poffs + s, pc.to(tl.int32), mask=s < tl.maximum(B, 1))
+        new = inpool & (slot0 < 0)
+        qk = tl.where(new, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
+        qo = tl.sort(qk, 0) % KEY
+        qv = p < tl.sum(new.to(tl.int32), 0)
+        tl.store(qrow + p, tl.where(qv, qo // K, 0).to(tl.int64), mask=pm)
+        tl.store(qdst + p, tl.where(qv, qo, P).to(tl.int64), mask=pm)
+        qc = tl.cumsum(tl.histogram(tl.where(new, slot.to(tl.int32), BB - 1), BB), 0)
+        tl.store(qoffs + s, qc.to(tl.int32), mask=s < tl.maximum(B, 1))
         inhost = pm & (slot < 0)
         hk = tl.where(inhost, pe, tl.where(pm, EB, EB + 1)) * KEY + p
         ho = tl.sort(hk, 0) % KEY
@@ -140,6 +152,9 @@ class LayerPlan:
         self.prow = torch.zeros(pairs, **long)
         self.pdst = torch.zeros(pairs, **long)
         self.poffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
+        self.qrow = torch.zeros(pairs, **long)
+        self.qdst = torch.zeros(pairs, **long)
+        self.qoffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
         self.hrow = torch.zeros(pairs, **long)
         self.hdst = torch.zeros(pairs, **long)
         self.hoffs = torch.zeros(experts, dtype=torch.int32, device=device)
@@ -154,6 +169,7 @@ class LayerPlan:
             last: torch.Tensor, keep: torch.Tensor, clock: torch.Tensor, counts: torch.Tensor,
             ctr: torch.Tensor, k: int) -> None:
         _kernel()[(1,)](flat, table, owner, last, keep, clock, counts, self.src, self.dst,
-                        self.prow, self.pdst, self.poffs, self.hrow, self.hdst, self.hoffs, ctr,
+                        self.prow, self.pdst, self.poffs, self.qrow, self.qdst, self.qoffs,
+                        self.hrow, self.hdst, self.hoffs, ctr,
                         self.scr_used, self.scr_vic, self.P, self.E, self.B, k,
                         PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY, MARK=self.mark)

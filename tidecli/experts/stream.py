@@ -42,6 +42,7 @@ from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
 from tidecli.model.moe import ForwardInfo
+from tidecli.model.program import side_stream
 
 
 @dataclass
@@ -310,11 +311,23 @@ class StreamRuntime(PooledRuntime):
             lp = self._plans[(j, n)] = LayerPlan(n, self.cfg.num_experts, pool.slots, self.device)
         lp.run(flat, self.table[j], self.owner[j], self.last[j], self._keep, self._clock,
                self.counts[j], self.counters[j], self.k)
-        copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
+        # the placed experts' rows cross PCIe on a side stream while the experts already in
+        # their slots compute (different slots: victims are never used this forward)
+        side = None
+        if self.cuda:
+            side = side_stream(self.device, "gather")
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
+        else:
+            copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
         out = torch.empty((n + 1, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
         grouped_rows(hidden, lp.prow, lp.pdst, lp.poffs, pool.gate_up, pool.down, out)
         gate_up, down = self._host_views[layer]
         grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        grouped_rows(hidden, lp.qrow, lp.qdst, lp.qoffs, pool.gate_up, pool.down, out)
         return out[:n]
 
     def _place(self, j: int, pool, used: torch.Tensor,

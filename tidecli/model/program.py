@@ -29,7 +29,8 @@ _SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
 def side_stream(device: torch.device, role: str) -> torch.cuda.Stream:
     """The one side stream per device and role ("warmup": every capture warms up on it;
-    "prefetch": the read-ahead of the next MoE layer's experts). cuBLAS keeps a workspace for
+    "prefetch": the read-ahead of the next MoE layer's experts; "gather": the rows of the experts
+    a streamed-miss layer places, while its other experts compute). cuBLAS keeps a workspace for
     each stream it has run on (tens of MiB on recent GPUs) until the process ends, so a new
     stream per capture grew the allocation by one workspace every time programs were captured
     again (a new runtime, a new block shape, every `tide bench` run)."""
