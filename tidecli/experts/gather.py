@@ -16,6 +16,10 @@ import torch
 from tidecli.model.triton_util import triton_importable
 
 _KERNEL = None
+# Programs per gathered row, each looping over its share of the row's blocks: a few dozen
+# programs keep PCIe busy, and the rest of the GPU stays free for the experts computing beside
+# the gather (experts/stream.py)
+PROGRAMS_PER_ROW = 4
 
 
 class _CudaArray:
@@ -76,10 +80,11 @@ def _kernel():
             e = tl.load(src_idx + i)
             if e >= 0:
                 d = tl.load(dst_idx + i)
-                offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-                m = offs < ncols
-                v = tl.load(src + e.to(tl.int64) * ncols + offs, mask=m)
-                tl.store(dst + d.to(tl.int64) * ncols + offs, v, mask=m)
+                for c in range(tl.program_id(1), tl.cdiv(ncols, BLOCK), tl.num_programs(1)):
+                    offs = c * BLOCK + tl.arange(0, BLOCK)
+                    m = offs < ncols
+                    v = tl.load(src + e.to(tl.int64) * ncols + offs, mask=m)
+                    tl.store(dst + d.to(tl.int64) * ncols + offs, v, mask=m)
 
         _KERNEL = (gather_rows, triton.cdiv)
     return _KERNEL
@@ -104,4 +109,5 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor,
     d = dst.view(word).view(dst.shape[0], -1)
     ncols = s.shape[1]
     block = 4096
-    kernel[(src_idx.numel(), cdiv(ncols, block))](s, src_idx, d, dst_idx, ncols, BLOCK=block)
+    per_row = min(cdiv(ncols, block), PROGRAMS_PER_ROW)
+    kernel[(src_idx.numel(), per_row)](s, src_idx, d, dst_idx, ncols, BLOCK=block)

@@ -6,6 +6,8 @@
 #   ab     the same bench on the tree in old.tar and on this one (before/after, one machine);
 #          AB="bench options" replaces its run list
 #   compile GPU tests of --compile and of the step program, then one bench with --compile off,on
+#   kern   GPU tests of the pair-sort and routing kernels, then the ab stage
+#   kern2  profiler traces of the resident (eager, compiled) and streamed steps, then ab
 #   drift  lru and tide at 10 GiB on the synthetic and drifting workloads
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -122,6 +124,23 @@ if [ "$STAGE" = ahead ]; then  # read-ahead (--prefetch layer) and gpu misses' c
     --prefetch off,layer --vram 10,6 --workloads model \
     --prompts tools/bench/bench_prompts.txt --gen-length 64 \
     --profile h200 -o "$OUT/ahead-bench-mini.json" 2>&1 | grep -v "^\[" | tail -30
+fi
+if [ "$STAGE" = kern2 ]; then  # profiler traces of the resident and streamed steps, then ab
+  mini
+  for run in "resident on" "resident off" "tide on"; do
+    set -- $run
+    timeout 100 python3 tools/bench/step_trace.py "$W/mini" --policy $1 --misses stream \
+      --vram 10 --compile $2 --out "$OUT" > "$OUT/trace-$1-$2.txt" 2>&1
+    head -1 "$OUT/trace-$1-$2.txt" | cut -c1-200
+  done
+  STAGE=ab
+fi
+if [ "$STAGE" = kern ]; then  # the pair-sort and routing kernels: GPU tests, then before/after
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_gpu.py \
+    -k "grouped_mm or route_kernel or compiled or step_program or streamed or capturing" \
+    2>&1 | tail -4
+  STAGE=ab
 fi
 if [ "$STAGE" = ab ]; then  # before/after in one run: the tree in old.tar (`git archive REV
   # -o old.tar`, left untracked), then this one, the same bench on the same machine
