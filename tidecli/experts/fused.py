@@ -21,6 +21,8 @@ Tests run the kernel in Triton's interpreter on the CPU and compare it with the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tidecli.model.triton_util import next_pow2, triton_importable
@@ -28,7 +30,6 @@ from tidecli.model.triton_util import next_pow2, triton_importable
 MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
 MAX_GROUPS = 1024  # experts or slots per layer
 _KEY = 2048  # pairs are < _KEY: sort keys are group * _KEY + pair
-_KERNEL = None
 
 
 def fused_available(device: torch.device) -> bool:
@@ -36,10 +37,8 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cuda" and triton_importable()
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+@functools.cache
+def _kernel():  # built on first use: Triton is imported only then
     import triton
     import triton.language as tl
 
@@ -131,8 +130,7 @@ def _kernel():
         tl.store(ctr + 3, (n_miss - n_place).to(tl.int64))
         tl.store(ctr + 4, tl.sum(inhost.to(tl.int64), 0))
 
-    _KERNEL = layer_plan
-    return _KERNEL
+    return layer_plan
 
 
 class LayerPlan:

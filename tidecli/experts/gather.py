@@ -11,11 +11,12 @@ On a CPU device the same calls work on the host tensors themselves (tests).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tidecli.model.triton_util import triton_importable
 
-_KERNEL = None
 # Programs per gathered row, each looping over its share of the row's blocks: a few dozen
 # programs keep PCIe busy, and the rest of the GPU stays free for the experts computing beside
 # the gather (experts/stream.py)
@@ -68,26 +69,24 @@ def stream_available(device: torch.device) -> str | None:
     return None
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        import triton
-        import triton.language as tl
+@functools.cache
+def _kernel():  # built on first use: Triton is imported only then
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def gather_rows(src, src_idx, dst, dst_idx, ncols, BLOCK: tl.constexpr):
-            i = tl.program_id(0)
-            e = tl.load(src_idx + i)
-            if e >= 0:
-                d = tl.load(dst_idx + i)
-                for c in range(tl.program_id(1), tl.cdiv(ncols, BLOCK), tl.num_programs(1)):
-                    offs = c * BLOCK + tl.arange(0, BLOCK)
-                    m = offs < ncols
-                    v = tl.load(src + e.to(tl.int64) * ncols + offs, mask=m)
-                    tl.store(dst + d.to(tl.int64) * ncols + offs, v, mask=m)
+    @triton.jit
+    def gather_rows(src, src_idx, dst, dst_idx, ncols, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        e = tl.load(src_idx + i)
+        if e >= 0:
+            d = tl.load(dst_idx + i)
+            for c in range(tl.program_id(1), tl.cdiv(ncols, BLOCK), tl.num_programs(1)):
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                m = offs < ncols
+                v = tl.load(src + e.to(tl.int64) * ncols + offs, mask=m)
+                tl.store(dst + d.to(tl.int64) * ncols + offs, v, mask=m)
 
-        _KERNEL = (gather_rows, triton.cdiv)
-    return _KERNEL
+    return gather_rows, triton.cdiv
 
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor,

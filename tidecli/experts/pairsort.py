@@ -11,6 +11,8 @@ Tests run it in Triton's interpreter on the CPU against the torch path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tidecli.model.triton_util import next_pow2, triton_importable
@@ -18,7 +20,6 @@ from tidecli.model.triton_util import next_pow2, triton_importable
 MAX_PAIRS = 1024  # a step's pairs (block × top-k) fit one program; prefill uses the torch path
 MAX_SLOTS = 1023
 _KEY = 2048  # pairs are < _KEY: sort keys are slot * _KEY + pair
-_KERNEL = None
 
 
 def pairsort_fits(device: torch.device, pairs: int, slots: int) -> bool:
@@ -27,10 +28,8 @@ def pairsort_fits(device: torch.device, pairs: int, slots: int) -> bool:
             and triton_importable())
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+@functools.cache
+def _kernel():  # built on first use: Triton is imported only then
     import triton
     import triton.language as tl
 
@@ -51,8 +50,7 @@ def _kernel():
         ends = tl.cumsum(tl.histogram(tl.where(ok, s, SB - 1), SB), 0)  # bin SB-1: no slot
         tl.store(offs + g, ends.to(tl.int32), mask=g < S)
 
-    _KERNEL = pair_sort
-    return _KERNEL
+    return pair_sort
 
 
 def sort_pairs(pair_slot: torch.Tensor, slots: int,

@@ -18,12 +18,13 @@ plain version; the tests hold the kernel to it in Triton's interpreter.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tidecli.experts.quant import QMatrix
 from tidecli.model.triton_util import next_pow2, triton_importable
 
-_KERNEL = None
 _CODE = {"int8": 0, "fp8": 1, "int4": 2}
 # rows and output channels per program, warps and pipeline stages: fixed (see the docstring);
 # tools/bench/qkernel_bench.py times the alternatives
@@ -41,10 +42,8 @@ def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None 
     return True
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+@functools.cache
+def _kernel():  # built on first use: Triton is imported only then
     import triton
     import triton.language as tl
 
@@ -103,8 +102,7 @@ def _kernel():
             tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :],
                      acc.to(out.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
-    _KERNEL = (qgmm, triton.cdiv)
-    return _KERNEL
+    return (qgmm, triton.cdiv)
 
 
 def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.Tensor:

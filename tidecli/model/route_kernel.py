@@ -14,12 +14,13 @@ op runs the torch reference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tidecli.model.triton_util import next_pow2
 
 MAX_EXPERTS = 1024
-_KERNEL = None
 
 
 def kernel_fits(num_experts: int, n_group: int) -> bool:
@@ -28,10 +29,8 @@ def kernel_fits(num_experts: int, n_group: int) -> bool:
             and n_group == next_pow2(n_group) and num_experts % n_group == 0)
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+@functools.cache
+def _kernel():  # built on first use: Triton is imported only then
     import triton
     import triton.language as tl
 
@@ -62,8 +61,7 @@ def _kernel():
             tl.store(ids + t * K + r, i.to(tl.int64))
             taken = taken | (e == i)
 
-    _KERNEL = group_topk
-    return _KERNEL
+    return group_topk
 
 
 def group_topk_kernel(choice: torch.Tensor, n_group: int, topk_group: int,
