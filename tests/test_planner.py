@@ -549,3 +549,27 @@ def test_host_driven_misses_pay_a_hand_off_per_moe_layer():
     assert measured.breakdown.host_ms == pytest.approx(0.5 * MINI.num_moe_layers)
     assert not any("hand-off" in n for n in measured.notes)
     assert measured.predicted_step_ms > cpu.predicted_step_ms
+
+
+def test_compiled_steps_plan_with_their_own_fixed_cost():
+    """A plan for compiled steps (--compile on) counts the smaller fixed cost per layer, says
+    so, and keeps it through the predictor; a calibrated fixed cost still wins."""
+    from tidecli.hardware.store import resolve_profile
+    from tidecli.planner.costs import LAUNCH_MS_PER_LAYER, LAUNCH_MS_PER_LAYER_COMPILED
+
+    prof = resolve_profile("h200")
+    eager = make_plan(config=MINI, profile=prof, vram_gib=10, workload=Workload())
+    comp = make_plan(config=MINI, profile=prof, vram_gib=10, workload=Workload(compiled=True))
+    layers = MINI.num_hidden_layers
+    saved = (LAUNCH_MS_PER_LAYER - LAUNCH_MS_PER_LAYER_COMPILED) * layers
+    assert comp.compiled and not eager.compiled and comp.to_dict()["compiled"] is True
+    assert comp.breakdown.gpu_dense_ms == pytest.approx(eager.breakdown.gpu_dense_ms - saved)
+    assert any("compiled steps" in n for n in comp.notes)
+    assert not any("compiled steps" in n for n in eager.notes)
+    again = predictor(plan=comp, config=MINI, profile=prof)(None)
+    assert again.gpu_dense_ms == pytest.approx(comp.breakdown.gpu_dense_ms)
+    cal = Calibration(launch_ms_per_layer=0.1)
+    fixed = make_plan(config=MINI, profile=prof, vram_gib=10, workload=Workload(compiled=True),
+                      calibration=cal)
+    assert fixed.constants["launch_ms"] == pytest.approx(0.1 * layers)
+    assert not any("compiled steps" in n for n in fixed.notes)

@@ -129,7 +129,7 @@ def run_plan(*, model: str | None, profiles: list[str | None], vrams: list[float
         folder, name = config_folder(model)
     cfg = load_config(folder)
     workload = Workload(block_length=block_length, gen_length=gen_length, threshold=threshold,
-                        context_tokens=context)
+                        context_tokens=context, compiled=compile == "on")
     routing = RoutingTrace.load(trace) if trace is not None else None
     plans = []
     for spec in profiles:

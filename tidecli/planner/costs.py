@@ -17,10 +17,14 @@ from tidecli.memory import device_dense_bytes
 from tidecli.model.config import ModelConfig
 from tidecli.units import GIB
 
-# Per-layer fixed cost of a step on the GPU, beyond reading weights: ≈ 25 eager kernel launches
-# (norms, QKV, RoPE, attention, router, top-k, combine) at ~5 µs, plus the offload runtime's one
-# host read of the routing per MoE layer. Calibration (`tide plan --calibrate`) corrects it.
+# Per-layer fixed cost of a step on the GPU, beyond reading weights: the small kernels of norms,
+# QKV, RoPE, attention, routing and the expert glue at a few µs each. Eager 0.2 ms; compiled
+# (`--compile on`: fused by Inductor) 0.1 ms. With these, streamed tide on full-size mini
+# (an H200, the model's own routing) predicts 11.3 ms eager against 11.1-13.1 measured, and
+# 9.2 ms compiled against 9.2-9.9 (docs/benchmarks.md, section 14). Calibration (`tide plan
+# --calibrate`) corrects either.
 LAUNCH_MS_PER_LAYER = 0.2
+LAUNCH_MS_PER_LAYER_COMPILED = 0.1
 # VRAM outside tide's budget: cuBLAS workspaces, allocator slack and, where the profile's free
 # figure does not already exclude one, a CUDA context. Measured profiles read free memory after
 # creating a context and reference profiles already keep 0.75 GiB back, so the low end suffices.
@@ -193,7 +197,7 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
                    cpu_threads: int | None = None, max_cpu_threads: int | None = None,
                    calibration: Calibration | None = None,
                    expert_bytes: int | None = None,
-                   experts_format: str = "bf16") -> HardwareCosts:
+                   experts_format: str = "bf16", compiled: bool = False) -> HardwareCosts:
     """`cpu_threads` picks that row of the profile's CPU table (else the nearest below it);
     without it, the profile's best, else the fastest at `tokens_per_call`, among the rows of at
     most `max_cpu_threads` (the CPUs this process may run on). `expert_bytes`: one compressed
@@ -235,8 +239,9 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
     # a step reads every dense weight once and, on average, half the context's KV cache
     read = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * context_tokens // 2
     read_ms = read / (mem * 1e9) * 1e3
-    per_layer = LAUNCH_MS_PER_LAYER if cal.launch_ms_per_layer is None \
-        else cal.launch_ms_per_layer
+    per_layer = cal.launch_ms_per_layer
+    if per_layer is None:
+        per_layer = LAUNCH_MS_PER_LAYER_COMPILED if compiled else LAUNCH_MS_PER_LAYER
     launch = per_layer * cfg.num_hidden_layers
     threads, pts = _cpu_table(cfg, profile, scale, tokens_per_call, cpu_threads, notes,
                               max_cpu_threads)

@@ -71,6 +71,7 @@ class Plan:
     misses: str = "cpu"  # where missed experts run (experts/modes.py), never "auto"
     cpu_dtype: str = "bf16"  # what CPU misses compute in: the profile's fastest, as it measured
     experts_format: str = "bf16"  # the routed experts' format (experts/formats.py)
+    compiled: bool = False  # planned for compiled steps (--compile on)
 
     @property
     def predicted_step_ms(self) -> float:
@@ -136,6 +137,7 @@ class Plan:
             "profile": self.profile,
             "policy": self.policy,
             "experts_format": self.experts_format,
+            "compiled": self.compiled,
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "experts_per_layer_uniform": bs[0] if self.uniform and bs else None,
             "tau": self.tau,

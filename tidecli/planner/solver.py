@@ -148,7 +148,8 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
     costs = hardware_costs(cfg=cfg, profile=profile, block_length=wl.block_length,
                            context_tokens=wl.context_tokens, tokens_per_call=per_call,
                            calibration=calibration, expert_bytes=packed,
-                           experts_format=fmt.name, cpu_threads=cpu_threads,
+                           experts_format=fmt.name, compiled=wl.compiled,
+                           cpu_threads=cpu_threads,
                            max_cpu_threads=max_cpu_threads)
     ram = np.array([host.ram_per_layer[layer] for layer in cfg.moe_layers]) if tiered else None
     problem = Problem(cfg=cfg, costs=costs, stats=stats, steps=steps, ram=ram, misses=mode)
@@ -198,6 +199,10 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
                      + (", a disk tier" if tiered else "") + f") assumed "
                      f"{costs.host_ms(str(mode)):g} ms, as an H200 host measured: `tide profile` "
                      "on the machine measures it")
+    if wl.compiled and (calibration is None or calibration.launch_ms_per_layer is None):
+        notes.append(f"planned for compiled steps (--compile on): a fixed cost of "
+                     f"{costs.launch_ms / config.num_hidden_layers:.2f} ms per layer, as an "
+                     "H200 measured")
     if calibration is not None:
         launch = calibration.launch_ms_per_layer
         notes.append("corrected by `tide plan --calibrate` on real steps: "
@@ -244,7 +249,8 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
         num_experts=e, ram_budget_bytes=host.budget if host is not None else 0,
         experts_in_ram=dict(host.ram_per_layer) if tiered else {},
         staging_experts=host.staging_experts if tiered else 0,
-        disk_gbps=gbps if tiered else None, misses=str(mode), experts_format=fmt.name)
+        disk_gbps=gbps if tiered else None, misses=str(mode), experts_format=fmt.name,
+        compiled=wl.compiled)
 
 
 def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
@@ -253,7 +259,7 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
     """calibration → the model's step time for the plan's own B_ℓ and τ (routing statistics
     computed once; used to compare with, and fit to, measurements)."""
     wl = workload or Workload(block_length=plan.block_length, context_tokens=plan.context_tokens,
-                              tokens_per_step=plan.tokens_per_step)
+                              tokens_per_step=plan.tokens_per_step, compiled=plan.compiled)
     steps = plan.steps_per_block
     if trace is not None:
         traced = _trace_steps_per_block(trace)  # the run's own steps: ages follow them
@@ -272,7 +278,8 @@ def predictor(*, plan: Plan, config: ModelConfig, profile: HardwareProfile,
         costs = hardware_costs(cfg=config, profile=profile, block_length=wl.block_length,
                                context_tokens=wl.context_tokens, tokens_per_call=per_call,
                                cpu_threads=plan.cpu_threads, calibration=calibration,
-                               expert_bytes=packed, experts_format=plan.experts_format)
+                               expert_bytes=packed, experts_format=plan.experts_format,
+                               compiled=wl.compiled)
         return predict(Problem(cfg=config, costs=costs, stats=stats, steps=steps, ram=ram,
                                misses=MissMode(plan.misses)), budgets, plan.tau)
 

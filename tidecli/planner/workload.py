@@ -29,6 +29,7 @@ class Workload:
     threshold: float | None = None  # None → the checkpoint's decoding preset
     context_tokens: int = 4096  # KV cache reserved on the device (prompt + generation)
     tokens_per_step: float | None = None  # None → from the threshold (or the trace)
+    compiled: bool = False  # the steps run compiled (--compile on): a smaller fixed cost
 
     def validate(self) -> None:
         check_schedule(gen_length=self.gen_length, block_length=self.block_length,

@@ -6,6 +6,7 @@ quick, when there is none), the machine's facts (runtime/facts.py) and the calib
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from tidecli.experts.modes import resolve_misses
@@ -66,9 +67,11 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
     """The plan for this model, options and machine, with this machine's saved corrections."""
     profile = machine_profile(opts.residency.profile, notices=notices)
     mode = resolve_misses(facts.misses, cuda=facts.cuda, stream_blocker=facts.stream_blocker)
+    compiled = runs_compiled(opts, cuda=facts.cuda)
     calibration = load_calibration(profile=profile, model=model, misses=str(mode),
-                                   compiled=runs_compiled(opts, cuda=facts.cuda))
-    return runtime_plan(config=config, profile=profile, facts=facts, workload=opts.workload,
+                                   compiled=compiled)
+    return runtime_plan(config=config, profile=profile, facts=facts,
+                        workload=replace(opts.workload, compiled=compiled),
                         calibration=calibration, model_name=str(model))
 
 
