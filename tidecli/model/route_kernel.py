@@ -4,8 +4,9 @@ In torch ops the choice is three top-k calls and the masks between them; on a GP
 a gather kernel and a sort kernel, ≈ 0.66 ms of a 6.8 ms resident step of full-size mini
 (docs/benchmarks.md, section 14). Here one Triton program per token keeps its scores in
 registers: each group's best two, the best `topk_group` groups, then the best k experts inside
-them, one maximum at a time. Ties go to the lower index everywhere, as in `router.group_choice`
-(a stable sort), its reference; tests run the kernel in Triton's interpreter against it.
+them, one maximum at a time. Ties go to the lower index everywhere, as in its torch reference
+(`router.group_topk_reference`, a stable sort); tests run the kernel in Triton's interpreter
+against it.
 
 router.py wraps it as a custom operator (`tide::group_topk`), so a compiled step (`--compile on`)
 calls it as one opaque op; where it cannot run (no Triton, sizes that are not powers of two) the

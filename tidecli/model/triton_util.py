@@ -3,7 +3,10 @@ ships with PyTorch's CUDA wheels), and tile sizes rounded up to a power of two."
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.cache  # asked per layer on the step's path; a failed import is not cheap to retry
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
