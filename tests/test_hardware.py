@@ -396,14 +396,17 @@ def test_gpu_benchmarks_arithmetic_on_the_cpu(monkeypatch):
     assert gpu_measure.d2d_gbps(1 << 20, device="cpu", warmup=1, repeats=2) > 0
     assert gpu_measure.gemm_tflops(64, device="cpu", warmup=1, repeats=2) > 0
     seen = []
-    ms, kernel = gpu_measure.gpu_expert_ms(64, 32, device="cpu", tokens=(1, 4), pool_experts=16,
-                                       top_k=4, warmup=1, repeats=2, on_tokens=seen.append)
-    assert kernel == "loop" and set(ms) == {1, 4} and min(ms.values()) > 0 and seen == [1, 4]
+    ms, kernel, captured = gpu_measure.gpu_expert_ms(
+        64, 32, device="cpu", tokens=(1, 4), pool_experts=16, top_k=4, warmup=1, repeats=2,
+        on_tokens=seen.append)
+    assert kernel == "loop" and not captured and set(ms) == {1, 4} and seen == [1, 4]
+    assert min(ms.values()) > 0
     # a compressed format's experts, timed through the runtime's own path (its CPU reference
     # here, the dequantizing kernel on a GPU)
     for fmt in measure.COMPRESSED_FORMATS:
-        ms, kernel = gpu_measure.gpu_expert_ms(64, 32, device="cpu", tokens=(4,), pool_experts=16,
-                                           top_k=4, warmup=1, repeats=2, fmt=fmt)
+        ms, kernel, _ = gpu_measure.gpu_expert_ms(64, 32, device="cpu", tokens=(4,),
+                                                  pool_experts=16, top_k=4, warmup=1, repeats=2,
+                                                  fmt=fmt)
         assert kernel == "loop" and set(ms) == {4} and ms[4] > 0
 
 
@@ -445,10 +448,10 @@ def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
 
     def fake_experts(h, i, *, tokens, on_tokens=None, fmt="bf16", **kw):
         if fmt != "bf16":  # the dequantizing kernel
-            return {t: 0.02 for t in tokens}, "grouped_mm"
+            return {t: 0.02 for t in tokens}, "grouped_mm", True
         for t in tokens:
             on_tokens(t)
-        return {t: 0.01 for t in tokens}, "loop"
+        return {t: 0.01 for t in tokens}, "loop", False
 
     monkeypatch.setattr(measure, "gpu_expert_ms", fake_experts)
     from tidecli.experts import qkernel
@@ -464,7 +467,9 @@ def test_measure_profile_gpu_orchestration_with_fakes(monkeypatch):
     assert prof.gpu_bf16_tflops is None and "gpu_bf16_tflops" not in prof.sources
     assert any(n.startswith("bf16 GEMM not measured (RuntimeError: CUBLAS") for n in prof.notes)
     assert prof.gpu_expert_ms == {1: 0.01, 2: 0.01, 4: 0.01, 8: 0.01, 16: 0.01, 32: 0.01}
-    assert prof.gpu_expert_kernel == "loop"
+    assert prof.gpu_expert_kernel == "loop" and prof.gpu_expert_captured is False
+    assert any("outside a CUDA graph" in n for n in prof.notes)
+    assert "gpu_expert_captured" not in prof.sources
     assert set(prof.gpu_expert_format_ms) == {"int8", "int4"}
     assert prof.gpu_expert_format_ms["int4"][32] == 0.02
     assert prof.sources["h2d_pinned_gbps"] == "measured"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tidecli.hardware.timing import TOKENS, median_cuda_ms
+from tidecli.hardware.timing import TOKENS, median_cuda_ms, median_graph_ms
 
 
 def expert_bytes(hidden: int, inter: int, dtype_bytes: int = 2) -> int:
@@ -91,13 +91,16 @@ def _layer_call(kernel: str, x: Any, pair_slot: Any, gate_up: Any, down: Any,
 def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ...] = TOKENS,
                   pool_experts: int = 64, top_k: int = 8, warmup: int = 3, repeats: int = 10,
                   on_tokens: Callable[[int], None] | None = None,
-                  fmt: str = "bf16") -> tuple[dict[int, float], str]:
+                  fmt: str = "bf16", captured: bool = True) -> tuple[dict[int, float], str, bool]:
     """One MoE layer on the GPU: T tokens routed top-k over `pool_experts` resident experts,
     stored in `fmt` (bf16, or a compressed format of experts/formats.py, computed by its
     dequantizing kernel).
 
-    Returns (tokens → ms per distinct expert used, kernel name). Uses the runtime's own grouped
-    kernel where it exists, else its per-expert loop.
+    Returns (tokens → ms per distinct expert used, kernel name, whether it was timed
+    captured). Uses the runtime's own grouped kernel where it exists, else its per-expert loop.
+    `captured`: on a GPU the call is timed as a CUDA graph's replay, as the runtime's captured
+    step runs it; timed uncaptured, the host's launch gaps between its small kernels count as
+    expert time. A call that cannot be captured is timed uncaptured (and says so).
     """
     import torch
 
@@ -137,5 +140,13 @@ def gpu_expert_ms(hidden: int, inter: int, *, device: Any, tokens: tuple[int, ..
             except RuntimeError:  # a card or torch build without the kernel: use the loop
                 kernel = "loop"
         fn = _layer_call(kernel, x, pair_slot, gate_up, down, k)
-        result[t] = median_cuda_ms(fn, warmup=warmup, repeats=repeats) / distinct
-    return result, kernel
+        ms = None
+        if captured and device.type == "cuda":
+            try:
+                ms = median_graph_ms(fn, warmup=warmup, repeats=repeats)
+            except RuntimeError:
+                captured = False  # and the rest of the sizes alike: one way per profile
+        if ms is None:
+            ms = median_cuda_ms(fn, warmup=warmup, repeats=repeats)
+        result[t] = ms / distinct
+    return result, kernel, captured and device.type == "cuda"

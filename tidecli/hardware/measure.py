@@ -127,7 +127,7 @@ def _measure_formats(s: MeasureSettings, hidden: int, inter: int, device: Any, p
 
     from tidecli.experts.qkernel import qkernel_available
 
-    def one(fmt: str) -> tuple[dict[int, float], str] | None:
+    def one(fmt: str) -> tuple[dict[int, float], str, bool] | None:
         if not qkernel_available(device, torch.bfloat16, fmt):  # e.g. fp8 before sm89
             return None
         return gpu_expert_ms(hidden, inter, device=device, tokens=s.gpu_tokens,
@@ -203,7 +203,10 @@ def _measure_gpu(s: MeasureSettings, hidden: int, inter: int, tick: _Ticker,
     for _ in range(len(s.gpu_tokens) - len(done_tokens)):
         tick("GPU experts")  # keep the bar honest when the expert timing stopped early
     if res is not None:
-        f["gpu_expert_ms"], f["gpu_expert_kernel"] = res
+        f["gpu_expert_ms"], f["gpu_expert_kernel"], f["gpu_expert_captured"] = res
+        if not res[2]:
+            notes.append("GPU experts timed outside a CUDA graph (the call could not be "
+                         "captured): host launch gaps count, so expert times are high")
         if res[1] == "loop":
             notes.append("GPU experts timed with the per-expert loop (no grouped GEMM kernel "
                          "for this card / torch build)")
@@ -272,7 +275,8 @@ def measure_profile(*, quick: bool = True, expert_shape: tuple[int, int] | None 
     cpu_facts = ("cpu_model", "cpu_physical_cores", "cpu_logical_cores", "cpu_features",
                  "ram_total_bytes", "ram_available_bytes")
     # "measured" covers facts read on this machine too; only the PCIe peak is computed
-    sources = {k: "measured" for k in (*fields, *cpu_facts) if k != "gpu_expert_kernel"}
+    sources = {k: "measured" for k in (*fields, *cpu_facts)
+               if k not in ("gpu_expert_kernel", "gpu_expert_captured")}
     if "pcie_peak_gbps" in fields:
         sources["pcie_peak_gbps"] = "spec"  # computed from the link, not timed
     host = probe.hostname()

@@ -57,6 +57,9 @@ class HardwareProfile:
     # GPU: one layer's experts in grouped kernels: tokens-per-step → ms per *expert* used
     gpu_expert_ms: dict[int, float] = field(default_factory=dict)
     gpu_expert_kernel: str | None = None  # "grouped_mm" | "loop" (see experts/compute.py)
+    # True: timed as a CUDA graph's replay, as the runtime's captured step runs the experts;
+    # None in profiles measured before it was (their times count the host's launch gaps)
+    gpu_expert_captured: bool | None = None
     # the same for compressed experts (experts/formats.py) through their dequantizing kernel:
     # format → tokens-per-step → ms per expert used (measured ones only)
     gpu_expert_format_ms: dict[str, dict[int, float]] = field(default_factory=dict)

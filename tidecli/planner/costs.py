@@ -233,6 +233,11 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
         gpu_expert = _interp_table(measured, block_length) * scale
     elif profile.gpu_expert_ms:
         gpu_expert = _interp_table(profile.gpu_expert_ms, block_length) * scale * weights
+    if profile.gpu_expert_ms and profile.sources.get("gpu_expert_ms") == "measured" \
+            and profile.gpu_expert_captured is not True:
+        notes.append("this profile's GPU expert times were taken outside a CUDA graph (the "
+                     "host's launch gaps counted), so the experts' term is high: re-run "
+                     "`tide profile` for captured ones")
     else:
         notes.append("GPU expert time estimated from device memory bandwidth")
         gpu_expert = eb / (0.7 * mem * 1e9) * 1e3 + 0.005
