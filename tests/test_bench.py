@@ -329,3 +329,31 @@ def test_a_read_ahead_run_that_cannot_read_ahead_is_skipped_with_why(tiny_ckpt):
     assert [r.get("skipped") is None for r in runs] == [True, False]
     assert runs[1]["skipped"] == "read-ahead needs streamed misses; these run cpu"
     assert runs[1]["prefetch"] == "layer"
+
+
+def test_the_token_reference_is_the_first_run_the_gpu_kernel_computes_whole():
+    """A bench of host-driven misses may start with CPU misses (not exact): the gpu-miss runs
+    after it are held to the first run that computes every expert with the GPU kernel, and the
+    CPU run is compared with that one too, once it exists."""
+    from types import SimpleNamespace
+
+    b = SimpleNamespace(expected={}, pending={})
+    gpu_tokens, cpu_tokens = [[1, 2, 3, 4]], [[1, 2, 9, 9]]
+    key = ("model", "bf16", "off")
+    cpu = {"exact_expected": False}
+    gpu = {"exact_expected": True}
+    gpu2 = {"exact_expected": True}
+    Bench._compare(b, cpu, key, cpu_tokens)
+    assert "identical" not in cpu  # waits for a reference
+    Bench._compare(b, gpu, key, gpu_tokens)
+    Bench._compare(b, gpu2, key, gpu_tokens)
+    Bench._settle(b, key)
+    assert gpu["identical"] and gpu2["identical"] and gpu2["token_agreement"] == 1.0
+    assert not cpu["identical"] and cpu["token_agreement"] == 0.5
+    # a group with no exact run: its first run is the reference
+    only = [{"exact_expected": False}, {"exact_expected": False}]
+    Bench._compare(b, only[0], ("x",), cpu_tokens)
+    Bench._compare(b, only[1], ("x",), gpu_tokens)
+    Bench._settle(b, ("x",))
+    assert only[0]["identical"] and not only[1]["identical"]
+    assert b.pending == {}

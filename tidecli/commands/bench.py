@@ -287,5 +287,5 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
            if not r.get("skipped") and r["exact_expected"] and not r["identical"]]
     if bad:
         raise TideError(f"{len(bad)} run(s) that compute every expert with the GPU kernel gave "
-                        "different tokens from the first run of their workload",
+                        "different tokens from the first such run of their workload",
                         "this is a bug: please report it with the JSON output")
