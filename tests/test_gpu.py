@@ -195,6 +195,19 @@ def test_misses_on_the_gpu_are_bitwise_exact(tiny_ckpt, policy):
     assert m.experts.run_stats.summary()["cpu_calls"] == 0
 
 
+def test_the_profile_times_the_experts_captured_as_the_step_runs_them():
+    """`tide profile` replays the layer's expert call as a CUDA graph (no host launch gaps);
+    the uncaptured timing stays available for comparison."""
+    from tidecli.hardware.gpu_measure import gpu_expert_ms
+
+    ms, kernel, captured = gpu_expert_ms(256, 128, device="cuda", tokens=(4, 32),
+                                         pool_experts=16, top_k=4, warmup=1, repeats=3)
+    assert captured and set(ms) == {4, 32} and min(ms.values()) > 0
+    ms2, _, captured2 = gpu_expert_ms(256, 128, device="cuda", tokens=(4,), pool_experts=16,
+                                      top_k=4, warmup=1, repeats=3, captured=False)
+    assert not captured2 and ms2[4] > 0
+
+
 def test_device_view_reads_pinned_memory_and_gathers_rows():
     from tidecli.experts.gather import copy_rows, device_view, stream_available
 
