@@ -54,6 +54,30 @@ def test_kernel_matches_the_reference_on_mini_shapes(name, pinned):
         assert torch.equal(got, quant_grouped_mm(x, mat, offs))  # deterministic
 
 
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_device_and_streamed_tiles_give_bitwise_the_same_rows(name):
+    """An expert read in place from pinned RAM (streamed misses) runs with the large tiles,
+    the same expert in a slot with the format's small ones (or the large, for long prompts):
+    every policy's tokens are the resident run's only if all give the same rows, bit for bit."""
+    from tidecli.experts.qkernel import LARGE, SMALL, Tiles
+
+    _need(name)
+    h, i = 2048, 512
+    fmt = expert_format(name, hidden=h, inter=i)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    counts = torch.tensor([3, 0, 40, 1, 0, 7, 16, 2, 0, 5, 33, 1, 64, 4])
+    w = (torch.randn(counts.numel(), 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
+    gu, dn = views(quantize_rows(w, fmt), fmt)
+    offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+    m = int(counts.sum()) + 3
+    for mat, k in ((gu, h), (dn, i)):
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+        want = quant_grouped_mm(x, mat, offs, tiles=LARGE)
+        for tiles in (SMALL[name], Tiles(16, 64), Tiles(16, 128), Tiles(32, 64)):
+            assert torch.equal(quant_grouped_mm(x, mat, offs, tiles=tiles), want), tiles
+        assert torch.equal(quant_grouped_mm(x, mat, offs), want)  # the call's own choice
+
+
 def _tokens(tiny_ckpt, name, make):
     m = StepPrograms(cuda_model(tiny_ckpt, make))
     out = decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids

@@ -49,3 +49,15 @@ def test_experts_read_in_place_from_a_slice_of_rows():
     full, _ = views(rows, fmt)
     ref = quant_grouped_reference(x, full.select(torch.tensor([1, 2])), offs)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_depend_on_the_format_place_and_static_shape_alone():
+    """Every tile the runtime may pick keeps BM ≤ 32, the family that gave bitwise the same
+    rows on an H200 (tests/test_gpu_quant.py checks it on the GPU)."""
+    from tidecli.experts.qkernel import LARGE, SMALL, SMALL_ROWS, tiles_for
+
+    assert tiles_for("int4", 256, 256, streamed=False) == SMALL["int4"]  # a decoding step
+    assert tiles_for("int8", SMALL_ROWS * 64 + 1, 64, streamed=False) == LARGE  # a long prompt
+    assert tiles_for("fp8", 256, 64, streamed=True) == LARGE  # read once over PCIe
+    assert tiles_for("int4", 8, 0, streamed=False) == SMALL["int4"]
+    assert all(t.bm <= 32 for t in (*SMALL.values(), LARGE))

@@ -85,11 +85,11 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype,
 
 
 def run_pairs(kernel: str, x: torch.Tensor, pair_slot: torch.Tensor, gate_up: Weights,
-              down: Weights, k: int) -> torch.Tensor:
+              down: Weights, k: int, *, streamed: bool = False) -> torch.Tensor:
     """Per-pair rows [T·k, H] of the slots' experts (zero rows where pair_slot is -1), with the
-    grouped kernel or the reference loop."""
+    grouped kernel or the reference loop. `streamed`: read in place from pinned host memory."""
     if kernel == "grouped_mm":
-        return run_grouped_mm(x, pair_slot, gate_up, down, k)
+        return run_grouped_mm(x, pair_slot, gate_up, down, k, streamed=streamed)
     out = torch.zeros((pair_slot.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
     run_grouped_loop(x, pair_slot, gate_up, down, k, out)
     return out
@@ -102,15 +102,17 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return major >= 9
 
 
-def grouped_linear(xs: torch.Tensor, w: Weights, offs: torch.Tensor) -> torch.Tensor:
+def grouped_linear(xs: torch.Tensor, w: Weights, offs: torch.Tensor, *,
+                   streamed: bool = False) -> torch.Tensor:
     """xs [M, k] sorted by group, offs [G] the group ends → [M, n]: the rows of group g times
     w[g]ᵀ. torch._grouped_mm for bf16 on CUDA, the dequantizing kernel for compressed experts
-    on CUDA; elsewhere the reference loop (rows past the last group stay zero)."""
+    on CUDA (`streamed`: w is read in place from pinned host memory); elsewhere the reference
+    loop (rows past the last group stay zero)."""
     if isinstance(w, QMatrix):
         if xs.is_cuda:
             from tidecli.experts.qkernel import quant_grouped_mm
 
-            return quant_grouped_mm(xs, w, offs)
+            return quant_grouped_mm(xs, w, offs, streamed=streamed)
         return quant_grouped_reference(xs, w, offs)
     if xs.is_cuda:
         return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
@@ -142,29 +144,30 @@ def quant_grouped_reference(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> 
 
 
 def run_grouped_mm(x: torch.Tensor, pair_slot: torch.Tensor, gate_up: Weights,
-                   down: Weights, k: int) -> torch.Tensor:
+                   down: Weights, k: int, *, streamed: bool = False) -> torch.Tensor:
     """All resident experts of a layer in two grouped GEMMs, without a host sync.
 
     pair_slot [T·k] (device, -1 = skip). Pairs are ordered by slot (stably: one kernel on a GPU,
     experts/pairsort.py; a stable argsort elsewhere, its reference). Returns [T·k, H] with zero
-    rows for skipped pairs.
+    rows for skipped pairs. `streamed`: the weights are read in place from pinned host memory.
     """
     s, p = gate_up.shape[0], pair_slot.numel()
     sort = sort_pairs if pairsort_fits(x.device, p, s) else sort_pairs_reference
     rows, dst, offs = sort(pair_slot, s, k)
     out = torch.zeros((p + 1, x.shape[1]), dtype=x.dtype, device=x.device)  # + a dummy row
-    grouped_rows(x, rows, dst, offs, gate_up, down, out)
+    grouped_rows(x, rows, dst, offs, gate_up, down, out, streamed=streamed)
     return out[:p]
 
 
 def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
                  offs: torch.Tensor, gate_up: Weights, down: Weights,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, *, streamed: bool = False) -> None:
     """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
     (offs: group ends); entries past the last group write the dummy row out[-1]. A row's result
-    depends on its group's expert alone, whatever the other rows hold."""
+    depends on its group's expert alone, whatever the other rows hold. `streamed`: the experts
+    are read in place from pinned host memory."""
     xs = hidden.index_select(0, rows)
-    h = grouped_linear(xs, gate_up, offs)
+    h = grouped_linear(xs, gate_up, offs, streamed=streamed)
     g, u = h.chunk(2, dim=-1)
-    y = grouped_linear(F.silu(g) * u, down, offs)
+    y = grouped_linear(F.silu(g) * u, down, offs, streamed=streamed)
     out.index_copy_(0, dst, y.to(out.dtype))

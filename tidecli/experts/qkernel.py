@@ -11,14 +11,21 @@ inputs; groups without rows read nothing. Per format, in fp32 accumulators:
 - fp8: per 128-input block, Σ x·q times the block's scale (e4m3 converts to bf16 exactly);
 - int4: per group of inputs, s·Σ x·q + m·Σ x (the two nibble halves of a group are two
   contiguous input slices, experts/formats.py), so only the 4-bit values enter the dot.
-The tile sizes are fixed, so a row's result never depends on which other rows share its call
-(every policy computes an expert the same way). `quant_grouped_reference` in compute.py is the
-plain version; the tests hold the kernel to it in Triton's interpreter.
+Tiles (`tiles_for`): a call's tiles depend only on the format, where the weights are read
+from and the call's static shape, never on the routing. Every tile choice here keeps BM ≤ 32:
+on an H200 every such tile gave bitwise the same rows (the same MMA instructions along the same
+loop over the inputs; BM 64 switches to Hopper's warpgroup MMA and rounds differently), so an
+expert read in place from pinned RAM and the same expert in a slot give the same rows, and
+every policy keeps the resident run's tokens. The GPU tests check it. Small tiles (BM 16) serve
+decoding steps, a few rows per expert; BM 32 serves long prompts and the reads over PCIe, which
+then cross the link once per expert. `quant_grouped_reference` in compute.py is the plain
+version; the tests hold the kernel to it in Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +33,31 @@ from tidecli.experts.quant import QMatrix
 from tidecli.model.triton_util import next_pow2, triton_importable
 
 _CODE = {"int8": 0, "fp8": 1, "int4": 2}
-# rows and output channels per program, warps and pipeline stages: fixed (see the docstring);
-# tools/bench/qkernel_bench.py times the alternatives
-BM, BN, WARPS, STAGES = 32, 128, 4, 3
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Rows and output channels per program, warps and pipeline stages."""
+
+    bm: int = 32
+    bn: int = 128
+    warps: int = 4
+    stages: int = 3
+
+
+# (see the docstring; tools/bench/qkernel_bench.py times the alternatives and checks that they
+# agree bitwise). Device memory, at most SMALL_ROWS rows per expert on average: the fastest of
+# the sweep per format at 4 rows per expert (an H200, docs/benchmarks.md section 15)
+SMALL = {"int8": Tiles(16, 64), "fp8": Tiles(16, 64), "int4": Tiles(16, 128)}
+SMALL_ROWS = 8
+LARGE = Tiles(32, 128)  # more rows per expert, and every read over PCIe
+
+
+def tiles_for(fmt: str, rows: int, groups: int, *, streamed: bool) -> Tiles:
+    """The tiles of one call: `rows` and `groups` are its static shape (x's rows, w's experts)."""
+    if streamed or rows > SMALL_ROWS * max(1, groups):
+        return LARGE
+    return SMALL[fmt]
 
 
 def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None = None) -> bool:
@@ -105,9 +134,11 @@ def _kernel():  # built on first use: Triton is imported only then
     return (qgmm, triton.cdiv)
 
 
-def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.Tensor:
+def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
+                     streamed: bool = False, tiles: Tiles | None = None) -> torch.Tensor:
     """[M, k] rows sorted by group × w (G experts, [n, k] each) → [M, n] in x's dtype; rows past
-    the last group are zero. No host sync (graph-capturable)."""
+    the last group are zero. `streamed`: w is read in place from pinned host memory. No host
+    sync (graph-capturable)."""
     kernel, cdiv = _kernel()
     lay = w.layout
     n, k = lay.n, lay.k
@@ -119,8 +150,9 @@ def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor) -> torch.T
     mn = w.minimum if w.minimum is not None else w.scale
     kb = -(-k // lay.group) if w.fmt == "fp8" else 0
     bk = max(16, min(128, next_pow2(k)))
-    kernel[(g, cdiv(n, BN))](
+    t = tiles or tiles_for(w.fmt, x.shape[0], g, streamed=streamed)
+    kernel[(g, cdiv(n, t.bn))](
         x, w.q, w.scale, mn, offs, out, n, k, x.stride(0), w.q.stride(0), w.scale.stride(0),
-        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=BM, BLOCK_N=BN,
-        num_warps=WARPS, num_stages=STAGES)
+        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=t.bm,
+        BLOCK_N=t.bn, num_warps=t.warps, num_stages=t.stages)
     return out

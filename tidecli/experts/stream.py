@@ -324,7 +324,7 @@ class StreamRuntime(PooledRuntime):
         out = torch.empty((n + 1, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
         grouped_rows(hidden, lp.prow, lp.pdst, lp.poffs, pool.gate_up, pool.down, out)
         gate_up, down = self._host_views[layer]
-        grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out)
+        grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out, streamed=True)
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)
         grouped_rows(hidden, lp.qrow, lp.qdst, lp.qoffs, pool.gate_up, pool.down, out)
@@ -364,7 +364,8 @@ class StreamRuntime(PooledRuntime):
         """Pairs whose expert has no slot, computed with weights read from pinned RAM."""
         if self.kernel == "grouped_mm":
             gate_up, down = self._host_views[layer]
-            return run_pairs(self.kernel, hidden, pair_expert, gate_up, down, self.k)
+            return run_pairs(self.kernel, hidden, pair_expert, gate_up, down, self.k,
+                             streamed=True)
         # CPU device (or no grouped kernel): the needed rows in the model's dtype (compressed
         # rows as they are), then the loop
         need = torch.unique(pair_expert[pair_expert >= 0])

@@ -1,8 +1,11 @@
 """The dequantizing grouped GEMM (experts/qkernel.py) against bf16 torch._grouped_mm on
 LLaDA2.0-mini's expert shapes: time per expert at 1, 4 and 32 tokens per expert, weights in
-device memory and (streamed misses) in pinned host memory; plus a sweep of tile configurations.
+device memory and (streamed misses) in pinned host memory, each with the tiles the runtime
+picks there (`qkernel.tiles_for`); plus a sweep of tile configurations (`--sweep`), and whether
+other tiles give bitwise the rows of BM 32 tiles (`--bitwise`: a policy's tokens stay the
+resident run's only where the tiles it may use agree).
 
-    PYTHONPATH=. python3 tools/bench/qkernel_bench.py OUT.json [--sweep]
+    PYTHONPATH=. python3 tools/bench/qkernel_bench.py OUT.json [--sweep] [--bitwise]
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from tidecli.experts.quant import quantize_rows, views
 H, INTER, E = 2048, 512, 64  # mini's expert; 64 experts used in a call
 
 
-def mlp(xs, gu, dn, offs):
-    h = grouped_linear(xs, gu, offs)
+def mlp(xs, gu, dn, offs, streamed=False):
+    h = grouped_linear(xs, gu, offs, streamed=streamed)
     g, u = h.chunk(2, dim=-1)
-    return grouped_linear(F.silu(g) * u, dn, offs)
+    return grouped_linear(F.silu(g) * u, dn, offs, streamed=streamed)
 
 
 def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor) -> dict:
@@ -46,16 +49,48 @@ def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor) -
         host = rows.cpu().pin_memory()
         rows = device_view(host, dev)
         gu, dn = pool_views(rows, H, INTER) if fmt_name == "bf16" else views(rows, fmt)
-    ms = do_bench(lambda: mlp(xs, gu, dn, offs), warmup=25, rep=200)
+    ms = do_bench(lambda: mlp(xs, gu, dn, offs, pinned), warmup=25, rep=200)
     return {"format": fmt_name, "tokens_per_expert": tokens, "pinned": pinned,
             "us_per_expert": round(ms * 1000 / E, 3),
             "weight_gbps": round(nbytes / (ms / 1000) / 1e9, 1)}
+
+
+CANDIDATES = [(bm, bn, w, st) for bm in (16, 32, 64) for bn in (64, 128)
+              for w, st in ((4, 3), (8, 3), (4, 4))]
+
+
+def bitwise(rows_bf16: torch.Tensor) -> list[dict]:
+    """Each candidate's rows against the streamed tiles' on the same inputs: token counts per
+    expert from 0 to 40 (several M tiles, partial tiles), both matrices of each format."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    counts = torch.tensor([3, 0, 40, 1, 0, 7, 16, 2, 0, 5, 33, 1, 64, 4])
+    e = counts.numel()
+    offs = torch.cumsum(counts, 0).to(torch.int32).to(dev)
+    m = int(counts.sum()) + 3
+    base = qkernel.LARGE
+    found = []
+    for name in COMPRESSED:
+        fmt = expert_format(name, hidden=H, inter=INTER)
+        gu, dn = views(quantize_rows(rows_bf16[:e], fmt), fmt)
+        for mat, k in ((gu, H), (dn, INTER)):
+            x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+            want = qkernel.quant_grouped_mm(x, mat, offs, tiles=base)
+            for c in CANDIDATES:
+                got = qkernel.quant_grouped_mm(x, mat, offs, tiles=qkernel.Tiles(*c))
+                diff = float((got.float() - want.float()).abs().max())
+                r = {"format": name, "k": k, "tiles": list(c),
+                     "equal": bool(torch.equal(got, want)), "max_abs_diff": diff}
+                found.append(r)
+                print(r, flush=True)
+    return found
 
 
 def main() -> None:
     out = sys.argv[1]
     torch.manual_seed(0)
     rows_bf16 = (torch.randn(E, 3 * H * INTER, device="cuda") * 0.02).bfloat16()
+    same = bitwise(rows_bf16) if "--bitwise" in sys.argv else []
     results = []
     for pinned in (False, True) if "--sweep" not in sys.argv else ():
         for tokens in (1, 4, 32):
@@ -65,10 +100,9 @@ def main() -> None:
                 print(r, flush=True)
     sweep = []
     if "--sweep" in sys.argv:
-        configs = [(bm, bn, w, st) for bm in (16, 32, 64) for bn in (64, 128)
-                   for w, st in ((4, 3), (8, 3), (4, 4))]
-        for bm, bn, warps, stages in configs:
-            qkernel.BM, qkernel.BN, qkernel.WARPS, qkernel.STAGES = bm, bn, warps, stages
+        for bm, bn, warps, stages in CANDIDATES:
+            tiles = qkernel.Tiles(bm, bn, warps, stages)
+            qkernel.tiles_for = lambda fmt, rows, groups, streamed, t=tiles: t
             for pinned in (False, True):
                 for tokens in (4, 32):
                     for name in COMPRESSED:
@@ -77,8 +111,10 @@ def main() -> None:
                         sweep.append(r)
                         print(r, flush=True)
     with open(out, "w") as fh:
-        json.dump({"gpu": torch.cuda.get_device_name(), "shape": [H, INTER, E], "results": results,
-                   "sweep": sweep}, fh, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "shape": [H, INTER, E],
+                   "tiles": {"small": {f: vars(t) for f, t in qkernel.SMALL.items()},
+                             "small_rows": qkernel.SMALL_ROWS, "large": vars(qkernel.LARGE)},
+                   "results": results, "sweep": sweep, "bitwise": same}, fh, indent=1)
 
 
 if __name__ == "__main__":
