@@ -17,14 +17,15 @@ from tidecli.memory import device_dense_bytes
 from tidecli.model.config import ModelConfig
 from tidecli.units import GIB
 
-# Per-layer fixed cost of a step on the GPU, beyond reading weights: the small kernels of norms,
-# QKV, RoPE, attention, routing and the expert glue at a few µs each. Eager 0.2 ms; compiled
-# (`--compile on`: fused by Inductor) 0.1 ms. With these, streamed tide on full-size mini
-# (an H200, the model's own routing) predicts 11.3 ms eager against 11.1-13.1 measured, and
-# 9.2 ms compiled against 9.2-9.9 (docs/benchmarks.md, section 14). Calibration (`tide plan
-# --calibrate`) corrects either.
-LAUNCH_MS_PER_LAYER = 0.2
-LAUNCH_MS_PER_LAYER_COMPILED = 0.1
+# Per-layer fixed cost of a step on the GPU, beyond reading weights and the experts' grouped
+# GEMMs: the small kernels of norms, QKV, RoPE, attention, routing and the expert glue at a few
+# µs each. Fitted to the all-resident step of full-size synthetic mini on an H200 (eager
+# 7.1-7.6 ms, compiled 4.7 ms per denoising step) with the experts timed as a captured profile
+# times them (2.8 µs per expert at 32 tokens): eager 0.27 ms, compiled (`--compile on`, fused by
+# Inductor) 0.135 ms per layer. Streamed tide predicted from them: docs/benchmarks.md, section
+# 15. Calibration (`tide plan --calibrate`) corrects either.
+LAUNCH_MS_PER_LAYER = 0.27
+LAUNCH_MS_PER_LAYER_COMPILED = 0.135
 # VRAM outside tide's budget: cuBLAS workspaces, allocator slack and, where the profile's free
 # figure does not already exclude one, a CUDA context. Measured profiles read free memory after
 # creating a context and reference profiles already keep 0.75 GiB back, so the low end suffices.
@@ -233,14 +234,14 @@ def hardware_costs(*, cfg: ModelConfig, profile: HardwareProfile, block_length: 
         gpu_expert = _interp_table(measured, block_length) * scale
     elif profile.gpu_expert_ms:
         gpu_expert = _interp_table(profile.gpu_expert_ms, block_length) * scale * weights
+    else:
+        notes.append("GPU expert time estimated from device memory bandwidth")
+        gpu_expert = eb / (0.7 * mem * 1e9) * 1e3 + 0.005
     if profile.gpu_expert_ms and profile.sources.get("gpu_expert_ms") == "measured" \
             and profile.gpu_expert_captured is not True:
         notes.append("this profile's GPU expert times were taken outside a CUDA graph (the "
                      "host's launch gaps counted), so the experts' term is high: re-run "
                      "`tide profile` for captured ones")
-    else:
-        notes.append("GPU expert time estimated from device memory bandwidth")
-        gpu_expert = eb / (0.7 * mem * 1e9) * 1e3 + 0.005
     # a step reads every dense weight once and, on average, half the context's KV cache
     read = device_dense_bytes(cfg) + cfg.kv_bytes_per_token() * context_tokens // 2
     read_ms = read / (mem * 1e9) * 1e3

@@ -201,7 +201,7 @@ def make_plan(*, config: ModelConfig, profile: HardwareProfile, vram_gib: float 
                      "on the machine measures it")
     if wl.compiled and (calibration is None or calibration.launch_ms_per_layer is None):
         notes.append(f"planned for compiled steps (--compile on): a fixed cost of "
-                     f"{costs.launch_ms / config.num_hidden_layers:.2f} ms per layer, as an "
+                     f"{costs.launch_ms / config.num_hidden_layers:.3g} ms per layer, as an "
                      "H200 measured")
     if calibration is not None:
         launch = calibration.launch_ms_per_layer

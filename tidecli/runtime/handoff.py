@@ -29,6 +29,10 @@ HANDOFF_PROMPT = "Count from one to twenty, one number per line."
 SLOT_SHARE = 0.5  # of each layer's experts in a slot: ≈ 5 % of the tiny model's pairs miss, as
 # in tide's runs of full-size mini at 6-10 GiB on an H200 (2.5-6 %, docs/benchmarks.md)
 HANDOFF_MODES = ("cpu", "gpu")  # split is costed as their mean (planner/costs.py)
+# the routing width of the LLaDA2 family (mini and flash alike): 256 experts, 8 per token, in 8
+# groups of which 4 are kept; the host's work per layer follows the routed pairs and experts,
+# not the weights' size
+FAMILY_ROUTING = {"num_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4}
 
 
 def _median_forward_ms(engine: Engine, ids: list[int], gen_length: int) -> float:
@@ -41,7 +45,8 @@ def _median_forward_ms(engine: Engine, ids: list[int], gen_length: int) -> float
 
 
 def _forward_ms(path, device: str, policy: str, misses: str, budget: int | None,
-                gen_length: int) -> tuple[float, int]:
+                gen_length: int) -> tuple[float, int, float]:
+    """Median ms per forward, MoE layers, and the run's hit rate."""
     opts = engine_options(model=str(path), device=device, policy=policy, misses=misses, tau=1,
                           experts_per_layer=budget)
     engine = Engine(opts, quiet=True)
@@ -49,19 +54,27 @@ def _forward_ms(path, device: str, policy: str, misses: str, budget: int | None,
         ids = engine.prompt_ids(HANDOFF_PROMPT)
         # the least of two medians: a noisy neighbour inflates, never deflates
         ms = min(_median_forward_ms(engine, ids, gen_length) for _ in range(2))
-        return ms, engine.cfg.num_moe_layers
+        hit = float(engine.runtime.run_stats.summary()["hit_rate"])
+        return ms, engine.cfg.num_moe_layers, hit
     finally:
         engine.close()
 
 
-def measure_host_layer_ms(device: str = "cuda", *, gen_length: int = 64) -> dict[str, float]:
+def measure_host_layer_ms(device: str = "cuda", *, gen_length: int = 64,
+                          routing: dict | None = None,
+                          hit_rates: dict[str, float] | None = None) -> dict[str, float]:
     """Miss mode → ms per MoE layer that the host-driven runtime adds to a step on `device`
-    (≥ 0), with about 5 % of the routed pairs missing."""
+    (≥ 0), with about 5 % of the routed pairs missing. `routing`: config keys that replace the
+    tiny model's routing width (e.g. FAMILY_ROUTING); `hit_rates` receives each mode's."""
     with tempfile.TemporaryDirectory(prefix="tide-handoff-") as tmp:
         path = write_checkpoint(tmp, preset="tiny", device=device,
-                                overrides={"num_hidden_layers": HANDOFF_LAYERS})
+                                overrides={"num_hidden_layers": HANDOFF_LAYERS, **(routing or {})})
         budget = int(load_config(path).num_experts * SLOT_SHARE)
-        base, layers = _forward_ms(path, device, "resident", "auto", None, gen_length)
-        return {mode: max(0.0, _forward_ms(path, device, "tide", mode, budget,
-                                           gen_length)[0] - base) / layers
-                for mode in HANDOFF_MODES}
+        base, layers, _ = _forward_ms(path, device, "resident", "auto", None, gen_length)
+        out = {}
+        for mode in HANDOFF_MODES:
+            ms, _, hit = _forward_ms(path, device, "tide", mode, budget, gen_length)
+            out[mode] = max(0.0, ms - base) / layers
+            if hit_rates is not None:
+                hit_rates[mode] = hit
+        return out

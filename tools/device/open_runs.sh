@@ -9,6 +9,10 @@
 #   kern   GPU tests of the pair-sort and routing kernels, then the ab stage
 #   kern2  profiler traces of the resident (eager, compiled) and streamed steps, then ab
 #   drift  lru and tide at 10 GiB on the synthetic and drifting workloads
+#   planner  expert times captured and not, the int4 tiles bitwise, every miss mode against
+#          the plan (a profile with the captured expert times), and 8 CPUs
+#   verify the int4 tiles, captured expert times, the hand-off at the family's routing width,
+#          and the plan's resident and streamed steps (eager, compiled) from that profile
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -180,4 +184,47 @@ if [ "$STAGE" = trace ]; then  # where a host-driven step's time goes (torch.pro
       > "$OUT/trace-$m.txt" 2>&1; head -3 "$OUT/trace-$m.txt" | cut -c1-300
   done
   ls -la "$OUT"
+fi
+if [ "$STAGE" = planner ]; then  # expert times captured, the int4 tiles, every mode vs the plan
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
+    -k "quant or tiles or captured" 2>&1 | tail -3
+  timeout 90 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-bitwise.json" --bitwise \
+    | grep -v "'equal': True" | tail -30
+  timeout 60 python3 tools/bench/expert_time_probe.py "$OUT/expert-time.json" \
+    --profile profiles/h200.json --write "$OUT/h200-captured.json"
+  mini
+  P=$OUT/h200-captured.json
+  B() { TO "$1" bench -m "$W/mini" --workloads model --prompts tools/bench/bench_prompts.txt \
+    --gen-length 64 --profile "$P" "${@:2}" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-160; }
+  B 200 --policies resident,lru,tide --misses stream --vram 10,6 -o "$OUT/plan-stream.json"
+  B 170 --policies tide --misses cpu,split,gpu --vram 10,6 -o "$OUT/plan-host.json"
+  echo "== taskset 8 CPUs"
+  timeout 110 taskset -c 0-7 python3 -m tidecli bench -m "$W/mini" --policies tide \
+    --misses stream,cpu,split,gpu --vram 10 --workloads model --cpu-threads 8 --profile "$P" \
+    --prompts tools/bench/bench_prompts.txt --gen-length 64 -o "$OUT/plan-cpus8.json" 2>&1 \
+    | grep -v "^\[" | sed -n '/planner against/,$p' | cut -c1-160
+fi
+if [ "$STAGE" = verify ]; then  # the int4 tiles, captured expert times, the hand-off's width,
+  # and the plan's resident and streamed steps, eager and compiled, from the captured profile
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
+    -k "tiles or every_policy or captured or streamed" 2>&1 | tail -3
+  timeout 60 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-tiles.json" | grep "'pinned': False"
+  timeout 60 python3 tools/bench/expert_time_probe.py "$OUT/expert-time2.json" \
+    --profile profiles/h200.json --write "$W/h200-captured.json" | grep -v "^wrote"
+  timeout 200 python3 tools/bench/handoff_probe.py "$OUT/handoff.json" cuda
+  python3 - "$W/h200-captured.json" "$OUT/handoff.json" "$OUT/h200-v2.json" <<'PY'
+import json, sys
+prof = json.load(open(sys.argv[1]))
+prof["host_layer_ms"] = json.load(open(sys.argv[2]))["routing"]["family"]["ms_per_moe_layer"]
+json.dump(prof, open(sys.argv[3], "w"), indent=1)
+PY
+  mini
+  P=$OUT/h200-v2.json
+  B() { TO "$1" bench -m "$W/mini" --workloads model --prompts tools/bench/bench_prompts.txt \
+    --gen-length 64 --profile "$P" "${@:2}" 2>&1 | grep -v "^\[" \
+    | sed -n '/planner against/,/with this workload/p' | cut -c1-160; }
+  B 200 --policies resident,tide --misses stream --vram 10 --compile off,on -o "$OUT/verify-10.json"
+  B 100 --policies resident,tide --misses stream --vram 6 -o "$OUT/verify-6.json"
 fi
