@@ -13,6 +13,7 @@
 #          the plan (a profile with the captured expert times), and 8 CPUs
 #   verify the int4 tiles, captured expert times, the hand-off at the family's routing width,
 #          and the plan's resident and streamed steps (eager, compiled) from that profile
+#   quant4 bf16 and int4, resident and tide at 10 and 6 GiB, one bench
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -227,4 +228,10 @@ PY
     | sed -n '/planner against/,/with this workload/p' | cut -c1-160; }
   B 200 --policies resident,tide --misses stream --vram 10 --compile off,on -o "$OUT/verify-10.json"
   B 100 --policies resident,tide --misses stream --vram 6 -o "$OUT/verify-6.json"
+fi
+if [ "$STAGE" = quant4 ]; then  # bf16 and int4 with the decoding tiles, resident and tide
+  mini
+  TO 480 bench -m "$W/mini" --experts-dtype bf16,int4 --policies resident,tide --vram 10,6 \
+    --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile h200 -o "$OUT/quant4-bench-mini.json" 2>&1 | grep -v "^\[" | tail -30
 fi
