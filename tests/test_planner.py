@@ -573,3 +573,23 @@ def test_compiled_steps_plan_with_their_own_fixed_cost():
                       calibration=cal)
     assert fixed.constants["launch_ms"] == pytest.approx(0.1 * layers)
     assert not any("compiled steps" in n for n in fixed.notes)
+
+
+def test_a_profile_timed_uncaptured_says_its_expert_term_is_high():
+    """Profiles measured before the expert call was timed as a CUDA graph counted the host's
+    launch gaps as expert time: a plan from one says so; a captured one's expert time is used
+    as measured (not replaced by an estimate)."""
+    from dataclasses import replace
+
+    from tidecli.hardware.store import resolve_profile
+    from tidecli.planner.costs import hardware_costs
+
+    captured = resolve_profile("h200")
+    assert captured.gpu_expert_captured is True
+    old = replace(captured, gpu_expert_captured=None)
+    kw = dict(cfg=MINI, block_length=32, context_tokens=4096)
+    new_costs = hardware_costs(profile=captured, **kw)
+    old_costs = hardware_costs(profile=old, **kw)
+    assert new_costs.gpu_expert_ms == pytest.approx(captured.gpu_expert_ms[32])
+    assert not any("outside a CUDA graph" in n or "estimated" in n for n in new_costs.notes)
+    assert any("outside a CUDA graph" in n for n in old_costs.notes)
