@@ -123,3 +123,37 @@ def test_miss_split_balances_copies_against_the_cpu():
     assert splitter("split", 1.0, 0.1).split(experts, tokens)[0] == []  # copies too slow
     assert splitter("cpu", 0.1, 0.2).split(experts, tokens) == ([], experts)
     assert len(splitter("gpu", 1.0, 0.1).split(experts, tokens)[0]) == 6
+
+
+def test_a_tide_refresh_evicts_the_least_recently_used_of_the_residents_it_does_not_keep():
+    """Among residents unused at the refresh step (all count 0), the one used longest ago goes
+    first, not the lowest id: the placement the planner's statistics assume."""
+    import numpy as np
+
+    from tidecli.experts.modes import TideOptions
+    from tidecli.experts.policies import TidePolicy
+    from tidecli.experts.pools import SlotPool
+    from tidecli.model.moe import ForwardInfo
+
+    pool = SlotPool(0, 3, 8, 6, device=torch.device("cpu"), dtype=torch.float32, hidden=2,
+                    inter=1)
+    for slot, expert in enumerate((1, 2, 3)):
+        pool.assign(slot, expert)
+    pol = TidePolicy(TideOptions(tau=1))
+    pol.attach({0: pool}, 8)
+
+    def counts(*used):
+        c = np.zeros(8, dtype=np.int64)
+        c[list(used)] = 1
+        return c
+
+    def at(step):
+        return ForwardInfo(kind="step", block=0, step=step)
+
+    pol.after_compute(0, counts(1), at(0))
+    pol.after_compute(0, counts(3), at(1))
+    # 5 needs a slot; 1 and 2 are unused now: 2 was never used, so it goes (not 1, the lower id)
+    moves = pol.after_compute(0, counts(3, 5), at(2))
+    assert moves == [(1, 5)]
+    pool.assign(1, 5)  # the runtime copies it
+    assert pol.after_compute(0, counts(3, 5, 6), at(3)) == [(0, 6)]  # then 1's slot

@@ -174,6 +174,18 @@ class TidePolicy(Policy):
         self.pool_experts = pool_experts if opts.follow_pool else 0
         self._last_block: dict[int, int] = {}
 
+    def attach(self, pools, num_experts):
+        super().attach(pools, num_experts)
+        # the forward each expert was last used in, per layer: a refresh evicts, among the
+        # residents it does not keep, the least used and then the least recently used (what
+        # the planner's placement assumes, and what the streamed runtime's GPU placement does)
+        self.last_used = {layer: np.zeros(num_experts, dtype=np.int64) for layer in pools}
+        self.clock = 0
+
+    def _note(self, layer: int, counts: np.ndarray) -> None:
+        self.clock += 1
+        self.last_used[layer][np.asarray(counts) > 0] = self.clock
+
     def holds_pool(self, layer: int) -> bool:
         """Does this layer follow the routing pool (block routing, slots for a whole pool)?"""
         return 0 < self.pool_experts <= self.pools[layer].slots
@@ -215,12 +227,16 @@ class TidePolicy(Policy):
 
     def _refresh(self, layer, counts):
         pool = self.pools[layer]
-        return plan_moves(pool, top_experts(counts, pool.slots, pool), counts)
+        # counts first, then recency: counts < 2^31 pairs, the clock < 2^31 forwards × layers
+        priority = np.asarray(counts, dtype=np.int64) * (1 << 31) + self.last_used[layer]
+        return plan_moves(pool, top_experts(counts, pool.slots, pool), priority)
 
     def before_compute(self, layer, counts, info):
+        self._note(layer, counts)
         return self._refresh(layer, counts)  # only asked on refresh steps that stall
 
     def after_compute(self, layer, counts, info):
+        self._note(layer, counts)
         if self.holds_pool(layer):
             pool = self.pools[layer]
             shifted = bool(((counts > 0) & (pool.slot_of_expert < 0)).any())
