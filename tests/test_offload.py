@@ -157,3 +157,50 @@ def test_a_tide_refresh_evicts_the_least_recently_used_of_the_residents_it_does_
     assert moves == [(1, 5)]
     pool.assign(1, 5)  # the runtime copies it
     assert pol.after_compute(0, counts(3, 5, 6), at(3)) == [(0, 6)]  # then 1's slot
+
+
+def test_a_tide_prefill_places_the_prompts_experts_for_the_first_step():
+    """Host-driven misses: after the prefill the prompt's most used experts are copied into the
+    slots (streamed misses place them too); before, the first step started from whatever the
+    prefill's fetch rounds left."""
+    import numpy as np
+
+    from tidecli.experts.modes import TideOptions
+    from tidecli.experts.policies import TidePolicy
+    from tidecli.experts.pools import SlotPool
+    from tidecli.model.moe import ForwardInfo
+
+    pool = SlotPool(0, 2, 8, 6, device=torch.device("cpu"), dtype=torch.float32, hidden=2,
+                    inter=1)
+    pool.assign(0, 7)
+    pol = TidePolicy(TideOptions(tau=1))
+    pol.attach({0: pool}, 8)
+    counts = np.array([0, 0, 5, 0, 9, 1, 0, 0])
+    moves = pol.after_compute(0, counts, ForwardInfo(kind="prefill"))
+    assert sorted(e for _, e in moves) == [2, 4]
+    assert pol.after_compute(0, counts, ForwardInfo(kind="commit", block=0)) == []
+
+
+def test_an_expert_kept_from_the_scratch_slots_takes_the_least_recently_used_slot():
+    """gpu misses keep what they fetched in the slot of a resident the forward did not use: an
+    empty one first, then the least recently used (before: the highest slot index)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tidecli.experts.offload import OffloadRuntime
+    from tidecli.experts.pools import SlotPool
+
+    pool = SlotPool(0, 3, 8, 6, device=torch.device("cpu"), dtype=torch.float32, hidden=2,
+                    inter=1)
+    for slot, expert in enumerate((1, 2, 3)):
+        pool.assign(slot, expert)
+    recency = np.zeros(8, dtype=np.int64)
+    recency[[1, 2, 3]] = [5, 9, 7]  # 1 is the least recently used
+    fake = SimpleNamespace(pools=SimpleNamespace(pools={0: pool}),
+                           policy=SimpleNamespace(last_used={0: recency}))
+    keep = OffloadRuntime._keeper(fake, 0, np.array([6, 6]))
+    keep(6, torch.ones(6))
+    assert pool.slot_of_expert[6] == 0 and pool.slot_of_expert[1] < 0
+    keep(5, torch.ones(6))
+    assert pool.slot_of_expert[5] == 2  # then 3 (used at 7), not 2 (used at 9)

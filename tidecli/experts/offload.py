@@ -205,14 +205,19 @@ class OffloadRuntime(PooledRuntime):
 
     def _keeper(self, layer: int, flat: np.ndarray):
         """A fetched expert stays: it takes the slot of a resident this step did not use (a
-        device-to-device copy of its scratch row), so the next steps hit it. Not while copies
-        into the pool are in flight (their slots must not be touched)."""
+        device-to-device copy of its scratch row), so the next steps hit it: an empty slot
+        first, then the least recently used resident (the policy's clock, where it keeps one).
+        Not while copies into the pool are in flight (their slots must not be touched)."""
         pool = self.pools.pools[layer]
         if pool.pending or pool.ready is not None:
             return None
         used = set(flat.tolist())
         free = [s for s in range(pool.slots)
                 if pool.expert_of_slot[s] < 0 or int(pool.expert_of_slot[s]) not in used]
+        recency = getattr(self.policy, "last_used", {}).get(layer)
+        if recency is not None:  # pop() takes from the end: the empty, then the oldest
+            free.sort(key=lambda s: -1 if pool.expert_of_slot[s] < 0
+                      else int(recency[pool.expert_of_slot[s]]), reverse=True)
 
         def keep(e: int, row: torch.Tensor) -> None:
             if not free or pool.slot_of_expert[e] >= 0:
