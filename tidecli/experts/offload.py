@@ -211,13 +211,13 @@ class OffloadRuntime(PooledRuntime):
         pool = self.pools.pools[layer]
         if pool.pending or pool.ready is not None:
             return None
-        used = set(flat.tolist())
-        free = [s for s in range(pool.slots)
-                if pool.expert_of_slot[s] < 0 or int(pool.expert_of_slot[s]) not in used]
+        own = pool.expert_of_slot
+        slots = np.flatnonzero((own < 0) | ~np.isin(own, flat))
         recency = getattr(self.policy, "last_used", {}).get(layer)
         if recency is not None:  # pop() takes from the end: the empty, then the oldest
-            free.sort(key=lambda s: -1 if pool.expert_of_slot[s] < 0
-                      else int(recency[pool.expert_of_slot[s]]), reverse=True)
+            age = np.where(own[slots] < 0, -1, recency[np.maximum(own[slots], 0)])
+            slots = slots[np.argsort(-age, kind="stable")]
+        free = slots.tolist()
 
         def keep(e: int, row: torch.Tensor) -> None:
             if not free or pool.slot_of_expert[e] >= 0:

@@ -244,7 +244,8 @@ class TidePolicy(Policy):
         if info.kind == "prefill":
             # the prompt's experts, copied behind the prefill: the first step starts from them,
             # as it does with streamed misses (else from whatever the prefill's fetch rounds
-            # left in the slots: 26-39 % of its pairs hit on a model of the family's width)
+            # left in the slots: 26-39 % of its pairs hit on a model of the family's width,
+            # tools/bench/hit_rate_probe.py, docs/benchmarks.md section 15)
             return self._refresh(layer, counts)
         if not self._refresh_step(layer, info):
             return []

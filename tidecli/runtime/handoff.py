@@ -20,6 +20,7 @@ import tempfile
 
 from tidecli.decode.settings import DecodeSettings
 from tidecli.model.config import load_config
+from tidecli.model.presets import PRESETS
 from tidecli.model.synth import write_checkpoint
 from tidecli.runtime.engine import Engine
 from tidecli.runtime.options import engine_options
@@ -29,10 +30,11 @@ HANDOFF_PROMPT = "Count from one to twenty, one number per line."
 SLOT_SHARE = 0.5  # of each layer's experts in a slot: ≈ 5 % of the tiny model's pairs miss, as
 # in tide's runs of full-size mini at 6-10 GiB on an H200 (2.5-6 %, docs/benchmarks.md)
 HANDOFF_MODES = ("cpu", "gpu")  # split is costed as their mean (planner/costs.py)
-# the routing width of the LLaDA2 family (mini and flash alike): 256 experts, 8 per token, in 8
-# groups of which 4 are kept; the host's work per layer follows the routed pairs and experts,
+# the routing width of the LLaDA2 family (mini and flash alike: 256 experts, 8 per token, in 8
+# groups of which 4 are kept); the host's work per layer follows the routed pairs and experts,
 # not the weights' size
-FAMILY_ROUTING = {"num_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4}
+FAMILY_ROUTING = {k: PRESETS["mini"][k]
+                  for k in ("num_experts", "num_experts_per_tok", "n_group", "topk_group")}
 
 
 def _median_forward_ms(engine: Engine, ids: list[int], gen_length: int) -> float:

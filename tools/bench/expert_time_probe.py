@@ -18,10 +18,11 @@ import torch
 from tidecli.experts.formats import COMPRESSED
 from tidecli.experts.qkernel import qkernel_available
 from tidecli.hardware.gpu_measure import gpu_expert_ms
+from tidecli.hardware.measure import DEFAULT_EXPERT_SHAPE
 from tidecli.hardware.profile import load_profile_file
 from tidecli.hardware.timing import TOKENS
 
-H, INTER = 2048, 512
+H, INTER = DEFAULT_EXPERT_SHAPE  # mini's expert, as `tide profile` measures it
 
 
 def main() -> None:
