@@ -43,6 +43,10 @@ def test_streamed_misses_give_the_resident_tokens(tiny_ckpt, reference, name, b,
         assert s["hit_rate"] > 0.9
     if b == 32 and name != "tide-cold":  # a slot for every expert: the slots start full
         assert s["hit_rate"] == 1.0 and s["promotions"] == 0
+        # and each layer computes as resident does: no plan, no placement, no reads from RAM
+        assert rt._whole == set(model.cfg.moe_layers) and not rt._plans
+    if name == "tide-cold":  # its blocks start with empty slots: every layer plans
+        assert not rt._whole
     if name.startswith("tide") and 0 < b < 32:
         assert s["promotions"] > 0
     check_tables(rt)

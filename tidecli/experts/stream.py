@@ -129,6 +129,9 @@ class StreamRuntime(PooledRuntime):
         for j, layer in enumerate(cfg.moe_layers):
             if layer in self.full:  # filled by PooledRuntime: the device tables say so
                 self._push_tables(j, self.pools.pools[layer])
+        # layers filled with every expert keep them where loading put them (nothing can miss)
+        # and compute as resident; a policy that empties the slots each block does not
+        self._whole = set() if policy.starts_cold() else set(self.full)
 
     # ---- forward bookkeeping --------------------------------------------------------------------
 
@@ -249,6 +252,8 @@ class StreamRuntime(PooledRuntime):
         pool = self.pools.pools[layer]
         b, e = pool.slots, self.cfg.num_experts
         flat = ids.reshape(-1)
+        if layer in self._whole:
+            return self._device_begin_whole(j, pool, hidden, flat)
         if self.fused and LayerPlan.fits(flat.numel(), e, b):
             return self._device_begin_fused(j, layer, pool, hidden, flat)
         table = self.table[j]
@@ -274,6 +279,18 @@ class StreamRuntime(PooledRuntime):
             missing_after.sum(), rest.sum()]))
         return out
 
+    def _device_begin_whole(self, j: int, pool, hidden: torch.Tensor,
+                            flat: torch.Tensor) -> torch.Tensor:
+        """A layer whose slots hold every expert (expert e in slot e since loading) computes as
+        the resident runtime does: one grouped pass, nothing to plan, place or read from RAM."""
+        counts = self.counts[j]
+        counts.zero_()
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        ctr = self.counters[j]
+        ctr.zero_()
+        ctr[_HITS].fill_(flat.numel())
+        return run_pairs(self.kernel, hidden, flat, pool.gate_up, pool.down, self.k)
+
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """A guess of the layer's experts, before its router runs (StepProgram queues it on a
         side stream while the layer before computes): on a refresh forward the guessed experts
@@ -285,7 +302,7 @@ class StreamRuntime(PooledRuntime):
         j = self.layer_index[layer]
         pool = self.pools.pools[layer]
         b, e = pool.slots, self.cfg.num_experts
-        if b == 0:
+        if b == 0 or layer in self._whole:
             return
         flat = ids.reshape(-1)
         n = flat.numel()

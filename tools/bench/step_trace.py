@@ -1,7 +1,7 @@
 """Where a host-driven step's time goes: torch.profiler over a few denoising steps.
 
 Usage: PYTHONPATH=. python tools/bench/step_trace.py MODEL --misses gpu --vram 10 --out DIR
-       [--policy resident] [--compile on]
+       [--policy resident] [--compile on] [--experts-dtype int4]
 Prints the CUDA and CPU time per operator over the profiled steps, the wall time per step, and
 writes a Chrome trace (DIR/trace-<policy>-<misses>[-compiled].json.gz) to read the timeline.
 """
@@ -32,13 +32,15 @@ def main() -> None:
     ap.add_argument("--profile", default=None)
     ap.add_argument("--gen-length", type=int, default=32)
     ap.add_argument("--compile", default="off")
+    ap.add_argument("--experts-dtype", default="bf16")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     resident = a.policy == "resident"
     eng = Engine(engine_options(model=a.model, policy=a.policy, misses=a.misses,
                                 vram_gib=None if resident else a.vram,
                                 profile=a.profile, tau=None if resident else 1,
-                                compile=a.compile), quiet=True)
+                                compile=a.compile, experts_dtype=a.experts_dtype),
+                 quiet=True)
     ids = eng.prompt_ids("Explain why the sky is blue to a ten-year-old.")
     for _ in eng.decoder(ids, DecodeSettings(gen_length=64)).steps():
         pass
@@ -58,6 +60,8 @@ def main() -> None:
     print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     out = Path(a.out)
     name = f"{a.policy}-{a.misses}" + ("-compiled" if a.compile == "on" else "")
+    if a.experts_dtype != "bf16":
+        name += f"-{a.experts_dtype}-{a.vram:g}"
     raw = out / f"trace-{name}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:

@@ -14,6 +14,9 @@
 #   verify the int4 tiles, captured expert times, the hand-off at the family's routing width,
 #          and the plan's resident and streamed steps (eager, compiled) from that profile
 #   quant4 bf16 and int4, resident and tide at 10 and 6 GiB, one bench
+#   whole  before/after (old.tar) for bf16 and int4, resident and tide with every expert in a
+#          slot and at 6 GiB; a profiler trace of int4 tide at 6 GiB; the GPU policy tests
+#   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -158,6 +161,34 @@ if [ "$STAGE" = ab ]; then  # before/after in one run: the tree in old.tar (`git
       ${AB:---policies resident,lru,tide --misses stream,gpu --vram 10,6} --workloads model \
       --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
       -o "$OUT/ab-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
+  done
+fi
+if [ "$STAGE" = whole ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  for tree in new old; do
+    dir=$PWD; [ $tree = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir timeout 200 python3 -m tidecli bench -m "$W/mini" \
+      --experts-dtype bf16,int4 --policies resident,tide --vram 40,6 --repeat 2 --workloads model \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+      -o "$OUT/whole-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
+  done
+  timeout 90 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 6 \
+    --experts-dtype int4 --out "$OUT" > "$OUT/trace-int4-6.txt" 2>&1
+  head -40 "$OUT/trace-int4-6.txt" | cut -c1-220
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
+    -k "policies or misses_on_the_gpu or every_policy" 2>&1 | tail -3
+fi
+if [ "$STAGE" = host ]; then
+  mini
+  mkdir -p "$W/host" && tar -xf host.tar -C "$W/host"
+  for tree in new host; do
+    dir=$PWD; [ $tree = host ] && dir=$W/host
+    (cd "$dir" && PYTHONPATH=$dir timeout 200 python3 -m tidecli bench -m "$W/mini" \
+      --policies tide --misses stream,cpu,split,gpu --vram 10,6 --workloads model \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+      -o "$OUT/host-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-160)
   done
 fi
 if [ "$STAGE" = gputests ]; then  # the step program's GPU tests, --compile's among them
