@@ -78,6 +78,44 @@ def test_device_and_streamed_tiles_give_bitwise_the_same_rows(name):
         assert torch.equal(quant_grouped_mm(x, mat, offs), want)  # the call's own choice
 
 
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_the_fused_expert_pass_gives_the_same_rows_with_every_tile(name):
+    """quant_expert_rows on mini's shapes, pairs of one step scattered over 14 experts: close to
+    the unfused ops, and bitwise the same with every tile the runtime picks, experts in device
+    memory or read in place from pinned RAM."""
+    from tidecli.experts.compute import grouped_rows_ops
+    from tidecli.experts.gather import device_view
+    from tidecli.experts.qkernel import LARGE, SMALL, Tiles, quant_expert_rows
+
+    _need(name)
+    h, i = 2048, 512
+    fmt = expert_format(name, hidden=h, inter=i)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    counts = torch.tensor([3, 0, 40, 1, 0, 7, 16, 2, 0, 5, 33, 1, 64, 4])
+    rows_q = quantize_rows((torch.randn(counts.numel(), 3 * h * i, device="cuda",
+                                        generator=g) * 0.02).bfloat16(), fmt)
+    pairs = int(counts.sum()) + 3  # 3 pairs in no group
+    hidden = torch.randn(pairs // 2 + 1, h, device="cuda", generator=g).bfloat16()
+    rows = torch.randint(0, hidden.shape[0], (pairs,), device="cuda", generator=g)
+    dst = torch.randperm(pairs, device="cuda", generator=g)
+    dst[-3:] = pairs  # the dummy row
+    offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+    host = device_view(rows_q.cpu().pin_memory(), CUDA)
+    want = None
+    for buf in (rows_q, host):
+        gu, dn = views(buf, fmt)
+        for tiles in (LARGE, SMALL[name], Tiles(16, 64), Tiles(16, 128), Tiles(32, 64)):
+            got = torch.zeros((pairs + 1, h), device="cuda", dtype=torch.bfloat16)
+            quant_expert_rows(hidden, rows, dst, offs, gu, dn, got, tiles=tiles)
+            if want is None:
+                want = got
+                ops = torch.zeros_like(got)
+                grouped_rows_ops(hidden, rows, dst, offs, gu, dn, ops)
+                assert _rel(got[:-1], ops[:-1]) < 1e-2
+                assert not bool(got[-1].any())  # the dummy row: never written
+            assert torch.equal(got, want), (tiles, buf is host)
+
+
 def _tokens(tiny_ckpt, name, make):
     m = StepPrograms(cuda_model(tiny_ckpt, make))
     out = decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids

@@ -163,9 +163,23 @@ def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
                  offs: torch.Tensor, gate_up: Weights, down: Weights,
                  out: torch.Tensor, *, streamed: bool = False) -> None:
     """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
-    (offs: group ends); entries past the last group write the dummy row out[-1]. A row's result
-    depends on its group's expert alone, whatever the other rows hold. `streamed`: the experts
-    are read in place from pinned host memory."""
+    (offs: group ends); entries past the last group write at most the dummy row out[-1]. A row's
+    result depends on its group's expert alone, whatever the other rows hold. `streamed`: the
+    experts are read in place from pinned host memory. Compressed experts on CUDA take the fused
+    kernel (qkernel.quant_expert_rows), whose reference is `grouped_rows_ops`."""
+    if isinstance(gate_up, QMatrix) and hidden.is_cuda:
+        from tidecli.experts.qkernel import quant_expert_rows
+
+        quant_expert_rows(hidden, rows, dst, offs, gate_up, down, out, streamed=streamed)
+        return
+    grouped_rows_ops(hidden, rows, dst, offs, gate_up, down, out, streamed=streamed)
+
+
+def grouped_rows_ops(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                     offs: torch.Tensor, gate_up: Weights, down: Weights,
+                     out: torch.Tensor, *, streamed: bool = False) -> None:
+    """`grouped_rows` as separate ops: gather the rows, two grouped GEMMs around SiLU·up,
+    scatter the results (entries past the last group write the dummy row)."""
     xs = hidden.index_select(0, rows)
     h = grouped_linear(xs, gate_up, offs, streamed=streamed)
     g, u = h.chunk(2, dim=-1)

@@ -20,6 +20,10 @@ every policy keeps the resident run's tokens. The GPU tests check it. Small tile
 decoding steps, a few rows per expert; BM 32 serves long prompts and the reads over PCIe, which
 then cross the link once per expert. `quant_grouped_reference` in compute.py is the plain
 version; the tests hold the kernel to it in Triton's interpreter.
+
+`quant_expert_rows` is a whole expert pass (compute.grouped_rows) in two launches of the same
+kernel: the pairs' token rows gathered as they load, gate and up in one program with the SiLU
+product written out, then down with each row stored where its pair goes.
 """
 
 from __future__ import annotations
@@ -77,14 +81,19 @@ def _kernel():  # built on first use: Triton is imported only then
     import triton.language as tl
 
     @triton.jit
-    def qgmm(x, q, sc, mn, offs, out, N, K, sxm, sqg, ssg, som, KB,
+    def qgmm(x, rows, q, sc, mn, offs, out, dst, N, UP, K, sxm, sqg, ssg, som, KB,
              FMT: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+             SCATTER: tl.constexpr, SWIGLU: tl.constexpr):
+        # GATHER: row m of the group reads x[rows[m]]; SCATTER: it is written to out[dst[m]];
+        # SWIGLU: channels rn and rn + UP are an expert's gate and up, and the program writes
+        # silu(gate)·up, each rounded to out's dtype as the unfused ops round it
         g = tl.program_id(0)
         pn = tl.program_id(1)
         start = tl.load(offs + g - 1, mask=g > 0, other=0)
         end = tl.load(offs + g)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        ru = rn + UP
         nmask = rn < N
         wq = q + g.to(tl.int64) * sqg
         ws = sc + g.to(tl.int64) * ssg
@@ -92,8 +101,13 @@ def _kernel():  # built on first use: Triton is imported only then
         for m0 in range(start, end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             mmask = rm < end
-            xrow = x + rm.to(tl.int64)[:, None] * sxm
+            if GATHER:
+                src = tl.load(rows + rm, mask=mmask, other=0)
+            else:
+                src = rm
+            xrow = x + src.to(tl.int64)[:, None] * sxm
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if FMT == 2:  # int4: one group per step, its two nibble halves
                 HALF: tl.constexpr = GROUP // 2
                 kh = tl.arange(0, HALF)
@@ -101,16 +115,24 @@ def _kernel():  # built on first use: Triton is imported only then
                     xlo = tl.load(xrow + (k0 + kh)[None, :], mask=mmask[:, None], other=0.0)
                     xhi = tl.load(xrow + (k0 + HALF + kh)[None, :], mask=mmask[:, None],
                                   other=0.0)
+                    xsum = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
+                    gi = k0 // GROUP
                     p = tl.load(wq + rn[None, :] * (K // 2) + (k0 // 2 + kh)[:, None],
                                 mask=nmask[None, :], other=0)
-                    lo = (p & 15).to(xlo.dtype)
-                    hi = (p >> 4).to(xlo.dtype)
-                    part = tl.dot(xlo, lo) + tl.dot(xhi, hi)
-                    gi = k0 // GROUP
+                    part = tl.dot(xlo, (p & 15).to(xlo.dtype)) + tl.dot(xhi, (p >> 4).to(xlo.dtype))
                     s = tl.load(ws + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
                     m = tl.load(wm + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
-                    xsum = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
                     acc += part * s[None, :] + xsum[:, None] * m[None, :]
+                    if SWIGLU:
+                        p = tl.load(wq + ru[None, :] * (K // 2) + (k0 // 2 + kh)[:, None],
+                                    mask=nmask[None, :], other=0)
+                        part = tl.dot(xlo, (p & 15).to(xlo.dtype)) + \
+                            tl.dot(xhi, (p >> 4).to(xlo.dtype))
+                        s = tl.load(ws + ru * (K // GROUP) + gi, mask=nmask,
+                                    other=0.0).to(tl.float32)
+                        m = tl.load(wm + ru * (K // GROUP) + gi, mask=nmask,
+                                    other=0.0).to(tl.float32)
+                        acc2 += part * s[None, :] + xsum[:, None] * m[None, :]
             else:
                 for k0 in range(0, K, BK):
                     rk = k0 + tl.arange(0, BK)
@@ -125,13 +147,51 @@ def _kernel():  # built on first use: Triton is imported only then
                         acc += part * s[None, :]
                     else:
                         acc += part
+                    if SWIGLU:
+                        w = tl.load(wq + ru[None, :] * K + rk[:, None],
+                                    mask=nmask[None, :] & kmask[:, None], other=0.0)
+                        part = tl.dot(xv, w.to(xv.dtype))
+                        if FMT == 1:
+                            s = tl.load(ws + (ru // GROUP) * KB + k0 // GROUP, mask=nmask,
+                                        other=0.0)
+                            acc2 += part * s[None, :]
+                        else:
+                            acc2 += part
                 if FMT == 0:  # int8: one scale per output channel
                     s = tl.load(ws + rn, mask=nmask, other=0.0)
                     acc = acc * s[None, :]
-            tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :],
+                    if SWIGLU:
+                        s = tl.load(ws + ru, mask=nmask, other=0.0)
+                        acc2 = acc2 * s[None, :]
+            if SWIGLU:
+                gate = acc.to(out.dtype.element_ty).to(tl.float32)
+                up = acc2.to(out.dtype.element_ty).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32)
+                acc = act * up
+            if SCATTER:
+                orow = tl.load(dst + rm, mask=mmask, other=0)
+            else:
+                orow = rm
+            tl.store(out + orow.to(tl.int64)[:, None] * som + rn[None, :],
                      acc.to(out.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     return (qgmm, triton.cdiv)
+
+
+def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: QMatrix, offs: torch.Tensor,
+            out: torch.Tensor, dst: torch.Tensor | None, n: int, up: int, t: Tiles) -> None:
+    kernel, cdiv = _kernel()
+    lay = w.layout
+    k = lay.k
+    mn = w.minimum if w.minimum is not None else w.scale
+    kb = -(-k // lay.group) if w.fmt == "fp8" else 0
+    bk = max(16, min(128, next_pow2(k)))
+    kernel[(w.q.shape[0], cdiv(n, t.bn))](
+        x, rows if rows is not None else offs, w.q, w.scale, mn, offs, out,
+        dst if dst is not None else offs, n, up, k, x.stride(0), w.q.stride(0),
+        w.scale.stride(0), out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk,
+        BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None, SCATTER=dst is not None,
+        SWIGLU=up > 0, num_warps=t.warps, num_stages=t.stages)
 
 
 def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
@@ -139,20 +199,35 @@ def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
     """[M, k] rows sorted by group × w (G experts, [n, k] each) → [M, n] in x's dtype; rows past
     the last group are zero. `streamed`: w is read in place from pinned host memory. No host
     sync (graph-capturable)."""
-    kernel, cdiv = _kernel()
-    lay = w.layout
-    n, k = lay.n, lay.k
+    n = w.layout.n
     g = w.q.shape[0]
     out = torch.zeros((x.shape[0], n), dtype=x.dtype, device=x.device)
     if g == 0 or x.shape[0] == 0:
         return out
     x = x.contiguous()
-    mn = w.minimum if w.minimum is not None else w.scale
-    kb = -(-k // lay.group) if w.fmt == "fp8" else 0
-    bk = max(16, min(128, next_pow2(k)))
-    t = tiles or tiles_for(w.fmt, x.shape[0], g, streamed=streamed)
-    kernel[(g, cdiv(n, t.bn))](
-        x, w.q, w.scale, mn, offs, out, n, k, x.stride(0), w.q.stride(0), w.scale.stride(0),
-        out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk, BLOCK_M=t.bm,
-        BLOCK_N=t.bn, num_warps=t.warps, num_stages=t.stages)
+    _launch(x, None, w, offs, out, None, n, 0,
+            tiles or tiles_for(w.fmt, x.shape[0], g, streamed=streamed))
     return out
+
+
+def quant_expert_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                      offs: torch.Tensor, gate_up: QMatrix, down: QMatrix, out: torch.Tensor, *,
+                      streamed: bool = False, tiles: Tiles | None = None) -> None:
+    """`compute.grouped_rows` for compressed experts in two launches: the first reads each
+    pair's token row where it lies (rows), multiplies it by its expert's gate and up and writes
+    silu(gate)·up; the second multiplies that by down and writes each pair's row where it goes
+    (dst). Entries past the last group are read and written by no program. The unfused ops'
+    index_select, SiLU, product and index_copy were four more launches per call, each over every
+    pair whatever the groups held. No host sync (graph-capturable)."""
+    m, g = rows.shape[0], gate_up.q.shape[0]
+    if g == 0 or m == 0:
+        return
+    inter = down.layout.k
+    hidden = hidden.contiguous()
+    t = tiles or tiles_for(gate_up.fmt, m, g, streamed=streamed)
+    act = torch.empty((m, inter), dtype=hidden.dtype, device=hidden.device)
+    # a program of the first launch computes BN gate and BN up channels: half the width keeps
+    # as many programs as the unfused gate_up had (64 stays in the tiles checked bitwise)
+    half = t if tiles is not None else Tiles(t.bm, max(64, t.bn // 2), t.warps, t.stages)
+    _launch(hidden, rows, gate_up, offs, act, None, inter, inter, half)
+    _launch(act, None, down, offs, out, dst, down.layout.n, 0, t)
