@@ -175,7 +175,7 @@ def test_a_guess_from_the_layers_own_input_is_its_routing(tiny_ckpt):
 
 
 def test_the_read_ahead_gate_turns_off_on_bad_guesses_and_retries():
-    from tidecli.experts.stream import ReadAheadGate
+    from tidecli.experts.readahead import ReadAheadGate
 
     g = ReadAheadGate(min_accuracy=0.5, window=2, retry_every=3)
     g.forward_done(0, 0)  # nothing guessed: not judged
@@ -200,7 +200,7 @@ def test_a_gated_read_ahead_keeps_the_tokens_and_reads_less(tiny_ckpt, reference
         check_tables(model.experts)
         return model.experts.run_stats.summary(), gate
 
-    from tidecli.experts.stream import ReadAheadGate
+    from tidecli.experts.readahead import ReadAheadGate
 
     free, _ = run(ReadAheadGate(min_accuracy=0.0))
     gated, gate = run(ReadAheadGate(min_accuracy=1.01, window=2, retry_every=10_000))
@@ -208,3 +208,29 @@ def test_a_gated_read_ahead_keeps_the_tokens_and_reads_less(tiny_ckpt, reference
     assert gated["prefetch_off_forwards"] == gate.off_forwards  # the run's counters say so too
     assert free["prefetch_off_forwards"] == 0
     assert 0 < gated["prefetched"] < free["prefetched"]
+
+
+def test_counters_are_counted_when_first_asked_for(tiny_ckpt, reference):
+    """Untraced, a forward's counters are queued and counted when read (the decoder reads them
+    after its step's sync); the totals are those of counting each forward at once (traced)."""
+    model, _ = load_model(tiny_ckpt,
+                          runtime=stream_runtime(lambda: TidePolicy(TideOptions(tau=1)), 6))
+    rt = model.experts
+    deferred = []
+    end = rt.end_forward
+
+    def end_forward():
+        out = end()
+        deferred.append(rt._pending)
+        return out
+
+    rt.end_forward = end_forward
+    assert decode_cpu(model).token_ids == reference
+    assert all(deferred) and not rt._pending  # every forward queued, the last one counted
+    lazy = rt.run_stats.summary()
+    traced, _ = load_model(tiny_ckpt,
+                           runtime=stream_runtime(lambda: TidePolicy(TideOptions(tau=1)), 6))
+    traced.experts.enable_trace()
+    decode_cpu(traced)
+    assert not traced.experts._pending
+    assert traced.experts.run_stats.summary() == lazy

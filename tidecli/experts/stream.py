@@ -27,8 +27,6 @@ Triton compiler (for the gather kernel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -39,46 +37,12 @@ from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
+from tidecli.experts.readahead import ReadAheadGate
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
+from tidecli.model.counters import ExpertStats
 from tidecli.model.moe import ForwardInfo
 from tidecli.model.program import side_stream
-
-
-@dataclass
-class ReadAheadGate:
-    """Keeps the read-ahead on only while its guesses pay: judged over `window` forwards that
-    placed guesses, it turns off when fewer than `min_accuracy` of the guessed experts were
-    used by their layer (each unused one cost a copy and a slot), and tries again after
-    `retry_every` forwards off. The device still computes the guesses while it is off (the
-    captured step has them); they place nothing."""
-
-    min_accuracy: float = 0.5
-    window: int = 8
-    retry_every: int = 64
-    on: bool = True
-    off_forwards: int = 0  # forwards spent off, in all
-    _placed: int = 0
-    _used: int = 0
-    _seen: int = 0
-    _off_for: int = 0
-
-    def forward_done(self, placed: int, used: int) -> None:
-        if not self.on:
-            self.off_forwards += 1
-            self._off_for += 1
-            if self._off_for >= self.retry_every:
-                self.on, self._off_for = True, 0
-            return
-        if placed <= 0:  # nothing guessed this forward (not a refresh): nothing to judge
-            return
-        self._placed += placed
-        self._used += used
-        self._seen += 1
-        if self._seen >= self.window:
-            self.on = self._used >= self.min_accuracy * self._placed
-            self._placed = self._used = self._seen = 0
-
 
 # per-layer counters written by the device each forward pass
 _HITS, _PLACED, _PLACED_PAIRS, _STREAMED, _STREAMED_PAIRS = range(5)
@@ -111,6 +75,9 @@ class StreamRuntime(PooledRuntime):
         self.owner = torch.full((m, bmax + 1), -1, dtype=torch.long, device=dev)
         self.last = torch.full((m, bmax + 1), -1, dtype=torch.long, device=dev)
         self.counters = torch.zeros((m, 5), dtype=torch.long, device=dev)
+        self._ctr_host = torch.zeros((m, 5), dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._ctr_ready = torch.cuda.Event() if dev.type == "cuda" else None
+        self._pending = False  # a forward's counters queued, not yet counted
         self.counts = torch.zeros((m, e), dtype=torch.long, device=dev)
         self._keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: this forward refreshes
         self._clock = torch.zeros((), dtype=torch.long, device=dev)
@@ -135,7 +102,33 @@ class StreamRuntime(PooledRuntime):
 
     # ---- forward bookkeeping --------------------------------------------------------------------
 
+    # The forward's counters are read once the host has synced with the device anyway (the
+    # decoder reads its tokens after every step): end_forward only queues their copy. Reading
+    # them at once made the GPU wait, after every forward, for the host to count them and queue
+    # the decoder's next kernels (≈ 1 ms a step of full-size mini, docs/benchmarks.md section
+    # 16). Anything that needs them now (a trace, placements made on the host, the read-ahead
+    # gate) reads them at once.
+
+    @property
+    def forward_stats(self) -> ExpertStats:
+        self._settle()
+        return self._forward
+
+    @forward_stats.setter
+    def forward_stats(self, stats: ExpertStats) -> None:
+        self._forward = stats
+
+    @property
+    def run_stats(self) -> ExpertStats:
+        self._settle()
+        return self._run
+
+    @run_stats.setter
+    def run_stats(self, stats: ExpertStats) -> None:
+        self._run = stats
+
     def begin_forward(self, info: ForwardInfo) -> None:
+        self._settle()
         super().begin_forward(info)
         if info.kind == "step" and info.block != self._last_block:
             self._last_block = info.block
@@ -155,7 +148,24 @@ class StreamRuntime(PooledRuntime):
             self._pref_keep.fill_(1 if self._pref_on else 0)
 
     def end_forward(self):
-        ctr = self.counters.cpu().numpy()  # the one host sync of a forward pass
+        if self._needs_counts() or self.prefetches:
+            return self._count(self.counters.cpu().numpy())
+        self._ctr_host.copy_(self.counters, non_blocking=True)
+        if self._ctr_ready is not None:
+            self._ctr_ready.record()
+        self._pending = True
+        return self._forward  # counted when first asked for
+
+    def _settle(self) -> None:
+        """Count the last forward's queued counters (waits for its copy, if still running)."""
+        if not getattr(self, "_pending", False):
+            return
+        self._pending = False
+        if self._ctr_ready is not None:
+            self._ctr_ready.synchronize()
+        self._count(self._ctr_host.numpy())
+
+    def _count(self, ctr: np.ndarray) -> ExpertStats:
         counts = self.counts.cpu().numpy() if self._needs_counts() else None
         ebytes = self.expert_bytes
         for j, layer in enumerate(self.cfg.moe_layers):
@@ -401,6 +411,10 @@ class StreamRuntime(PooledRuntime):
                            experts_format=compressed_name(self.format),
                            experts_per_layer=dict(self.budgets), host_store=self.store.info,
                            slot_pool_bytes=self.pools.nbytes(), scratch_bytes=0)
+
+    def reset_stats(self) -> None:
+        self._settle()  # a forward before the reset counts before it
+        super().reset_stats()
 
     def close(self) -> None:
         self.store.close()

@@ -16,6 +16,12 @@
 #   quant4 bf16 and int4, resident and tide at 10 and 6 GiB, one bench
 #   whole  before/after (old.tar) for bf16 and int4, resident and tide with every expert in a
 #          slot and at 6 GiB; a profiler trace of int4 tide at 6 GiB; the GPU policy tests
+#   fused  the compressed-expert GPU tests, then bf16 and int4 resident and tide at 40, 10 and
+#          6 GiB, and int4 on the tree in old.tar (before/after)
+#   last   int4 resident and tide at 10 and 6 GiB on this tree and old.tar; profiler traces of
+#          bf16 resident and tide with every expert in a slot; the host-driven modes at 10 GiB
+#   defer  bf16 resident and tide with every expert in a slot and at 10 GiB, this tree and
+#          old.tar (before/after)
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -179,6 +185,51 @@ if [ "$STAGE" = whole ]; then
   head -40 "$OUT/trace-int4-6.txt" | cut -c1-220
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
     -k "policies or misses_on_the_gpu or every_policy" 2>&1 | tail -3
+fi
+if [ "$STAGE" = fused ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
+    -k "quant or tiles or policies or misses_on_the_gpu or streamed or capturing" 2>&1 | tail -4
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  R() {  # tree, seconds, bench options...
+    local dir=$PWD; [ "$1" = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:3}" \
+      --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --repeat 2 \
+      --profile h200 -o "$OUT/fused-$1.json" 2>&1 | grep -v "^\[" | tail -14 | cut -c1-170)
+  }
+  R new 270 --experts-dtype bf16,int4 --policies resident,tide --vram 40,10,6
+  R old 110 --experts-dtype int4 --policies resident,tide --vram 10,6
+fi
+if [ "$STAGE" = last ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  R() {  # tree, seconds, output name, bench options...
+    local dir=$PWD; [ "$1" = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:4}" \
+      --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --repeat 2 \
+      --profile h200 -o "$OUT/$3-$1.json" 2>&1 | grep -v "^\[" | tail -12 | cut -c1-170)
+  }
+  R new 200 int4 --experts-dtype int4 --policies resident,tide --vram 10,6
+  R old 80 int4 --experts-dtype int4 --policies resident,tide --vram 10,6
+  for run in "resident 40" "tide 40"; do
+    set -- $run
+    timeout 70 python3 tools/bench/step_trace.py "$W/mini" --policy $1 --misses stream \
+      --vram $2 --out "$OUT" > "$OUT/trace-bf16-$1-$2.txt" 2>&1; sed -n 3p "$OUT/trace-bf16-$1-$2.txt" | cut -c1-200
+  done
+  R new 100 host --policies tide --misses cpu,split,gpu --vram 10
+fi
+if [ "$STAGE" = defer ]; then
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  for tree in new old; do
+    dir=$PWD; [ $tree = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir timeout 95 python3 -m tidecli bench -m "$W/mini" \
+      --policies resident,tide --vram 40,10 --workloads model --repeat 2 \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+      -o "$OUT/defer-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p' | cut -c1-150)
+  done
 fi
 if [ "$STAGE" = host ]; then
   mini
