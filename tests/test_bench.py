@@ -100,7 +100,8 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
-            "stall_ms", "measured_parts_ms", "prefetch", "prefetched", "prefetch_accuracy",
+            "stall_ms", "measured_parts_ms", "step_hit_rate", "step_cpu_calls",
+            "step_promotions", "prefetch", "prefetched", "prefetch_accuracy",
             "wasted_h2d_gb", "prefetch_off_forwards",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
@@ -132,7 +133,11 @@ def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
         parts = r["measured_parts_ms"]
         assert set(parts) == {"copy_ms", "cpu_ms", "stall_ms", "disk_wait_ms"}
         assert all(v >= 0 for v in parts.values())
-        if r["cpu_calls"]:  # misses computed on the CPU were timed
+        # the parts and step_* counters are the denoising steps' alone: within the run's
+        assert 0 <= r["step_hit_rate"] <= 1
+        assert r["step_cpu_calls"] * r["steps"] <= r["cpu_calls"] + 1e-6
+        assert r["step_promotions"] * r["steps"] <= r["promotions"] + 1e-6
+        if r["step_cpu_calls"]:  # misses computed on the CPU during the steps were timed
             assert parts["cpu_ms"] > 0
         if r["policy"] == "resident":
             assert not any(parts.values())

@@ -25,6 +25,7 @@ from tidecli.bench.spec import BASELINES, SCHEMA, BenchSpec, RunPoint, run_point
 from tidecli.errors import OutOfDeviceMemory, TideError
 from tidecli.experts.modes import parse_misses
 from tidecli.experts.trace import RoutingTrace
+from tidecli.model.counters import LayerCounters
 
 Progress = Callable[[str], None]
 
@@ -98,13 +99,16 @@ class Bench:
                               block_length=self.engine.opts.workload.block_length)
 
     def _generate(self, ids: list[int], gen_length: int):
-        """The result, and the milliseconds of its denoising steps alone (no prefill, no
-        commit passes: what a step-time model or bound describes)."""
+        """The result, and the milliseconds and expert counters of its denoising steps alone
+        (no prefill, no commit passes: what a step-time model or bound describes)."""
         d = self.engine.decoder(ids, self._settings(gen_length))
         step_ms = 0.0
+        counters = LayerCounters()
         for ev in d.steps():
             step_ms += ev.forward_ms
-        return d.result, step_ms
+            if ev.experts is not None:
+                counters.add(ev.experts)
+        return d.result, step_ms, counters
 
     def _set_workload(self, name: str) -> None:
         router = None
@@ -154,10 +158,12 @@ class Bench:
         tokens = steps = 0
         wall = denoise_ms = 0.0
         outputs = []
+        in_steps = LayerCounters()  # the denoising steps' counters alone
         for _ in range(spec.repeat):
             for ids in self.prompt_ids:
-                res, ms = self._generate(ids, spec.gen_length)
+                res, ms, counters = self._generate(ids, spec.gen_length)
                 denoise_ms += ms
+                in_steps.add(counters)
                 tokens += len(res.token_ids)
                 steps += res.steps
                 wall += res.wall_seconds
@@ -184,10 +190,14 @@ class Bench:
             "promotions": s["promotions"],
             "stall_ms": s["stall_ms"],
             # what the runtime times as it runs (events and host clocks, no extra syncs), per
-            # denoising step: copy-stream time, CPU time on misses, the GPU waiting for either,
-            # the host waiting for disk reads (every forward of the run, prefill included)
-            "measured_parts_ms": {k: round(s[k] / steps, 3) if steps else None
+            # denoising step and over the denoising steps alone (what the planner's parts
+            # describe; the counts above are of every forward, prefill included): copy-stream
+            # time, CPU time on misses, the GPU waiting for either, the host waiting for disk
+            "measured_parts_ms": {k: round(getattr(in_steps, k) / steps, 3) if steps else None
                                   for k in ("copy_ms", "cpu_ms", "stall_ms", "disk_wait_ms")},
+            "step_hit_rate": round(in_steps.hit_rate, 4),
+            "step_cpu_calls": round(in_steps.cpu_calls / steps, 2) if steps else None,
+            "step_promotions": round(in_steps.promotions / steps, 2) if steps else None,
             # read-ahead: what it read, and how much of that its layer then used
             "prefetch": eng.runtime.describe().prefetch,
             "prefetched": s["prefetched"],

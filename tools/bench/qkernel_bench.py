@@ -1,7 +1,9 @@
 """The dequantizing grouped GEMM (experts/qkernel.py) against bf16 torch._grouped_mm on
-LLaDA2.0-mini's expert shapes: time per expert at 1, 4 and 32 tokens per expert, weights in
-device memory and (streamed misses) in pinned host memory, each with the tiles the runtime
-picks there (`qkernel.tiles_for`); plus a sweep of tile configurations (`--sweep`), and whether
+LLaDA2.0-mini's expert shapes: time per expert of a whole expert pass as the runtime runs it
+(compute.grouped_rows: for compressed formats the fused kernel, `pass: fused`, and beside it the
+separate ops, `pass: ops`; bf16 the ops) at 1, 4 and 32 tokens per expert, weights in device
+memory and (streamed misses) in pinned host memory, each with the tiles the runtime picks there
+(`qkernel.tiles_for`); plus a sweep of tile configurations (`--sweep`), and whether
 other tiles give bitwise the rows of BM 32 tiles (`--bitwise`: a policy's tokens stay the
 resident run's only where the tiles it may use agree).
 
@@ -14,11 +16,10 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 from tidecli.experts import qkernel
-from tidecli.experts.compute import grouped_linear, pool_views
+from tidecli.experts.compute import grouped_rows, grouped_rows_ops, pool_views
 from tidecli.experts.formats import COMPRESSED, expert_format
 from tidecli.experts.gather import device_view
 from tidecli.experts.quant import quantize_rows, views
@@ -26,13 +27,18 @@ from tidecli.experts.quant import quantize_rows, views
 H, INTER, E = 2048, 512, 64  # mini's expert; 64 experts used in a call
 
 
-def mlp(xs, gu, dn, offs, streamed=False):
-    h = grouped_linear(xs, gu, offs, streamed=streamed)
-    g, u = h.chunk(2, dim=-1)
-    return grouped_linear(F.silu(g) * u, dn, offs, streamed=streamed)
+def expert_pass(xs, gu, dn, offs, streamed=False, ops=False):
+    """One pass over sorted pairs (pair i = token row i), as the runtime calls it."""
+    n = xs.shape[0]
+    rows = torch.arange(n, device=xs.device)
+    out = torch.empty((n + 1, xs.shape[1]), dtype=xs.dtype, device=xs.device)
+    (grouped_rows_ops if ops else grouped_rows)(xs, rows, rows, offs, gu, dn, out,
+                                                streamed=streamed)
+    return out
 
 
-def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor) -> dict:
+def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor,
+         ops: bool = False) -> dict:
     dev = torch.device("cuda")
     offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * tokens
     xs = torch.randn(E * tokens, H, device=dev).bfloat16()
@@ -49,8 +55,9 @@ def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor) -
         host = rows.cpu().pin_memory()
         rows = device_view(host, dev)
         gu, dn = pool_views(rows, H, INTER) if fmt_name == "bf16" else views(rows, fmt)
-    ms = do_bench(lambda: mlp(xs, gu, dn, offs, pinned), warmup=25, rep=200)
+    ms = do_bench(lambda: expert_pass(xs, gu, dn, offs, pinned, ops), warmup=25, rep=200)
     return {"format": fmt_name, "tokens_per_expert": tokens, "pinned": pinned,
+            "pass": "ops" if ops or fmt_name == "bf16" else "fused",
             "us_per_expert": round(ms * 1000 / E, 3),
             "weight_gbps": round(nbytes / (ms / 1000) / 1e9, 1)}
 
@@ -94,8 +101,8 @@ def main() -> None:
     results = []
     for pinned in (False, True) if "--sweep" not in sys.argv else ():
         for tokens in (1, 4, 32):
-            for name in ("bf16", *COMPRESSED):
-                r = case(name, tokens, pinned=pinned, rows_bf16=rows_bf16)
+            for name, ops in (("bf16", True), *((f, o) for f in COMPRESSED for o in (False, True))):
+                r = case(name, tokens, pinned=pinned, rows_bf16=rows_bf16, ops=ops)
                 results.append(r)
                 print(r, flush=True)
     sweep = []
