@@ -169,16 +169,22 @@ if [ "$STAGE" = ab ]; then  # before/after in one run: the tree in old.tar (`git
       -o "$OUT/ab-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
   done
 fi
+# tree_bench TREE SECONDS NAME BENCH-OPTIONS...: `tide bench` on this tree (TREE new) or on the
+# one in TREE.tar (left untracked: `git archive REV -o old.tar`), with the workload every
+# before/after run shares, into $OUT/NAME-TREE.json
+tree_bench() {
+  local tree=$1 dir=$PWD
+  if [ "$tree" != new ]; then dir=$W/$tree; mkdir -p "$dir" && tar -xf "$tree.tar" -C "$dir"; fi
+  (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:4}" \
+    --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+    -o "$OUT/$3-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-170)
+}
 if [ "$STAGE" = whole ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   mini
-  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
   for tree in new old; do
-    dir=$PWD; [ $tree = old ] && dir=$W/old
-    (cd "$dir" && PYTHONPATH=$dir timeout 200 python3 -m tidecli bench -m "$W/mini" \
-      --experts-dtype bf16,int4 --policies resident,tide --vram 40,6 --repeat 2 --workloads model \
-      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
-      -o "$OUT/whole-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p')
+    tree_bench $tree 200 whole --experts-dtype bf16,int4 --policies resident,tide --vram 40,6 \
+      --repeat 2
   done
   timeout 90 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 6 \
     --experts-dtype int4 --out "$OUT" > "$OUT/trace-int4-6.txt" 2>&1
@@ -191,55 +197,34 @@ if [ "$STAGE" = fused ]; then
   timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
     -k "quant or tiles or policies or misses_on_the_gpu or streamed or capturing" 2>&1 | tail -4
   mini
-  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
-  R() {  # tree, seconds, bench options...
-    local dir=$PWD; [ "$1" = old ] && dir=$W/old
-    (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:3}" \
-      --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --repeat 2 \
-      --profile h200 -o "$OUT/fused-$1.json" 2>&1 | grep -v "^\[" | tail -14 | cut -c1-170)
-  }
-  R new 270 --experts-dtype bf16,int4 --policies resident,tide --vram 40,10,6
-  R old 110 --experts-dtype int4 --policies resident,tide --vram 10,6
+  tree_bench new 270 fused --experts-dtype bf16,int4 --policies resident,tide --vram 40,10,6 \
+    --repeat 2
+  tree_bench old 110 fused --experts-dtype int4 --policies resident,tide --vram 10,6 --repeat 2
 fi
 if [ "$STAGE" = last ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   mini
-  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
-  R() {  # tree, seconds, output name, bench options...
-    local dir=$PWD; [ "$1" = old ] && dir=$W/old
-    (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:4}" \
-      --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --repeat 2 \
-      --profile h200 -o "$OUT/$3-$1.json" 2>&1 | grep -v "^\[" | tail -12 | cut -c1-170)
-  }
-  R new 200 int4 --experts-dtype int4 --policies resident,tide --vram 10,6
-  R old 80 int4 --experts-dtype int4 --policies resident,tide --vram 10,6
+  for tree in new old; do
+    tree_bench $tree 200 int4 --experts-dtype int4 --policies resident,tide --vram 10,6 --repeat 2
+  done
   for run in "resident 40" "tide 40"; do
     set -- $run
     timeout 70 python3 tools/bench/step_trace.py "$W/mini" --policy $1 --misses stream \
-      --vram $2 --out "$OUT" > "$OUT/trace-bf16-$1-$2.txt" 2>&1; sed -n 3p "$OUT/trace-bf16-$1-$2.txt" | cut -c1-200
+      --vram $2 --out "$OUT" > "$OUT/trace-bf16-$1-$2.txt" 2>&1
+    sed -n 3p "$OUT/trace-bf16-$1-$2.txt" | cut -c1-200
   done
-  R new 100 host --policies tide --misses cpu,split,gpu --vram 10
+  tree_bench new 100 host --policies tide --misses cpu,split,gpu --vram 10 --repeat 2
 fi
 if [ "$STAGE" = defer ]; then
   mini
-  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
   for tree in new old; do
-    dir=$PWD; [ $tree = old ] && dir=$W/old
-    (cd "$dir" && PYTHONPATH=$dir timeout 95 python3 -m tidecli bench -m "$W/mini" \
-      --policies resident,tide --vram 40,10 --workloads model --repeat 2 \
-      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
-      -o "$OUT/defer-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per run/p' | cut -c1-150)
+    tree_bench $tree 95 defer --policies resident,tide --vram 40,10 --repeat 2
   done
 fi
 if [ "$STAGE" = host ]; then
   mini
-  mkdir -p "$W/host" && tar -xf host.tar -C "$W/host"
   for tree in new host; do
-    dir=$PWD; [ $tree = host ] && dir=$W/host
-    (cd "$dir" && PYTHONPATH=$dir timeout 200 python3 -m tidecli bench -m "$W/mini" \
-      --policies tide --misses stream,cpu,split,gpu --vram 10,6 --workloads model \
-      --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
-      -o "$OUT/host-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-160)
+    tree_bench $tree 200 host --policies tide --misses stream,cpu,split,gpu --vram 10,6
   done
 fi
 if [ "$STAGE" = gputests ]; then  # the step program's GPU tests, --compile's among them
