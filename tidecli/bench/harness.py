@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from tidecli.bench.oracle import agreement, best_hit_rate, oracle_loads, routing_stats
+from tidecli.bench.bounds import bound_rows, trace_key
+from tidecli.bench.oracle import agreement, routing_stats
 from tidecli.bench.spec import BASELINES, SCHEMA, BenchSpec, RunPoint, run_points
 from tidecli.errors import OutOfDeviceMemory, TideError
 from tidecli.experts.modes import parse_misses
@@ -217,7 +218,7 @@ class Bench:
         self._compare(row, (pt.workload, pt.fmt, pt.compile), outputs)
         if pt.planned:
             row.update(_plan_fields(eng, row["denoise_step_ms"],
-                                    self.traces.get(_trace_key(pt.workload, pt.compile == "on"),
+                                    self.traces.get(trace_key(pt.workload, pt.compile == "on"),
                                                     {}).get("trace")))
         if self.formats is not None:
             row.update(self.formats.run_fields(eng, pt.fmt, pt.workload, outputs))
@@ -288,7 +289,7 @@ class Bench:
                 for note in self.engine.notices:  # a cache built or rebuilt, say
                     self.say(f"note: {note}")
                 self.engine.notices.clear()
-                key = _trace_key(pt.workload, pt.compile == "on")
+                key = trace_key(pt.workload, pt.compile == "on")
                 if key not in self.traces:
                     self._record_trace(pt.workload, key)
                 runs.append(self._measure(pt))
@@ -311,67 +312,9 @@ class Bench:
             "workloads": {k: {"label": t["label"], "routing": t["stats"]}
                           for k, t in self.traces.items()},
             "runs": runs,
-            "bounds": self._bounds(runs),
+            "bounds": bound_rows(self.engine, self.profile, self.traces, self.spec.repeat, runs),
             **extra,
         }
-
-    # ---- bounds ---------------------------------------------------------------------------------
-
-    def _bounds(self, runs: list[dict]) -> list[dict]:
-        cfg = self.engine.cfg
-        out = []
-        for r in runs:
-            if r.get("skipped") or r["policy"] != "tide":
-                continue
-            # the bytes a copy moves are the stored ones, whatever the device computes in
-            fmt = r.get("experts_dtype", "bf16")
-            from tidecli.bench.quality import stored_expert_bytes
-            ebytes = stored_expert_bytes(self.engine, fmt)
-            tr = self.traces[_trace_key(r["workload"], bool(r.get("compiled")))]
-            budgets = [r["experts_per_layer"][str(layer)] for layer in cfg.moe_layers]
-            # every forward of the run in order (prompts × repeats), from an empty GPU
-            seq = np.concatenate(tr["forwards"] * self.spec.repeat)
-            loads = oracle_loads(seq, budgets)
-            oracle_gb = loads * ebytes / 1e9
-            row = {"workload": r["workload"], "budget": r["budget"], "tau": r["tau"],
-                   "misses": r["misses"],
-                   "oracle_h2d_gb": round(oracle_gb, 4), "tide_h2d_gb": r["h2d_gb"],
-                   "tide_over_oracle": round(r["h2d_gb"] / oracle_gb, 3) if oracle_gb else None,
-                   "best_hit_rate": round(best_hit_rate(seq, budgets), 4),
-                   "tide_hit_rate": r["hit_rate"],
-                   **({"experts_dtype": fmt} if "experts_dtype" in r else {}),
-                   **({"compiled": True} if r.get("compiled") else {})}
-            bound = self._step_bound(tr, oracle_gb / self.spec.repeat, fmt)
-            if bound is not None:
-                row.update(bound)
-                step = r.get("denoise_step_ms") or r["step_ms"]  # a denoising step alone
-                if step:
-                    row["tide_step_ms"] = step
-                    row["tide_over_bound"] = round(step / row["lower_bound_ms"], 3)
-            out.append(row)
-        return out
-
-    def _step_bound(self, tr: dict, oracle_gb: float, fmt: str = "bf16") -> dict | None:
-        """max(GPU time to read the step's active weights, PCIe time of the oracle's copies)."""
-        p = self.profile
-        if p is None or not getattr(p, "gpu_mem_gbps", None):
-            return None
-        from tidecli.memory import device_dense_bytes
-
-        cfg = self.engine.cfg
-        steps = sum(c.shape[0] for c in tr["steps"])
-        if not steps:
-            return None
-        distinct = float(np.mean([(c > 0).sum(-1).sum(-1).mean() for c in tr["steps"]]))
-        from tidecli.bench.quality import stored_expert_bytes
-        eb = stored_expert_bytes(self.engine, fmt) if fmt != "bf16" else \
-            cfg.expert_bytes(self.engine.dtype.itemsize)
-        active = device_dense_bytes(cfg, self.engine.dtype.itemsize) + distinct * eb
-        gpu_ms = active / (p.gpu_mem_gbps * 1e9) * 1e3
-        h2d = p.h2d_pinned_expert_gbps or p.h2d_pinned_gbps
-        pcie_ms = oracle_gb / steps / h2d * 1e3 if h2d else 0.0
-        return {"gpu_weights_ms": round(gpu_ms, 3), "pcie_ms": round(pcie_ms, 3),
-                "lower_bound_ms": round(max(gpu_ms, pcie_ms), 3)}
 
 
 def _skipped(pt: RunPoint, why: str) -> dict:
@@ -386,12 +329,6 @@ def _router_class(workload: str):
     from tidecli.bench.synthetic import DriftingRouting, SyntheticRouting
 
     return {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[workload]
-
-
-def _trace_key(workload: str, compiled: bool) -> str:
-    """A workload's routing trace, per way of running the step: compiled logits round
-    differently, so the same prompts decode (and route) their own way."""
-    return workload + (", compiled" if compiled else "")
 
 
 def _label(workload: str) -> str:
