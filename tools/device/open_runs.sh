@@ -22,6 +22,9 @@
 #          bf16 resident and tide with every expert in a slot; the host-driven modes at 10 GiB
 #   defer  bf16 resident and tide with every expert in a slot and at 10 GiB, this tree and
 #          old.tar (before/after)
+#   check  the GPU tests of the step, the streamed runtime and compressed experts, the
+#          dequantizing kernel's whole pass per expert, then resident, lru and tide (stream,
+#          cpu, split, gpu) at 10 and 6 GiB in one bench with the steps' own counters
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -220,6 +223,15 @@ if [ "$STAGE" = defer ]; then
   for tree in new old; do
     tree_bench $tree 95 defer --policies resident,tide --vram 40,10 --repeat 2
   done
+fi
+if [ "$STAGE" = check ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
+    tests/test_compile.py 2>&1 | tail -4
+  timeout 90 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-pass.json" | grep "'pinned': False"
+  mini
+  tree_bench new 300 check --policies resident,lru,tide --misses stream,cpu,split,gpu \
+    --vram 10,6 --repeat 2
 fi
 if [ "$STAGE" = host ]; then
   mini
