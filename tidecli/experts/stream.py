@@ -17,12 +17,13 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 
 No expert's arithmetic depends on where its weights were read from, so tokens are those of the
 all-resident run. Between refreshes (steps t ≢ 0 mod τ) the placement is frozen, as in TIDE;
-with τ = 1 every step refreshes and the slots act as an LRU cache kept by the GPU. The host
-reads the step's counters once, after it. A policy that places experts on the host (static)
-does so between forward passes.
+with τ = 1 every step refreshes and the slots act as an LRU cache kept by the GPU. A layer with
+a slot for every expert skips all of this and computes as the resident runtime does. The host
+reads the step's counters once, after the decoder's own sync. A policy that places experts on
+the host (static) does so between forward passes.
 
-Needs the experts in pinned RAM (not the tiered store) in the model's dtype, and on CUDA the
-Triton compiler (for the gather kernel).
+Needs the experts in pinned RAM (not the tiered store), in the model's dtype or a compressed
+format's bytes, and on CUDA the Triton compiler (for the gather kernel).
 """
 
 from __future__ import annotations
