@@ -126,7 +126,11 @@ def _brute_tau(p: Problem, budgets: np.ndarray) -> tuple[int, list[float]]:
         total = 0.0
         for j, b in enumerate(budgets):
             missed = st.pairs * np.mean([st.miss_pairs[j, a, b] for a in ages])
-            c_cpu = co.cpu_call_ms(st.tokens_per_call[j, b]) / max(1.0, st.tokens_per_call[j, b])
+            # a missed call's tokens under this τ: missed pairs over missed experts
+            experts = st.distinct[j] * np.mean([st.miss_experts[j, a, b] for a in ages])
+            per_call = missed / experts if experts > 1e-9 else st.tokens_per_call[j, b]
+            per_call = max(1.0, per_call)
+            c_cpu = co.cpu_call_ms(per_call) / per_call
             total += co.c_io_ms * (b * t / tau) * (1 - (1 - st.drift[j, b]) ** tau)
             total += c_cpu * t * missed
         values.append(total)

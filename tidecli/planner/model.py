@@ -4,7 +4,8 @@
     I/O(τ) = C_IO · (B·T/τ) · [1 − (1 − d)^τ]        CPU(τ) = C_CPU · T · B · f(τ)
     τ* = argmin over τ ∈ {1..T−1}, by exhaustive evaluation.
 Here f(τ) is the expected number of missed (token, expert) pairs per step *per slot* under a
-refresh every τ steps, so B·f(τ) is the missed pairs per step; C_CPU is per missed pair.
+refresh every τ steps, so B·f(τ) is the missed pairs per step; C_CPU is per missed pair, at the
+tokens a missed expert's call carries under that τ (RoutingStats.miss_tokens_per_call).
 
 Step time (what `predict` returns): dense part + Σ_ℓ max(GPU hits, CPU misses) — the runtime
 computes a layer's misses on the host while the GPU computes its resident experts — plus the
@@ -121,7 +122,8 @@ def _per_layer(p: Problem, budgets: np.ndarray, tau: int) -> dict[str, np.ndarra
     mp, me = st.block_mean_miss(tau, p.steps)
     return {"miss_pairs": _pick(mp, budgets), "miss_experts": _pick(me, budgets),
             "drift": _pick(st.drift, budgets),
-            "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.tokens_per_call, budgets)))}
+            "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.miss_tokens_per_call(tau, p.steps),
+                                                   budgets)))}
 
 
 def disk_share(p: Problem) -> np.ndarray:
@@ -205,7 +207,7 @@ def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
     gpu = st.distinct[:, None] * (1 - me) * co.gpu_expert_ms
     if p.streamed:
         return gpu + st.distinct[:, None] * me * co.c_io_ms
-    cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_call)
+    cpu = st.pairs * mp * co.c_cpu_ms(st.miss_tokens_per_call(tau, p.steps))
     experts = st.distinct[:, None] * me
     disk = experts * disk_share(p)[:, None] * co.disk_expert_ms
     layer = layer_expert_time(p, gpu, experts, cpu, disk)[0]

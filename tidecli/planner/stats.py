@@ -46,6 +46,17 @@ class RoutingStats:
             return np.clip(ram / e, 0.0, 1.0)
         return self.ram_cover[np.arange(len(ram)), ram]
 
+    def miss_tokens_per_call(self, tau: int, steps: int) -> np.ndarray:
+        """[L, E+1] tokens per missed expert call for a refresh every `tau` steps: the block's
+        missed pairs over its missed experts. A fresh placement misses the experts entering the
+        step, used by a token or two; an old one misses popular ones too, so the τ-free average
+        (`tokens_per_call`, over every age) overstates the batch at τ = 1 about twofold. Where
+        nothing misses, that average."""
+        mp, me = self.block_mean_miss(tau, steps)
+        experts = me * self.distinct[:, None]
+        per_call = mp * self.pairs / np.maximum(experts, 1e-9)
+        return np.maximum(np.where(experts > 1e-9, per_call, self.tokens_per_call), 1.0)
+
     @property
     def max_age(self) -> int:
         return self.miss_pairs.shape[1] - 1
