@@ -163,11 +163,19 @@ def test_bench_cli_writes_json_and_table(tiny_ckpt, tmp_path):
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_ckpt), "--device", "cpu",
                                    "--policies", "lru,tide", "--experts-per-layer", "8",
                                    "--workloads", "model", "--gen-length", "32",
-                                   "-o", str(out)])
+                                   "-o", str(out), "--traces", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert [r["policy"] for r in data["runs"]] == ["lru", "tide"]
     assert "tide bench" in res.output
+    # the workload's routing trace, as the bench recorded it, plans with `tide plan --trace`
+    from tidecli.experts.trace import RoutingTrace
+
+    trace = RoutingTrace.load(tmp_path / "model.npz")
+    assert len(trace.steps_only()) == data["workloads"]["model"]["routing"]["steps"]
+    res = CliRunner().invoke(app, ["plan", "--model", str(tiny_ckpt), "--profile", "rtx4090",
+                                   "--trace", str(tmp_path / "model.npz"), "--json"])
+    assert res.exit_code == 0, res.output
 
 
 def test_bench_cli_refuses_bad_options(tiny_ckpt, capsys):

@@ -106,6 +106,10 @@ def bench(
         "--output", "-o", help="Write the results (JSON) to this file.")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="Plot steps/s against budget (PNG).")] = None,
+    traces: Annotated[Path | None, typer.Option(
+        "--traces", metavar="DIR",
+        help="Write each workload's routing trace to DIR/<workload>.npz (for `tide plan "
+             "--trace`).")] = None,
     profile: ProfileOpt = None,
     cpu_threads: CpuThreadsOpt = 0,
     **options: Any,
@@ -122,8 +126,10 @@ def bench(
 
     check_cpu_threads(cpu_threads)
     output, plot = (check_writable(p) if p is not None else None for p in (output, plot))
+    if traces is not None:
+        check_writable(traces / "model.npz")
     run_bench(spec=spec, json_out=json_out, output=output, plot=plot, profile=profile,
-              cpu_threads=cpu_threads, **options)
+              cpu_threads=cpu_threads, traces=traces, **options)
 
 
 def _names(text: str) -> list[str]:
@@ -186,7 +192,8 @@ def _profile(spec: str | None):
 
 def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
               profile: str | None, model, device, dtype, cpu_threads, graphs,
-              experts_dtype: str = "bf16", compile: str = "off") -> None:
+              experts_dtype: str = "bf16", compile: str = "off",
+              traces: Path | None = None) -> None:
     from rich.console import Console
 
     from tidecli.bench.harness import Bench
@@ -276,6 +283,10 @@ def run_bench(*, spec, json_out: bool, output: Path | None, plot: Path | None,
     if plot is not None:
         write_plot(report, plot)
         err.print(f"plot written to {plot}")
+    if traces is not None:
+        for key, trace in bench.traces.items():
+            trace["trace"].save(traces / f"{key.replace(', ', '-')}.npz")
+        err.print(f"routing traces written to {traces}")
     if json_out:
         sys.stdout.write(json.dumps(report) + "\n")
     runs = report["runs"]
