@@ -25,6 +25,10 @@
 #   check  the GPU tests of the step, the streamed runtime and compressed experts, the
 #          dequantizing kernel's whole pass per expert, then resident, lru and tide (stream,
 #          cpu, split, gpu) at 10 and 6 GiB in one bench with the steps' own counters
+#   gap    the host's share of the step (tools/bench/step_gap.py: resident in 1-8 graphs, tide
+#          at 10 GiB), then resident, lru and tide in every miss mode at 10 GiB
+#   hostplan resident, lru and tide in every miss mode at 10 and 6 GiB, their routing trace
+#          (bench --traces); a profiler trace of gpu misses at 10 GiB; the fused pass per expert
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -232,6 +236,24 @@ if [ "$STAGE" = check ]; then
   mini
   tree_bench new 300 check --policies resident,lru,tide --misses stream,cpu,split,gpu \
     --vram 10,6 --repeat 2
+fi
+if [ "$STAGE" = gap ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  timeout 140 python3 tools/bench/step_gap.py "$W/mini" --pieces 1,2,4,8 -o "$OUT/gap-resident.json"
+  timeout 100 python3 tools/bench/step_gap.py "$W/mini" --policy tide --vram 10 \
+    -o "$OUT/gap-tide.json"
+  tree_bench new 240 hostmodes --policies resident,lru,tide --misses stream,cpu,split,gpu --vram 10
+fi
+if [ "$STAGE" = hostplan ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  tree_bench new 330 hostplan --policies resident,lru,tide --misses stream,cpu,split,gpu \
+    --vram 10,6 --traces "$OUT"
+  timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses gpu --vram 10 --out "$OUT" \
+    > "$OUT/trace-gpu-10.txt" 2>&1
+  head -3 "$OUT/trace-gpu-10.txt" | cut -c1-300
+  timeout 90 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-pass.json" | grep "'pinned': False"
 fi
 if [ "$STAGE" = host ]; then
   mini
