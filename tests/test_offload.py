@@ -204,3 +204,21 @@ def test_an_expert_kept_from_the_scratch_slots_takes_the_least_recently_used_slo
     assert pool.slot_of_expert[6] == 0 and pool.slot_of_expert[1] < 0
     keep(5, torch.ones(6))
     assert pool.slot_of_expert[5] == 2  # then 3 (used at 7), not 2 (used at 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_steps_embedding_rows_gathered_on_the_host_are_the_tables(tiny_ckpt, dtype):
+    """The step program's host gather (numpy, for a table in host memory under a GPU step)
+    stages exactly the rows torch's index gives."""
+    from tidecli.model.llada2 import KVCache
+    from tidecli.model.program import StepProgram
+
+    model, _ = load_model(tiny_ckpt, dtype=dtype)
+    cache = KVCache(model.cfg, 64, device=torch.device("cpu"), dtype=dtype)
+    prog = StepProgram(model, cache, 32, capture=False)
+    table = model.w.embed
+    ids = [5, 0, 17, 5, table.shape[0] - 1] + list(range(27))
+    for _ in range(2):  # the numpy views are made once, then reused
+        prog._host_rows(table, ids)
+        assert torch.equal(prog._x_stage, table[torch.tensor(ids)])
+        ids = ids[::-1]
