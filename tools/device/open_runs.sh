@@ -29,6 +29,10 @@
 #          at 10 GiB), then resident, lru and tide in every miss mode at 10 GiB
 #   hostplan resident, lru and tide in every miss mode at 10 and 6 GiB, their routing trace
 #          (bench --traces); a profiler trace of gpu misses at 10 GiB; the fused pass per expert
+#   final  GPU tests of the step program and policies; this machine's profile (tide profile
+#          --quick); resident and tide (stream, cpu, gpu) at 10 GiB planned with it, this tree
+#          and old.tar (before/after)
+#   alt    tide with gpu and cpu misses at 10 GiB, this tree and old.tar alternating twice
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -183,7 +187,7 @@ tree_bench() {
   local tree=$1 dir=$PWD
   if [ "$tree" != new ]; then dir=$W/$tree; mkdir -p "$dir" && tar -xf "$tree.tar" -C "$dir"; fi
   (cd "$dir" && PYTHONPATH=$dir timeout "$2" python3 -m tidecli bench -m "$W/mini" "${@:4}" \
-    --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+    --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile "${PROFILE:-h200}" \
     -o "$OUT/$3-$tree.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-170)
 }
 if [ "$STAGE" = whole ]; then
@@ -254,6 +258,25 @@ if [ "$STAGE" = hostplan ]; then
     > "$OUT/trace-gpu-10.txt" 2>&1
   head -3 "$OUT/trace-gpu-10.txt" | cut -c1-300
   timeout 90 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-pass.json" | grep "'pinned': False"
+fi
+if [ "$STAGE" = final ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "program or policies or streamed or misses_on_the_gpu or capturing" 2>&1 | tail -3
+  mini
+  timeout 150 python3 -m tidecli profile --quick --no-save -o "$OUT/profile-here.json" 2>&1 | tail -2
+  for tree in new old; do
+    PROFILE=$OUT/profile-here.json tree_bench $tree 160 final --policies resident,tide \
+      --misses stream,cpu,gpu --vram 10
+  done
+fi
+if [ "$STAGE" = alt ]; then  # host-driven misses alternating this tree and old.tar
+  mini
+  i=0
+  for tree in new old new old; do
+    i=$((i + 1))
+    tree_bench $tree 110 "alt$i" --policies tide --misses gpu,cpu --vram 10 | grep "│ model"
+  done
 fi
 if [ "$STAGE" = host ]; then
   mini
