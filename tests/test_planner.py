@@ -597,3 +597,22 @@ def test_a_profile_timed_uncaptured_says_its_expert_term_is_high():
     assert new_costs.gpu_expert_ms == pytest.approx(captured.gpu_expert_ms[32])
     assert not any("outside a CUDA graph" in n or "estimated" in n for n in new_costs.notes)
     assert any("outside a CUDA graph" in n for n in old_costs.notes)
+
+
+def test_a_plan_for_more_cpus_than_this_machine_has_calibrates_with_those_it_has(
+        tiny_ckpt, tmp_path, capsys):
+    """A plan made with another machine's profile (16 threads) is calibrated here with the CPUs
+    this process may use, and says so, instead of refusing the plan's thread count."""
+    from tidecli.hardware.probe import usable_cores
+
+    usable = usable_cores()
+    prof = gpu_profile("big host", vram_gib=8, mem_gbps=500, h2d_gbps=20, cores=usable + 16,
+                       ram_gib=32, cpu_1tok_ms=0.05, gpu_expert_ms=0.02, threads=usable + 16)
+    path = prof.save(tmp_path / "p.json")
+    code, out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+                           "--vram", "0.2", "--calibrate", "--device", "cpu", "--misses", "cpu",
+                           "--threshold", "1e-7", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["calibration"]["measured"]["steps"] >= 2
+    assert any(f"calibrated with {usable} CPU threads" in w for w in obj["warnings"]), obj

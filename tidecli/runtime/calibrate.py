@@ -5,7 +5,7 @@ couple of blocks of real denoising steps, and hand what the runtime saw to the p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from tidecli.decode.diffusion import DecodeSettings
 from tidecli.errors import TideError
 from tidecli.experts.modes import parse_misses
+from tidecli.hardware.probe import usable_cores
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.model.config import ModelConfig
 from tidecli.planner.calibration import Measurement, calibrated_plan
@@ -44,16 +45,25 @@ class StepMeans:
     reads: float  # experts moved host → GPU per step
 
 
+def calibration_threads(plan: Plan, cpu_threads: int | None) -> int:
+    """The CPU threads a calibration runs with: those asked for, else the plan's, at most the
+    CPUs this process may use (the corrections describe this machine)."""
+    if cpu_threads is not None:
+        return cpu_threads
+    return min(plan.cpu_threads, usable_cores())
+
+
 def plan_options(model_path: str | Path, plan: Plan, *, device: str,
                  cpu_threads: int | None, compile: str = "off") -> EngineOptions:
     """An engine that follows `plan` exactly (budgets, τ, threads, RAM tiers, misses), its
-    steps compiled or not."""
+    steps compiled or not; a plan made with another machine's profile may name more CPU
+    threads than this process may use: it gets those it may (`calibration_threads`)."""
     return EngineOptions(
         load=LoadOptions(model=str(model_path), device=device,
                          experts_dtype=plan.experts_format, compile=compile),
         residency=ResidencyOptions(policy="tide", misses=parse_misses(plan.misses),
-                                   cpu_threads=plan.cpu_threads if cpu_threads is None
-                                   else cpu_threads, cpu_mode=plan.cpu_mode),
+                                   cpu_threads=calibration_threads(plan, cpu_threads),
+                                   cpu_mode=plan.cpu_mode),
         budgets=BudgetOptions(ram_gib=plan.ram_budget_bytes / GIB if plan.tiered else None),
         workload=Workload(block_length=plan.block_length, context_tokens=plan.context_tokens),
         plan=plan)
@@ -117,5 +127,11 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
     m = measure(model_path=model_path, plan=plan, device=device, blocks=blocks,
                 threshold=workload.threshold, cpu_threads=cpu_threads, compile=compile,
                 progress=progress)
-    return calibrated_plan(measured=m, model_path=model_path, config=config, profile=profile,
-                           plan=plan, workload=workload, ram_gib=ram_gib)
+    new = calibrated_plan(measured=m, model_path=model_path, config=config, profile=profile,
+                          plan=plan, workload=workload, ram_gib=ram_gib)
+    threads = calibration_threads(plan, cpu_threads)
+    if cpu_threads is None and threads < plan.cpu_threads:
+        new = replace(new, warnings=(*new.warnings,
+                                     f"calibrated with {threads} CPU threads: the plan's "
+                                     f"{plan.cpu_threads} are more than this machine has"))
+    return new
