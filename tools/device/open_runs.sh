@@ -33,6 +33,8 @@
 #          --quick); resident and tide (stream, cpu, gpu) at 10 GiB planned with it, this tree
 #          and old.tar (before/after)
 #   alt    tide with gpu and cpu misses at 10 GiB, this tree and old.tar alternating twice
+#   calib  tide plan --calibrate at 10 GiB for cpu and gpu misses, then tide with both at 10
+#          and 6 GiB planned with those corrections
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
@@ -277,6 +279,14 @@ if [ "$STAGE" = alt ]; then  # host-driven misses alternating this tree and old.
     i=$((i + 1))
     tree_bench $tree 110 "alt$i" --policies tide --misses gpu,cpu --vram 10 | grep "│ model"
   done
+fi
+if [ "$STAGE" = calib ]; then  # calibrated at 10 GiB, then planned at 10 and 6 GiB
+  mini
+  for m in cpu gpu; do
+    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate \
+      -o "$OUT/calibrate-$m.json" 2>&1 | grep -i "warning\|corrected\|saved" | cut -c1-200
+  done
+  tree_bench new 200 calib --policies tide --misses cpu,gpu --vram 10,6
 fi
 if [ "$STAGE" = host ]; then
   mini
