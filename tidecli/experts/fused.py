@@ -1,6 +1,6 @@
 """One kernel for a layer's placement decisions (streamed misses), instead of ~80 small ones.
 
-`StreamRuntime._place` and `run_grouped_mm` spell the per-layer work in torch ops: readable, and
+`placement.place_lru` and `run_grouped_mm` spell the per-layer work in torch ops: readable, and
 kept as the reference, but each op is a kernel launch (what that cost: docs/benchmarks.md). Here
 a single Triton program (one block of threads: a layer has at most a few hundred experts, slots
 and pairs) does all of it:

@@ -1,8 +1,14 @@
-"""When the streamed runtime's read-ahead (experts/stream.py, `prefetch`) places its guesses."""
+"""When the streamed runtime's read-ahead (experts/stream.py, `prefetch`) places its guesses, and
+how its guesses are scored."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
+
+from tidecli.model.counters import ExpertStats
 
 
 @dataclass
@@ -38,3 +44,25 @@ class ReadAheadGate:
         if self._seen >= self.window:
             self.on = self._used >= self.min_accuracy * self._placed
             self._placed = self._used = self._seen = 0
+
+
+def score_guesses(src: np.ndarray, counts: np.ndarray, layers: Iterable[int],
+                  stats: ExpertStats, expert_bytes: int) -> tuple[int, int]:
+    """What the read-ahead placed in a forward (`src` [M, slots]: the experts each MoE layer's
+    guess placed, -1 past them) and how much of it its layer then used (`counts` [M, E]),
+    added to the forward's counters; returns the totals (placed, used) for the gate."""
+    placed_all = used_all = 0
+    for j, layer in enumerate(layers):
+        placed = src[j][src[j] >= 0]
+        if not placed.size:
+            continue
+        used = int((counts[j][placed] > 0).sum())
+        placed_all += int(placed.size)
+        used_all += used
+        c = stats.layer(layer)
+        c.prefetched += int(placed.size)
+        c.prefetch_used += used
+        c.promotions += int(placed.size)
+        c.bytes_h2d += int(placed.size) * expert_bytes
+        c.bytes_prefetch_wasted += (int(placed.size) - used) * expert_bytes
+    return placed_all, used_all

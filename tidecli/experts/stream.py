@@ -36,9 +36,10 @@ from tidecli.experts.formats import compressed_name
 from tidecli.experts.fused import LayerPlan, fused_available
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
+from tidecli.experts.placement import place_lru
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
-from tidecli.experts.readahead import ReadAheadGate
+from tidecli.experts.readahead import ReadAheadGate, score_guesses
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
 from tidecli.model.counters import ExpertStats
@@ -193,23 +194,9 @@ class StreamRuntime(PooledRuntime):
     def _score_guesses(self, counts: np.ndarray) -> None:
         """Count what the read-ahead placed this forward and how much of it its layer used;
         the gate hears the forward's totals."""
-        src = self.pref_src.cpu().numpy()
-        ebytes = self.expert_bytes
-        placed_all = used_all = 0
-        for j, layer in enumerate(self.cfg.moe_layers):
-            placed = src[j][src[j] >= 0]
-            if not placed.size:
-                continue
-            used = int((counts[j][placed] > 0).sum())
-            placed_all += int(placed.size)
-            used_all += used
-            c = self.forward_stats.layer(layer)
-            c.prefetched += int(placed.size)
-            c.prefetch_used += used
-            c.promotions += int(placed.size)
-            c.bytes_h2d += int(placed.size) * ebytes
-            c.bytes_prefetch_wasted += (int(placed.size) - used) * ebytes
-        self.ahead_gate.forward_done(placed_all, used_all)
+        placed, used = score_guesses(self.pref_src.cpu().numpy(), counts, self.cfg.moe_layers,
+                                     self.forward_stats, self.expert_bytes)
+        self.ahead_gate.forward_done(placed, used)
 
     def _needs_counts(self) -> bool:
         return self.trace is not None or self.policy.places_on_host(self.info)
@@ -361,29 +348,12 @@ class StreamRuntime(PooledRuntime):
     def _place(self, j: int, pool, used: torch.Tensor,
                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """On a refresh forward: the used experts without a slot take the slots whose experts
-        this step does not use, least recently used first (free slots before any). Returns how
-        many were placed (a device scalar) and the placed experts by slot rank ([slots], -1
-        past them)."""
-        b, e, bmax = pool.slots, self.cfg.num_experts, self.bmax
-        table, owner, last = self.table[j], self.owner[j], self.last[j]
-        own = owner[:b]
-        busy = (own >= 0) & used[own.clamp(min=0)]
-        missing = used & (table[:e] < 0)
-        pos = torch.cumsum(missing, 0) - 1  # rank of each missing expert, by id
-        n_place = torch.minimum(missing.sum(), (~busy).sum()) * \
-            (self._keep if keep is None else keep)
-        big = torch.iinfo(torch.long).max
-        victims = torch.argsort(torch.where(busy, big, last[:b]), stable=True)  # [b]
-        # the j-th missing expert (j < n_place) goes to victims[j]
-        ranked = torch.full((bmax + 1,), -1, dtype=torch.long, device=used.device)
-        ranked.index_put_((torch.where(missing & (pos < b), pos, bmax),), self._ar_e)
-        src = torch.where(self._ar_b[:b] < n_place, ranked[:b], -1)
-        take = src >= 0
-        old = own[victims]
-        table.index_put_((torch.where(take & (old >= 0), old, e),),
-                         torch.full_like(old, -1))
-        table.index_put_((torch.where(take, src, e),), torch.where(take, victims, -1))
-        owner.index_put_((torch.where(take, victims, bmax),), torch.where(take, src, -1))
+        this step does not use, least recently used first (experts/placement.py), and their
+        rows are gathered from pinned RAM. Returns how many were placed (a device scalar) and
+        the placed experts by slot rank ([slots], -1 past them)."""
+        n_place, src, victims = place_lru(
+            self.table[j], self.owner[j], self.last[j], used, slots=pool.slots, bmax=self.bmax,
+            keep=self._keep if keep is None else keep, slot_ids=self._ar_b, expert_ids=self._ar_e)
         copy_rows(self._host[pool.layer], src, pool.buf, victims)
         return n_place, src
 
