@@ -7,6 +7,7 @@ run, the optional routing trace, and `run` as the phases in order (`host_before`
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -24,8 +25,9 @@ from tidecli.model.parts import combine
 from tidecli.model.tensorio import ShardReader, check_finite, torch_dtype
 
 
-class BaseRuntime:
-    """Forward bookkeeping, counters and the optional routing trace."""
+class BaseRuntime(ABC):
+    """Forward bookkeeping, counters and the optional routing trace. A runtime implements
+    `device_begin`; the host hooks and `prefetch` do nothing unless a runtime needs them."""
 
     name = "base"
     needs_host = False  # True: host phases between the device phases (no single-graph step)
@@ -89,21 +91,24 @@ class BaseRuntime:
 
     # ---- phases ---------------------------------------------------------------------------------
 
+    @abstractmethod
     def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Device only: per-pair output rows [T·k, H] of the resident experts, zero elsewhere."""
-        raise NotImplementedError
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Device only: ids [T, k] guess `layer`'s experts (only when `prefetches`)."""
+        return None
 
     def host_before(self, layer: int, io: LayerIO) -> None:
         """Host work that must precede device_begin (activations, promotions before compute)."""
+        return None
 
     def host_after(self, layer: int, io: LayerIO, pair_out: torch.Tensor,
                    over: torch.Tensor | None, over_mask: torch.Tensor | None) -> None:
         """Host work after device_begin was queued, every forward pass (also when the device
         phases replay from a captured graph): counters, the trace, and — for runtimes that
         need the host — rows computed elsewhere, written to `over` with `over_mask` set."""
+        return None
 
     def device_end(self, layer: int, pair_out: torch.Tensor, over: torch.Tensor | None,
                    over_mask: torch.Tensor | None) -> torch.Tensor:
@@ -134,6 +139,7 @@ class BaseRuntime:
 
     def close(self) -> None:
         """Release pinned memory, streams and threads."""
+        return None
 
 
 ProgressFn = Callable[[int], None]

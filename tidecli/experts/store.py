@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
@@ -44,8 +45,9 @@ class ExpertBatch:
         return self._row(e)
 
 
-class ExpertSource:
-    """Host rows of routed experts, as the slot pools and the CPU workers read them."""
+class ExpertSource(ABC):
+    """Host rows of routed experts, as the slot pools and the CPU workers read them. A store
+    implements `batches`."""
 
     cfg: object
     dtype: torch.dtype  # uint8 for a compressed format
@@ -55,9 +57,9 @@ class ExpertSource:
     pinned: bool = False
     pin_error: str | None = None
 
+    @abstractmethod
     def batches(self, layer: int, experts: list[int]) -> Iterator[ExpertBatch]:
         """The rows of `experts` (distinct), in one or more batches."""
-        raise NotImplementedError
 
     def _alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Pinned while pinning works (`self.pinned`), else pageable, with one warning."""
@@ -84,6 +86,7 @@ class ExpertSource:
 
     def close(self) -> None:
         """Stop reader threads and close files."""
+        return None
 
 
 class HostExpertStore(ExpertSource):
