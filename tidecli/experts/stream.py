@@ -56,6 +56,8 @@ class StreamRuntime(PooledRuntime):
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
                  kernel: str = "auto", prefetch: bool = False) -> None:
+        self._pending = False  # a forward's counters queued, not yet counted (the base's
+        # __init__ already sets the stats properties)
         super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
         m, e = cfg.num_moe_layers, cfg.num_experts
         bmax = max(budgets.values(), default=0)
@@ -79,7 +81,6 @@ class StreamRuntime(PooledRuntime):
         self.counters = torch.zeros((m, 5), dtype=torch.long, device=dev)
         self._ctr_host = torch.zeros((m, 5), dtype=torch.long, pin_memory=dev.type == "cuda")
         self._ctr_ready = torch.cuda.Event() if dev.type == "cuda" else None
-        self._pending = False  # a forward's counters queued, not yet counted
         self.counts = torch.zeros((m, e), dtype=torch.long, device=dev)
         self._keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: this forward refreshes
         self._clock = torch.zeros((), dtype=torch.long, device=dev)
@@ -160,7 +161,7 @@ class StreamRuntime(PooledRuntime):
 
     def _settle(self) -> None:
         """Count the last forward's queued counters (waits for its copy, if still running)."""
-        if not getattr(self, "_pending", False):
+        if not self._pending:
             return
         self._pending = False
         if self._ctr_ready is not None:

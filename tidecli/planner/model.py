@@ -122,8 +122,7 @@ def _per_layer(p: Problem, budgets: np.ndarray, tau: int) -> dict[str, np.ndarra
     mp, me = st.block_mean_miss(tau, p.steps)
     return {"miss_pairs": _pick(mp, budgets), "miss_experts": _pick(me, budgets),
             "drift": _pick(st.drift, budgets),
-            "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.miss_tokens_per_call(tau, p.steps),
-                                                   budgets)))}
+            "c_cpu": np.asarray(co.c_cpu_ms(_pick(st.tokens_per_missed_call(mp, me), budgets)))}
 
 
 def disk_share(p: Problem) -> np.ndarray:
@@ -207,7 +206,7 @@ def layer_step_costs(p: Problem, tau: int) -> np.ndarray:
     gpu = st.distinct[:, None] * (1 - me) * co.gpu_expert_ms
     if p.streamed:
         return gpu + st.distinct[:, None] * me * co.c_io_ms
-    cpu = st.pairs * mp * co.c_cpu_ms(st.miss_tokens_per_call(tau, p.steps))
+    cpu = st.pairs * mp * co.c_cpu_ms(st.tokens_per_missed_call(mp, me))
     experts = st.distinct[:, None] * me
     disk = experts * disk_share(p)[:, None] * co.disk_expert_ms
     layer = layer_expert_time(p, gpu, experts, cpu, disk)[0]

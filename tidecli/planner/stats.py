@@ -52,7 +52,10 @@ class RoutingStats:
         step, used by a token or two; an old one misses popular ones too, so the τ-free average
         (`tokens_per_call`, over every age) overstates the batch at τ = 1 about twofold. Where
         nothing misses, that average."""
-        mp, me = self.block_mean_miss(tau, steps)
+        return self.tokens_per_missed_call(*self.block_mean_miss(tau, steps))
+
+    def tokens_per_missed_call(self, mp: np.ndarray, me: np.ndarray) -> np.ndarray:
+        """`miss_tokens_per_call` from the block's miss fractions `block_mean_miss` gave."""
         experts = me * self.distinct[:, None]
         per_call = mp * self.pairs / np.maximum(experts, 1e-9)
         return np.maximum(np.where(experts > 1e-9, per_call, self.tokens_per_call), 1.0)
