@@ -10,7 +10,9 @@ inputs; groups without rows read nothing. Per format, in fp32 accumulators:
 - int8: Σ x·q over every input, times the channel's scale at the end;
 - fp8: per 128-input block, Σ x·q times the block's scale (e4m3 converts to bf16 exactly);
 - int4: per group of inputs, s·Σ x·q + m·Σ x (the two nibble halves of a group are two
-  contiguous input slices, experts/formats.py), so only the 4-bit values enter the dot.
+  contiguous input slices, experts/formats.py), so only the 4-bit values enter the dot. They
+  enter it in the activations' dtype, built from exponent bits (`nib`) rather than converted:
+  the same values, 10 % less time per expert at 1–4 tokens (docs/benchmarks.md section 18).
 Tiles (`tiles_for`): a call's tiles depend only on the format, where the weights are read
 from and the call's static shape, never on the routing. Every tile choice here keeps BM ≤ 32:
 on an H200 every such tile gave bitwise the same rows (the same MMA instructions along the same
@@ -81,10 +83,26 @@ def _kernel():  # built on first use: Triton is imported only then
     import triton.language as tl
 
     @triton.jit
+    def nib(v, dtype: tl.constexpr, MAGIC: tl.constexpr):
+        # 4-bit values 0..15 as `dtype`, exactly. MAGIC: the bits of 2^e (e: the mantissa's
+        # width) OR-ed into the low mantissa bits give 2^e + v; subtracting 2^e leaves v, with
+        # no integer-to-float conversion. MAGIC 0: convert (the interpreter's path)
+        if MAGIC == 0:
+            return v.to(dtype)
+        elif dtype == tl.float32:
+            m = (v.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True)
+            return m - 8388608.0
+        else:
+            m = (v.to(tl.int16) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+            return m - tl.full(m.shape, 128.0 if MAGIC == 0x4300 else 1024.0, dtype)
+
+    globals()["nib"] = nib  # the interpreter and the compiler look names up in the module
+
+    @triton.jit
     def qgmm(x, rows, q, sc, mn, offs, out, dst, N, UP, K, sxm, sqg, ssg, som, KB,
              FMT: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-             SCATTER: tl.constexpr, SWIGLU: tl.constexpr):
+             SCATTER: tl.constexpr, SWIGLU: tl.constexpr, MAGIC: tl.constexpr):
         # GATHER: row m of the group reads x[rows[m]]; SCATTER: it is written to out[dst[m]];
         # SWIGLU: channels rn and rn + UP are an expert's gate and up, and the program writes
         # silu(gate)·up, each rounded to out's dtype as the unfused ops round it
@@ -119,15 +137,16 @@ def _kernel():  # built on first use: Triton is imported only then
                     gi = k0 // GROUP
                     p = tl.load(wq + rn[None, :] * (K // 2) + (k0 // 2 + kh)[:, None],
                                 mask=nmask[None, :], other=0)
-                    part = tl.dot(xlo, (p & 15).to(xlo.dtype)) + tl.dot(xhi, (p >> 4).to(xlo.dtype))
+                    part = tl.dot(xlo, nib(p & 15, xlo.dtype, MAGIC)) + \
+                        tl.dot(xhi, nib(p >> 4, xlo.dtype, MAGIC))
                     s = tl.load(ws + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
                     m = tl.load(wm + rn * (K // GROUP) + gi, mask=nmask, other=0.0).to(tl.float32)
                     acc += part * s[None, :] + xsum[:, None] * m[None, :]
                     if SWIGLU:
                         p = tl.load(wq + ru[None, :] * (K // 2) + (k0 // 2 + kh)[:, None],
                                     mask=nmask[None, :], other=0)
-                        part = tl.dot(xlo, (p & 15).to(xlo.dtype)) + \
-                            tl.dot(xhi, (p >> 4).to(xlo.dtype))
+                        part = tl.dot(xlo, nib(p & 15, xlo.dtype, MAGIC)) + \
+                            tl.dot(xhi, nib(p >> 4, xlo.dtype, MAGIC))
                         s = tl.load(ws + ru * (K // GROUP) + gi, mask=nmask,
                                     other=0.0).to(tl.float32)
                         m = tl.load(wm + ru * (K // GROUP) + gi, mask=nmask,
@@ -178,6 +197,17 @@ def _kernel():  # built on first use: Triton is imported only then
     return (qgmm, triton.cdiv)
 
 
+# int4 values enter the dot as the activations' dtype: "bits" builds them from the exponent bits
+# of 2^e (no conversion instruction), "convert" converts them; both give the same values, so the
+# same rows. tools/bench/qkernel_bench.py --unpack times the two
+INT4_UNPACK = "bits"
+_MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400, torch.float32: 0x4B000000}
+
+
+def _magic(dtype: torch.dtype) -> int:
+    return _MAGIC.get(dtype, 0) if INT4_UNPACK == "bits" else 0
+
+
 def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: QMatrix, offs: torch.Tensor,
             out: torch.Tensor, dst: torch.Tensor | None, n: int, up: int, t: Tiles) -> None:
     kernel, cdiv = _kernel()
@@ -191,7 +221,7 @@ def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: QMatrix, offs: torch.
         dst if dst is not None else offs, n, up, k, x.stride(0), w.q.stride(0),
         w.scale.stride(0), out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk,
         BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None, SCATTER=dst is not None,
-        SWIGLU=up > 0, num_warps=t.warps, num_stages=t.stages)
+        SWIGLU=up > 0, MAGIC=_magic(x.dtype), num_warps=t.warps, num_stages=t.stages)
 
 
 def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,

@@ -5,9 +5,13 @@ separate ops, `pass: ops`; bf16 the ops) at 1, 4 and 32 tokens per expert, weigh
 memory and (streamed misses) in pinned host memory, each with the tiles the runtime picks there
 (`qkernel.tiles_for`); plus a sweep of tile configurations (`--sweep`), and whether
 other tiles give bitwise the rows of BM 32 tiles (`--bitwise`: a policy's tokens stay the
-resident run's only where the tiles it may use agree).
+resident run's only where the tiles it may use agree). `--sweep32 FMT` times FMT's tiles with
+BM 32 (the bitwise family) at 32 tokens per expert in device memory, with bf16 beside them, and
+checks each against the BM 32 / BN 128 rows. `--unpack` times int4 with its values built from
+exponent bits and converted (qkernel.INT4_UNPACK), and checks that both give the same rows.
 
-    PYTHONPATH=. python3 tools/bench/qkernel_bench.py OUT.json [--sweep] [--bitwise]
+    PYTHONPATH=. python3 tools/bench/qkernel_bench.py OUT.json [--sweep] [--bitwise] [--sweep32 FMT]
+        [--unpack]
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ CANDIDATES = [(bm, bn, w, st) for bm in (16, 32, 64) for bn in (64, 128)
               for w, st in ((4, 3), (8, 3), (4, 4))]
 
 
-def bitwise(rows_bf16: torch.Tensor) -> list[dict]:
+WIDE = [(32, bn, w, st) for bn in (64, 128, 256) for w in (2, 4, 8) for st in (2, 3, 4, 5)]
+
+
+def bitwise(rows_bf16: torch.Tensor, formats=COMPRESSED, candidates=CANDIDATES) -> list[dict]:
     """Each candidate's rows against the streamed tiles' on the same inputs: token counts per
     expert from 0 to 40 (several M tiles, partial tiles), both matrices of each format."""
     dev = torch.device("cuda")
@@ -77,13 +84,13 @@ def bitwise(rows_bf16: torch.Tensor) -> list[dict]:
     m = int(counts.sum()) + 3
     base = qkernel.LARGE
     found = []
-    for name in COMPRESSED:
+    for name in formats:
         fmt = expert_format(name, hidden=H, inter=INTER)
         gu, dn = views(quantize_rows(rows_bf16[:e], fmt), fmt)
         for mat, k in ((gu, H), (dn, INTER)):
             x = torch.randn(m, k, device=dev, generator=g).bfloat16()
             want = qkernel.quant_grouped_mm(x, mat, offs, tiles=base)
-            for c in CANDIDATES:
+            for c in candidates:
                 got = qkernel.quant_grouped_mm(x, mat, offs, tiles=qkernel.Tiles(*c))
                 diff = float((got.float() - want.float()).abs().max())
                 r = {"format": name, "k": k, "tiles": list(c),
@@ -93,13 +100,40 @@ def bitwise(rows_bf16: torch.Tensor) -> list[dict]:
     return found
 
 
+def unpack(rows_bf16: torch.Tensor) -> list[dict]:
+    """int4 with each unpacking: µs per expert, and whether the rows are bitwise the same."""
+    found, outs = [], {}
+    dev = torch.device("cuda")
+    fmt = expert_format("int4", hidden=H, inter=INTER)
+    gu, dn = views(quantize_rows(rows_bf16, fmt), fmt)
+    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * 32
+    g = torch.Generator(device="cuda").manual_seed(2)
+    xs = torch.randn(E * 32, H, device=dev, generator=g).bfloat16()
+    for way in ("convert", "bits", "convert", "bits"):
+        qkernel.INT4_UNPACK = way
+        outs[way] = expert_pass(xs, gu, dn, offs)
+        for tokens in (1, 4, 32):
+            r = case("int4", tokens, pinned=False, rows_bf16=rows_bf16)
+            r.update(unpack=way)
+            found.append(r)
+            print(r, flush=True)
+    same = bool(torch.equal(outs["convert"], outs["bits"]))
+    print({"unpack_same_rows": same}, flush=True)
+    found.append({"unpack_same_rows": same})
+    qkernel.INT4_UNPACK = "bits"
+    return found
+
+
 def main() -> None:
     out = sys.argv[1]
     torch.manual_seed(0)
     rows_bf16 = (torch.randn(E, 3 * H * INTER, device="cuda") * 0.02).bfloat16()
     same = bitwise(rows_bf16) if "--bitwise" in sys.argv else []
+    if "--unpack" in sys.argv:
+        same += unpack(rows_bf16)
     results = []
-    for pinned in (False, True) if "--sweep" not in sys.argv else ():
+    skip = "--sweep" in sys.argv or "--unpack" in sys.argv
+    for pinned in (False, True) if not skip else ():
         for tokens in (1, 4, 32):
             for name, ops in (("bf16", True), *((f, o) for f in COMPRESSED for o in (False, True))):
                 r = case(name, tokens, pinned=pinned, rows_bf16=rows_bf16, ops=ops)
@@ -117,6 +151,23 @@ def main() -> None:
                         r.update(bm=bm, bn=bn, warps=warps, stages=stages)
                         sweep.append(r)
                         print(r, flush=True)
+    if "--sweep32" in sys.argv:
+        name = sys.argv[sys.argv.index("--sweep32") + 1]
+        real = qkernel.tiles_for
+        for r in (case("bf16", 32, pinned=False, rows_bf16=rows_bf16),
+                  case(name, 32, pinned=False, rows_bf16=rows_bf16)):
+            r.update(tiles="runtime")
+            sweep.append(r)
+            print(r, flush=True)
+        for bm, bn, warps, stages in WIDE:
+            tiles = qkernel.Tiles(bm, bn, warps, stages)
+            qkernel.tiles_for = lambda fmt, rows, groups, streamed, t=tiles: t
+            r = case(name, 32, pinned=False, rows_bf16=rows_bf16)
+            r.update(bm=bm, bn=bn, warps=warps, stages=stages)
+            sweep.append(r)
+            print(r, flush=True)
+        qkernel.tiles_for = real
+        same += bitwise(rows_bf16, (name,), WIDE)
     with open(out, "w") as fh:
         json.dump({"gpu": torch.cuda.get_device_name(), "shape": [H, INTER, E],
                    "tiles": {"small": {f: vars(t) for f, t in qkernel.SMALL.items()},
