@@ -192,7 +192,10 @@ def test_misses_on_the_gpu_are_bitwise_exact(tiny_ckpt, policy):
     m = cuda_model(tiny_ckpt, make)
     m = StepPrograms(m)
     assert decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids == ref
-    assert m.experts.run_stats.summary()["cpu_calls"] == 0
+    s = m.experts.run_stats.summary()
+    assert s["cpu_calls"] == 0
+    # the misses' reads into scratch slots are timed with the copies (what calibration reads)
+    assert s["fetched_calls"] > 0 and s["copy_ms"] > 0
 
 
 def test_the_profile_times_the_experts_captured_as_the_step_runs_them():

@@ -3,6 +3,7 @@ synthetic trace of known drift, the `tide plan` command and `--calibrate` on the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -354,13 +355,33 @@ def test_fit_calibration_recovers_a_known_correction(truth, overlap):
     real = model(truth)  # what a machine behaving like `truth` would show
     m = Measurement(device="cuda:0" if overlap else "cpu", overlap=overlap, steps=20,
                     step_ms=real.step_ms, cpu_ms=real.cpu_miss_ms, copy_ms=real.pcie_ms,
-                    stall_ms=0.0, hit_rate=real.hit_rate, trace=trace)
+                    stall_ms=0.0, hit_rate=real.hit_rate, trace=trace,
+                    reads=real.pcie_ms / real.io_expert_ms)
     cal = fit_calibration(predictor=model, measured=m)
     assert cal.cpu_scale == pytest.approx(truth.cpu_scale, rel=1e-6)
     assert cal.io_scale == pytest.approx(truth.io_scale, rel=1e-6)
     assert cal.launch_ms_per_layer == pytest.approx(truth.launch_ms_per_layer, abs=1e-6)
     assert cal.gpu_scale == pytest.approx(truth.gpu_scale, rel=1e-4)
     assert model(cal).step_ms == pytest.approx(real.step_ms, rel=1e-6)
+
+
+def test_calibration_scales_the_link_by_the_time_per_expert_moved():
+    """With gpu misses the runtime keeps each expert it read into a scratch slot, so it moves
+    fewer experts than the model (which counts a promotion besides). Copies at the profile's
+    speed per expert keep the link's scale at 1, however many fewer there were."""
+    trace = fifo_trace(layers=4, experts=256, distinct=60, turnover=6, blocks=3, steps=12)
+    cfg = config_from_dict(preset_config("mini", layers=5))
+    trace.moe_layers = cfg.moe_layers
+    plan = make_plan(config=cfg, profile=CONSUMER[0], vram_gib=1.5, trace=trace, misses="gpu")
+    model = predictor(plan=plan, config=cfg, profile=CONSUMER[0], trace=trace)
+    base = model(Calibration())
+    moved = 0.5 * base.pcie_ms / base.io_expert_ms  # half the experts the model moves
+    m = Measurement(device="cuda:0", overlap=True, steps=20, step_ms=base.step_ms, cpu_ms=0.0,
+                    copy_ms=moved * base.io_expert_ms * 1.5, stall_ms=0.0,
+                    hit_rate=base.hit_rate, trace=trace, reads=moved)
+    assert fit_calibration(predictor=model, measured=m).io_scale == pytest.approx(1.5)
+    nothing = dataclasses.replace(m, copy_ms=0.0, reads=0.0)  # streamed: reads not timed
+    assert fit_calibration(predictor=model, measured=nothing).io_scale == 1.0
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -433,7 +454,9 @@ def test_engine_honours_per_layer_budgets(tiny_ckpt):
         Engine(opts({1: 3}), quiet=True)
 
 
-def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
+def _calibrate_on_the_cpu(tiny_ckpt, tmp_path, capsys):
+    """`tide plan --calibrate` of the tiny model with 12 of its 32 experts a layer on a GPU
+    profile, run on the CPU: (exit code, stdout, stderr, config)."""
     import torch
 
     from tidecli.model.config import load_config
@@ -449,6 +472,29 @@ def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
     code, out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
                             "--vram", repr(vram), "--calibrate", "--device", "cpu",
                             "--threshold", "1e-7", "--json"], capsys)
+    return code, out, err, cfg
+
+
+def test_calibration_warms_up_before_it_measures(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """As the bench does: one block decoded and dropped, then the measured blocks, the routing
+    trace started after the warm-up."""
+    from tidecli.runtime.engine import Engine
+
+    seen = []
+    real = Engine.decoder
+
+    def spy(self, ids, settings):
+        seen.append((settings.gen_length, self.runtime.trace is not None))
+        return real(self, ids, settings)
+
+    monkeypatch.setattr(Engine, "decoder", spy)
+    code, _out, err, _cfg = _calibrate_on_the_cpu(tiny_ckpt, tmp_path, capsys)
+    assert code == 0, err
+    assert seen == [(32, False), (64, True)]
+
+
+def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):
+    code, out, err, cfg = _calibrate_on_the_cpu(tiny_ckpt, tmp_path, capsys)
     assert code == 0, err
     obj = json.loads(out)
     cal = obj["calibration"]

@@ -64,7 +64,7 @@ class OffloadRuntime(PooledRuntime):
                                    row=store.row, hidden=cfg.hidden_size,
                                    inter=cfg.moe_intermediate_size, device=device, dtype=dtype,
                                    kernel=self.kernel, fmt=store.format)
-        self._miss_copies: list[tuple[int, object, object]] = []  # (experts, start, end)
+        self._miss_copies: list[tuple[int, int, object, object]] = []  # (layer, experts, a, b)
         self._events: list[tuple[int, object, object]] = []  # (layer, start, end) stalls
         self._stage: dict[str, torch.Tensor] = {}
         self._d2h = torch.cuda.Stream(device=device) if self.cuda else None
@@ -197,7 +197,7 @@ class OffloadRuntime(PooledRuntime):
             c.fetched_calls += n
             c.bytes_h2d += len(gpu) * self.pools.expert_bytes
             if a is not None:
-                self._miss_copies.append((len(gpu), a, b))
+                self._miss_copies.append((layer, len(gpu), a, b))
         if cpu:
             t0 = time.perf_counter()
             self._cpu(layer, io, miss & np.isin(flat, cpu), over, over_mask, c)
@@ -279,9 +279,11 @@ class OffloadRuntime(PooledRuntime):
             c = self.forward_stats.layer(layer)
             for name, value in counts.items():
                 setattr(c, name, getattr(c, name) + value)
-        for n, a, b in self._miss_copies:
+        for layer, n, a, b in self._miss_copies:
             b.synchronize()
-            self.misses.learn(fetch_ms=a.elapsed_time(b) / n)
+            ms = a.elapsed_time(b)
+            self.misses.learn(fetch_ms=ms / n)
+            self.forward_stats.layer(layer).copy_ms += ms
         self._miss_copies.clear()
         for layer, a, b in self._events:
             if a is None:

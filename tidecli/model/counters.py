@@ -15,7 +15,8 @@ class LayerCounters:
     promotions: int = 0  # experts copied host → GPU
     bytes_h2d: int = 0  # expert bytes copied host → GPU (or read from host memory by the GPU)
     streamed: int = 0  # experts whose weights the GPU read from host memory without keeping them
-    copy_ms: float = 0.0  # time the copies took on the copy stream
+    copy_ms: float = 0.0  # time the copies host → GPU took on the copy stream (promotions and
+    # misses read into scratch slots; not reads in place, which no counter times)
     cpu_ms: float = 0.0  # CPU time computing misses
     stall_ms: float = 0.0  # time the GPU waited for copies or CPU results
     disk_reads: int = 0  # experts read from the checkpoint's files (tiered store)

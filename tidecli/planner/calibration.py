@@ -63,9 +63,13 @@ def _solve_increasing(fn: Callable[[float], float], target: float, lo: float,
 
 def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
                     measured: Measurement) -> Calibration:
-    """The CPU and PCIe scales come straight from the runtime's counters (cpu_ms, copy_ms
-    against the model's CPU misses and copies for the same routing; streamed reads are not
-    timed, so their scale stays 1). What remains of the
+    """The CPU and PCIe scales come straight from the runtime's counters: cpu_ms against the
+    model's CPU misses for the same routing, and the copies' time per expert copied (copy_ms
+    over the experts moved) against the profile's. Per expert, because the runtime and the
+    model may move different experts for the same routing: with gpu misses the runtime keeps
+    an expert it read into a scratch slot, where the model counts a promotion besides; a ratio
+    of totals then read as a faster link. Streamed reads are not timed, so their scale stays 1.
+    What remains of the
     measured step is put on the fixed per-layer cost (launches, host syncs, Python: what
     bandwidth microbenchmarks miss), solved so that the model gives the measured step time;
     only if the model is too slow even with no fixed cost are the device's bandwidth terms
@@ -73,7 +77,8 @@ def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
     runtime's stall_ms is not used: it does not count the GPU idling during CPU misses."""
     base = predictor(Calibration(overlap=measured.overlap))
     cpu = _ratio(measured.cpu_ms, base.cpu_miss_ms)
-    io = _ratio(measured.copy_ms, base.pcie_ms)
+    io = _ratio(measured.copy_ms / measured.reads, base.io_expert_ms) if measured.reads > 0 \
+        else 1.0
 
     def with_launch(ms: float) -> Calibration:
         return Calibration(cpu_scale=cpu, io_scale=io, launch_ms_per_layer=ms,

@@ -75,6 +75,7 @@ class Breakdown:
     disk_reads_per_step: float = 0.0
     scratch_ms: float = 0.0  # GPU time on misses through scratch slots (copies + compute)
     host_ms: float = 0.0  # the MoE layers' hand-offs to the host (host-driven runtime)
+    io_expert_ms: float = 0.0  # one expert copied host → GPU (the per-expert term of pcie_ms)
 
     @property
     def stall_ms(self) -> float:
@@ -97,7 +98,8 @@ class Breakdown:
                 "promotions_per_step": round(self.promotions_per_step, 3),
                 "disk_ms": round(self.disk_ms, r), "disk_stall_ms": round(self.disk_stall_ms, r),
                 "disk_reads_per_step": round(self.disk_reads_per_step, 3),
-                "scratch_ms": round(self.scratch_ms, r), "host_ms": round(self.host_ms, r)}
+                "scratch_ms": round(self.scratch_ms, r), "host_ms": round(self.host_ms, r),
+                "io_expert_ms": round(self.io_expert_ms, r)}
 
 
 # ---- the paper's program ------------------------------------------------------------------------
@@ -226,7 +228,8 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
         return Breakdown(
             gpu_dense_ms=co.dense_ms, gpu_expert_ms=float(gpu.sum()), cpu_miss_ms=0.0,
             cpu_stall_ms=0.0, pcie_ms=stream_ms, pcie_stall_ms=stream_ms,
-            hit_rate=float(1 - v["miss_pairs"].mean()), promotions_per_step=kept)
+            hit_rate=float(1 - v["miss_pairs"].mean()), promotions_per_step=kept,
+            io_expert_ms=co.c_io_ms)
     experts = st.distinct * v["miss_experts"]  # missed experts per layer and step
     cpu_all = st.pairs * v["miss_pairs"] * v["c_cpu"]
     reads = experts * disk_share(p)
@@ -250,7 +253,7 @@ def predict(p: Problem, budgets: np.ndarray, tau: int) -> Breakdown:
         disk_ms=float(reads.sum()) * co.disk_expert_ms,
         disk_stall_ms=float((layer - base).sum()), disk_reads_per_step=float(reads.sum()),
         scratch_ms=0.0 if on_cpu else miss_stall,
-        host_ms=p.cfg.num_moe_layers * co.host_ms(str(p.misses)))
+        host_ms=p.cfg.num_moe_layers * co.host_ms(str(p.misses)), io_expert_ms=co.c_io_ms)
 
 
 def ram_step_costs(p: Problem, budgets: np.ndarray, tau: int) -> np.ndarray:

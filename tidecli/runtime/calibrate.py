@@ -69,6 +69,14 @@ def plan_options(model_path: str | Path, plan: Plan, *, device: str,
         plan=plan)
 
 
+def warm_up(engine: Engine, ids: list[int], settings: DecodeSettings) -> int:
+    """One block of `ids` decoded and discarded, as `tide bench` warms up: a process's first
+    forwards pay what no later step pays (kernels loaded, the CPU workers started, staging
+    buffers and the allocator grown, step programs captured). Returns the steps it ran."""
+    one = replace(settings, gen_length=min(settings.block_length, settings.gen_length))
+    return sum(1 for _ in engine.decoder(ids, one).steps())
+
+
 def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> StepMeans:
     engine.runtime.reset_stats()
     expert = engine.runtime.pools.expert_bytes  # tide: a pooled runtime
@@ -93,7 +101,8 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
             threshold: float | None = None, cpu_threads: int | None = None,
             prompt: str = CALIBRATION_PROMPT, compile: str = "off",
             progress: Callable[[str, int, int], None] | None = None) -> Measurement:
-    """Run `plan` for `blocks` blocks of real denoising steps and average what the runtime saw."""
+    """Run `plan` for `blocks` blocks of real denoising steps, after a block of warm-up, and
+    average what the runtime saw."""
     opts = plan_options(model_path, plan, device=device, cpu_threads=cpu_threads,
                         compile=compile)
     try:
@@ -106,6 +115,7 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
                               block_length=plan.block_length, threshold=threshold)
     try:
         ids = engine.prompt_ids(prompt)
+        warm_up(engine, ids, settings)
         trace = engine.runtime.enable_trace()
         m = step_means(engine, ids, settings)
         dev, compiled = engine.device, engine.compiled
