@@ -36,6 +36,12 @@
 #   calib  tide plan --calibrate at 10 GiB for cpu and gpu misses, then tide with both at 10
 #          and 6 GiB planned with those corrections
 #   host   before/after (host.tar) of the host-driven modes against the plan, 10 and 6 GiB
+#   rows1  the GPU tests of the step, the streamed runtime, compressed experts and --compile;
+#          the int4 tiles of the bitwise family at 32 tokens per expert (qkernel_bench --sweep32)
+#   rows2  tide with cpu and split misses at 10 GiB, this tree and old.tar alternating twice
+#   calib2 tide plan --calibrate at 10 GiB for cpu misses on this tree and on old.tar (its
+#          measured steps against the bench's), then tide with cpu misses at 10 and 6 GiB
+#          planned with this tree's corrections
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -287,6 +293,35 @@ if [ "$STAGE" = calib ]; then  # calibrated at 10 GiB, then planned at 10 and 6 
       -o "$OUT/calibrate-$m.json" 2>&1 | grep -i "warning\|corrected\|saved" | cut -c1-200
   done
   tree_bench new 200 calib --policies tide --misses cpu,gpu --vram 10,6
+fi
+if [ "$STAGE" = rows1 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
+    tests/test_compile.py 2>&1 | tail -4
+  timeout 300 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-sweep32.json" --sweep32 int4 \
+    | grep -v "'equal': True" | tail -45
+fi
+if [ "$STAGE" = rows2 ]; then
+  mini
+  i=0
+  for tree in new old new old; do
+    i=$((i + 1))
+    tree_bench $tree 125 "rows$i" --policies tide --misses cpu,split --vram 10 | grep "│ model"
+  done
+fi
+if [ "$STAGE" = calib2 ]; then
+  mini
+  mkdir -p "$W/old" && tar -xf old.tar -C "$W/old"
+  for tree in old new; do
+    dir=$PWD; [ $tree = old ] && dir=$W/old
+    (cd "$dir" && PYTHONPATH=$dir TIDE_CONFIG_DIR=$W/config-$tree timeout 110 python3 -m tidecli \
+      plan -m "$W/mini" --profile h200 --vram 10 --misses cpu --calibrate --json \
+      > "$OUT/calibrate2-cpu-$tree.json" 2>"$W/cal-$tree.err"; tail -2 "$W/cal-$tree.err" | cut -c1-200)
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
+print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
+      "$OUT/calibrate2-cpu-$tree.json" $tree | cut -c1-300
+  done
+  (export TIDE_CONFIG_DIR=$W/config-new; tree_bench new 230 calib2 --policies tide --misses cpu --vram 10,6)
 fi
 if [ "$STAGE" = host ]; then
   mini
