@@ -278,13 +278,18 @@ if [ "$STAGE" = final ]; then
       --misses stream,cpu,gpu --vram 10
   done
 fi
-if [ "$STAGE" = alt ]; then  # host-driven misses alternating this tree and old.tar
+# alternate NAME SECONDS BENCH-OPTIONS...: tree_bench on this tree and old.tar, alternating
+# twice, into $OUT/NAME1-new.json … NAME4-old.json
+alternate() {
   mini
-  i=0
+  local i=0 tree
   for tree in new old new old; do
     i=$((i + 1))
-    tree_bench $tree 110 "alt$i" --policies tide --misses gpu,cpu --vram 10 | grep "│ model"
+    tree_bench $tree "$2" "$1$i" "${@:3}" | grep "│ model"
   done
+}
+if [ "$STAGE" = alt ]; then  # host-driven misses alternating this tree and old.tar
+  alternate alt 110 --policies tide --misses gpu,cpu --vram 10
 fi
 if [ "$STAGE" = calib ]; then  # calibrated at 10 GiB, then planned at 10 and 6 GiB
   mini
@@ -302,12 +307,7 @@ if [ "$STAGE" = rows1 ]; then
     | grep -v "'equal': True" | tail -45
 fi
 if [ "$STAGE" = rows2 ]; then
-  mini
-  i=0
-  for tree in new old new old; do
-    i=$((i + 1))
-    tree_bench $tree 125 "rows$i" --policies tide --misses cpu,split --vram 10 | grep "│ model"
-  done
+  alternate rows 125 --policies tide --misses cpu,split --vram 10
 fi
 if [ "$STAGE" = calib2 ]; then
   mini
