@@ -85,8 +85,9 @@ def _kernel():  # built on first use: Triton is imported only then
     @triton.jit
     def nib(v, dtype: tl.constexpr, MAGIC: tl.constexpr):
         # 4-bit values 0..15 as `dtype`, exactly. MAGIC: the bits of 2^e (e: the mantissa's
-        # width) OR-ed into the low mantissa bits give 2^e + v; subtracting 2^e leaves v, with
-        # no integer-to-float conversion. MAGIC 0: convert (the interpreter's path)
+        # width: 7 in bf16, 10 in fp16, 23 in fp32); v OR-ed into its low mantissa bits gives
+        # 2^e + v, and subtracting 2^e leaves v, with no integer-to-float conversion. MAGIC 0:
+        # convert (INT4_UNPACK "convert", or a dtype without a magic number)
         if MAGIC == 0:
             return v.to(dtype)
         elif dtype == tl.float32:
