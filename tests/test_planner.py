@@ -491,6 +491,9 @@ def test_calibration_warms_up_before_it_measures(tiny_ckpt, tmp_path, capsys, mo
     code, _out, err, _cfg = _calibrate_on_the_cpu(tiny_ckpt, tmp_path, capsys)
     assert code == 0, err
     assert seen == [(32, False), (64, True)]
+    # a line as each block ends: the warm-up's, then the measured ones, up to every token
+    assert "warm-up: 32 of 32 tokens (" in err and "measuring: 64 of 64 tokens (" in err
+    assert err.index("warm-up: ") < err.index("measuring: ")
 
 
 def test_calibrate_runs_real_steps_on_the_cpu(tiny_ckpt, tmp_path, capsys):

@@ -187,4 +187,5 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
     with byte_progress() as progress:
         return calibrate_plan(model_path=folder, config=cfg, profile=prof, plan=plan,
                               workload=workload, ram_gib=ram, device=device, compile=compile,
-                              progress=progress)
+                              progress=progress,
+                              say=lambda line: err.print(line, style="dim", markup=False))

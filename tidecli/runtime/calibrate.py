@@ -69,19 +69,47 @@ def plan_options(model_path: str | Path, plan: Plan, *, device: str,
         plan=plan)
 
 
-def warm_up(engine: Engine, ids: list[int], settings: DecodeSettings) -> int:
+Say = Callable[[str], None]
+
+
+def _said_per_block(stage: str, tokens: int, say: Say | None):
+    """A StepEvent sink that says a line as each block ends: tokens so far of `tokens`, the
+    block's steps and seconds (the first and last blocks may be partial: blocks are aligned to
+    absolute positions, the prompt's end included)."""
+    last = [0.0]  # the previous block's end (s)
+
+    def see(ev) -> None:
+        if say is None or not ev.block_done:
+            return
+        n = ev.step + 1
+        say(f"{stage}: {min(ev.tokens_done, tokens)} of {tokens} tokens ({n} "
+            f"step{'s' if n != 1 else ''}, {ev.elapsed_s - last[0]:.1f} s)")
+        last[0] = ev.elapsed_s
+    return see
+
+
+def warm_up(engine: Engine, ids: list[int], settings: DecodeSettings,
+            say: Say | None = None) -> int:
     """One block of `ids` decoded and discarded, as `tide bench` warms up: a process's first
     forwards pay what no later step pays (kernels loaded, the CPU workers started, staging
     buffers and the allocator grown, step programs captured). Returns the steps it ran."""
     one = replace(settings, gen_length=min(settings.block_length, settings.gen_length))
-    return sum(1 for _ in engine.decoder(ids, one).steps())
+    see = _said_per_block("warm-up", one.gen_length, say)
+    n = 0
+    for ev in engine.decoder(ids, one).steps():
+        see(ev)
+        n += 1
+    return n
 
 
-def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> StepMeans:
+def step_means(engine: Engine, ids: list[int], settings: DecodeSettings,
+               say: Say | None = None) -> StepMeans:
     engine.runtime.reset_stats()
     expert = engine.runtime.pools.expert_bytes  # tide: a pooled runtime
     rows: list[tuple[float, ...]] = []
+    see = _said_per_block("measuring", settings.gen_length, say)
     for ev in engine.decoder(ids, settings).steps():
+        see(ev)
         if ev.global_step == 1:  # a cold pool is filled before computing: not steady state
             continue
         c = ev.experts
@@ -100,9 +128,10 @@ def step_means(engine: Engine, ids: list[int], settings: DecodeSettings) -> Step
 def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks: int = 2,
             threshold: float | None = None, cpu_threads: int | None = None,
             prompt: str = CALIBRATION_PROMPT, compile: str = "off",
-            progress: Callable[[str, int, int], None] | None = None) -> Measurement:
+            progress: Callable[[str, int, int], None] | None = None,
+            say: Say | None = None) -> Measurement:
     """Run `plan` for `blocks` blocks of real denoising steps, after a block of warm-up, and
-    average what the runtime saw."""
+    average what the runtime saw. `say` gets a line as each block ends."""
     opts = plan_options(model_path, plan, device=device, cpu_threads=cpu_threads,
                         compile=compile)
     try:
@@ -115,9 +144,9 @@ def measure(*, model_path: str | Path, plan: Plan, device: str = "auto", blocks:
                               block_length=plan.block_length, threshold=threshold)
     try:
         ids = engine.prompt_ids(prompt)
-        warm_up(engine, ids, settings)
+        warm_up(engine, ids, settings, say)
         trace = engine.runtime.enable_trace()
-        m = step_means(engine, ids, settings)
+        m = step_means(engine, ids, settings, say)
         dev, compiled = engine.device, engine.compiled
     finally:
         engine.close()
@@ -131,12 +160,13 @@ def calibrate_plan(*, model_path: str | Path, config: ModelConfig, profile: Hard
                    plan: Plan, workload: Workload, ram_gib: float | None = None,
                    device: str = "auto", cpu_threads: int | None = None, blocks: int = 2,
                    compile: str = "off",
-                   progress: Callable[[str, int, int], None] | None = None) -> Plan:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   say: Say | None = None) -> Plan:
     """Measure `plan` on this machine; the plan solved again with the fitted corrections (saved
     for this machine, model and kind of step)."""
     m = measure(model_path=model_path, plan=plan, device=device, blocks=blocks,
                 threshold=workload.threshold, cpu_threads=cpu_threads, compile=compile,
-                progress=progress)
+                progress=progress, say=say)
     new = calibrated_plan(measured=m, model_path=model_path, config=config, profile=profile,
                           plan=plan, workload=workload, ram_gib=ram_gib)
     threads = calibration_threads(plan, cpu_threads)
