@@ -72,7 +72,8 @@ class StepProgram:
         self.host_x = [torch.empty((block, h), dtype=dt, pin_memory=pin) for _ in range(m)]
         self._x_stage = torch.empty((block, h), dtype=dt, pin_memory=pin)
         self._start_stage = torch.zeros(1, dtype=torch.long, pin_memory=pin)
-        self._table_np: np.ndarray | None = None  # the host embedding table, seen by numpy
+        self._table_np: tuple[torch.Tensor, np.ndarray] | None = None  # the host embedding
+        # table, and numpy's view of it
         self._stage_np: np.ndarray | None = None
         self.h: list = [None] * m
         self.n: list = [None] * m
@@ -198,10 +199,10 @@ class StepProgram:
         if ints is None or table.dtype != self._x_stage.dtype or not table.is_contiguous():
             self._x_stage.copy_(table[torch.tensor(ids)])
             return
-        if self._table_np is None:
-            self._table_np = table.view(ints).numpy()
+        if self._table_np is None or self._table_np[0] is not table:
+            self._table_np = (table, table.view(ints).numpy())
             self._stage_np = self._x_stage.view(ints).numpy()
-        np.take(self._table_np, np.asarray(ids, dtype=np.int64), axis=0, out=self._stage_np)
+        np.take(self._table_np[1], np.asarray(ids, dtype=np.int64), axis=0, out=self._stage_np)
 
     def _load_inputs(self, ids: list[int], start: int) -> None:
         table = self.model.w.embed

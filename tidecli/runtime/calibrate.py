@@ -89,17 +89,14 @@ def _said_per_block(stage: str, tokens: int, say: Say | None):
 
 
 def warm_up(engine: Engine, ids: list[int], settings: DecodeSettings,
-            say: Say | None = None) -> int:
+            say: Say | None = None) -> None:
     """One block of `ids` decoded and discarded, as `tide bench` warms up: a process's first
     forwards pay what no later step pays (kernels loaded, the CPU workers started, staging
-    buffers and the allocator grown, step programs captured). Returns the steps it ran."""
+    buffers and the allocator grown, step programs captured)."""
     one = replace(settings, gen_length=min(settings.block_length, settings.gen_length))
     see = _said_per_block("warm-up", one.gen_length, say)
-    n = 0
     for ev in engine.decoder(ids, one).steps():
         see(ev)
-        n += 1
-    return n
 
 
 def step_means(engine: Engine, ids: list[int], settings: DecodeSettings,

@@ -152,7 +152,10 @@ def main() -> None:
                         sweep.append(r)
                         print(r, flush=True)
     if "--sweep32" in sys.argv:
-        name = sys.argv[sys.argv.index("--sweep32") + 1]
+        at = sys.argv.index("--sweep32") + 1
+        if at >= len(sys.argv) or sys.argv[at] not in COMPRESSED:
+            sys.exit(f"--sweep32 needs a format: one of {', '.join(COMPRESSED)}")
+        name = sys.argv[at]
         real = qkernel.tiles_for
         for r in (case("bf16", 32, pinned=False, rows_bf16=rows_bf16),
                   case(name, 32, pinned=False, rows_bf16=rows_bf16)):
