@@ -42,6 +42,10 @@
 #   calib2 tide plan --calibrate at 10 GiB for cpu misses on this tree and on old.tar (its
 #          measured steps against the bench's), then tide with cpu misses at 10 and 6 GiB
 #          planned with this tree's corrections
+#   calib3 tide plan --calibrate at 10 GiB for cpu, split and gpu misses, then tide with each at
+#          10 and 6 GiB planned with those corrections
+#   hosts  the GPU tests; tide in every host-driven miss mode at 10 GiB on 8 and 6 CPUs
+#          (taskset), planned with the corrections calib3 saved
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -322,6 +326,34 @@ print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c[
       "$OUT/calibrate2-cpu-$tree.json" $tree | cut -c1-300
   done
   (export TIDE_CONFIG_DIR=$W/config-new; tree_bench new 230 calib2 --policies tide --misses cpu --vram 10,6)
+fi
+if [ "$STAGE" = calib3 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  export TIDE_CONFIG_DIR=$W/config-cal
+  for m in cpu split gpu; do
+    t0=$(date +%s)
+    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
+      > "$OUT/calibrate3-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
+print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
+      "$OUT/calibrate3-$m.json" $m | cut -c1-300
+    echo "$m: $(( $(date +%s) - t0 )) s"
+  done
+  tree_bench new 330 calib3 --policies tide --misses cpu,split,gpu --vram 10,6
+fi
+if [ "$STAGE" = hosts ]; then
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
+    tests/test_compile.py 2>&1 | tail -4
+  mini
+  export TIDE_CONFIG_DIR=$W/config-cal
+  for n in 8 6; do
+    echo "== taskset $n CPUs"
+    timeout 140 taskset -c 0-$((n - 1)) python3 -m tidecli bench -m "$W/mini" --policies tide \
+      --misses cpu,split,gpu --vram 10 --workloads model --cpu-threads $n --profile h200 \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 -o "$OUT/hosts-cpus$n.json" 2>&1 \
+      | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-170
+  done
 fi
 if [ "$STAGE" = host ]; then
   mini
