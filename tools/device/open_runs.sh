@@ -46,6 +46,8 @@
 #          10 and 6 GiB planned with those corrections
 #   hosts  the GPU tests; tide in every host-driven miss mode at 10 GiB on 8 and 6 CPUs
 #          (taskset), planned with the corrections calib3 saved
+#   splitwhy tide with split misses at 10 GiB: as planned, with OMP_WAIT_POLICY=PASSIVE, with 8
+#          CPU threads, beside gpu misses; a profiler trace of split misses
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -354,6 +356,18 @@ if [ "$STAGE" = hosts ]; then
       --prompts tools/bench/bench_prompts.txt --gen-length 64 -o "$OUT/hosts-cpus$n.json" 2>&1 \
       | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-170
   done
+fi
+if [ "$STAGE" = splitwhy ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  python3 -c "import torch; print(torch.__config__.parallel_info())" | grep -i "openmp\|threads"
+  tree_bench new 100 split-gpu --policies tide --misses gpu,split --vram 10 | grep "│ model"
+  (export OMP_WAIT_POLICY=PASSIVE; tree_bench new 100 split-passive --policies tide \
+    --misses gpu,split --vram 10 | grep "│ model")
+  tree_bench new 100 split-threads8 --policies tide --misses split --vram 10 --cpu-threads 8 \
+    | grep "│ model"
+  timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses split --vram 10 --out "$OUT" \
+    > "$OUT/trace-split-10.txt" 2>&1
+  head -45 "$OUT/trace-split-10.txt" | cut -c1-220
 fi
 if [ "$STAGE" = host ]; then
   mini
