@@ -360,6 +360,7 @@ fi
 if [ "$STAGE" = splitwhy ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c "import torch; print(torch.__config__.parallel_info())" | grep -i "openmp\|threads"
+  mini
   tree_bench new 100 split-gpu --policies tide --misses gpu,split --vram 10 | grep "│ model"
   (export OMP_WAIT_POLICY=PASSIVE; tree_bench new 100 split-passive --policies tide \
     --misses gpu,split --vram 10 | grep "│ model")
