@@ -48,6 +48,9 @@
 #          (taskset), planned with the corrections calib3 saved
 #   splitwhy tide with split misses at 10 GiB: as planned, with OMP_WAIT_POLICY=PASSIVE, with 8
 #          CPU threads, beside gpu misses; a profiler trace of split misses
+#   streams tide with gpu and split misses at 10 and 6 GiB, this tree and old.tar alternating
+#          twice
+#   alltests every GPU test (the step, the streamed runtime, compressed experts, --compile)
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -369,6 +372,14 @@ if [ "$STAGE" = splitwhy ]; then
   timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses split --vram 10 --out "$OUT" \
     > "$OUT/trace-split-10.txt" 2>&1
   head -45 "$OUT/trace-split-10.txt" | cut -c1-220
+fi
+if [ "$STAGE" = streams ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  alternate streams 115 --policies tide --misses gpu,split --vram 10,6
+fi
+if [ "$STAGE" = alltests ]; then
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
+    tests/test_compile.py > "$OUT/gputests.txt" 2>&1; tail -4 "$OUT/gputests.txt"
 fi
 if [ "$STAGE" = host ]; then
   mini
