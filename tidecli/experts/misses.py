@@ -84,7 +84,7 @@ class MissSplitter:
         Returns (pairs, copy start, copy end)."""
         pairs_done = 0
         first = last = None
-        copy = streams.misses  # None on the CPU: the copies run in order with the compute
+        copy = streams.copy  # None on the CPU: the copies run in order with the compute
         # one host buffer for every round's (pair, slot) indices, copied in one upload per round
         # at distinct offsets, so no round overwrites an upload still in flight
         host = self._index_buffer(2 * len(flat))
@@ -125,9 +125,9 @@ class MissSplitter:
         return pairs_done, first, last
 
     def _copy_in(self, batch, slot_of: dict[int, int], copy, streams) -> tuple[object, object]:
-        """Copy a batch's rows into their scratch slots; on CUDA on the misses' copy stream, so
-        they run beside the layer's resident experts (queued before them on the compute stream)
-        instead of after them, and beside the refresh's copies instead of behind them. Returns the copy's (start, end) events (None on the CPU)."""
+        """Copy a batch's rows into their scratch slots; on CUDA on the copy stream, so they run
+        beside the layer's resident experts (queued before them on the compute stream) instead
+        of after them. Returns the copy's (start, end) events (None on the CPU)."""
         if copy is None:
             for e in batch.experts:
                 self.buf[slot_of[e]].copy_(batch.row(e))
@@ -135,8 +135,8 @@ class MissSplitter:
         with torch.cuda.stream(copy):
             if self._read is not None:
                 copy.wait_event(self._read)  # never overwrite a slot a kernel still reads
-            start = streams.copy_event(copy)
+            start = streams.copy_event()
             for e in batch.experts:
                 self.buf[slot_of[e]].copy_(batch.row(e), non_blocking=True)
-            end = streams.copy_event(copy)
+            end = streams.copy_event()
         return start, end

@@ -23,21 +23,15 @@ from tidecli.experts.store import ExpertSource
 
 
 class Streams:
-    """The compute stream, two copy streams and events, or synchronous stand-ins on the CPU.
-
-    `copy` carries the refresh (promotions: needed a layer or a step later); `misses` carries
-    the reads of missed experts into scratch slots, which the layer computing now waits for.
-    Copies on one stream run in order, so on a shared stream a layer's miss reads waited for
-    every promotion queued before them; on their own stream they share the link instead."""
+    """The compute stream, the copy stream and events, or synchronous stand-ins on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
         if self.cuda:
             self.copy = torch.cuda.Stream(device=device)
-            self.misses = torch.cuda.Stream(device=device)
         else:
-            self.copy = self.misses = None
+            self.copy = None
 
     def compute_event(self) -> torch.cuda.Event | None:
         if not self.cuda:
@@ -46,12 +40,11 @@ class Streams:
         ev.record(torch.cuda.current_stream(self.device))
         return ev
 
-    def copy_event(self, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
-        """An event on `stream` (the refresh's copy stream unless given)."""
+    def copy_event(self) -> torch.cuda.Event | None:
         if not self.cuda:
             return None
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record(stream if stream is not None else self.copy)
+        ev.record(self.copy)
         return ev
 
 
