@@ -6,7 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, quota_schedule
+from tidecli.decode.diffusion import (
+    BlockDiffusionDecoder,
+    DecodeSettings,
+    device_rows,
+    quota_schedule,
+    want_rows,
+)
 
 V, MASK, EOS = 12, 11, 10
 
@@ -45,6 +51,20 @@ def run(script, prompt, **kw):
 def test_quota_schedule():
     assert quota_schedule(32, 32) == [1] * 32
     assert quota_schedule(10, 4) == [3, 3, 2, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.sampled_from([0, 3, MASK]), min_size=1, max_size=40),
+       start=st.integers(0, 80), prompt_len=st.integers(0, 120), editing=st.booleans())
+def test_the_rows_a_step_looks_at_are_found_on_the_device_as_the_host_lists_them(
+        tokens, start, prompt_len, editing):
+    """The decoder finds the step's rows with a sort on the block's device (no host-to-device
+    copy); they are the host's list, in its order, for every mix of masks, prompt and editing."""
+    block = torch.tensor(tokens)
+    generated = torch.arange(len(tokens)) + start >= prompt_len
+    want = want_rows(tokens, MASK, start, prompt_len, editing)
+    rows = device_rows(block, generated, MASK, editing, len(want))
+    assert rows.dtype == torch.long and rows.tolist() == want
 
 
 def test_threshold_commits_all_confident_positions_at_once():

@@ -85,6 +85,26 @@ def quota_schedule(block_length: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
+def want_rows(host_block: list[int], mask_id: int, start: int, prompt_len: int,
+              editing: bool) -> list[int]:
+    """The block offsets a step looks at (the reference for the decoder's device-side rows):
+    the masked positions, and with editing every generated one, ascending."""
+    return [p for p, t in enumerate(host_block)
+            if t == mask_id or (editing and start + p >= prompt_len)]
+
+
+def device_rows(block: torch.Tensor, generated: torch.Tensor, mask_id: int, editing: bool,
+                n: int) -> torch.Tensor:
+    """`want_rows` found on the block's device: a stable sort puts the wanted offsets first,
+    ascending; `n` is how many there are (the host knows). So a step starts without a
+    host-to-device copy: a blocking one waits for the copy engine, which the refresh's copies
+    may hold for milliseconds (docs/benchmarks.md, section 19)."""
+    wanted = block == mask_id
+    if editing:
+        wanted = wanted | generated
+    return torch.argsort((~wanted).to(torch.int32), stable=True)[:n]
+
+
 class BlockDiffusionDecoder:
     """Runs one generation; iterate `steps()` for events, then read `result`."""
 
@@ -186,14 +206,14 @@ class BlockDiffusionDecoder:
                 last = 0 < n_masked <= quota and s.editing_threshold is None
                 info = ForwardInfo("step", block=b, step=step, last_step=last)
                 # Only masked positions matter without editing; with editing, every generated one.
-                want = [p for p in range(bl) if host_block[p] == self.mask_id or
-                        (s.editing_threshold is not None and start + p >= self.prompt_len)]
-                rows = torch.tensor(want, dtype=torch.long, device=self.device)
+                block = self.x[start: start + bl]
+                editing = s.editing_threshold is not None
+                n = len(want_rows(host_block, self.mask_id, start, self.prompt_len, editing))
+                rows = device_rows(block, generated, self.mask_id, editing, n)
                 logits = self._logits(cache, start, info, rows, host_block)
                 forwards += 1
                 global_step += 1
                 self.progress = (global_step, forwards, t0)
-                block = self.x[start: start + bl]
                 tok_rows, conf_rows = choose(logits, temperature=s.temperature, top_k=s.top_k,
                                              top_p=s.top_p, generator=self.generator)
                 tokens = block.clone().index_copy_(0, rows, tok_rows)
