@@ -1,0 +1,53 @@
+"""tools/bench/trace_gaps.py on a hand-made profiler trace: the compute stream's gaps, the part
+the copy stream was busy, and the host's blocking syncs by cause."""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench" / "trace_gaps.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("trace_gaps", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def X(cat, name, ts, dur, tid, pid=0):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+
+def test_gaps_copy_overlap_and_syncs(tmp_path):
+    ev = [
+        # compute stream (tid 7): kernels at 0-100, 1100-1200, 1300-1400, 3400-3500
+        X("kernel", "k1", 0, 100, 7), X("kernel", "k2", 1100, 100, 7),
+        X("kernel", "k3", 1300, 100, 7), X("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)",
+                                            3400, 100, 7),
+        # copy stream (tid 13): busy 500-900 (inside the first gap) and 5000-5100 (outside)
+        X("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 500, 400, 13),
+        X("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 5000, 100, 13),
+        # the host: a torch.tensor(...).to(device) whose sync spans the second gap
+        X("cpu_op", "aten::lift_fresh", 1390, 1, 1), X("cpu_op", "aten::to", 1400, 1950, 1),
+        X("cuda_runtime", "cudaStreamSynchronize", 1410, 1900, 1),
+        X("cuda_runtime", "cudaStreamSynchronize", 3600, 5, 1),
+        X("cpu_op", "aten::add", 3590, 2, 1),
+        {"ph": "i", "name": "marker", "ts": 0},
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    tool = _tool()
+    r = tool.analyse(tool.load(path), min_gap_us=300)
+    # gaps over 300 µs: 100-1100 (1000 µs) and 1400-3400 (2000 µs); 1200-1300 is too short
+    assert r["gaps"] == 2 and r["gap_ms"] == 3.0
+    assert r["compute_busy_ms"] == 0.4 and r["copy_busy_ms"] == 0.5
+    assert r["gap_with_copy_busy_ms"] == 0.4  # the copy inside the first gap only
+    assert r["stream_syncs"]["after a host tensor made by torch.tensor (aten::lift_fresh)"] \
+        == {"count": 1, "ms": 1.9}
+    assert r["stream_syncs"]["other"]["count"] == 1
+    first = r["longest_gaps"][0]
+    assert first["gap_ms"] == 2.0 and any("cudaStreamSynchronize" in h for h in first["host"])
+    assert tool.per_step(r, 2)["gap_ms"] == 1.5

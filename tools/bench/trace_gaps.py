@@ -1,0 +1,122 @@
+"""Where the GPU's compute stream sits idle in a profiler trace, and what the host and the copy
+stream were doing meanwhile (the analysis behind docs/benchmarks.md, section 19).
+
+Usage: python tools/bench/trace_gaps.py TRACE.json[.gz] [--steps N] [--min-gap-us 300] [--top 8]
+TRACE is a Chrome trace written by tools/bench/step_trace.py (torch.profiler). The compute
+stream is the GPU stream with the most kernels and copies; the copy stream the one with the most
+host-to-device copies besides it. Printed as JSON: each stream's busy time, the compute stream's
+gaps longer than --min-gap-us and the part of them the copy stream was busy, the host's blocking
+stream syncs by what preceded them, and the longest gaps with the host calls spanning them.
+Per step where --steps is given. No torch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATS = ("cpu_op", "cuda_runtime", "user_annotation")
+
+
+def load(path: str | Path) -> list[dict]:
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt") as f:
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def _end(e: dict) -> float:
+    return e["ts"] + e["dur"]
+
+
+def _overlap(spans: list[tuple[float, float]], events: list[dict]) -> float:
+    """µs of `events` (sorted by start) inside the disjoint `spans`."""
+    total = 0.0
+    for s, t in spans:
+        for e in events:
+            if e["ts"] >= t:
+                break
+            a, b = max(s, e["ts"]), min(t, _end(e))
+            if b > a:
+                total += b - a
+    return total
+
+
+def analyse(events: list[dict], *, min_gap_us: float = 300.0, top: int = 8) -> dict:
+    gpu = [e for e in events if e.get("cat") in GPU_CATS]
+    by_stream: dict[tuple, list[dict]] = {}
+    for e in gpu:
+        by_stream.setdefault((e["pid"], e["tid"]), []).append(e)
+    if not by_stream:
+        raise SystemExit("no GPU events in this trace (was it recorded with CUDA activity?)")
+    compute_key = max(by_stream, key=lambda k: len(by_stream[k]))
+    h2d = {k: sum(1 for e in v if "HtoD" in e["name"]) for k, v in by_stream.items()
+           if k != compute_key}
+    copy_key = max(h2d, key=h2d.get) if h2d and max(h2d.values()) > 0 else None
+    compute = sorted(by_stream[compute_key], key=lambda e: e["ts"])
+    copy = sorted(by_stream[copy_key], key=lambda e: e["ts"]) if copy_key else []
+    gaps = [(_end(a), b["ts"], a["name"], b["name"])
+            for a, b in zip(compute, compute[1:], strict=False) if b["ts"] - _end(a) > min_gap_us]
+    spans = [(s, t) for s, t, _, _ in gaps]
+    host = sorted((e for e in events if e.get("cat") in HOST_CATS), key=lambda e: e["ts"])
+    host_tid = Counter((e["pid"], e["tid"]) for e in host).most_common(1)
+    main = [e for e in host if host_tid and (e["pid"], e["tid"]) == host_tid[0][0]]
+    syncs: Counter = Counter()
+    sync_us: Counter = Counter()
+    for i, e in enumerate(main):
+        if e["name"] != "cudaStreamSynchronize":
+            continue
+        ops = []  # the host ops just before it, back to the previous sync
+        for x in reversed(main[max(0, i - 8): i]):
+            if x["name"] == "cudaStreamSynchronize":
+                break
+            ops.append(x["name"])
+        key = "after a host tensor made by torch.tensor (aten::lift_fresh)" \
+            if "aten::lift_fresh" in ops else "other"
+        syncs[key] += 1
+        sync_us[key] += e["dur"]
+    longest = []
+    for s, t, before, after in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        spanning = [e for e in main if e["ts"] < t and _end(e) > s and e["dur"] > 0.3 * (t - s)]
+        spanning.sort(key=lambda e: -e["dur"])
+        longest.append({"gap_ms": round((t - s) / 1000, 3), "after": before[:60],
+                        "before": after[:60],
+                        "host": [f"{e['name'][:50]} {e['dur'] / 1000:.2f} ms"
+                                 for e in spanning[:4]]})
+    ms = lambda us: round(us / 1000, 3)  # noqa: E731
+    return {
+        "span_ms": ms(_end(compute[-1]) - compute[0]["ts"]),
+        "compute_busy_ms": ms(sum(e["dur"] for e in compute)),
+        "copy_busy_ms": ms(sum(e["dur"] for e in copy)),
+        "gaps": len(gaps),
+        "gap_ms": ms(sum(t - s for s, t in spans)),
+        "gap_with_copy_busy_ms": ms(_overlap(spans, copy)),
+        "stream_syncs": {k: {"count": syncs[k], "ms": ms(sync_us[k])} for k in syncs},
+        "longest_gaps": longest,
+    }
+
+
+def per_step(report: dict, steps: int) -> dict:
+    keys = ("span_ms", "compute_busy_ms", "copy_busy_ms", "gap_ms", "gap_with_copy_busy_ms")
+    return {k: round(report[k] / steps, 3) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--steps", type=int, default=0, help="denoising steps in the trace")
+    ap.add_argument("--min-gap-us", type=float, default=300.0)
+    ap.add_argument("--top", type=int, default=8)
+    a = ap.parse_args()
+    report = analyse(load(a.trace), min_gap_us=a.min_gap_us, top=a.top)
+    if a.steps > 0:
+        report["per_step"] = per_step(report, a.steps)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
