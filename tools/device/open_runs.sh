@@ -349,7 +349,7 @@ print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c[
 fi
 if [ "$STAGE" = hosts ]; then
   timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
-    tests/test_compile.py 2>&1 | tail -4
+    tests/test_compile.py > "$OUT/gputests.txt" 2>&1; tail -4 "$OUT/gputests.txt"
   mini
   export TIDE_CONFIG_DIR=$W/config-cal
   for n in 8 6; do
