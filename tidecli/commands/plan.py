@@ -172,12 +172,22 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
-        saved = load_calibration(profile=prof, model=folder, misses=plan.misses,
-                                 compiled=compile == "on")
-        if saved is not None:
-            plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
-                             trace=routing, ram_gib=ram, model_name=name, misses=plan.misses,
-                             calibration=saved, experts_format=fmt)
+        def calibrated(m: str):
+            saved = load_calibration(profile=prof, model=folder, misses=str(m),
+                                     compiled=compile == "on")
+            return None if saved is None else make_plan(
+                config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
+                ram_gib=ram, model_name=name, misses=m, calibration=saved, experts_format=fmt)
+
+        plan = calibrated(plan.misses) or plan
+        if str(mode) == "auto" and plan.misses == "stream":  # as the runtime chooses
+            from dataclasses import replace
+
+            from tidecli.planner.auto import auto_misses
+
+            plan, why = auto_misses(plan, calibrated)
+            if why:
+                plan = replace(plan, notes=(why, *plan.notes))
         return plan
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err

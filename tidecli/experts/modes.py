@@ -9,7 +9,10 @@ GPU slots, with one rule for `auto`. No torch here (commands check values before
 - `split`: CPU and GPU scratch slots at once, split by measured cost (experts/misses.py).
 - `auto`: `stream` on a GPU when streaming is possible (every expert in pinned RAM, in the
   model's dtype, Triton present), else `cpu`: deterministic tokens, and what the planner's
-  default plans model. `split` is timing-dependent (the split follows measured costs).
+  default plans model. Where it can stream, the plan the runtime follows runs `cpu` or `gpu`
+  instead when that mode was calibrated on this machine and is predicted clearly faster
+  (planner/auto.py; a notice says so). `split` is timing-dependent (the split follows
+  measured costs) and never chosen by `auto`.
 
 Read-ahead (`--prefetch`, streamed misses only): `layer` guesses each MoE layer's experts with
 its router applied to the layer before's input, and places the guessed misses while that layer

@@ -4,6 +4,7 @@ the workload and the saved corrections."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidecli.experts.modes import MissMode
@@ -43,3 +44,35 @@ def runtime_plan(*, config: ModelConfig, profile: HardwareProfile, facts: Machin
                      stream_blocker=facts.stream_blocker, cuda=facts.cuda,
                      experts_format=facts.experts_format,
                      cpu_threads=facts.cpu_threads or None, max_cpu_threads=facts.usable_cpus)
+
+
+# Where `--misses auto` may leave streaming: host-driven modes whose prediction a calibration on
+# this machine has checked (uncalibrated, they measured 1.2-4x their prediction on an H200:
+# docs/benchmarks.md, sections 11 and 17). Not split: its step follows how the runtime happens to
+# share misses between the CPU and the GPU, and measured 15-23 ms where gpu measured 14-16
+# (section 19).
+AUTO_CANDIDATES = (MissMode.CPU, MissMode.GPU)
+AUTO_MARGIN = 0.10  # leave streaming (exact, one device program) only for a clear gain
+
+
+def auto_misses(stream: Plan, calibrated_plan: Callable[[MissMode], Plan | None]
+                ) -> tuple[Plan, str | None]:
+    """`--misses auto` on a GPU that can stream: the streamed plan, unless a candidate mode with
+    a saved calibration (`calibrated_plan` returns its plan, None when there is none) is
+    predicted faster by more than AUTO_MARGIN. Returns the plan and, when it is not streamed,
+    the line that tells the user why."""
+    best: Plan | None = None
+    for mode in AUTO_CANDIDATES:
+        plan = calibrated_plan(mode)
+        if plan is not None and (best is None or plan.predicted_step_ms < best.predicted_step_ms):
+            best = plan
+    if best is None or best.predicted_step_ms >= stream.predicted_step_ms * (1 - AUTO_MARGIN):
+        return stream, None
+    stream_how = "calibrated" if "calibration" in stream.constants else "uncalibrated"
+    why = (f"--misses auto runs {best.misses} misses: calibrated on this machine, they are "
+           f"predicted at {best.predicted_step_ms:.3g} ms a step against "
+           f"{stream.predicted_step_ms:.3g} streamed ({stream_how})")
+    if best.misses == MissMode.CPU:
+        why += "; CPU experts round differently, so tokens may differ from the resident run's " \
+               "(--misses stream keeps them)"
+    return best, why

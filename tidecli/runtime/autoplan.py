@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from tidecli.experts.modes import resolve_misses
+from tidecli.experts.modes import MissMode, parse_misses, resolve_misses
 from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
 from tidecli.model.config import ModelConfig
-from tidecli.planner.auto import MachineFacts, runtime_plan
+from tidecli.planner.auto import MachineFacts, auto_misses, runtime_plan
 from tidecli.planner.calibration import load_calibration
 from tidecli.planner.model import Breakdown
 from tidecli.planner.plan import Plan
@@ -64,15 +64,30 @@ def machine_profile(spec: str | None, *, notices: list[str] | None = None,
 
 def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, model: Path,
              notices: list[str]) -> Plan:
-    """The plan for this model, options and machine, with this machine's saved corrections."""
+    """The plan for this model, options and machine, with this machine's saved corrections.
+    With `--misses auto` where misses can stream, a mode calibrated on this machine and
+    predicted clearly faster is planned instead (planner/auto.py), and a notice says so; the
+    runtime runs the plan's mode (runtime/build.py)."""
     profile = machine_profile(opts.residency.profile, notices=notices)
     mode = resolve_misses(facts.misses, cuda=facts.cuda, stream_blocker=facts.stream_blocker)
     compiled = runs_compiled(opts, cuda=facts.cuda)
-    calibration = load_calibration(profile=profile, model=model, misses=str(mode),
-                                   compiled=compiled)
-    return runtime_plan(config=config, profile=profile, facts=facts,
-                        workload=replace(opts.workload, compiled=compiled),
-                        calibration=calibration, model_name=str(model))
+    workload = replace(opts.workload, compiled=compiled)
+
+    def plan(m: MissMode, *, calibrated_only: bool = False) -> Plan | None:
+        calibration = load_calibration(profile=profile, model=model, misses=str(m),
+                                       compiled=compiled)
+        if calibrated_only and calibration is None:
+            return None
+        m_facts = facts if m is mode else replace(facts, misses=m)
+        return runtime_plan(config=config, profile=profile, facts=m_facts, workload=workload,
+                            calibration=calibration, model_name=str(model))
+
+    chosen = plan(mode)
+    if parse_misses(facts.misses) is MissMode.AUTO and mode is MissMode.STREAM:
+        chosen, why = auto_misses(chosen, lambda m: plan(m, calibrated_only=True))
+        if why:
+            notices.append(why)
+    return chosen
 
 
 def predicted_with_trace(config: ModelConfig, opts: EngineOptions, plan: Plan,

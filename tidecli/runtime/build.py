@@ -12,7 +12,7 @@ import torch
 from tidecli.errors import TideError
 from tidecli.experts.compute import row_dtype
 from tidecli.experts.formats import ExpertFormat, expert_format, ram_hint
-from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, resolve_misses
+from tidecli.experts.modes import SCRATCH_SLOTS, MissMode, parse_misses, resolve_misses
 from tidecli.experts.offload import OffloadRuntime
 from tidecli.experts.policies import LruPolicy, Policy, ResidentPolicy, StaticPolicy, TidePolicy
 from tidecli.experts.qcache import ensure_cache
@@ -24,7 +24,7 @@ from tidecli.experts.trace import RoutingTrace
 from tidecli.memory import DeviceMemory, device_memory, host_tiers
 from tidecli.model.checkpoint import Checkpoint
 from tidecli.model.tensorio import torch_dtype
-from tidecli.planner.auto import MachineFacts
+from tidecli.planner.auto import AUTO_CANDIDATES, MachineFacts
 from tidecli.planner.plan import Plan
 from tidecli.runtime.devices import pick_dtype
 from tidecli.runtime.facts import routed_bytes, stream_blocker
@@ -142,9 +142,18 @@ def check_resident(ckpt: Checkpoint, opts: EngineOptions,
                     "resident", "raise --vram, or use --policy auto or tide")
 
 
-def miss_mode(opts: EngineOptions, facts: MachineFacts) -> MissMode:
+def requested_misses(r: ResidencyOptions, plan: Plan | None) -> MissMode:
+    """The miss mode asked for: `--misses`, or for `auto` a host-driven mode the plan chose
+    (planner/auto.py: calibrated here and predicted faster than streaming)."""
+    mode = parse_misses(r.misses)
+    if mode is MissMode.AUTO and plan is not None and plan.misses in AUTO_CANDIDATES:
+        return MissMode(plan.misses)
+    return mode
+
+
+def miss_mode(opts: EngineOptions, facts: MachineFacts, plan: Plan | None = None) -> MissMode:
     """Where static/tide misses will run, decided before the host store exists."""
-    return resolve_misses(opts.residency.misses, cuda=facts.cuda,
+    return resolve_misses(requested_misses(opts.residency, plan), cuda=facts.cuda,
                           stream_blocker=facts.stream_blocker)
 
 
@@ -286,7 +295,7 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
         blocker = stream_blocker(device, dtype, store_dtype=store.dtype,
                                  tiered=not isinstance(store, HostExpertStore),
                                  pinned=store.pinned, fmt=store.format)
-        mode = resolve_misses(r.misses, cuda=cuda, stream_blocker=blocker)
+        mode = resolve_misses(requested_misses(r, plan), cuda=cuda, stream_blocker=blocker)
     if mode is MissMode.STREAM:
         from tidecli.experts.stream import StreamRuntime
 

@@ -132,7 +132,7 @@ class Engine:
                 self._auto_plans[key] = plan_for(self.cfg, o, self.facts, model=self.path,
                                                  notices=self.notices)
             self.plan = self._auto_plans[key]
-        self.misses = build.miss_mode(o, self.facts)
+        self.misses = build.miss_mode(o, self.facts, self.plan)
         self.budgets, self.memory = build.expert_budgets(self.ckpt, o, plan=self.plan,
                                                          facts=self.facts, mode=self.misses)
         build.check_resident(self.ckpt, o, self.budgets)
