@@ -108,3 +108,21 @@ def test_the_runtime_runs_the_mode_its_plan_chose(tiny_ckpt, tmp_path):
     # where streaming is impossible, auto is cpu as before: nothing to choose
     blocked = replace(facts, stream_blocker="no Triton")
     assert plan_for(cfg, opts, blocked, model=tiny_ckpt, notices=[]).misses == "cpu"
+
+
+def test_plan_says_which_uncalibrated_mode_a_calibration_might_make_auto_run(tmp_path, capsys):
+    """Consumer reference profiles predict CPU misses faster than streaming for mini; `tide
+    plan` says so and how to check it, and stops saying it once the mode is calibrated."""
+    folder = tmp_path / "mini"
+    code, _out, err = tide(["synth", str(folder), "--preset", "mini", "--config-only"], capsys)
+    assert code == 0, err
+    args = ["plan", "--model", str(folder), "--vram", "10", "--json"]
+    code, out, err = tide(args + ["--profile", "rtx4070"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    hint = [n for n in plan["notes"] if "as fast as streaming here, uncalibrated" in n]
+    assert plan["misses"] == "stream" and len(hint) == 1
+    assert "`tide plan --calibrate --misses cpu`" in hint[0]
+    code, out, err = tide(args + ["--profile", "h200"], capsys)  # streaming predicted fastest
+    assert code == 0, err
+    assert not [n for n in json.loads(out)["notes"] if "as fast as streaming" in n]

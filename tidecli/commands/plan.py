@@ -167,6 +167,20 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
     return " · ".join(parts) or prof.name
 
 
+def _auto_misses(stream, calibrated, uncalibrated):
+    """`--misses auto`: the mode the runtime would run (planner/auto.py), with a note saying
+    why when it is not streaming, or which uncalibrated mode a calibration might make it run."""
+    from dataclasses import replace
+
+    from tidecli.planner.auto import AUTO_CANDIDATES, auto_misses, calibration_hint
+
+    plan, why = auto_misses(stream, calibrated)
+    if why is None:
+        unchecked = {str(m): uncalibrated(m) for m in AUTO_CANDIDATES if calibrated(m) is None}
+        why = calibration_hint(stream, unchecked)
+    return replace(plan, notes=(why, *plan.notes)) if why else plan
+
+
 def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
               device, make_plan, load_calibration, fmt, compile):
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
@@ -181,13 +195,9 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
 
         plan = calibrated(plan.misses) or plan
         if str(mode) == "auto" and plan.misses == "stream":  # as the runtime chooses
-            from dataclasses import replace
-
-            from tidecli.planner.auto import auto_misses
-
-            plan, why = auto_misses(plan, calibrated)
-            if why:
-                plan = replace(plan, notes=(why, *plan.notes))
+            plan = _auto_misses(plan, calibrated, lambda m: make_plan(
+                config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
+                ram_gib=ram, model_name=name, misses=m, experts_format=fmt))
         return plan
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err

@@ -76,3 +76,18 @@ def auto_misses(stream: Plan, calibrated_plan: Callable[[MissMode], Plan | None]
         why += "; CPU experts round differently, so tokens may differ from the resident run's " \
                "(--misses stream keeps them)"
     return best, why
+
+
+def calibration_hint(stream: Plan, uncalibrated: dict[str, Plan]) -> str | None:
+    """For `tide plan --misses auto`: a line when a candidate mode with no calibration on this
+    machine is predicted clearly faster than streaming: the command that checks it, after which
+    `auto` runs it if the calibration agrees. None when no such mode."""
+    faster = {m: p for m, p in uncalibrated.items()
+              if p.predicted_step_ms < stream.predicted_step_ms * (1 - AUTO_MARGIN)}
+    if not faster:
+        return None
+    mode, plan = min(faster.items(), key=lambda mp: mp[1].predicted_step_ms)
+    return (f"{mode} misses are predicted {stream.predicted_step_ms / plan.predicted_step_ms:.1f}× "
+            f"as fast as streaming here, uncalibrated (host-driven steps measured 1.2-4× their "
+            f"prediction on an H200): `tide plan --calibrate --misses {mode}` measures them on "
+            f"this machine, and `--misses auto` then runs them if the calibration agrees")
