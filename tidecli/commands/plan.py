@@ -167,17 +167,18 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
     return " · ".join(parts) or prof.name
 
 
-def _auto_misses(stream, calibrated, uncalibrated):
+def _auto_misses(stream, calibrated: dict, uncalibrated):
     """`--misses auto`: the mode the runtime would run (planner/auto.py), with a note saying
-    why when it is not streaming, or which uncalibrated mode a calibration might make it run."""
+    why when it is not streaming, or which uncalibrated mode a calibration might make it run.
+    `calibrated`: candidate mode → its plan with this machine's corrections, or None."""
     from dataclasses import replace
 
-    from tidecli.planner.auto import AUTO_CANDIDATES, auto_misses, calibration_hint
+    from tidecli.planner.auto import auto_misses, calibration_hint
 
-    plan, why = auto_misses(stream, calibrated)
+    plan, why = auto_misses(stream, calibrated.get)
     if why is None:
-        unchecked = {str(m): uncalibrated(m) for m in AUTO_CANDIDATES if calibrated(m) is None}
-        why = calibration_hint(stream, unchecked)
+        why = calibration_hint(stream, {str(m): uncalibrated(m)
+                                        for m, p in calibrated.items() if p is None})
     return replace(plan, notes=(why, *plan.notes)) if why else plan
 
 
@@ -186,18 +187,21 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
-        def calibrated(m: str):
+        from tidecli.planner.auto import AUTO_CANDIDATES
+
+        def planned(m, calibration=None):
+            return make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
+                             trace=routing, ram_gib=ram, model_name=name, misses=m,
+                             calibration=calibration, experts_format=fmt)
+
+        def calibrated(m):
             saved = load_calibration(profile=prof, model=folder, misses=str(m),
                                      compiled=compile == "on")
-            return None if saved is None else make_plan(
-                config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                ram_gib=ram, model_name=name, misses=m, calibration=saved, experts_format=fmt)
+            return None if saved is None else planned(m, saved)
 
         plan = calibrated(plan.misses) or plan
         if str(mode) == "auto" and plan.misses == "stream":  # as the runtime chooses
-            plan = _auto_misses(plan, calibrated, lambda m: make_plan(
-                config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
-                ram_gib=ram, model_name=name, misses=m, experts_format=fmt))
+            plan = _auto_misses(plan, {m: calibrated(m) for m in AUTO_CANDIDATES}, planned)
         return plan
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err

@@ -191,6 +191,7 @@ class BlockDiffusionDecoder:
         global_step = 0
         stopped_at_eos = False
         positions = torch.arange(bl, device=self.device)
+        editing = s.editing_threshold is not None  # 2.1's post-steps: every generated row is read
         for b in range(first_block, self.num_blocks):
             start = b * bl
             # prompt positions inside the block are never predicted or edited
@@ -203,11 +204,10 @@ class BlockDiffusionDecoder:
                 n_masked = sum(1 for t in host_block if t == self.mask_id)
                 final = step + 1 >= bound  # the block's last allowed step: commit every mask
                 quota = n_masked if final else min(quotas[min(step, len(quotas) - 1)], n_masked)
-                last = 0 < n_masked <= quota and s.editing_threshold is None
+                last = 0 < n_masked <= quota and not editing
                 info = ForwardInfo("step", block=b, step=step, last_step=last)
                 # Only masked positions matter without editing; with editing, every generated one.
                 block = self.x[start: start + bl]
-                editing = s.editing_threshold is not None
                 n = len(want_rows(host_block, self.mask_id, start, self.prompt_len, editing))
                 rows = device_rows(block, generated, self.mask_id, editing, n)
                 logits = self._logits(cache, start, info, rows, host_block)
@@ -225,7 +225,7 @@ class BlockDiffusionDecoder:
                     top = torch.zeros_like(commit).scatter_(0, cand.topk(quota).indices, True)
                     commit = torch.where(commit.sum() >= quota, commit, top)
                 changed = commit
-                if s.editing_threshold is not None:
+                if editing:
                     edit = (~masked) & generated & (tokens != block) & \
                         (conf > s.editing_threshold)
                     changed = commit | edit

@@ -69,11 +69,10 @@ def fit_calibration(*, predictor: Callable[[Calibration], Breakdown],
     model may move different experts for the same routing: with gpu misses the runtime keeps
     an expert it read into a scratch slot, where the model counts a promotion besides; a ratio
     of totals then read as a faster link. Streamed reads are not timed, so their scale stays 1.
-    What remains of the
-    measured step is put on the fixed per-layer cost (launches, host syncs, Python: what
-    bandwidth microbenchmarks miss), solved so that the model gives the measured step time;
-    only if the model is too slow even with no fixed cost are the device's bandwidth terms
-    scaled down. The step time is non-decreasing in both, so a bisection finds them. The
+    What remains of the measured step is put on the fixed per-layer cost (launches, host syncs,
+    Python: what bandwidth microbenchmarks miss), solved so that the model gives the measured
+    step time; only if the model is too slow even with no fixed cost are the device's bandwidth
+    terms scaled down. The step time is non-decreasing in both, so a bisection finds them. The
     runtime's stall_ms is not used: it does not count the GPU idling during CPU misses."""
     base = predictor(Calibration(overlap=measured.overlap))
     cpu = _ratio(measured.cpu_ms, base.cpu_miss_ms)

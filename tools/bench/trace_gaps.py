@@ -23,10 +23,16 @@ HOST_CATS = ("cpu_op", "cuda_runtime", "user_annotation")
 
 
 def load(path: str | Path) -> list[dict]:
+    """The trace's complete events; one line and exit 1 when it cannot be read as a trace."""
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt") as f:
-        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    try:
+        with opener(p, "rt") as f:
+            events = json.load(f)["traceEvents"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {p} is not a readable Chrome trace ({type(e).__name__}: {e}); "
+                         "write one with tools/bench/step_trace.py") from None
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X"]
 
 
 def _end(e: dict) -> float:
