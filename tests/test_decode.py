@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tidecli.decode.diffusion import (
     BlockDiffusionDecoder,
     DecodeSettings,
-    device_rows,
+    IdStage,
     quota_schedule,
     want_rows,
 )
@@ -53,18 +53,23 @@ def test_quota_schedule():
     assert quota_schedule(10, 4) == [3, 3, 2, 2]
 
 
-@settings(max_examples=200, deadline=None)
-@given(tokens=st.lists(st.sampled_from([0, 3, MASK]), min_size=1, max_size=40),
-       start=st.integers(0, 80), prompt_len=st.integers(0, 120), editing=st.booleans())
-def test_the_rows_a_step_looks_at_are_found_on_the_device_as_the_host_lists_them(
-        tokens, start, prompt_len, editing):
-    """The decoder finds the step's rows with a sort on the block's device (no host-to-device
-    copy); they are the host's list, in its order, for every mix of masks, prompt and editing."""
-    block = torch.tensor(tokens)
-    generated = torch.arange(len(tokens)) + start >= prompt_len
-    want = want_rows(tokens, MASK, start, prompt_len, editing)
-    rows = device_rows(block, generated, MASK, editing, len(want))
-    assert rows.dtype == torch.long and rows.tolist() == want
+def test_the_rows_a_step_looks_at():
+    """The masked offsets; with editing every generated one too (not the prompt's), ascending."""
+    block = [1, MASK, 0, MASK, 3]  # block starts at 10; the prompt ends at 13
+    assert want_rows(block, MASK, 10, 13, False) == [1, 3]
+    assert want_rows(block, MASK, 10, 13, True) == [1, 3, 4]
+    assert want_rows([0, 3], MASK, 10, 0, False) == []
+
+
+def test_ids_staged_to_the_device_are_fresh_or_written_into_place():
+    stage = IdStage(8, torch.device("cpu"))
+    first = stage.put([3, 1, 4])
+    second = stage.put([5, 9])  # the buffer is reused; the first result is not
+    assert first.dtype == torch.long and first.tolist() == [3, 1, 4]
+    assert second.tolist() == [5, 9] and stage.put([]).tolist() == []
+    x = torch.zeros(10, dtype=torch.long)
+    stage.put([7] * 8, out=x[2:])
+    assert x.tolist() == [0, 0] + [7] * 8
 
 
 def test_threshold_commits_all_confident_positions_at_once():

@@ -87,22 +87,32 @@ def quota_schedule(block_length: int, steps: int) -> list[int]:
 
 def want_rows(host_block: list[int], mask_id: int, start: int, prompt_len: int,
               editing: bool) -> list[int]:
-    """The block offsets a step looks at (the reference for the decoder's device-side rows):
-    the masked positions, and with editing every generated one, ascending."""
+    """The block offsets a step looks at: the masked positions, and with editing every
+    generated one, ascending."""
     return [p for p, t in enumerate(host_block)
             if t == mask_id or (editing and start + p >= prompt_len)]
 
 
-def device_rows(block: torch.Tensor, generated: torch.Tensor, mask_id: int, editing: bool,
-                n: int) -> torch.Tensor:
-    """`want_rows` found on the block's device: a stable sort puts the wanted offsets first,
-    ascending; `n` is how many there are (the host knows). So a step starts without a
-    host-to-device copy: a blocking one waits for the copy engine, which the refresh's copies
-    may hold for milliseconds (docs/benchmarks.md, section 19)."""
-    wanted = block == mask_id
-    if editing:
-        wanted = wanted | generated
-    return torch.argsort((~wanted).to(torch.int32), stable=True)[:n]
+class IdStage:
+    """Lists of ids to the device through one pinned buffer, without blocking the host (a
+    blocking copy also waits for the copy engine, which the refresh's copies may hold).
+
+    The buffer is rewritten only after the decoder's next host sync (its step's tokens read
+    back), which the stream orders after the last copy out of it, so no copy reads a buffer
+    the host is writing."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+
+    def put(self, ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """`ids` on the device: written into `out` when given, else a new tensor."""
+        host = self.host[: len(ids)]
+        host.copy_(torch.tensor(ids, dtype=torch.long))
+        if out is not None:
+            return out.copy_(host, non_blocking=True)
+        return host.to(self.device, non_blocking=True) if self.cuda else host.clone()
 
 
 class BlockDiffusionDecoder:
@@ -192,6 +202,7 @@ class BlockDiffusionDecoder:
         stopped_at_eos = False
         positions = torch.arange(bl, device=self.device)
         editing = s.editing_threshold is not None  # 2.1's post-steps: every generated row is read
+        stage = IdStage(bl, self.device)
         for b in range(first_block, self.num_blocks):
             start = b * bl
             # prompt positions inside the block are never predicted or edited
@@ -208,8 +219,8 @@ class BlockDiffusionDecoder:
                 info = ForwardInfo("step", block=b, step=step, last_step=last)
                 # Only masked positions matter without editing; with editing, every generated one.
                 block = self.x[start: start + bl]
-                n = len(want_rows(host_block, self.mask_id, start, self.prompt_len, editing))
-                rows = device_rows(block, generated, self.mask_id, editing, n)
+                rows = stage.put(want_rows(host_block, self.mask_id, start, self.prompt_len,
+                                           editing))
                 logits = self._logits(cache, start, info, rows, host_block)
                 forwards += 1
                 global_step += 1

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, StepEvent
+from tidecli.decode.diffusion import BlockDiffusionDecoder, DecodeSettings, IdStage, StepEvent
 from tidecli.decode.sampling import choose
 from tidecli.model.moe import ForwardInfo
 
@@ -244,6 +244,7 @@ class LevenshteinDecoder(BlockDiffusionDecoder):
         cache, first_block, forwards = self._prefill()
         global_step = 0
         stopped_at_eos = False
+        stage = IdStage(bl, self.device)  # each step's tokens to the device
         for b in range(first_block, self.num_blocks):
             start = b * bl
             gen = max(0, self.prompt_len - start)
@@ -257,8 +258,7 @@ class LevenshteinDecoder(BlockDiffusionDecoder):
                 global_step += 1
                 self.progress = (global_step, forwards, t0)
                 out = run.advance(logits, self._choose)
-                self.x[start: start + bl] = torch.tensor(out.tokens, dtype=torch.long,
-                                                         device=self.device)
+                stage.put(out.tokens, out=self.x[start: start + bl])
                 now = time.perf_counter()
                 runtime = getattr(self.model, "experts", None)
                 stats = runtime.forward_stats.total() if runtime is not None else None

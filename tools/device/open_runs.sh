@@ -51,6 +51,10 @@
 #   streams tide with gpu and split misses at 10 and 6 GiB, this tree and old.tar alternating
 #          twice
 #   alltests every GPU test (the step, the streamed runtime, compressed experts, --compile)
+#   rows   every GPU test and LLaDA2.2's (ROWS_TESTS="files" replaces them); resident and
+#          streamed tide at 10 GiB, this tree and old.tar alternating twice
+#   autochk tide plan --calibrate at 10 GiB for cpu and gpu misses, then tide with --misses
+#          auto beside every mode it chooses from, at 10 and at 6 GiB, planned with them
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -380,6 +384,29 @@ fi
 if [ "$STAGE" = alltests ]; then
   timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_quant.py \
     tests/test_compile.py > "$OUT/gputests.txt" 2>&1; tail -4 "$OUT/gputests.txt"
+fi
+if [ "$STAGE" = rows ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 250 python3 -m pytest -q -p no:cacheprovider ${ROWS_TESTS:-tests/test_gpu.py \
+    tests/test_gpu_quant.py tests/test_compile.py tests/test_gpu22.py} > "$OUT/gputests.txt" 2>&1
+  tail -4 "$OUT/gputests.txt"
+  alternate rows 90 --policies resident,tide --misses stream --vram 10
+fi
+if [ "$STAGE" = autochk ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  export TIDE_CONFIG_DIR=$W/config-cal
+  for m in cpu gpu; do
+    t0=$(date +%s)
+    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
+      > "$OUT/calibrate-auto-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
+    echo "$m: $(( $(date +%s) - t0 )) s"
+  done
+  TO 30 plan -m "$W/mini" --profile h200 --vram 10 --misses auto 2>&1 | tail -4 | cut -c1-200
+  for v in 10 6; do
+    tree_bench new 170 "autochk$v" --policies tide --misses auto,stream,cpu,gpu --vram $v \
+      | grep "│ model\|auto runs"
+  done
 fi
 if [ "$STAGE" = host ]; then
   mini
