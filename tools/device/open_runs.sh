@@ -55,6 +55,7 @@
 #          streamed tide at 10 GiB, this tree and old.tar alternating twice
 #   autochk tide plan --calibrate at 10 GiB for cpu and gpu misses, then tide with --misses
 #          auto beside every mode it chooses from, at 10 and at 6 GiB, planned with them
+#   tauchk streamed tide at 10 and 6 GiB with the planned τ beside τ 2 and 4
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -407,6 +408,12 @@ if [ "$STAGE" = autochk ]; then
     tree_bench new 170 "autochk$v" --policies tide --misses auto,stream,cpu,gpu --vram $v \
       | grep "│ model\|auto runs"
   done
+fi
+if [ "$STAGE" = tauchk ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  tree_bench new 400 tauchk --policies tide --misses stream --tau plan,2,4 --vram 10,6 \
+    | grep "│ model"
 fi
 if [ "$STAGE" = host ]; then
   mini
