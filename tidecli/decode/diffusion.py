@@ -105,11 +105,12 @@ class IdStage:
         self.device = device
         self.cuda = device.type == "cuda"
         self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+        self._host_np = self.host.numpy()  # written in place: no tensor made per step
 
     def put(self, ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """`ids` on the device: written into `out` when given, else a new tensor."""
+        self._host_np[: len(ids)] = ids
         host = self.host[: len(ids)]
-        host.copy_(torch.tensor(ids, dtype=torch.long))
         if out is not None:
             return out.copy_(host, non_blocking=True)
         return host.to(self.device, non_blocking=True) if self.cuda else host.clone()
