@@ -23,15 +23,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_dirs(tmp_path_factory):
+    """Session-wide: the user's own cache and settings are never read or written, also by
+    module- and session-scoped fixtures, which pytest sets up before any test's own fixtures
+    (a module fixture that quantized experts once filled the real cache)."""
+    mp = pytest.MonkeyPatch()
+    base = tmp_path_factory.getbasetemp()
+    mp.setenv("TIDE_CACHE_DIR", str(base / "cache"))
+    mp.setenv("TIDE_CONFIG_DIR", str(base / "session-config"))
+    mp.delenv("TIDE_MODEL", raising=False)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     # the cache (quantized experts) is shared by the session; settings (profiles,
     # calibrations) are each test's own, so no test sees what another saved
-    base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("TIDE_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("TIDE_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-    monkeypatch.delenv("TIDE_MODEL", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
