@@ -53,19 +53,3 @@ def test_fused_read_ahead_matches_the_reference(tiny_ckpt):
     assert s == ref.run_stats.summary()
     assert torch.equal(rt.table, ref.table) and torch.equal(rt.owner, ref.owner)
     check_tables(rt)
-
-
-def test_the_fused_path_runs_the_work_beside_once(tiny_ckpt):
-    """The shared expert handed over as `beside` runs once, inside the placed rows' window."""
-    from tidecli.model.moe import ForwardInfo
-
-    model, _ = load_model(tiny_ckpt, runtime=stream_runtime(
-        lambda: TidePolicy(TideOptions(tau=1)), 3))
-    rt = model.experts
-    rt.fused = True
-    rt.begin_forward(ForwardInfo("step"))
-    calls = []
-    hidden = torch.randn(4, model.cfg.hidden_size)
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
-    rt.device_begin(model.cfg.moe_layers[0], hidden, ids, beside=lambda: calls.append(1))
-    assert calls == [1] and rt._plans

@@ -234,37 +234,3 @@ def test_counters_are_counted_when_first_asked_for(tiny_ckpt, reference):
     decode_cpu(traced)
     assert not traced.experts._pending
     assert traced.experts.run_stats.summary() == lazy
-
-
-@pytest.mark.parametrize("b", [0, 3, 32])
-def test_work_beside_the_experts_runs_once_and_changes_no_row(tiny_ckpt, b):
-    """`beside` (the step program's shared expert) runs exactly once per layer, whichever path
-    the layer takes (no slots, placement, a whole layer), and the rows are the same."""
-    from tidecli.model.moe import ForwardInfo
-
-    rt, layer, hidden = _one_layer(tiny_ckpt, b)
-    fresh, _, _ = _one_layer(tiny_ckpt, b)
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
-    calls = []
-    rt.begin_forward(ForwardInfo("step"))
-    out = rt.device_begin(layer, hidden, ids, beside=lambda: calls.append(1))
-    fresh.begin_forward(ForwardInfo("step"))
-    assert calls == [1]
-    assert torch.equal(out, fresh.device_begin(layer, hidden, ids))
-
-
-def test_host_driven_and_resident_runtimes_run_the_work_beside_once(tiny_ckpt):
-    from tidecli.experts.policies import LruPolicy
-    from tidecli.model.moe import ForwardInfo
-
-    from helpers import offload_runtime
-
-    for runtime in (None, offload_runtime(LruPolicy, 3)):
-        model, _ = load_model(tiny_ckpt, runtime=runtime)
-        rt = model.experts
-        rt.begin_forward(ForwardInfo("step"))
-        calls: list[int] = []
-        hidden = torch.randn(4, model.cfg.hidden_size)
-        ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
-        rt.device_begin(model.cfg.moe_layers[0], hidden, ids, beside=lambda c=calls: c.append(1))
-        assert calls == [1]

@@ -133,7 +133,7 @@ class OffloadRuntime(PooledRuntime):
                 self._promote(layer, moves, c, now=True)
         self._layer_state[layer] = st
 
-    def device_rows(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         pool = self.pools.pools[layer]
         pair_slot = pool.table_dev[ids.reshape(-1)]
         return run_pairs(self.kernel, hidden, pair_slot, pool.gate_up, pool.down, self.k)
@@ -264,7 +264,7 @@ class OffloadRuntime(PooledRuntime):
             batch, todo = todo[: pool.slots], todo[pool.slots:]
             self._promote(layer, list(zip(range(pool.slots), batch, strict=False)), c, now=True)
             rows = np.nonzero(np.isin(flat, batch))[0]
-            part = self.device_rows(layer, io.hidden, io.ids)
+            part = self.device_begin(layer, io.hidden, io.ids)
             self.pools.mark_read(layer)
             idx = torch.from_numpy(rows).to(self.device)
             self._put_rows(rows, part.index_select(0, idx), over, over_mask)

@@ -91,19 +91,9 @@ class BaseRuntime(ABC):
 
     # ---- phases ---------------------------------------------------------------------------------
 
-    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
-                     beside: Callable[[], None] | None = None) -> torch.Tensor:
-        """Device only: per-pair output rows [T·k, H] of the resident experts, zero elsewhere.
-        `beside` (work that reads no expert, e.g. the shared expert) runs once, after them,
-        unless the runtime has copies in flight it can overlap (experts/stream.py)."""
-        out = self.device_rows(layer, hidden, ids)
-        if beside is not None:
-            beside()
-        return out
-
     @abstractmethod
-    def device_rows(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """`device_begin` without the work beside it."""
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Device only: per-pair output rows [T·k, H] of the resident experts, zero elsewhere."""
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Device only: ids [T, k] guess `layer`'s experts (only when `prefetches`)."""
@@ -225,7 +215,7 @@ class ResidentRuntime(BaseRuntime):
             self._trace_counts[self.layer_index[layer]] = self._dev_counts[layer]
             self._tokens = int(io.ids.shape[0])
 
-    def device_rows(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.views[layer]
         pair_slot = ids.reshape(-1)  # every expert is resident: slot = expert id
         if self.trace is not None:  # counted on the device, read once the forward ends

@@ -11,9 +11,6 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 3. every pair whose expert now has a slot runs in a grouped GEMM over the slots; the pairs of
    experts left without one (between refreshes, or when the step needs more experts than the
    layer has slots) run in a grouped GEMM that reads its weights from pinned RAM over PCIe.
-   The experts already in their slot, those read in place and the shared expert (work the
-   model hands over as `beside`) run while the placed rows still cross PCIe; the placed
-   experts' pairs run once their rows are in.
 4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
    layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
    stream). Only the guesses' cost depends on how good they are.
@@ -30,8 +27,6 @@ format's bytes, and on CUDA the Triton compiler (for the gather kernel).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -251,24 +246,15 @@ class StreamRuntime(PooledRuntime):
 
     # ---- the device phase -----------------------------------------------------------------------
 
-    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
-                     beside: Callable[[], None] | None = None) -> torch.Tensor:
-        j = self.layer_index[layer]
-        pool = self.pools.pools[layer]
-        if (self.fused and layer not in self._whole
-                and LayerPlan.fits(ids.numel(), self.cfg.num_experts, pool.slots)):
-            return self._device_begin_fused(j, layer, pool, hidden, ids.reshape(-1), beside)
-        return super().device_begin(layer, hidden, ids, beside)
-
-    def device_rows(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The layer's rows, without the fused plan: a whole layer as resident, else the torch
-        reference of the placement."""
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         j = self.layer_index[layer]
         pool = self.pools.pools[layer]
         b, e = pool.slots, self.cfg.num_experts
         flat = ids.reshape(-1)
         if layer in self._whole:
             return self._device_begin_whole(j, pool, hidden, flat)
+        if self.fused and LayerPlan.fits(flat.numel(), e, b):
+            return self._device_begin_fused(j, layer, pool, hidden, flat)
         table = self.table[j]
         counts = self.counts[j]
         counts.zero_()
@@ -334,8 +320,7 @@ class StreamRuntime(PooledRuntime):
         self.pref_src[j, :b].copy_(src)
 
     def _device_begin_fused(self, j: int, layer: int, pool, hidden: torch.Tensor,
-                            flat: torch.Tensor,
-                            beside: Callable[[], None] | None) -> torch.Tensor:
+                            flat: torch.Tensor) -> torch.Tensor:
         n = flat.numel()
         lp = self._plans.get((j, n))
         if lp is None:
@@ -356,8 +341,6 @@ class StreamRuntime(PooledRuntime):
         grouped_rows(hidden, lp.prow, lp.pdst, lp.poffs, pool.gate_up, pool.down, out)
         gate_up, down = self._host_views[layer]
         grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out, streamed=True)
-        if beside is not None:  # the shared expert, while the placed rows still arrive
-            beside()
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)
         grouped_rows(hidden, lp.qrow, lp.qdst, lp.qoffs, pool.gate_up, pool.down, out)

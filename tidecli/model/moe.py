@@ -18,7 +18,6 @@ told where each forward pass is and picks the experts of each MoE layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,11 +77,7 @@ class ExpertRuntime(Protocol):
 
     def make_io(self, ids: torch.Tensor, hidden: torch.Tensor) -> LayerIO: ...
 
-    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor,
-                     beside: Callable[[], None] | None = None) -> torch.Tensor:
-        """Device only: per-pair rows [T·k, H] of the experts computed on the device.
-        `beside`: device work that reads no expert (the shared expert), run exactly once, where
-        it can overlap expert rows still crossing from host memory."""
+    def device_begin(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Device only: `ids` [T, k] guess layer's experts; the runtime may start reading them.

@@ -154,12 +154,8 @@ class StepProgram:
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._ahead[j] = None
-        n = self.n[j]
-
-        def shared() -> None:  # reads no routed expert: may run while their rows arrive
-            self.shared[j] = self.model.shared_part(layer, n, fns=self.fns)
-
-        self.pair[j] = self.rt.device_begin(layer, n, self.ids[j], beside=shared)
+        self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
+        self.shared[j] = self.model.shared_part(layer, self.n[j], fns=self.fns)
 
     def _segments(self) -> list:
         segs = []
