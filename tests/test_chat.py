@@ -183,6 +183,8 @@ class FakeEngine:
         self.prompts = []
         self.interrupt_after = None
         self.fail: Exception | None = None
+        self.notices: list[str] = []
+        self.note_during_reply: str | None = None
 
     def _reset(self):
         st = ExpertStats(forwards=1)
@@ -197,6 +199,8 @@ class FakeEngine:
     def decoder(self, ids, settings):
         if self.fail is not None:
             raise self.fail
+        if self.note_during_reply:  # e.g. a compile that failed and fell back to eager
+            self.notices.append(self.note_during_reply)
         return FakeDecoder(len(ids), self.interrupt_after)
 
 
@@ -220,6 +224,16 @@ def test_two_turns_carry_history_and_stats(app, capsys):
     err = capsys.readouterr().err
     assert "8 tokens, 4 steps" in err and "\x1b" not in err
     assert "expert hit" not in err  # the engine is not on a GPU: no hit rate in the line
+
+
+def test_what_the_engine_notes_during_a_reply_is_said_once_after_it(app, capsys):
+    app.engine.note_during_reply = "--compile auto: compiling the step failed (x); uncompiled"
+    assert app.handle("hello")
+    app.engine.note_during_reply = None
+    assert app.handle("again")
+    err = capsys.readouterr().err
+    assert err.count("note: --compile auto: compiling the step failed") == 1
+    assert not app.engine.notices
 
 
 def test_ctrl_c_keeps_the_prefix_out_of_the_history(app, capsys):

@@ -58,7 +58,7 @@ def test_compile_on_the_cpu_is_one_note_and_the_step_runs(tiny_ckpt, capsys):
 
 def test_bad_compile_value_is_one_line(tiny_ckpt, capsys):
     user_error(["generate", "hi", "-m", str(tiny_ckpt), "--compile", "max"], capsys,
-               "unknown --compile 'max'", hint="use on or off")
+               "unknown --compile 'max'", hint="use auto, on or off")
 
 
 def test_bench_compile_axis_on_the_cpu_skips_with_why(tiny_ckpt, capsys, tmp_path):
@@ -170,3 +170,92 @@ def test_a_compile_that_fails_is_one_line_with_what_to_do(tiny_ckpt):
     runner = StepPrograms(model, capture=False, fns=EAGER)
     out = runner.block_forward(ids, 0, cache, ForwardInfo("step"), ids_host=ids.tolist())
     assert out.shape[0] == 32
+
+
+def test_a_compile_that_fails_under_auto_runs_eager_with_a_note(tiny_ckpt):
+    """--compile auto (chat and serve): a failing compile turns the programs eager, says so
+    once, and the step gives the eager step's logits."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C compiler")
+
+    model, _ = load_model(tiny_ckpt)
+    cache = model.cache_for(64)
+    ids = torch.arange(5, 37)
+    info = ForwardInfo("step")
+    eager = StepPrograms(model, capture=False, fns=EAGER).block_forward(
+        ids, 0, cache, info, ids_host=ids.tolist()).clone()
+    torch._dynamo.reset()
+    notes: list[str] = []
+    runner = StepPrograms(model, capture=False, fns=compiled(broken), fallback=EAGER,
+                          notices=notes)
+    out = runner.block_forward(ids, 0, cache, info, ids_host=ids.tolist())
+    torch._dynamo.reset()
+    assert torch.equal(out, eager)
+    assert runner.fns is EAGER and runner.fallback is None
+    assert len(notes) == 1 and "no working C compiler" in notes[0] and "uncompiled" in notes[0]
+
+
+def test_compile_auto_where_it_cannot_run_is_silent_and_eager(tiny_ckpt):
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    engine = Engine(engine_options(model=str(tiny_ckpt), device="cpu", compile="auto"),
+                    quiet=True)
+    assert not engine.compiled and engine.opts.load.compile == "off"
+    assert not any("compile" in n for n in engine.notices)
+
+
+def test_compile_defaults_chat_and_serve_auto_generate_and_bench_off():
+    from tidecli.commands.options import engine_options_of
+
+    base = {"model": None, "device": "auto", "dtype": "auto", "graphs": True, "policy": "auto",
+            "tau": None, "stall_refresh": False, "cold_start": False,
+            "refresh_last_step": False, "misses": "auto", "cpu_threads": 0,
+            "popularity_trace": None, "profile": None, "vram": None, "ram": None,
+            "experts_per_layer": None, "block_length": 32, "threshold": None, "compile": None}
+    assert engine_options_of(base).load.compile == "off"
+    assert engine_options_of(base, compile_default="auto").load.compile == "auto"
+    assert engine_options_of(dict(base, compile="on"),
+                             compile_default="auto").load.compile == "on"
+
+
+def test_bench_and_plan_take_no_compile_auto(tiny_ckpt, capsys):
+    user_error(["bench", "-m", str(tiny_ckpt), "--compile", "auto"], capsys,
+               "bench compares the modes it is given: --compile auto is not one")
+    user_error(["plan", "-m", str(tiny_ckpt), "--compile", "auto"], capsys,
+               "a plan is for compiled steps or eager ones: --compile auto is neither")
+
+
+def test_compile_ahead_decodes_one_block_then_starts_the_counters_afresh(capsys):
+    """chat and serve compile at start-up (one block of a short prompt), not in the first
+    reply; an engine whose steps run eager skips it."""
+    from types import SimpleNamespace
+
+    from tidecli.commands.setup import compile_ahead
+    from tidecli.decode.settings import DecodeSettings
+
+    calls: dict = {"resets": 0}
+
+    class Dec:
+        def steps(self):
+            calls["steps"] = True
+            return iter(range(3))
+
+    def decoder(ids, settings):
+        calls["settings"] = settings
+        return Dec()
+
+    def reset():
+        calls["resets"] += 1
+
+    eng = SimpleNamespace(compiled=True, prompt_ids=lambda text: [1, 2], decoder=decoder,
+                          runtime=SimpleNamespace(reset_stats=reset), notices=["a note"])
+    compile_ahead(eng, DecodeSettings(gen_length=512, block_length=32, temperature=0.7))
+    s = calls["settings"]
+    assert calls["steps"] and s.gen_length == 32 and s.temperature == 0.0
+    assert calls["resets"] == 1 and eng.notices == []
+    err = capsys.readouterr().err
+    assert "note: a note" in err and "step compiled in" in err
+    calls.clear()
+    compile_ahead(SimpleNamespace(compiled=False), DecodeSettings())
+    assert not calls

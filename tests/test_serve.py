@@ -308,3 +308,13 @@ def test_a_worker_that_dies_mid_generation_answers_its_request_and_reports_faile
         run.until(lambda: httpx.get(f"{run.base}/health", timeout=5).status_code == 503)
         assert run.health() == {"status": "failed"}
         monkeypatch.undo()
+
+
+def test_what_the_engine_notes_during_a_generation_goes_to_the_server_log(server, engine,
+                                                                          capfd):
+    """A note the engine makes mid-generation (a compile that fell back to eager) is written
+    to the server's stderr once, after the generation it came from."""
+    engine.notices.append("--compile auto: compiling the step failed (x); uncompiled")
+    server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    server.until(lambda: not engine.notices)
+    assert capfd.readouterr().err.count("note: --compile auto: compiling the step failed") == 1

@@ -120,7 +120,7 @@ def bench(
                       prompts=prompts,
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
                       experts_dtype=options.get("experts_dtype", "bf16"),
-                      compile=options.get("compile", "off"))
+                      compile=options.get("compile") or "off")
     check_model_options(options)
     from tidecli.runtime.options import check_cpu_threads
 
@@ -159,7 +159,9 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     for m in _names(prefetch):
         parse_prefetch(m)
     for c in _names(compile):
-        parse_compile(c)
+        if parse_compile(c) == "auto":
+            raise TideError("bench compares the modes it is given: --compile auto is not one",
+                             "use --compile off, on, or off,on")
     check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
     spec = BenchSpec(policies=names, vram=gib_list(vram) if vram else [],
                      experts=_ints(experts_per_layer, "experts-per-layer")

@@ -28,7 +28,8 @@ def chat(
 ) -> None:
     """Chat with a model: multi-turn, slash commands (/help), live denoising view."""
     checks.check_options(options)  # before torch loads: a wrong value fails at once
-    run_chat(opts=opt.engine_options_of(options), settings=opt.decode_settings_of(options),
+    run_chat(opts=opt.engine_options_of(options, compile_default="auto"),
+             settings=opt.decode_settings_of(options),
              system=system, live=live, transcript=load, given=opt.given(ctx, options))
 
 
@@ -66,7 +67,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
     from dataclasses import fields, replace
 
     from tidecli.commands.chat_app import ChatApp
-    from tidecli.commands.setup import open_engine, say_ignored
+    from tidecli.commands.setup import compile_ahead, open_engine, say_ignored
     from tidecli.decode.session import ChatSession
     from tidecli.ui.console import err
     from tidecli.ui.live import make_console
@@ -78,6 +79,7 @@ def run_chat(*, opts: Any, settings: Any, system: str | None, live: bool,
     try:
         settings = engine.decode_settings(settings)  # this checkpoint's decoding and presets
         settings.validate(engine.cfg.max_position_embeddings)
+        compile_ahead(engine, settings)
         session = ChatSession(settings=settings, system=system, model=str(engine.path),
                               max_positions=engine.cfg.max_position_embeddings)
         if transcript is not None:

@@ -221,6 +221,9 @@ class ChatApp:
         if interrupted:
             self.note(f"stopped after {stats['tokens']} committed tokens: shown and kept in "
                       "/save, not added to the conversation", style="yellow")
+        for note in eng.notices:  # what the engine learned during the reply (a failed compile)
+            self.note(f"note: {note}", style="yellow")
+        eng.notices.clear()
 
     # ---- the loop -------------------------------------------------------------------------------
 

@@ -27,12 +27,14 @@ DtypeOpt = Annotated[str, typer.Option(
          "fp16: for GPUs without bf16 (slow on the CPU).")]
 GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs",
                                          help="CUDA: replay each step as captured CUDA graphs.")]
-CompileOpt = Annotated[str, typer.Option(
-    "--compile", metavar="[off|on]",
+CompileOpt = Annotated[str | None, typer.Option(
+    "--compile", metavar="[auto|off|on]", show_default=False,
     help="CUDA: on fuses each step's norms, RoPE, routing and residuals into a few kernels "
          "with torch.compile (needs Triton and a C compiler; the first step compiles for a "
          "while, later runs reuse the cache). Logits change in the last bits; every policy "
-         "still gives the resident run's tokens. bench: a comma list to compare.")]
+         "still gives the resident run's tokens. auto: on where it can run, eager if "
+         "compiling fails. Default: auto in chat and serve (long sessions repay the "
+         "compile), off in generate and bench. bench: off, on or a comma list to compare.")]
 ExpertsDtypeOpt = Annotated[str, typer.Option(
     "--experts-dtype",
     help="Format of the routed experts: bf16 (exact, default), or int8, fp8, int4 (lossy: "
@@ -120,7 +122,7 @@ PopularityTraceOpt = Annotated[Path | None, typer.Option(
 
 
 def model_options(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-                  graphs: GraphsOpt = True, compile: CompileOpt = "off",
+                  graphs: GraphsOpt = True, compile: CompileOpt = None,
                   experts_dtype: ExpertsDtypeOpt = "bf16") -> None:
     """Which model, on which device, in which dtype."""
 
@@ -162,8 +164,9 @@ def with_options(*groups: Callable[..., None]) -> Callable[[Callable], Callable]
     return wrap
 
 
-def engine_options_of(o: dict[str, Any]):
-    """EngineOptions from the model, runtime and decoding groups' values."""
+def engine_options_of(o: dict[str, Any], *, compile_default: str = "off"):
+    """EngineOptions from the model, runtime and decoding groups' values; `compile_default`
+    where --compile is not given (auto for the long-lived commands, chat and serve)."""
     from tidecli.runtime.options import engine_options
 
     trace = o.get("popularity_trace")
@@ -175,7 +178,8 @@ def engine_options_of(o: dict[str, Any]):
         popularity_trace=str(trace) if trace else None, profile=o["profile"],
         vram_gib=o["vram"], ram_gib=o["ram"], experts_per_layer=o["experts_per_layer"],
         block_length=o["block_length"], threshold=o["threshold"],
-        experts_dtype=o.get("experts_dtype", "bf16"), compile=o.get("compile", "off"))
+        experts_dtype=o.get("experts_dtype", "bf16"),
+        compile=o.get("compile") or compile_default)
 
 
 def gib_list(text: str, option: str = "--vram") -> list[float]:

@@ -88,7 +88,9 @@ def plan(
     check_device(device)
     parse_misses(misses)
     experts_dtype = parse_format(experts_dtype)
-    parse_compile(compile)
+    if parse_compile(compile) == "auto":
+        raise TideError("a plan is for compiled steps or eager ones: --compile auto is neither",
+                        "use --compile on (chat and serve compile where they can) or off")
     if output is not None:
         output = check_writable(output)  # before any planning, not after it
     if calibrate and len(vrams) * len(profiles) > 1:

@@ -36,7 +36,8 @@ def serve(
     **options: Any,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
-    run_serve(opts=opt.engine_options_of(options), settings=opt.decode_settings_of(options),
+    run_serve(opts=opt.engine_options_of(options, compile_default="auto"),
+              settings=opt.decode_settings_of(options),
               host=host, port=port, api_key=api_key, max_queue=max_queue,
               name=served_model_name or default_name(options.get("model")))
 
@@ -73,7 +74,7 @@ def run_serve(*, opts: Any, settings: Any, host: str, port: int, api_key: str | 
     except ImportError:
         raise TideError("tide serve needs FastAPI and uvicorn, which are not installed",
                         "pip install 'tide-dllm[serve]'") from None
-    from tidecli.commands.setup import open_engine
+    from tidecli.commands.setup import compile_ahead, open_engine
     from tidecli.serve.app import create_app
     from tidecli.serve.server import address, bind, make_server
     from tidecli.ui.console import err
@@ -86,6 +87,7 @@ def run_serve(*, opts: Any, settings: Any, host: str, port: int, api_key: str | 
         ended = True
         try:
             settings.validate(engine.cfg.max_position_embeddings)
+            compile_ahead(engine, engine.decode_settings(settings))
             if err.is_terminal:
                 err.print(startup_panel(engine.describe(), title="tide serve"))
             bound_host, bound_port = address(sock)

@@ -51,6 +51,33 @@ def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = N
     return engine
 
 
+def compile_ahead(engine: Any, settings: Any) -> None:
+    """Where the steps compile (chat and serve by default), decode one block of a short prompt
+    now, under a status line, so that the first reply or request does not wait for the compile
+    (≈ 10 s the first time on an H200 host). A compile that fails stops here (`--compile on`)
+    or goes on eager with a note (`auto`). The runtime's counters start afresh after it."""
+    if not engine.compiled:
+        return
+    import time
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+    with err.status("compiling the step's kernels (longest the first time on this machine; "
+                    "cached after)"):
+        decoder = engine.decoder(engine.prompt_ids("Hello"),
+                                 replace(settings, gen_length=settings.block_length,
+                                         temperature=0.0, seed=None))
+        for _ in decoder.steps():
+            pass
+    engine.runtime.reset_stats()
+    for note in engine.notices:
+        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    engine.notices.clear()
+    if engine.compiled:
+        err.print(f"step compiled in {time.perf_counter() - t0:.1f} s", style="dim",
+                  markup=False, highlight=False)
+
+
 def say_ignored(ignored: list[str]) -> None:
     """One `note:` line for the options given that do not apply to this run."""
     if ignored:

@@ -252,13 +252,17 @@ class StepPrograms:
     """The model as the decoder sees it on a GPU: denoising steps and commit passes run as step
     programs (captured as CUDA graphs when `capture`), one per (cache, block length); prefill
     and the reference path run eagerly. `reset` forgets the programs (after the expert runtime
-    or the routing changed)."""
+    or the routing changed). With a `fallback`, a compile that fails switches the programs to
+    those functions (a line in `notices` says why) instead of stopping the run."""
 
     def __init__(self, model: LLaDA2Model, *, capture: bool = True,
-                 fns: LayerFns = EAGER) -> None:
+                 fns: LayerFns = EAGER, fallback: LayerFns | None = None,
+                 notices: list[str] | None = None) -> None:
         self.model = model
         self.capture = capture
         self.fns = fns
+        self.fallback = fallback
+        self.notices = notices if notices is not None else []
         self._programs: dict[int, StepProgram] = {}
 
     def __getattr__(self, name: str):  # cfg, dtype, device, experts, prefill, reference_logits…
@@ -290,6 +294,11 @@ class StepPrograms:
             self.reset()
             cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error
             first = (str(cause).strip().splitlines() or [""])[0][:160]
-            raise TideError(f"compiling the step failed ({type(cause).__name__}: {first})",
-                            "run with --compile off; TIDE_DEBUG=1 shows the traceback") from exc
+            what = f"compiling the step failed ({type(cause).__name__}: {first})"
+            if self.fallback is None:
+                raise TideError(what, "run with --compile off; TIDE_DEBUG=1 shows the "
+                                "traceback") from exc
+            self.fns, self.fallback = self.fallback, None  # the step's inputs are unchanged
+            self.notices.append(f"--compile auto: {what}; the steps run uncompiled")
+            out = self.program(cache, ids.shape[0]).run(ids_host, start, info)
         return (out if rows is None else out[rows]) if logits else None

@@ -87,6 +87,12 @@ class Engine:
         self.tokenizer = ChatTokenizer(self.path)
         self.device = pick_device(opts.load.device)
         self.dtype = pick_dtype(opts.load.dtype, self.device)
+        # --compile auto: on where it can run (no note where it cannot); if compiling then
+        # fails, the steps run eager (StepPrograms falls back, with a note) instead of stopping
+        self.compile_fallback = opts.load.compile == "auto"
+        if self.compile_fallback:
+            mode = "on" if compile_missing(self.device) is None else "off"
+            opts = self.opts = replace(opts, load=replace(opts.load, compile=mode))
         if self.device.type == "cpu" and self.dtype == torch.float16:
             self.notices.append("fp16 on the CPU is slow (no fp16 units): bf16 or fp32 run "
                                 "faster")
@@ -110,7 +116,9 @@ class Engine:
         # functions compiled when asked; on the CPU the eager path is as fast and simpler
         self._compiled: LayerFns | None = None
         fns = self.layer_fns(opts.load.compile)
-        self.runner = StepPrograms(self.model, capture=opts.load.graphs, fns=fns) \
+        self.runner = StepPrograms(self.model, capture=opts.load.graphs, fns=fns,
+                                   fallback=EAGER if self.compile_fallback else None,
+                                   notices=self.notices) \
             if self.device.type == "cuda" else self.model
 
     # ---- what runs ------------------------------------------------------------------------------
@@ -204,8 +212,9 @@ class Engine:
             return EAGER
         if self._compiled is None:
             self._compiled = compiled()
-            self.notices.append("--compile on: the first step compiles its kernels (longest the "
-                                "first time on this machine; cached after)")
+            how = "auto" if self.compile_fallback else "on"
+            self.notices.append(f"--compile {how}: the first step compiles its kernels (longest "
+                                "the first time on this machine; cached after)")
         return self._compiled
 
     def set_compile(self, mode: str) -> bool:

@@ -20,13 +20,15 @@ from tidecli.planner.workload import Workload
 POLICY_CHOICES = ("auto", *POLICIES)
 
 DTYPE_NAMES = ("auto", "bf16", "fp32", "fp16")
-COMPILE_MODES = ("off", "on")  # the step's layer functions through torch.compile (model/parts.py)
+# the step's layer functions through torch.compile (model/parts.py); auto: on where CUDA, Triton
+# and a C compiler are present (the engine resolves it), and back to eager if compiling fails
+COMPILE_MODES = ("auto", "off", "on")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def parse_compile(value: str) -> str:
     if value not in COMPILE_MODES:
-        raise TideError(f"unknown --compile {value!r}", "use on or off")
+        raise TideError(f"unknown --compile {value!r}", "use auto, on or off")
     return value
 
 
@@ -49,7 +51,7 @@ class LoadOptions:
     kernel: str = "auto"  # expert kernel on the device: auto | grouped_mm | loop
     graphs: bool = True  # CUDA: replay steps as captured graphs (off: the same program, eager)
     experts_dtype: str = "bf16"  # the routed experts' format: bf16 | int8 | fp8 | int4 (lossy)
-    compile: str = "off"  # CUDA: the step's layer functions through torch.compile (on | off)
+    compile: str = "off"  # CUDA: the step's layer functions through torch.compile (auto|on|off)
 
     def validate(self) -> None:
         if not _DEVICE.match(self.device):

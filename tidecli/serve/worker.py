@@ -260,6 +260,10 @@ class Worker:
             if outcome is not None:
                 self.metrics.outcome("ok")
                 job.push("done", outcome)
+        finally:  # what the engine learned during the generation (a failed compile)
+            for note in self.engine.notices:
+                sys.stderr.write(f"note: {note}\n")
+            self.engine.notices.clear()
 
     def _failure(self, exc: Exception) -> ServeError:
         oom = out_of_memory(exc, hint="")

@@ -56,6 +56,10 @@
 #   autochk tide plan --calibrate at 10 GiB for cpu and gpu misses, then tide with --misses
 #          auto beside every mode it chooses from, at 10 and at 6 GiB, planned with them
 #   tauchk streamed tide at 10 and 6 GiB with the planned τ beside τ 2 and 4
+#   autocompile the GPU tests of --compile; tide chat with its default (--compile auto) on a piped
+#          prompt; resident and streamed tide at 10 GiB, eager and compiled
+#   split2 tide plan --calibrate at 10 GiB for split and gpu misses, then both at 10 GiB on 16
+#          CPUs and split on 8 and 6 (taskset), planned with those corrections
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -414,6 +418,40 @@ if [ "$STAGE" = tauchk ]; then
   mini
   tree_bench new 400 tauchk --policies tide --misses stream --tau plan,2,4 --vram 10,6 \
     | grep "│ model"
+fi
+if [ "$STAGE" = split2 ]; then  # split and gpu misses calibrated, then on 16, 8 and 6 CPUs
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  export TIDE_CONFIG_DIR=$W/config-cal
+  for m in split gpu; do
+    t0=$(date +%s)
+    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
+      > "$OUT/calibrate-split2-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
+print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
+      "$OUT/calibrate-split2-$m.json" $m | cut -c1-300
+    echo "$m: $(( $(date +%s) - t0 )) s"
+  done
+  tree_bench new 120 split2-cpus16 --policies tide --misses split,gpu --vram 10 | grep "│ model"
+  for n in 8 6; do
+    echo "== taskset $n CPUs"
+    timeout 100 taskset -c 0-$((n - 1)) python3 -m tidecli bench -m "$W/mini" --policies tide \
+      --misses split --vram 10 --workloads model --cpu-threads $n --profile h200 \
+      --prompts tools/bench/bench_prompts.txt --gen-length 64 -o "$OUT/split2-cpus$n.json" 2>&1 \
+      | grep "│ model" | cut -c1-170
+  done
+fi
+if [ "$STAGE" = autocompile ]; then  # chat's default --compile auto on a GPU, then eager/compiled
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_gpu.py \
+    > "$OUT/gputests.txt" 2>&1; tail -3 "$OUT/gputests.txt"
+  mini
+  t0=$(date +%s)
+  printf 'Why is the sky blue?\n' | timeout 150 python3 -m tidecli chat -m "$W/mini" --vram 10 \
+    --gen-length 64 --no-live > "$OUT/chat-auto.out" 2> "$OUT/chat-auto.err"
+  echo "chat rc=$? in $(( $(date +%s) - t0 )) s"; grep -v "^\s*$" "$OUT/chat-auto.err" | tail -8 | cut -c1-200
+  tree_bench new 260 compiled --policies resident,tide --misses stream --vram 10 \
+    --compile off,on | grep "│ model"
 fi
 if [ "$STAGE" = host ]; then
   mini
