@@ -259,3 +259,16 @@ def test_compile_ahead_decodes_one_block_then_starts_the_counters_afresh(capsys)
     calls.clear()
     compile_ahead(SimpleNamespace(compiled=False), DecodeSettings())
     assert not calls
+
+
+def test_inductors_tf32_advice_is_not_shown():
+    """Compiled steps keep fp32 matmuls in fp32; Inductor's advice to turn TF32 on is not a
+    line the user can act on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled("aot_eager")  # its filter goes in front of the one above
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available")
+        warnings.warn("another warning")
+    assert [str(w.message) for w in seen] == ["another warning"]
