@@ -269,6 +269,7 @@ def test_inductors_tf32_advice_is_not_shown():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         compiled("aot_eager")  # its filter goes in front of the one above
-        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available")
-        warnings.warn("another warning")
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available",
+                      stacklevel=1)
+        warnings.warn("another warning", stacklevel=1)
     assert [str(w.message) for w in seen] == ["another warning"]

@@ -73,3 +73,16 @@ def test_a_guess_from_the_layers_own_input_would_be_exact(tiny_ckpt, ranked):
             r.guess_next_layer = nxt.ids if nxt is not None else None
     s = score(rec.forwards)["layer"]
     assert s.new > 0 and s.hit == s.new == s.guessed
+
+
+def test_the_step_guess_on_the_drifting_workload():
+    """On drifting scores the experts ranked just below the top-k foresee most of the next
+    step's entering ones; more ranks foresee more and waste more."""
+    from tidecli.bench.drift import DriftingScores
+    from tidecli.bench.guesses import score_drifting
+
+    gen = DriftingScores(num_experts=256, experts_per_token=8, num_layers=4)
+    one, four = (score_drifting(gen, blocks=2, steps=8, ranked=r) for r in (1, 4))
+    assert one.new == four.new > 0  # the same entering experts are scored
+    assert 0.3 < one.precision and one.recall < four.recall and four.recall > 0.7
+    assert four.precision < one.precision and four.guessed > one.guessed

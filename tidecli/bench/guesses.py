@@ -124,3 +124,19 @@ def score(forwards: list[ForwardRecord]) -> dict[str, GuessScore]:
             if j > 0 and up is not None and up.guess_next_layer is not None:
                 out["layer"].add(set(up.guess_next_layer.ravel().tolist()), used, before)
     return out
+
+
+def score_drifting(gen, *, blocks: int, steps: int, ranked: int) -> GuessScore:
+    """The step guess on the drifting synthetic workload (bench/drift.py `DriftingScores`):
+    each token's `ranked` experts just below its top-k at step s, scored against the experts
+    each layer uses at step s+1 and not at s, over `steps` steps of `blocks` blocks."""
+    out = GuessScore()
+    k = gen.k
+    for b in range(blocks):
+        for s in range(steps - 1):
+            below = gen.ranked(b, s, k + ranked)[..., k:]
+            now, nxt = gen.step(b, s), gen.step(b, s + 1)
+            for j in range(now.shape[0]):
+                out.add(set(below[j].ravel().tolist()), set(nxt[j].ravel().tolist()),
+                        set(now[j].ravel().tolist()))
+    return out
