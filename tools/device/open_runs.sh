@@ -72,6 +72,18 @@ T() { python3 -m tidecli "$@"; }
 TO() { local s=$1; shift; timeout "$s" python3 -m tidecli "$@"; }
 PROMPT="Explain why the sky is blue to a ten-year-old."
 mini() { [ -f "$W/mini/config.json" ] || { /usr/bin/time -f "synth mini: %e s" python3 -m tidecli synth "$W/mini" --preset mini 2>&1 | tail -2; }; }
+calibrate() {  # $1 the JSON's name prefix, then miss modes: tide plan --calibrate at 10 GiB each
+  local name=$1 m t0; shift
+  for m in "$@"; do
+    t0=$(date +%s)
+    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
+      > "$OUT/$name-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
+print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
+      "$OUT/$name-$m.json" $m | cut -c1-300
+    echo "$m: $(( $(date +%s) - t0 )) s"
+  done
+}
 wait_ready() {  # $1 url, $2 server pid: until /health answers (the port opens once the
   # model is loaded), or the server has exited
   python3 - "$1" "$2" <<'EOF'
@@ -345,15 +357,7 @@ if [ "$STAGE" = calib3 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   export TIDE_CONFIG_DIR=$W/config-cal
-  for m in cpu split gpu; do
-    t0=$(date +%s)
-    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
-      > "$OUT/calibrate3-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
-    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
-print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
-      "$OUT/calibrate3-$m.json" $m | cut -c1-300
-    echo "$m: $(( $(date +%s) - t0 )) s"
-  done
+  calibrate calibrate3 cpu split gpu
   tree_bench new 330 calib3 --policies tide --misses cpu,split,gpu --vram 10,6
 fi
 if [ "$STAGE" = hosts ]; then
@@ -401,12 +405,7 @@ if [ "$STAGE" = autochk ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   export TIDE_CONFIG_DIR=$W/config-cal
-  for m in cpu gpu; do
-    t0=$(date +%s)
-    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
-      > "$OUT/calibrate-auto-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
-    echo "$m: $(( $(date +%s) - t0 )) s"
-  done
+  calibrate calibrate-auto cpu gpu
   TO 30 plan -m "$W/mini" --profile h200 --vram 10 --misses auto 2>&1 | tail -4 | cut -c1-200
   for v in 10 6; do
     tree_bench new 170 "autochk$v" --policies tide --misses auto,stream,cpu,gpu --vram $v \
@@ -423,15 +422,7 @@ if [ "$STAGE" = split2 ]; then  # split and gpu misses calibrated, then on 16, 8
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   export TIDE_CONFIG_DIR=$W/config-cal
-  for m in split gpu; do
-    t0=$(date +%s)
-    TO 100 plan -m "$W/mini" --profile h200 --vram 10 --misses $m --calibrate --json \
-      > "$OUT/calibrate-split2-$m.json" 2>"$W/cal-$m.err"; tail -1 "$W/cal-$m.err" | cut -c1-200
-    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['calibration']; \
-print(sys.argv[2], c['measured']['steps'], round(c['measured']['step_ms'],2), c['scales'])" \
-      "$OUT/calibrate-split2-$m.json" $m | cut -c1-300
-    echo "$m: $(( $(date +%s) - t0 )) s"
-  done
+  calibrate calibrate-split2 split gpu
   tree_bench new 120 split2-cpus16 --policies tide --misses split,gpu --vram 10 | grep "│ model"
   for n in 8 6; do
     echo "== taskset $n CPUs"
