@@ -126,3 +126,30 @@ def test_plan_says_which_uncalibrated_mode_a_calibration_might_make_auto_run(tmp
     code, out, err = tide(args + ["--profile", "h200"], capsys)  # streaming predicted fastest
     assert code == 0, err
     assert not [n for n in json.loads(out)["notes"] if "as fast as streaming" in n]
+
+
+def test_plan_as_run_plans_each_mode_with_its_own_saved_corrections(tiny_ckpt, tmp_path):
+    """The one rule `tide plan` and the engine share: the resolved mode with its saved
+    calibration; candidates only under auto where misses stream, and only calibrated ones."""
+    from tidecli.planner import Workload, make_plan
+    from tidecli.planner.auto import plan_as_run
+
+    prof, _path = _profile(tmp_path)
+    cfg = load_config(tiny_ckpt)
+    built: list[tuple[str, bool]] = []
+
+    def build(mode, calibration):
+        built.append((str(mode), calibration is not None))
+        return make_plan(config=cfg, profile=prof, vram_gib=_vram(cfg), workload=Workload(),
+                         misses=mode, calibration=calibration)
+
+    saved = {MissMode.CPU: FAST}.get
+    plan, why = plan_as_run(MissMode.STREAM, requested=MissMode.AUTO, build=build, saved=saved)
+    assert plan.misses == "cpu" and why and built == [("stream", False), ("cpu", True)]
+    built.clear()
+    plan, why = plan_as_run(MissMode.STREAM, requested=MissMode.STREAM, build=build,
+                            saved=saved)
+    assert plan.misses == "stream" and why is None and built == [("stream", False)]
+    built.clear()
+    plan, why = plan_as_run(MissMode.CPU, requested=MissMode.AUTO, build=build, saved=saved)
+    assert plan.misses == "cpu" and why is None and built == [("cpu", True)]

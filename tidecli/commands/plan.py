@@ -169,42 +169,32 @@ def _label(spec: str | None, prof, vram: float | None, n_profiles: int, n_vrams:
     return " · ".join(parts) or prof.name
 
 
-def _auto_misses(stream, calibrated: dict, uncalibrated):
-    """`--misses auto`: the mode the runtime would run (planner/auto.py), with a note saying
-    why when it is not streaming, or which uncalibrated mode a calibration might make it run.
-    `calibrated`: candidate mode → its plan with this machine's corrections, or None."""
-    from dataclasses import replace
-
-    from tidecli.planner.auto import auto_misses, calibration_hint
-
-    plan, why = auto_misses(stream, calibrated.get)
-    if why is None:
-        why = calibration_hint(stream, {str(m): uncalibrated(m)
-                                        for m, p in calibrated.items() if p is None})
-    return replace(plan, notes=(why, *plan.notes)) if why else plan
-
-
 def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, calibrate,
               device, make_plan, load_calibration, fmt, compile):
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
-        from tidecli.planner.auto import AUTO_CANDIDATES
+        from dataclasses import replace
 
-        def planned(m, calibration=None):
+        from tidecli.experts.modes import MissMode
+        from tidecli.planner.auto import AUTO_CANDIDATES, calibration_hint, plan_as_run
+
+        def build(m, calibration=None):
             return make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload,
                              trace=routing, ram_gib=ram, model_name=name, misses=m,
                              calibration=calibration, experts_format=fmt)
 
-        def calibrated(m):
-            saved = load_calibration(profile=prof, model=folder, misses=str(m),
-                                     compiled=compile == "on")
-            return None if saved is None else planned(m, saved)
+        def saved(m):
+            return load_calibration(profile=prof, model=folder, misses=str(m),
+                                    compiled=compile == "on")
 
-        plan = calibrated(plan.misses) or plan
-        if str(mode) == "auto" and plan.misses == "stream":  # as the runtime chooses
-            plan = _auto_misses(plan, {m: calibrated(m) for m in AUTO_CANDIDATES}, planned)
-        return plan
+        resolved = MissMode(plan.misses)
+        chosen, why = plan_as_run(resolved, requested=mode, build=build, saved=saved)
+        if why is None and mode is MissMode.AUTO and resolved is MissMode.STREAM:
+            # which uncalibrated candidate a calibration might make auto run
+            why = calibration_hint(chosen, {str(m): build(m) for m in AUTO_CANDIDATES
+                                            if saved(m) is None})
+        return replace(chosen, notes=(why, *chosen.notes)) if why else chosen
     from tidecli.runtime.calibrate import calibrate_plan
     from tidecli.ui.console import byte_progress, err
 

@@ -78,6 +78,25 @@ def auto_misses(stream: Plan, calibrated_plan: Callable[[MissMode], Plan | None]
     return best, why
 
 
+def plan_as_run(resolved: MissMode, *, requested: MissMode,
+                build: Callable[[MissMode, Calibration | None], Plan],
+                saved: Callable[[MissMode], Calibration | None]) -> tuple[Plan, str | None]:
+    """The plan a run follows, for `tide plan` and the engine alike: the `resolved` miss mode
+    planned with this machine's saved corrections (`saved`: a mode's calibration, or None), and
+    under `--misses auto` where misses stream, a calibrated candidate predicted clearly faster
+    instead (`auto_misses`). `build(mode, calibration)` makes a plan. Returns the plan and why
+    it left streaming (None when it did not)."""
+    chosen = build(resolved, saved(resolved))
+    if requested is not MissMode.AUTO or resolved is not MissMode.STREAM:
+        return chosen, None
+
+    def candidate(mode: MissMode) -> Plan | None:
+        calibration = saved(mode)
+        return None if calibration is None else build(mode, calibration)
+
+    return auto_misses(chosen, candidate)
+
+
 def calibration_hint(stream: Plan, uncalibrated: dict[str, Plan]) -> str | None:
     """For `tide plan --misses auto`: a line when a candidate mode with no calibration on this
     machine is predicted clearly faster than streaming: the command that checks it, after which

@@ -14,8 +14,9 @@ from tidecli.experts.trace import RoutingTrace
 from tidecli.hardware.profile import HardwareProfile
 from tidecli.hardware.store import load_or_create_profile, resolve_profile, saved_profile_path
 from tidecli.model.config import ModelConfig
-from tidecli.planner.auto import MachineFacts, auto_misses, runtime_plan
+from tidecli.planner.auto import MachineFacts, plan_as_run, runtime_plan
 from tidecli.planner.calibration import load_calibration
+from tidecli.planner.costs import Calibration
 from tidecli.planner.model import Breakdown
 from tidecli.planner.plan import Plan
 from tidecli.planner.solver import predictor
@@ -73,20 +74,18 @@ def plan_for(config: ModelConfig, opts: EngineOptions, facts: MachineFacts, *, m
     compiled = runs_compiled(opts, cuda=facts.cuda)
     workload = replace(opts.workload, compiled=compiled)
 
-    def plan(m: MissMode, *, calibrated_only: bool = False) -> Plan | None:
-        calibration = load_calibration(profile=profile, model=model, misses=str(m),
-                                       compiled=compiled)
-        if calibrated_only and calibration is None:
-            return None
+    def saved(m: MissMode) -> Calibration | None:
+        return load_calibration(profile=profile, model=model, misses=str(m), compiled=compiled)
+
+    def build(m: MissMode, calibration: Calibration | None) -> Plan:
         m_facts = facts if m is mode else replace(facts, misses=m)
         return runtime_plan(config=config, profile=profile, facts=m_facts, workload=workload,
                             calibration=calibration, model_name=str(model))
 
-    chosen = plan(mode)
-    if parse_misses(facts.misses) is MissMode.AUTO and mode is MissMode.STREAM:
-        chosen, why = auto_misses(chosen, lambda m: plan(m, calibrated_only=True))
-        if why:
-            notices.append(why)
+    chosen, why = plan_as_run(mode, requested=parse_misses(facts.misses), build=build,
+                              saved=saved)
+    if why:
+        notices.append(why)
     return chosen
 
 
