@@ -77,7 +77,9 @@ def test_bench_compile_axis_on_the_cpu_skips_with_why(tiny_ckpt, capsys, tmp_pat
 
 def test_bench_compile_values_are_checked(tiny_ckpt, capsys):
     user_error(["bench", "-m", str(tiny_ckpt), "--compile", "off,fast"], capsys,
-               "unknown --compile 'fast'")
+               "unknown --compile 'fast'", hint="use on or off")
+    user_error(["plan", "-m", str(tiny_ckpt), "--compile", "fast"], capsys,
+               "unknown --compile 'fast'", hint="use on or off")
 
 
 @pytest.mark.gpu

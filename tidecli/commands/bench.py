@@ -159,9 +159,10 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     for m in _names(prefetch):
         parse_prefetch(m)
     for c in _names(compile):
-        if parse_compile(c) == "auto":
+        if c == "auto":
             raise TideError("bench compares the modes it is given: --compile auto is not one",
-                             "use --compile off, on, or off,on")
+                            "use --compile off, on, or off,on")
+        parse_compile(c, modes=("off", "on"))
     check_schedule(gen_length=gen_length, block_length=1, threshold=threshold)
     spec = BenchSpec(policies=names, vram=gib_list(vram) if vram else [],
                      experts=_ints(experts_per_layer, "experts-per-layer")

@@ -88,9 +88,10 @@ def plan(
     check_device(device)
     parse_misses(misses)
     experts_dtype = parse_format(experts_dtype)
-    if parse_compile(compile) == "auto":
+    if compile == "auto":
         raise TideError("a plan is for compiled steps or eager ones: --compile auto is neither",
                         "use --compile on (chat and serve compile where they can) or off")
+    parse_compile(compile, modes=("off", "on"))
     if output is not None:
         output = check_writable(output)  # before any planning, not after it
     if calibrate and len(vrams) * len(profiles) > 1:

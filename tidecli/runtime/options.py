@@ -26,9 +26,11 @@ COMPILE_MODES = ("auto", "off", "on")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def parse_compile(value: str) -> str:
-    if value not in COMPILE_MODES:
-        raise TideError(f"unknown --compile {value!r}", "use auto, on or off")
+def parse_compile(value: str, *, modes: tuple[str, ...] = COMPILE_MODES) -> str:
+    """--compile's value, one of `modes` (bench and plan take on and off only)."""
+    if value not in modes:
+        raise TideError(f"unknown --compile {value!r}",
+                        f"use {', '.join(m for m in modes if m != 'off')} or off")
     return value
 
 
