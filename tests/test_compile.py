@@ -228,8 +228,8 @@ def test_bench_and_plan_take_no_compile_auto(tiny_ckpt, capsys):
                "a plan is for compiled steps or eager ones: --compile auto is neither")
 
 
-def test_compile_ahead_decodes_one_block_then_starts_the_counters_afresh(capsys):
-    """chat and serve compile at start-up (one block of a short prompt), not in the first
+def test_compile_ahead_runs_one_step_then_starts_the_counters_afresh(capsys):
+    """chat and serve compile at start-up (one step of a short prompt), not in the first
     reply; an engine whose steps run eager skips it."""
     from types import SimpleNamespace
 
@@ -240,8 +240,9 @@ def test_compile_ahead_decodes_one_block_then_starts_the_counters_afresh(capsys)
 
     class Dec:
         def steps(self):
-            calls["steps"] = True
-            return iter(range(3))
+            for i in range(3):
+                calls["steps"] = i + 1
+                yield i
 
     def decoder(ids, settings):
         calls["settings"] = settings
@@ -254,7 +255,8 @@ def test_compile_ahead_decodes_one_block_then_starts_the_counters_afresh(capsys)
                           runtime=SimpleNamespace(reset_stats=reset), notices=["a note"])
     compile_ahead(eng, DecodeSettings(gen_length=512, block_length=32, temperature=0.7))
     s = calls["settings"]
-    assert calls["steps"] and s.gen_length == 32 and s.temperature == 0.0
+    assert calls["steps"] == 1  # one step compiles; the rest of the block is not decoded
+    assert s.gen_length == 32 and s.temperature == 0.0
     assert calls["resets"] == 1 and eng.notices == []
     err = capsys.readouterr().err
     assert "note: a note" in err and "step compiled in" in err

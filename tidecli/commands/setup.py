@@ -52,10 +52,12 @@ def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = N
 
 
 def compile_ahead(engine: Any, settings: Any) -> None:
-    """Where the steps compile (chat and serve by default), decode one block of a short prompt
-    now, under a status line, so that the first reply or request does not wait for the compile
-    (≈ 10 s the first time on an H200 host). A compile that fails stops here (`--compile on`)
-    or goes on eager with a note (`auto`). The runtime's counters start afresh after it."""
+    """Where the steps compile (chat and serve by default), run one denoising step of a short
+    prompt now, under a status line, so that the first reply or request does not wait for the
+    compile (≈ 10 s the first time on an H200 host). Every step and commit pass has the block's
+    shapes, so one step compiles what they run; a slow offloaded model is not made to decode a
+    whole block for it. A compile that fails stops here (`--compile on`) or goes on eager with
+    a note (`auto`). The runtime's counters start afresh after it."""
     if not engine.compiled:
         return
     import time
@@ -67,8 +69,11 @@ def compile_ahead(engine: Any, settings: Any) -> None:
         decoder = engine.decoder(engine.prompt_ids("Hello"),
                                  replace(settings, gen_length=settings.block_length,
                                          temperature=0.0, seed=None))
-        for _ in decoder.steps():
-            pass
+        steps = decoder.steps()
+        try:
+            next(steps, None)
+        finally:
+            steps.close()
     engine.runtime.reset_stats()
     for note in engine.notices:
         err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
