@@ -101,7 +101,7 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
             "stall_ms", "measured_parts_ms", "step_hit_rate", "step_cpu_calls",
-            "step_promotions", "prefetch", "prefetched", "prefetch_accuracy",
+            "step_promotions", "prefetch", "guess_accuracy", "prefetched", "prefetch_accuracy",
             "wasted_h2d_gb", "prefetch_off_forwards",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
@@ -312,6 +312,74 @@ def test_read_ahead_is_swept_only_where_misses_may_stream():
     pts = [(p.policy, p.misses, p.prefetch) for p in run_points(spec)]
     assert pts == [("resident", None, "off"), ("lru", None, "off"), ("tide", "stream", "off"),
                    ("tide", "stream", "layer"), ("tide", "gpu", "off")]
+
+
+@pytest.mark.parametrize("workload", ["synthetic", "drifting"])
+def test_a_set_guess_accuracy_guesses_with_the_workloads_own_routing(workload):
+    """--guess-accuracy A: each guessed expert is the token's real choice with probability A,
+    otherwise one the token did not choose; the guess is distinct per token and a pure function
+    of (seed, block, step); None leaves the guess to the model's router."""
+    from tidecli.bench.synthetic import DriftingRouting, SyntheticRouting
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.moe import ForwardInfo, Router
+    from tidecli.model.presets import preset_config
+
+    cls = {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[workload]
+    cfg = config_from_dict(preset_config("mini"))
+    x = torch.zeros(32, cfg.hidden_size)
+
+    def guesses(accuracy, block=1, step=2, tokens=32):
+        r = cls(cfg, device=torch.device("cpu"))
+        r.guess_accuracy = accuracy
+        r.begin(ForwardInfo("step" if tokens == 32 else "prefill", block=block, step=step),
+                tokens)
+        ids = np.stack([r.ids(j, tokens).numpy() for j in range(cfg.num_moe_layers)])
+        g = np.stack([r.guess(j, x[:tokens], None, cfg, static=False).numpy()
+                      for j in range(cfg.num_moe_layers)])
+        if tokens == 32:  # the captured step's buffer holds the same guess
+            assert np.array_equal(g[3], r.guess(3, x, None, cfg, static=True).numpy())
+        return ids, g
+
+    ids, g = guesses(1.0)
+    assert np.array_equal(ids, g)
+    ids, g = guesses(0.0)
+    assert not any(set(a) & set(b) for a, b in zip(ids.reshape(-1, 8), g.reshape(-1, 8),
+                                                   strict=True))
+    ids, g = guesses(0.8)
+    right = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ids.reshape(-1, 8),
+                                                                g.reshape(-1, 8), strict=True)])
+    assert right == pytest.approx(0.8, abs=0.02)
+    assert all(len(set(row)) == 8 for row in g.reshape(-1, 8))
+    assert np.array_equal(guesses(0.8)[1], g)  # the same (seed, block, step): the same guess
+    assert not np.array_equal(guesses(0.8, step=3)[1], g)
+    ids, g = guesses(0.5, tokens=5)  # a prefill's guess too
+    assert g.shape == (cfg.num_moe_layers, 5, 8) and (ids == g).mean() < 0.9
+    r = cls(cfg, device=torch.device("cpu"))  # None: the model's router guesses, as before
+    assert type(r).guess is not Router.guess and r.guess_accuracy is None
+
+
+def test_guess_accuracy_is_swept_on_synthetic_read_ahead_runs_only():
+    from tidecli.commands.bench import bench_spec
+    from tidecli.errors import TideError
+
+    spec = BenchSpec(policies=["tide"], vram=[10.0], workloads=["model", "drifting"], taus=[1],
+                     misses=["stream"], prefetch=["off", "layer"], guesses=[1.0, 0.5])
+    spec.validate()
+    pts = [(p.workload, p.prefetch, p.guess) for p in run_points(spec)]
+    assert pts == [("model", "off", None), ("model", "layer", None), ("drifting", "off", None),
+                   ("drifting", "layer", 1.0), ("drifting", "layer", 0.5)]
+    common = dict(policies="tide", vram="10", experts_per_layer=None, tau="1", misses="stream",
+                  prompts=None, gen_length=8, threshold=None, repeat=1)
+    with pytest.raises(TideError, match="synthetic workloads"):
+        bench_spec(workloads="model", prefetch="layer", guess_accuracy="0.9", **common)
+    with pytest.raises(TideError, match="synthetic workloads"):
+        bench_spec(workloads="drifting", prefetch="off", guess_accuracy="0.9", **common)
+    with pytest.raises(TideError, match="from 0 to 1"):
+        bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="1.5", **common)
+    with pytest.raises(TideError, match="from 0 to 1"):
+        bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="high", **common)
+    assert bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="1,0.5",
+                      **common).guesses == [1.0, 0.5]
 
 
 def test_bench_refuses_an_unknown_read_ahead():

@@ -327,3 +327,30 @@ def test_read_ahead_is_bitwise_exact(tiny_ckpt, fused):
         assert s["prefetched"] > 0 and 0 <= s["prefetch_used"] <= s["prefetched"]
         assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
         m.experts.close()
+
+
+def test_a_set_guess_reads_ahead_in_the_captured_step(tiny_ckpt):
+    """`tide bench --guess-accuracy` on the GPU: the captured step reads the workload's guess
+    from its fixed buffer; a right guess is always used, and every run gives the resident
+    run's tokens."""
+    from tidecli.bench.harness import Bench
+    from tidecli.bench.spec import BenchSpec
+    from tidecli.experts.gather import stream_available
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    if stream_available(torch.device("cuda")):
+        pytest.skip(stream_available(torch.device("cuda")))
+    spec = BenchSpec(policies=["resident", "tide"], experts=[6], workloads=["drifting"],
+                     taus=[1], misses=["stream"], prefetch=["layer"], guesses=[1.0, 0.0],
+                     prompts=["Hello there"], gen_length=64, warmup_tokens=32)
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cuda", policy="resident"),
+                 quiet=True)
+    try:
+        runs = Bench(eng, spec).run()["runs"]
+    finally:
+        eng.close()
+    assert [r.get("guess_accuracy") for r in runs] == [None, 1.0, 0.0]
+    assert all(r.get("identical") for r in runs[1:]), runs
+    assert runs[1]["prefetch_accuracy"] == 1.0 and runs[1]["prefetched"] > 0
+    assert runs[2]["prefetch_accuracy"] < 1.0

@@ -115,6 +115,32 @@ def test_read_ahead_gives_the_resident_tokens(tiny_ckpt, reference, name, b, pro
     check_tables(rt)
 
 
+@pytest.mark.parametrize("accuracy", [1.0, 0.0])
+@pytest.mark.parametrize("program", [True, False])
+def test_a_workloads_set_guess_reads_ahead_and_keeps_the_tokens(tiny_ckpt, accuracy, program):
+    """The bench's synthetic routing with its guess set (--guess-accuracy): the read-ahead takes
+    the workload's guess instead of the router's; a right guess is always used, a wrong one
+    mostly not, and the tokens are the workload's resident ones either way."""
+    from tidecli.bench.synthetic import SyntheticRouting
+
+    def run(runtime=None, guess=None):
+        model, _ = load_model(tiny_ckpt, runtime=runtime)
+        model.router = SyntheticRouting(model.cfg, device=torch.device("cpu"))
+        model.router.guess_accuracy = guess
+        return model, decode_cpu(model, program=program).token_ids
+
+    _, ref = run()
+    model, tokens = run(stream_runtime(POLICIES["tide1"], 3, prefetch=True), accuracy)
+    assert tokens == ref
+    s = model.experts.run_stats.summary()
+    assert s["prefetched"] > 0
+    if accuracy == 1.0:
+        assert s["prefetch_used"] == s["prefetched"]
+    else:
+        assert s["prefetch_used"] < s["prefetched"]
+    check_tables(model.experts)
+
+
 def _one_layer(tiny_ckpt, b):
     model, _ = load_model(tiny_ckpt, runtime=stream_runtime(
         lambda: TidePolicy(TideOptions(tau=1)), b, prefetch=True))

@@ -85,6 +85,7 @@ class Bench:
         self.expected: dict[tuple, list[list[int]]] = {}
         self.pending: dict[tuple, list[tuple[dict, list[list[int]]]]] = {}
         self.traces: dict[str, dict] = {}
+        self.router = None  # a synthetic workload's routing, while one runs
         # several formats: each compared with bf16 (tokens, logits, expert outputs)
         self.formats = None
         if spec.compares_formats:
@@ -118,6 +119,14 @@ class Bench:
                                          block_length=self.engine.opts.workload.block_length,
                                          seed=self.spec.seed)
         self.engine.set_router(router)
+        self.router = router
+
+    def _set_guess(self, accuracy: float | None) -> None:
+        """The read-ahead's guess on a synthetic workload: set to `accuracy`, or None for the
+        model's router (a captured step reads one or the other: captured again on a change)."""
+        if self.router is not None and self.router.guess_accuracy != accuracy:
+            self.router.guess_accuracy = accuracy
+            self.engine.reset_programs()
 
     # ---- a trace per workload (routing statistics and the oracle) -------------------------------
 
@@ -201,6 +210,8 @@ class Bench:
             "step_promotions": round(in_steps.promotions / steps, 2) if steps else None,
             # read-ahead: what it read, and how much of that its layer then used
             "prefetch": eng.runtime.describe().prefetch,
+            # the guess's set accuracy on a synthetic workload (None: the model's router)
+            "guess_accuracy": pt.guess,
             "prefetched": s["prefetched"],
             "prefetch_accuracy": round(s["prefetch_accuracy"], 4)
             if s["prefetch_accuracy"] is not None else None,
@@ -265,7 +276,8 @@ class Bench:
                 (f" · τ={pt.tau}" if pt.tau is not None else "") + \
                 (" · planned" if pt.planned else "") + \
                 (f" · misses {pt.misses}" if pt.misses is not None else "") + \
-                (f" · prefetch {pt.prefetch}" if pt.prefetch != "off" else "")
+                (f" · prefetch {pt.prefetch}" if pt.prefetch != "off" else "") + \
+                (f" · guess {pt.guess:.0%}" if pt.guess is not None else "")
             self.say(label)
             try:
                 if not self.engine.set_compile(pt.compile):  # says why in a notice
@@ -273,6 +285,7 @@ class Bench:
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, why))
                     continue
+                self._set_guess(pt.guess)
                 self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),
@@ -320,7 +333,7 @@ class Bench:
 def _skipped(pt: RunPoint, why: str) -> dict:
     return {"workload": pt.workload, "policy": pt.policy, "budget": pt.budget,
             "vram_gib": pt.vram, "tau": pt.tau, "misses": pt.misses, "prefetch": pt.prefetch,
-            "skipped": why,
+            "guess_accuracy": pt.guess, "skipped": why,
             **({"experts_dtype": pt.fmt} if pt.fmt != "bf16" else {}),
             **({"compiled": True} if pt.compile == "on" else {})}
 

@@ -36,6 +36,9 @@ class BenchSpec:
     taus: list[int | str] = field(default_factory=lambda: ["plan"])  # "plan": the planner's
     misses: list[str] = field(default_factory=lambda: ["auto"])  # static/tide miss placement
     prefetch: list[str] = field(default_factory=lambda: ["off"])  # read-ahead (streamed misses)
+    # the read-ahead's guess on the synthetic workloads set to these accuracies (empty: the
+    # model's router guesses, as on the model's own routing)
+    guesses: list[float] = field(default_factory=list)
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     gen_length: int = 256
     threshold: float | None = None  # None: the checkpoint's preset
@@ -76,6 +79,14 @@ class BenchSpec:
         if not self.prefetch or any(m not in PREFETCH_MODES for m in self.prefetch):
             raise TideError(f"--prefetch takes {', '.join(PREFETCH_MODES)}",
                             "e.g. --prefetch off,layer")
+        if any(not 0.0 <= g <= 1.0 for g in self.guesses):
+            raise TideError("--guess-accuracy values are shares from 0 to 1",
+                            "e.g. --guess-accuracy 1,0.9,0.5")
+        if self.guesses and ("layer" not in self.prefetch or
+                             all(w == "model" for w in self.workloads)):
+            raise TideError("--guess-accuracy sets the read-ahead's guess on the synthetic "
+                            "workloads", "add --prefetch layer --workloads drifting "
+                            "(or synthetic)")
         if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
                                 for t in self.taus):
             raise TideError("--tau values must be 'plan' or at least 1", "e.g. --tau plan,1,2,4,8")
@@ -126,6 +137,7 @@ class RunPoint:
     fmt: str = "bf16"  # the routed experts' format
     prefetch: str = "off"  # read-ahead of streamed misses
     compile: str = "off"  # the step's layer functions compiled (on) or eager
+    guess: float | None = None  # the read-ahead's set accuracy (synthetic workloads)
 
     @property
     def budget(self) -> str:
@@ -159,6 +171,8 @@ def _points(spec: BenchSpec, w: str, f: str, c: str) -> list[RunPoint]:
                     plan = t == "plan" and b is None  # --experts fixes the budgets
                     tau = None if plan or t is None else (4 if t == "plan" else int(t))
                     for a in ahead:
-                        pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
-                                            prefetch=a, compile=c))
+                        set_guess = a == "layer" and w != "model" and spec.guesses
+                        for g in (spec.guesses if set_guess else [None]):
+                            pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
+                                                prefetch=a, compile=c, guess=g))
     return pts

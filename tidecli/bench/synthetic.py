@@ -9,10 +9,16 @@ counts have a cosine similarity ≈ 0.985 one step apart and ≈ 0.95 five steps
 published for real LLaDA2.0-mini. The choices depend only on (seed, block, step, layer), so
 every policy sees the same routing and must give the same tokens. For a block-routed model
 (LLaDA2.2) each routing window's pool holds at most its `expert_capacity` experts.
+
+The read-ahead's guess (`--prefetch layer`) can be set to a known accuracy (`guess_accuracy`):
+each of a token's k guessed experts is its real choice with that probability, otherwise an
+expert the token did not choose. The bench uses it to measure what the read-ahead gives with a
+predictor as good as a trained model's, which random weights cannot show.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tidecli.bench.drift import DriftingScores
@@ -36,11 +42,16 @@ class SyntheticRouting(PublishedRouting, Router):
         self.cfg = cfg
         self.device = device
         cuda = device.type == "cuda"
-        self._host = torch.zeros((self.M, block_length, self.k), dtype=torch.long,
+        # [0]: the expert choice of a block-length forward, [1]: the read-ahead's guess of it
+        self._host = torch.zeros((2, self.M, block_length, self.k), dtype=torch.long,
                                  pin_memory=cuda)
-        self._dev = torch.zeros((self.M, block_length, self.k), dtype=torch.long, device=device)
+        self._dev = torch.zeros((2, self.M, block_length, self.k), dtype=torch.long,
+                                device=device)
         self._copied: torch.cuda.Event | None = None
-        self._current = self._dev  # what ids() hands out for the forward in progress
+        self._current = self._dev  # what ids() and guess() hand out for the forward in progress
+        # None: the read-ahead guesses with the model's router (Router.guess); a share in [0, 1]:
+        # with the routing itself, that share of each token's experts right (set per run)
+        self.guess_accuracy: float | None = None
 
     def describe(self) -> dict:
         return {"workload": "synthetic", "pool": self.pool_size, "churn": self.churn,
@@ -57,7 +68,10 @@ class SyntheticRouting(PublishedRouting, Router):
                     else self.step(info.block, 0)
             if self._copied is not None:
                 self._copied.synchronize()  # the previous copy has left the pinned buffer
-            self._host.copy_(torch.from_numpy(assign))
+            self._host[0].copy_(torch.from_numpy(assign))
+            if self.guess_accuracy is not None:
+                key = (7, info.block, info.step + 1 if info.kind == "step" else 0)
+                self._host[1].copy_(torch.from_numpy(self._guess_of(assign, key)))
             self._dev.copy_(self._host, non_blocking=True)
             if self.device.type == "cuda":
                 self._copied = torch.cuda.Event()
@@ -66,7 +80,21 @@ class SyntheticRouting(PublishedRouting, Router):
             return
         pools = self._pools if self._pools is not None else self._pools_of(0)
         draw = self._draw_tokens(self._rng(4, info.block, tokens), pools, tokens)
-        self._current = torch.from_numpy(draw).to(self.device)
+        guess = self._guess_of(draw, (8, info.block, tokens)) \
+            if self.guess_accuracy is not None else draw
+        self._current = torch.from_numpy(np.stack([draw, guess])).to(self.device)
+
+    def _guess_of(self, assign: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+        """The read-ahead's guess [M, t, k] of the choice `assign`: each entry kept with
+        probability `guess_accuracy`, otherwise replaced by an expert its token did not choose
+        (distinct within the token; another token may still use it). A pure function of (seed,
+        key)."""
+        rng = self._rng(*key)
+        keys = rng.random((*assign.shape[:2], self.E))
+        np.put_along_axis(keys, assign, np.inf, axis=-1)  # never one of the token's own
+        other = np.argpartition(keys, self.k - 1, axis=-1)[..., : self.k]
+        right = rng.random(assign.shape) < self.guess_accuracy
+        return np.where(right, assign, other)
 
     def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +102,21 @@ class SyntheticRouting(PublishedRouting, Router):
         layer `moe_index` for this forward [t, k]: in a static program the buffer a block-length
         step reads (its address is captured)."""
         _ids, weights = route(x, w, cfg)
-        return (self._dev[moe_index] if static else self.ids(moe_index, x.shape[0])), weights
+        return (self._dev[0, moe_index] if static else self.ids(moe_index, x.shape[0])), weights
+
+    def guess(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
+              static: bool = False) -> torch.Tensor:
+        if self.guess_accuracy is None:
+            return super().guess(moe_index, x, w, cfg, static=static)
+        if static:
+            return self._dev[1, moe_index]
+        out = self._current[1, moe_index]
+        assert out.shape[0] == x.shape[0], "begin() was not called for this forward"
+        return out
 
     def ids(self, moe_index: int, tokens: int) -> torch.Tensor:
         """The expert choice of MoE layer `moe_index` for this forward: [tokens, k]."""
-        out = self._current[moe_index]
+        out = self._current[0, moe_index]
         assert out.shape[0] == tokens, "begin() was not called for this forward"
         return out
 

@@ -35,6 +35,14 @@ def _ints(text: str, name: str) -> list[int]:
         raise TideError(f"--{name} takes whole numbers", hint) from exc
 
 
+def _shares(text: str, name: str) -> list[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise TideError(f"--{name} takes numbers from 0 to 1", f"e.g. --{name} 1,0.9,0.5") \
+            from exc
+
+
 def _taus(text: str) -> list[int | str]:
     """--tau: whole numbers and 'plan'."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -92,6 +100,11 @@ def bench(
     prefetch: Annotated[str, typer.Option(
         metavar="LIST", help="Read-ahead for streamed misses to sweep: off and/or layer "
                              "(e.g. off,layer).")] = "off",
+    guess_accuracy: Annotated[str | None, typer.Option(
+        metavar="LIST",
+        help="On the synthetic and drifting workloads, the read-ahead guesses with the "
+             "workload's own routing, this share of each token's experts right (e.g. "
+             "1,0.9,0.5): what a predictor as good as a trained model's would give.")] = None,
     prompts: Annotated[Path | None, typer.Option(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
@@ -117,7 +130,7 @@ def bench(
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
     spec = bench_spec(policies=policies, vram=vram, experts_per_layer=experts_per_layer,
                       workloads=workloads, tau=tau, misses=misses, prefetch=prefetch,
-                      prompts=prompts,
+                      guess_accuracy=guess_accuracy, prompts=prompts,
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
                       experts_dtype=options.get("experts_dtype", "bf16"),
                       compile=options.get("compile") or "off")
@@ -138,7 +151,7 @@ def _names(text: str) -> list[str]:
 
 def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
                workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
-               prefetch: str = "off",
+               prefetch: str = "off", guess_accuracy: str | None = None,
                threshold: float | None, repeat: int, experts_dtype: str = "bf16",
                compile: str = "off"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
@@ -169,6 +182,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                      if experts_per_layer else [],
                      workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),
                      prefetch=_names(prefetch),
+                     guesses=_shares(guess_accuracy, "guess-accuracy") if guess_accuracy else [],
                      prompts=_prompts(prompts) or list(PROMPTS),
                      gen_length=gen_length, threshold=threshold, repeat=repeat,
                      formats=_formats(parse_formats(experts_dtype)),

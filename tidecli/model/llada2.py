@@ -18,7 +18,6 @@ from tidecli.model.config import ModelConfig
 from tidecli.model.layers import Rotary, attend, block_causal_mask, rms_norm
 from tidecli.model.moe import ExpertRuntime, ForwardInfo, Router
 from tidecli.model.parts import EAGER, LayerFns, residual
-from tidecli.model.router import predict
 from tidecli.model.weights import DenseWeights
 
 
@@ -109,10 +108,11 @@ class LLaDA2Model:
             return fns.route(n, w, self.cfg)
         return self.router(self.moe_index[i], n, w, self.cfg, static=static)
 
-    def predict(self, i: int, n: torch.Tensor) -> torch.Tensor:
-        """A guess of MoE layer i's expert ids [T, k]: its router applied to `n`, an earlier
-        layer's normed input (the model's router, whatever router the run chose)."""
-        return predict(n, self.w.layers[i].router, self.cfg)
+    def predict(self, i: int, n: torch.Tensor, *, static: bool = False) -> torch.Tensor:
+        """A guess of MoE layer i's expert ids [T, k] from `n`, an earlier layer's normed input:
+        its router applied to `n`, unless the run's router guesses otherwise (Router.guess)."""
+        return self.router.guess(self.moe_index[i], n, self.w.layers[i].router, self.cfg,
+                                 static=static)
 
     def expert_part(self, i: int, n: torch.Tensor, ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from tidecli.model.config import ModelConfig
 from tidecli.model.counters import ExpertStats
-from tidecli.model.router import route
+from tidecli.model.router import predict, route
 from tidecli.model.weights import RouterWeights
 
 
@@ -104,3 +104,10 @@ class Router:
     def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return route(x, w, cfg)
+
+    def guess(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
+              static: bool = False) -> torch.Tensor:
+        """A guess [T, k] of MoE layer `moe_index`'s expert ids before its router runs (the
+        read-ahead's): `w`, that layer's router, applied to `x`, an earlier layer's normed
+        input. Benchmark workloads that know the routing ahead may guess otherwise."""
+        return predict(x, w, cfg)

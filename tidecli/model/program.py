@@ -140,12 +140,12 @@ class StepProgram:
         joins before layer j's experts run (`_gpu`)."""
         nxt = self.moe[j]
         if not self.cuda:
-            self.rt.prefetch(nxt, self.model.predict(nxt, n))
+            self.rt.prefetch(nxt, self.model.predict(nxt, n, static=True))
             return
         side = side_stream(self.device, "prefetch")
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self.rt.prefetch(nxt, self.model.predict(nxt, n))
+            self.rt.prefetch(nxt, self.model.predict(nxt, n, static=True))
         self._ahead[j] = side
 
     def _gpu(self, j: int) -> None:

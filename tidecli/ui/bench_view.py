@@ -31,7 +31,7 @@ def runs_table(report: dict) -> Table:
     for r in report["runs"]:
         lead = [r["workload"]] + ([r.get("experts_dtype", "bf16")] if formats else [])
         if r.get("skipped"):
-            ahead = " +ahead" if r.get("prefetch") == "layer" else ""
+            ahead = _ahead(r)
             t.add_row(*lead, _policy(r), r["budget"], _f(r["tau"], "{}"),
                       _f(r["misses"], "{}") + ahead, "skipped", *[""] * (len(cols) - len(lead) - 5))
             continue
@@ -40,7 +40,7 @@ def runs_table(report: dict) -> Table:
         misses = _f(r.get("misses_used") or r["misses"], "{}")
         if r.get("prefetch") == "layer":  # read ahead: how many of its guesses were used
             acc = r.get("prefetch_accuracy")
-            misses += " +ahead" + (f" {acc:.0%}" if acc is not None else "")
+            misses += _ahead(r) + (f" {acc:.0%} used" if acc is not None else "")
         t.add_row(*lead, _policy(r), r["budget"], tau, misses,
                   _f(r["tokens_per_s"], "{:.1f}"), _f(r["steps_per_s"], "{:.2f}"),
                   _f(100 * r["hit_rate"], "{:.1f}"), _f(r["h2d_gb"], "{:.3f}"),
@@ -157,3 +157,11 @@ def skipped_lines(report: dict) -> list[str]:
     return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}"
             + (" · prefetch layer" if r.get("prefetch") == "layer" else "") + f": {r['skipped']}"
             for r in report["runs"] if r.get("skipped")]
+
+
+def _ahead(r: dict) -> str:
+    """A run's read-ahead, and @ the accuracy its guess was set to on a synthetic workload."""
+    if r.get("prefetch") != "layer":
+        return ""
+    g = r.get("guess_accuracy")
+    return " +ahead" + (f"@{g:.0%}" if g is not None else "")

@@ -60,6 +60,10 @@
 #          prompt; resident and streamed tide at 10 GiB, eager and compiled
 #   split2 tide plan --calibrate at 10 GiB for split and gpu misses, then both at 10 GiB on 16
 #          CPUs and split on 8 and 6 (taskset), planned with those corrections
+#   guess  GPU tests of the read-ahead; tide chat's start-up compile (one step); resident, lru
+#          and streamed tide on the drifting workload at 10 and 6 GiB, the read-ahead off and
+#          with its guess set to 100, 90, 70 and 50 % (--guess-accuracy)
+#   guessc the same at 10 GiB, compiled
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -443,6 +447,26 @@ if [ "$STAGE" = autocompile ]; then  # chat's default --compile auto on a GPU, t
   echo "chat rc=$? in $(( $(date +%s) - t0 )) s"; grep -v "^\s*$" "$OUT/chat-auto.err" | tail -8 | cut -c1-200
   tree_bench new 260 compiled --policies resident,tide --misses stream --vram 10 \
     --compile off,on | grep "│ model"
+fi
+if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ]; then  # the read-ahead at set accuracies
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  G() { TO "$1" bench -m "$W/mini" --policies resident,lru,tide --misses stream \
+    --prefetch off,layer --guess-accuracy 1,0.9,0.7,0.5 --workloads drifting \
+    --prompts tools/bench/bench_prompts.txt --gen-length 64 --profile h200 "${@:2}" 2>&1 \
+    | grep -v "^\[" | sed -n '/tide bench/,/more per run/p' | cut -c1-160; }
+fi
+if [ "$STAGE" = guess ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k \
+    "read_ahead or set_guess" > "$OUT/gputests.txt" 2>&1; tail -3 "$OUT/gputests.txt"
+  t0=$(date +%s)
+  printf 'Why is the sky blue?\n' | timeout 150 python3 -m tidecli chat -m "$W/mini" --vram 10 \
+    --gen-length 64 --no-live > "$OUT/chat-auto.out" 2> "$OUT/chat-auto.err"
+  echo "chat rc=$? in $(( $(date +%s) - t0 )) s"; grep -v "^\s*$" "$OUT/chat-auto.err" | tail -6 | cut -c1-200
+  G 420 --vram 10,6 -o "$OUT/guess-bench-mini.json"
+fi
+if [ "$STAGE" = guessc ]; then
+  G 500 --vram 10 --compile on -o "$OUT/guess-compiled-bench-mini.json"
 fi
 if [ "$STAGE" = host ]; then
   mini
