@@ -2,6 +2,7 @@
 
 Usage: PYTHONPATH=. python tools/bench/step_trace.py MODEL --misses gpu --vram 10 --out DIR
        [--policy resident] [--compile on] [--experts-dtype int4]
+       [--workload drifting] [--prefetch layer] [--guess-accuracy 1]
 Prints the CUDA and CPU time per operator over the profiled steps, the wall time per step, and
 writes a Chrome trace (DIR/trace-<policy>-<misses>[-compiled].json.gz) to read the timeline.
 """
@@ -34,13 +35,24 @@ def main() -> None:
     ap.add_argument("--compile", default="off")
     ap.add_argument("--experts-dtype", default="bf16")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--workload", default="model", choices=("model", "synthetic", "drifting"))
+    ap.add_argument("--prefetch", default="off")
+    ap.add_argument("--guess-accuracy", type=float, default=None)
     a = ap.parse_args()
     resident = a.policy == "resident"
     eng = Engine(engine_options(model=a.model, policy=a.policy, misses=a.misses,
                                 vram_gib=None if resident else a.vram,
                                 profile=a.profile, tau=None if resident else 1,
-                                compile=a.compile, experts_dtype=a.experts_dtype),
+                                compile=a.compile, experts_dtype=a.experts_dtype,
+                                prefetch=a.prefetch),
                  quiet=True)
+    if a.workload != "model":  # the bench's synthetic routing, its read-ahead guess set
+        from tidecli.bench.synthetic import DriftingRouting, SyntheticRouting
+
+        cls = {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[a.workload]
+        router = cls(eng.cfg, device=eng.device, block_length=eng.opts.workload.block_length)
+        router.guess_accuracy = a.guess_accuracy
+        eng.set_router(router)
     ids = eng.prompt_ids("Explain why the sky is blue to a ten-year-old.")
     for _ in eng.decoder(ids, DecodeSettings(gen_length=64)).steps():
         pass
@@ -62,6 +74,10 @@ def main() -> None:
     name = f"{a.policy}-{a.misses}" + ("-compiled" if a.compile == "on" else "")
     if a.experts_dtype != "bf16":
         name += f"-{a.experts_dtype}-{a.vram:g}"
+    if a.workload != "model":
+        name += f"-{a.workload}"
+    if a.prefetch != "off":
+        name += f"-ahead{'' if a.guess_accuracy is None else f'{a.guess_accuracy:g}'}"
     raw = out / f"trace-{name}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:

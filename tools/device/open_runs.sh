@@ -64,6 +64,8 @@
 #          and streamed tide on the drifting workload at 10 and 6 GiB, the read-ahead off and
 #          with its guess set to 100, 90, 70 and 50 % (--guess-accuracy)
 #   guessc the same at 10 GiB, compiled
+#   guess2 the same bench at 14 GiB (every expert of a step fits its slots), then profiler
+#          traces of streamed tide on the drifting workload at 10 GiB, read-ahead off and right
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -464,6 +466,13 @@ if [ "$STAGE" = guess ]; then
     --gen-length 64 --no-live > "$OUT/chat-auto.out" 2> "$OUT/chat-auto.err"
   echo "chat rc=$? in $(( $(date +%s) - t0 )) s"; grep -v "^\s*$" "$OUT/chat-auto.err" | tail -6 | cut -c1-200
   G 420 --vram 10,6 -o "$OUT/guess-bench-mini.json"
+fi
+if [ "$STAGE" = guess2 ]; then
+  G 200 --vram 14 --policies resident,tide -o "$OUT/guess-bench-mini-14.json"
+  for a in "" "--prefetch layer --guess-accuracy 1"; do
+    timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 10 \
+      --workload drifting $a --out "$OUT" | head -1
+  done
 fi
 if [ "$STAGE" = guessc ]; then
   G 500 --vram 10 --compile on -o "$OUT/guess-compiled-bench-mini.json"
