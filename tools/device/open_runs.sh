@@ -468,6 +468,7 @@ if [ "$STAGE" = guess ]; then
   G 420 --vram 10,6 -o "$OUT/guess-bench-mini.json"
 fi
 if [ "$STAGE" = guess2 ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k set_guess 2>&1 | tail -1
   G 200 --vram 14 --policies resident,tide -o "$OUT/guess-bench-mini-14.json"
   for a in "" "--prefetch layer --guess-accuracy 1"; do
     timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 10 \
