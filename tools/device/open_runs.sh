@@ -450,7 +450,7 @@ if [ "$STAGE" = autocompile ]; then  # chat's default --compile auto on a GPU, t
   tree_bench new 260 compiled --policies resident,tide --misses stream --vram 10 \
     --compile off,on | grep "│ model"
 fi
-if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ]; then  # the read-ahead at set accuracies
+if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ] || [ "$STAGE" = guess2 ]; then  # read-ahead, set guesses
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   G() { TO "$1" bench -m "$W/mini" --policies resident,lru,tide --misses stream \
@@ -468,7 +468,7 @@ if [ "$STAGE" = guess ]; then
   G 420 --vram 10,6 -o "$OUT/guess-bench-mini.json"
 fi
 if [ "$STAGE" = guess2 ]; then
-  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k set_guess 2>&1 | tail -1
+  [ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k set_guess 2>&1 | tail -1
   G 200 --vram 14 --policies resident,tide -o "$OUT/guess-bench-mini-14.json"
   for a in "" "--prefetch layer --guess-accuracy 1"; do
     timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 10 \
