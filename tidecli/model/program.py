@@ -86,7 +86,8 @@ class StepProgram:
         self.single = not self.rt.needs_host
         # read-ahead of the next MoE layer's experts (a runtime that takes guesses)
         self.prefetch = self.rt.prefetches
-        self._ahead: list[torch.cuda.Stream | None] = [None] * m
+        # per MoE layer: the end of its read-ahead on the side stream (its layer joins that)
+        self._ahead: list[torch.cuda.Event | None] = [None] * m
         if capture and self.cuda:
             self._capture()
 
@@ -137,7 +138,10 @@ class StepProgram:
     def _read_ahead(self, j: int, n: torch.Tensor) -> None:
         """Guess MoE layer j's experts from the layer before's input and let the runtime read
         them, on a side stream: it overlaps that layer's experts and layer j's attention, and
-        joins before layer j's experts run (`_gpu`)."""
+        joins before layer j's experts run (`_gpu`). The join waits for an event recorded after
+        this read-ahead alone: waiting for the side stream itself would also wait for the next
+        layer's read-ahead, queued there later, and hold every layer's experts until the next
+        layer's experts had crossed PCIe."""
         nxt = self.moe[j]
         if not self.cuda:
             self.rt.prefetch(nxt, self.model.predict(nxt, n, static=True))
@@ -146,13 +150,15 @@ class StepProgram:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.rt.prefetch(nxt, self.model.predict(nxt, n, static=True))
-        self._ahead[j] = side
+            done = torch.cuda.Event()
+            done.record(side)
+        self._ahead[j] = done
 
     def _gpu(self, j: int) -> None:
         layer = self.moe[j]
-        side = self._ahead[j]
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        done = self._ahead[j]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
             self._ahead[j] = None
         self.pair[j] = self.rt.device_begin(layer, self.n[j], self.ids[j])
         self.shared[j] = self.model.shared_part(layer, self.n[j], fns=self.fns)

@@ -66,6 +66,9 @@
 #   guessc the same at 10 GiB, compiled
 #   guess2 the same bench at 14 GiB (every expert of a step fits its slots), then profiler
 #          traces of streamed tide on the drifting workload at 10 GiB, read-ahead off and right
+#   guess3 after the read-ahead's join fix: its GPU tests; resident and streamed tide on the
+#          drifting workload at 14 and 10 GiB, read-ahead off and with its guess set to 100 and
+#          90 %; the same on the model's own routing at 10 GiB with the router's guess
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -450,7 +453,8 @@ if [ "$STAGE" = autocompile ]; then  # chat's default --compile auto on a GPU, t
   tree_bench new 260 compiled --policies resident,tide --misses stream --vram 10 \
     --compile off,on | grep "│ model"
 fi
-if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ] || [ "$STAGE" = guess2 ]; then  # read-ahead, set guesses
+if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ] || [ "$STAGE" = guess2 ] || \
+   [ "$STAGE" = guess3 ]; then  # read-ahead, set guesses
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   G() { TO "$1" bench -m "$W/mini" --policies resident,lru,tide --misses stream \
@@ -466,6 +470,15 @@ if [ "$STAGE" = guess ]; then
     --gen-length 64 --no-live > "$OUT/chat-auto.out" 2> "$OUT/chat-auto.err"
   echo "chat rc=$? in $(( $(date +%s) - t0 )) s"; grep -v "^\s*$" "$OUT/chat-auto.err" | tail -6 | cut -c1-200
   G 420 --vram 10,6 -o "$OUT/guess-bench-mini.json"
+fi
+if [ "$STAGE" = guess3 ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k \
+    "read_ahead or set_guess or step_program" 2>&1 | tail -1
+  G 300 --vram 14,10 --policies resident,tide --guess-accuracy 1,0.9 \
+    -o "$OUT/guess3-bench-mini.json"
+  TO 150 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,layer \
+    --vram 10 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
+    --profile h200 -o "$OUT/guess3-model-bench-mini.json" 2>&1 | grep "│ model"
 fi
 if [ "$STAGE" = guess2 ]; then
   [ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k set_guess 2>&1 | tail -1
