@@ -382,6 +382,28 @@ def test_guess_accuracy_is_swept_on_synthetic_read_ahead_runs_only():
                       **common).guesses == [1.0, 0.5]
 
 
+def test_the_harness_sets_each_runs_guess_and_keeps_the_tokens(tiny_ckpt):
+    """--guess-accuracy through the harness on the CPU (streamed misses run there too): each
+    read-ahead run gets its own guess, a right one is always used, and the tokens stay the
+    workload's resident ones."""
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    spec = BenchSpec(policies=["resident", "tide"], experts=[4], workloads=["drifting"],
+                     taus=[1], misses=["stream"], prefetch=["off", "layer"], guesses=[1.0, 0.0],
+                     prompts=["Hello there"], gen_length=16, warmup_tokens=4)
+    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="resident"),
+                 quiet=True)
+    try:
+        runs = Bench(eng, spec).run()["runs"]
+    finally:
+        eng.close()
+    assert [(r["prefetch"], r["guess_accuracy"]) for r in runs] == [
+        (None, None), ("off", None), ("layer", 1.0), ("layer", 0.0)]
+    assert all(r["identical"] for r in runs[1:]), runs
+    assert runs[2]["prefetched"] > 0 and runs[2]["prefetch_accuracy"] == 1.0
+
+
 def test_bench_refuses_an_unknown_read_ahead():
     from tidecli.commands.bench import bench_spec
     from tidecli.errors import TideError
