@@ -132,6 +132,19 @@ def decode_cpu(model, *, program=False, **kw):
     return d.result
 
 
+def bench_runs(path, spec, *, device: str = "cpu") -> list[dict]:
+    """The rows of a `tide bench` of `spec` (a BenchSpec) on the checkpoint at `path`."""
+    from tidecli.bench.harness import Bench
+    from tidecli.runtime.engine import Engine
+    from tidecli.runtime.options import engine_options
+
+    eng = Engine(engine_options(model=str(path), device=device, policy="resident"), quiet=True)
+    try:
+        return Bench(eng, spec).run()["runs"]
+    finally:
+        eng.close()
+
+
 def stream_runtime(factory, b, *, prefetch=False):
     """A runtime factory: streamed misses (experts/stream.py), `b` slots per layer, on the CPU
     (`prefetch`: reading each layer's guessed experts ahead)."""

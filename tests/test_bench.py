@@ -12,6 +12,8 @@ from tidecli.bench.harness import Bench, add_ratios
 from tidecli.bench.oracle import belady_loads, best_hit_rate, brute_force_loads, routing_stats
 from tidecli.bench.spec import BenchSpec, run_points
 
+from helpers import bench_runs
+
 
 @pytest.mark.parametrize("seed", range(12))
 def test_belady_matches_brute_force_on_small_traces(seed):
@@ -386,18 +388,10 @@ def test_the_harness_sets_each_runs_guess_and_keeps_the_tokens(tiny_ckpt):
     """--guess-accuracy through the harness on the CPU (streamed misses run there too): each
     read-ahead run gets its own guess, a right one is always used, and the tokens stay the
     workload's resident ones."""
-    from tidecli.runtime.engine import Engine
-    from tidecli.runtime.options import engine_options
-
-    spec = BenchSpec(policies=["resident", "tide"], experts=[4], workloads=["drifting"],
-                     taus=[1], misses=["stream"], prefetch=["off", "layer"], guesses=[1.0, 0.0],
-                     prompts=["Hello there"], gen_length=16, warmup_tokens=4)
-    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="resident"),
-                 quiet=True)
-    try:
-        runs = Bench(eng, spec).run()["runs"]
-    finally:
-        eng.close()
+    runs = bench_runs(tiny_ckpt, BenchSpec(
+        policies=["resident", "tide"], experts=[4], workloads=["drifting"], taus=[1],
+        misses=["stream"], prefetch=["off", "layer"], guesses=[1.0, 0.0],
+        prompts=["Hello there"], gen_length=16, warmup_tokens=4))
     assert [(r["prefetch"], r["guess_accuracy"]) for r in runs] == [
         (None, None), ("off", None), ("layer", 1.0), ("layer", 0.0)]
     assert all(r["identical"] for r in runs[1:]), runs
@@ -417,18 +411,9 @@ def test_bench_refuses_an_unknown_read_ahead():
 def test_a_read_ahead_run_that_cannot_read_ahead_is_skipped_with_why(tiny_ckpt):
     """On a CPU device misses do not stream: the read-ahead point would repeat the run without
     it, so it is skipped and says why."""
-    from tidecli.runtime.engine import Engine
-    from tidecli.runtime.options import engine_options
-
-    spec = BenchSpec(policies=["tide"], experts=[8], workloads=["model"], taus=[1],
-                     prefetch=["off", "layer"], prompts=["Hello there"], gen_length=8,
-                     warmup_tokens=4)
-    eng = Engine(engine_options(model=str(tiny_ckpt), device="cpu", policy="resident"),
-                 quiet=True)
-    try:
-        runs = Bench(eng, spec).run()["runs"]
-    finally:
-        eng.close()
+    runs = bench_runs(tiny_ckpt, BenchSpec(
+        policies=["tide"], experts=[8], workloads=["model"], taus=[1], prefetch=["off", "layer"],
+        prompts=["Hello there"], gen_length=8, warmup_tokens=4))
     assert [r.get("skipped") is None for r in runs] == [True, False]
     assert runs[1]["skipped"] == "read-ahead needs streamed misses; these run cpu"
     assert runs[1]["prefetch"] == "layer"

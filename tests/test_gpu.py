@@ -16,7 +16,7 @@ from tidecli.model.program import StepPrograms
 from tidecli.model.route_kernel import group_topk_kernel
 from tidecli.model.router import group_topk_reference
 
-from helpers import cuda_model, decode_cuda
+from helpers import bench_runs, cuda_model, decode_cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -333,23 +333,15 @@ def test_a_set_guess_reads_ahead_in_the_captured_step(tiny_ckpt):
     """`tide bench --guess-accuracy` on the GPU: the captured step reads the workload's guess
     from its fixed buffer; a right guess is always used, and every run gives the resident
     run's tokens."""
-    from tidecli.bench.harness import Bench
     from tidecli.bench.spec import BenchSpec
     from tidecli.experts.gather import stream_available
-    from tidecli.runtime.engine import Engine
-    from tidecli.runtime.options import engine_options
 
     if stream_available(torch.device("cuda")):
         pytest.skip(stream_available(torch.device("cuda")))
-    spec = BenchSpec(policies=["resident", "tide"], experts=[6], workloads=["drifting"],
-                     taus=[1], misses=["stream"], prefetch=["layer"], guesses=[1.0, 0.0],
-                     prompts=["Hello there"], gen_length=64, warmup_tokens=32)
-    eng = Engine(engine_options(model=str(tiny_ckpt), device="cuda", policy="resident"),
-                 quiet=True)
-    try:
-        runs = Bench(eng, spec).run()["runs"]
-    finally:
-        eng.close()
+    runs = bench_runs(tiny_ckpt, BenchSpec(
+        policies=["resident", "tide"], experts=[6], workloads=["drifting"], taus=[1],
+        misses=["stream"], prefetch=["layer"], guesses=[1.0, 0.0], prompts=["Hello there"],
+        gen_length=64, warmup_tokens=32), device="cuda")
     assert [r.get("guess_accuracy") for r in runs] == [None, 1.0, 0.0]
     assert all(r.get("identical") for r in runs[1:]), runs
     assert runs[1]["prefetch_accuracy"] == 1.0 and runs[1]["prefetched"] > 0
