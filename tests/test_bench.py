@@ -360,6 +360,43 @@ def test_a_set_guess_accuracy_guesses_with_the_workloads_own_routing(workload):
     assert type(r).guess is not Router.guess and r.guess_accuracy is None
 
 
+@pytest.mark.parametrize("accuracy", [None, 0.8])
+def test_prepared_steps_are_the_steps_drawn_when_they_come(accuracy):
+    """SyntheticRouting.prepare draws the steps ahead (a timed step then only copies them): the
+    choices and guesses are those drawn step by step, commit passes and prefills included, and
+    a prepared step draws nothing."""
+    from tidecli.bench.synthetic import DriftingRouting
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.moe import ForwardInfo
+    from tidecli.model.presets import preset_config
+
+    cfg = config_from_dict(preset_config("mini"))
+    forwards = [("prefill", 0, 0, 32), ("step", 1, 0, 32), ("step", 1, 1, 32),
+                ("step", 1, 2, 32), ("commit", 1, 3, 32), ("prefill", 2, 0, 9),
+                ("step", 2, 0, 32), ("step", 1, 1, 32), ("commit", 1, 2, 32)]
+
+    def replay(r):
+        out = []
+        for kind, block, step, tokens in forwards:
+            r.begin(ForwardInfo(kind, block=block, step=step), tokens)
+            out.append(r._current.clone())
+        return out
+
+    fresh = DriftingRouting(cfg, device=torch.device("cpu"))
+    fresh.guess_accuracy = accuracy
+    ahead = DriftingRouting(cfg, device=torch.device("cpu"))
+    ahead.guess_accuracy = accuracy
+    ahead.prepare(blocks=3, steps=4)
+
+    def no_draw(*a, **k):
+        raise AssertionError("a prepared step was drawn again")
+
+    ahead.step = no_draw  # the choices come from what prepare drew
+    got = replay(ahead)
+    assert all(torch.equal(a, b) for a, b in zip(replay(fresh), got, strict=True))
+    assert not torch.equal(got[1], got[2])  # the steps do differ
+
+
 def test_guess_accuracy_is_swept_on_synthetic_read_ahead_runs_only():
     from tidecli.commands.bench import bench_spec
     from tidecli.errors import TideError

@@ -123,10 +123,16 @@ class Bench:
 
     def _set_guess(self, accuracy: float | None) -> None:
         """The read-ahead's guess on a synthetic workload: set to `accuracy`, or None for the
-        model's router (a captured step reads one or the other: captured again on a change)."""
-        if self.router is not None and self.router.guess_accuracy != accuracy:
+        model's router (a captured step reads one or the other: captured again on a change).
+        The workload's steps are drawn here, before any is timed (SyntheticRouting.prepare)."""
+        if self.router is None:
+            return
+        if self.router.guess_accuracy != accuracy:
             self.router.guess_accuracy = accuracy
             self.engine.reset_programs()
+        bl = self.engine.opts.workload.block_length
+        longest = max(len(ids) for ids in self.prompt_ids) + self.spec.gen_length
+        self.router.prepare(blocks=-(-longest // bl), steps=bl)
 
     # ---- a trace per workload (routing statistics and the oracle) -------------------------------
 
