@@ -107,7 +107,7 @@ class SyntheticRouting(PublishedRouting, Router):
         if self._prepared_for != self.guess_accuracy:  # another run's guesses: drop them
             self._pairs = {key: v for key, v in self._pairs.items() if key[2] is None}
             self._prepared_for = self.guess_accuracy
-        key = (at, kind, self.guess_accuracy)
+        key = (at, kind if self.guess_accuracy is not None else None, self.guess_accuracy)
         pair = self._pairs.get(key)
         if pair is None:
             assign = self._choices.get(at)
