@@ -103,7 +103,8 @@ RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses
             "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
             "stall_ms", "measured_parts_ms", "step_hit_rate", "step_cpu_calls",
-            "step_promotions", "prefetch", "guess_accuracy", "prefetched", "prefetch_accuracy",
+            "step_promotions", "prefetch", "guess_accuracy", "guess_misses", "prefetched",
+            "prefetch_accuracy",
             "wasted_h2d_gb", "prefetch_off_forwards",
             "peak_vram_gib", "vram_at_start_gib", "identical", "exact_expected",
             "token_agreement",
@@ -397,6 +398,33 @@ def test_prepared_steps_are_the_steps_drawn_when_they_come(accuracy):
     assert not torch.equal(got[1], got[2])  # the steps do differ
 
 
+def test_ranked_misses_are_the_experts_ranked_just_below_the_choice():
+    """--guess-misses ranked (drifting): a wrong guess is the token's expert ranked just below
+    its choice at that step, in rank order; a right one is its choice."""
+    from tidecli.bench.synthetic import DriftingRouting
+    from tidecli.model.config import config_from_dict
+    from tidecli.model.moe import ForwardInfo
+    from tidecli.model.presets import preset_config
+
+    cfg = config_from_dict(preset_config("mini"))
+    x = torch.zeros(32, cfg.hidden_size)
+
+    def guess(accuracy):
+        r = DriftingRouting(cfg, device=torch.device("cpu"))
+        r.guess_accuracy, r.guess_misses = accuracy, "ranked"
+        r.begin(ForwardInfo("step", block=1, step=2), 32)
+        return np.stack([r.guess(j, x, None, cfg).numpy() for j in range(cfg.num_moe_layers)])
+
+    ranked = DriftingRouting(cfg, device=torch.device("cpu")).ranked(1, 2, 16)
+    assert np.array_equal(guess(0.0), ranked[..., 8:])
+    choice = DriftingRouting(cfg, device=torch.device("cpu")).step(1, 2)
+    assert np.array_equal(np.sort(guess(1.0), -1), np.sort(choice, -1))
+    g = guess(0.7)
+    right = g == choice
+    assert np.array_equal(g[~right], ranked[..., 8:][~right])
+    assert 0.65 < right.mean() < 0.75
+
+
 def test_guess_accuracy_is_swept_on_synthetic_read_ahead_runs_only():
     from tidecli.commands.bench import bench_spec
     from tidecli.errors import TideError
@@ -417,6 +445,12 @@ def test_guess_accuracy_is_swept_on_synthetic_read_ahead_runs_only():
         bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="1.5", **common)
     with pytest.raises(TideError, match="from 0 to 1"):
         bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="high", **common)
+    with pytest.raises(TideError, match="--guess-misses takes random, ranked"):
+        bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="0.9",
+                   guess_misses="near", **common)
+    with pytest.raises(TideError, match="drifting workload's scores"):
+        bench_spec(workloads="synthetic,drifting", prefetch="layer", guess_accuracy="0.9",
+                   guess_misses="ranked", **common)
     assert bench_spec(workloads="drifting", prefetch="layer", guess_accuracy="1,0.5",
                       **common).guesses == [1.0, 0.5]
 

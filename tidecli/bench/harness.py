@@ -130,6 +130,7 @@ class Bench:
         if self.router.guess_accuracy != accuracy:
             self.router.guess_accuracy = accuracy
             self.engine.reset_programs()
+        self.router.guess_misses = self.spec.guess_misses
         bl = self.engine.opts.workload.block_length
         longest = max(len(ids) for ids in self.prompt_ids) + self.spec.gen_length
         self.router.prepare(blocks=-(-longest // bl), steps=bl)
@@ -218,6 +219,7 @@ class Bench:
             "prefetch": eng.runtime.describe().prefetch,
             # the guess's set accuracy on a synthetic workload (None: the model's router)
             "guess_accuracy": pt.guess,
+            "guess_misses": self.spec.guess_misses if pt.guess is not None else None,
             "prefetched": s["prefetched"],
             "prefetch_accuracy": round(s["prefetch_accuracy"], 4)
             if s["prefetch_accuracy"] is not None else None,

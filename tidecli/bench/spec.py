@@ -18,6 +18,9 @@ SCHEMA = "tide-bench/1"
 # random); the same statistics as the top-k of drifting scores (entering experts foreseeable)
 WORKLOADS = ("model", "synthetic", "drifting")
 BASELINES = ("lru", "static")
+# a wrong guess under --guess-accuracy: any expert the token did not choose, or the one its
+# drifting scores rank just below its choice (a near miss)
+GUESS_MISSES = ("random", "ranked")
 
 PROMPTS = [
     "Explain why the sky is blue to a ten-year-old.",
@@ -39,6 +42,7 @@ class BenchSpec:
     # the read-ahead's guess on the synthetic workloads set to these accuracies (empty: the
     # model's router guesses, as on the model's own routing)
     guesses: list[float] = field(default_factory=list)
+    guess_misses: str = "random"  # a wrong guess: a random expert, or the next-ranked one
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     gen_length: int = 256
     threshold: float | None = None  # None: the checkpoint's preset
@@ -87,6 +91,12 @@ class BenchSpec:
             raise TideError("--guess-accuracy sets the read-ahead's guess on the synthetic "
                             "workloads", "add --prefetch layer --workloads drifting "
                             "(or synthetic)")
+        if self.guess_misses not in GUESS_MISSES:
+            raise TideError(f"--guess-misses takes {', '.join(GUESS_MISSES)}",
+                            "e.g. --guess-misses ranked")
+        if self.guess_misses == "ranked" and self.guesses and "synthetic" in self.workloads:
+            raise TideError("--guess-misses ranked needs the drifting workload's scores; the "
+                            "synthetic workload has none", "use --workloads drifting")
         if not self.taus or any(t != "plan" and (not isinstance(t, int) or t < 1)
                                 for t in self.taus):
             raise TideError("--tau values must be 'plan' or at least 1", "e.g. --tau plan,1,2,4,8")

@@ -12,7 +12,9 @@ every policy sees the same routing and must give the same tokens. For a block-ro
 
 The read-ahead's guess (`--prefetch layer`) can be set to a known accuracy (`guess_accuracy`):
 each of a token's k guessed experts is its real choice with that probability, otherwise an
-expert the token did not choose. The bench uses it to measure what the read-ahead gives with a
+expert the token did not choose: one at random, or (`guess_misses = "ranked"`, drifting
+workload) the expert its scores rank just below its choice, the near miss a router applied to
+a nearby input makes. The bench uses it to measure what the read-ahead gives with a
 predictor as good as a trained model's, which random weights cannot show.
 """
 
@@ -52,12 +54,13 @@ class SyntheticRouting(PublishedRouting, Router):
         # None: the read-ahead guesses with the model's router (Router.guess); a share in [0, 1]:
         # with the routing itself, that share of each token's experts right (set per run)
         self.guess_accuracy: float | None = None
+        self.guess_misses = "random"  # a wrong guess: "random", or "ranked" (drifting only)
         # drawn routing by (block, step), and the [2, M, T, k] pairs a forward copies, by
         # ((block, step), kind, accuracy); the last step forward begun (its block's commit
         # pass takes its routing)
         self._choices: dict[tuple[int, int], np.ndarray] = {}
         self._pairs: dict[tuple, torch.Tensor] = {}
-        self._prepared_for: float | None = None
+        self._prepared_for: tuple[float | None, str] = (None, "random")
         self._last_step: tuple[int, int] | None = None
 
     def describe(self) -> dict:
@@ -104,9 +107,9 @@ class SyntheticRouting(PublishedRouting, Router):
     def _prepared(self, at: tuple[int, int], kind: str) -> torch.Tensor:
         """[2, M, T, k]: the choice at (block, step) and the read-ahead's guess of it for a
         forward of `kind` (the choice again when no accuracy is set), drawn once."""
-        if self._prepared_for != self.guess_accuracy:  # another run's guesses: drop them
+        if self._prepared_for != (self.guess_accuracy, self.guess_misses):  # another run's
             self._pairs = {key: v for key, v in self._pairs.items() if key[2] is None}
-            self._prepared_for = self.guess_accuracy
+            self._prepared_for = (self.guess_accuracy, self.guess_misses)
         key = (at, kind if self.guess_accuracy is not None else None, self.guess_accuracy)
         pair = self._pairs.get(key)
         if pair is None:
@@ -116,19 +119,24 @@ class SyntheticRouting(PublishedRouting, Router):
             guess = assign
             if self.guess_accuracy is not None:
                 seed = (7, at[0], at[1] + 1 if kind == "step" else 0)
-                guess = self._guess_of(assign, seed)
+                guess = self._guess_of(assign, seed, at=at)
             pair = self._pairs[key] = torch.from_numpy(np.stack([assign, guess]))
         return pair
 
-    def _guess_of(self, assign: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
-        """The read-ahead's guess [M, t, k] of the choice `assign`: each entry kept with
-        probability `guess_accuracy`, otherwise replaced by an expert its token did not choose
-        (distinct within the token; another token may still use it). A pure function of (seed,
-        key)."""
+    def _guess_of(self, assign: np.ndarray, key: tuple[int, ...],
+                  at: tuple[int, int] | None = None) -> np.ndarray:
+        """The read-ahead's guess [M, t, k] of the choice `assign` (of the step `at`, when a
+        step): each entry kept with probability `guess_accuracy`, otherwise replaced by an
+        expert its token did not choose (distinct within the token; another token may still
+        use it): at random, or with `guess_misses = "ranked"` the token's experts ranked just
+        below its choice at that step, in rank order (a prefill's misses stay random). A pure
+        function of (seed, key, at)."""
         rng = self._rng(*key)
         keys = rng.random((*assign.shape[:2], self.E))
         np.put_along_axis(keys, assign, np.inf, axis=-1)  # never one of the token's own
         other = np.argpartition(keys, self.k - 1, axis=-1)[..., : self.k]
+        if self.guess_misses == "ranked" and at is not None:
+            other = self.ranked(*at, 2 * self.k)[..., self.k:]
         right = rng.random(assign.shape) < self.guess_accuracy
         return np.where(right, assign, other)
 

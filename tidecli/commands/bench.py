@@ -105,6 +105,10 @@ def bench(
         help="On the synthetic and drifting workloads, the read-ahead guesses with the "
              "workload's own routing, this share of each token's experts right (e.g. "
              "1,0.9,0.5): what a predictor as good as a trained model's would give.")] = None,
+    guess_misses: Annotated[str, typer.Option(
+        metavar="[random|ranked]",
+        help="A wrong guess under --guess-accuracy: a random expert the token did not choose, "
+             "or (drifting workload) the one ranked just below its choice.")] = "random",
     prompts: Annotated[Path | None, typer.Option(
         help="Prompts: text file (one per line) or JSON list; a built-in set otherwise.")]
     = None,
@@ -130,7 +134,8 @@ def bench(
     """Compare residency policies side by side: speed, hits, transfers, bounds."""
     spec = bench_spec(policies=policies, vram=vram, experts_per_layer=experts_per_layer,
                       workloads=workloads, tau=tau, misses=misses, prefetch=prefetch,
-                      guess_accuracy=guess_accuracy, prompts=prompts,
+                      guess_accuracy=guess_accuracy, guess_misses=guess_misses,
+                      prompts=prompts,
                       gen_length=gen_length, threshold=threshold, repeat=repeat,
                       experts_dtype=options.get("experts_dtype", "bf16"),
                       compile=options.get("compile") or "off")
@@ -152,6 +157,7 @@ def _names(text: str) -> list[str]:
 def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None,
                workloads: str, tau: str, misses: str, prompts: Path | None, gen_length: int,
                prefetch: str = "off", guess_accuracy: str | None = None,
+               guess_misses: str = "random",
                threshold: float | None, repeat: int, experts_dtype: str = "bf16",
                compile: str = "off"):
     """The bench's runs from its options, every value checked (before torch loads); budgets
@@ -183,6 +189,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
                      workloads=_names(workloads), taus=_taus(tau), misses=_names(misses),
                      prefetch=_names(prefetch),
                      guesses=_shares(guess_accuracy, "guess-accuracy") if guess_accuracy else [],
+                     guess_misses=guess_misses,
                      prompts=_prompts(prompts) or list(PROMPTS),
                      gen_length=gen_length, threshold=threshold, repeat=repeat,
                      formats=_formats(parse_formats(experts_dtype)),

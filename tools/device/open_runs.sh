@@ -69,6 +69,7 @@
 #   guess3 after the read-ahead's join fix: its GPU tests; resident and streamed tide on the
 #          drifting workload at 14 and 10 GiB, read-ahead off and with its guess set to 100 and
 #          90 %; the same on the model's own routing at 10 GiB with the router's guess
+#   guess4 the guess3 bench with near misses (--guess-misses ranked) at 95 and 90 %
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -454,7 +455,7 @@ if [ "$STAGE" = autocompile ]; then  # chat's default --compile auto on a GPU, t
     --compile off,on | grep "│ model"
 fi
 if [ "$STAGE" = guess ] || [ "$STAGE" = guessc ] || [ "$STAGE" = guess2 ] || \
-   [ "$STAGE" = guess3 ]; then  # read-ahead, set guesses
+   [ "$STAGE" = guess3 ] || [ "$STAGE" = guess4 ]; then  # read-ahead, set guesses
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   mini
   G() { TO "$1" bench -m "$W/mini" --policies resident,lru,tide --misses stream \
@@ -479,6 +480,10 @@ if [ "$STAGE" = guess3 ]; then
   TO 150 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,layer \
     --vram 10 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
     --profile h200 -o "$OUT/guess3-model-bench-mini.json" 2>&1 | grep "│ model"
+fi
+if [ "$STAGE" = guess4 ]; then
+  G 300 --vram 14,10 --policies resident,tide --guess-accuracy 1,0.95,0.9 \
+    --guess-misses ranked -o "$OUT/guess4-bench-mini.json"
 fi
 if [ "$STAGE" = guess2 ]; then
   [ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k set_guess 2>&1 | tail -1
