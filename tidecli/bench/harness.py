@@ -121,10 +121,11 @@ class Bench:
         self.engine.set_router(router)
         self.router = router
 
-    def _set_guess(self, accuracy: float | None) -> None:
-        """The read-ahead's guess on a synthetic workload: set to `accuracy`, or None for the
-        model's router (a captured step reads one or the other: captured again on a change).
-        The workload's steps are drawn here, before any is timed (SyntheticRouting.prepare)."""
+    def _ready_routing(self, accuracy: float | None) -> None:
+        """A synthetic workload's routing for the next run, drawn before any step is timed
+        (SyntheticRouting.prepare), with the read-ahead's guess set to `accuracy`, or None for
+        the model's router (a captured step reads one or the other: captured again on a
+        change)."""
         if self.router is None:
             return
         if self.router.guess_accuracy != accuracy:
@@ -293,7 +294,7 @@ class Bench:
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, why))
                     continue
-                self._set_guess(pt.guess)
+                self._ready_routing(pt.guess)
                 self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),

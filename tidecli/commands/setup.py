@@ -54,11 +54,11 @@ def open_engine(opts: Any, *, build_runtime: bool = True, plans: bool | None = N
 def compile_ahead(engine: Any, settings: Any) -> None:
     """Where the steps compile (chat and serve by default), run one denoising step of a short
     prompt now, under a status line, so that the first reply or request does not wait for the
-    compile (10.5 s for the demo model, 21 s with a whole first block of mini, the first time on
-    an H200 host: docs/benchmarks.md sections 13 and 21). Every step and commit pass has the block's
-    shapes, so one step compiles what they run; a slow offloaded model is not made to decode a
-    whole block for it. A compile that fails stops here (`--compile on`) or goes on eager with
-    a note (`auto`). The runtime's counters start afresh after it."""
+    compile (the first time on an H200 host: 10.5 s for the demo model, docs/benchmarks.md
+    section 13; 22.8 s for mini on one step, section 22). Every step and commit pass has the
+    block's shapes, so one step compiles what they run; a slow offloaded model is not made to
+    decode a whole block for it. A compile that fails stops here (`--compile on`) or goes on
+    eager with a note (`auto`). The runtime's counters start afresh after it."""
     if not engine.compiled:
         return
     import time

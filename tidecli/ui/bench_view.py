@@ -38,9 +38,8 @@ def runs_table(report: dict) -> Table:
         tau = _f(r["tau"], "{}") + (" plan" if r.get("planned") else "")
         extra = [_f(r.get("token_agreement_bf16"), "{:.1%}")] if formats else []
         misses = _f(r.get("misses_used") or r["misses"], "{}")
-        if r.get("prefetch") == "layer":  # read ahead: how many of its guesses were used
-            acc = r.get("prefetch_accuracy")
-            misses += _ahead(r) + (f" {acc:.0%} used" if acc is not None else "")
+        acc = r.get("prefetch_accuracy")  # read ahead: how many of its guesses were used
+        misses += _ahead(r) + (f" {acc:.0%} used" if acc is not None else "")
         t.add_row(*lead, _policy(r), r["budget"], tau, misses,
                   _f(r["tokens_per_s"], "{:.1f}"), _f(r["steps_per_s"], "{:.2f}"),
                   _f(100 * r["hit_rate"], "{:.1f}"), _f(r["h2d_gb"], "{:.3f}"),
