@@ -51,3 +51,24 @@ def test_gaps_copy_overlap_and_syncs(tmp_path):
     first = r["longest_gaps"][0]
     assert first["gap_ms"] == 2.0 and any("cudaStreamSynchronize" in h for h in first["host"])
     assert tool.per_step(r, 2)["gap_ms"] == 1.5
+
+
+def test_kernels_per_stream_by_name():
+    ev = [X("kernel", "gemm", 0, 300, 7), X("kernel", "gemm", 400, 100, 7),
+          X("kernel", "plan", 600, 50, 7), X("kernel", "gather", 0, 200, 13),
+          X("cpu_op", "aten::mm", 0, 999, 1)]
+    out = _tool().kernels(ev, top=1, steps=2)
+    assert [s["stream"] for s in out] == ["all", "7", "13"]  # most events first
+    assert out[0]["busy_ms"] == 0.325 and out[0]["events"] == 2.0
+    assert out[1]["busy_ms"] == 0.225 and out[1]["events"] == 1.5
+    assert out[1]["top"] == ["0.200 ms  x1.0  gemm"]  # 400 µs over 2 steps, 2 calls over 2
+    assert out[2]["top"] == ["0.100 ms  x0.5  gather"]
+
+
+def test_alone_counts_only_the_time_nothing_else_ran():
+    # gather 0-500 on one stream; other kernels 100-200 and 300-700 on another
+    ev = [X("kernel", "gather_rows", 0, 500, 13), X("kernel", "gemm", 100, 100, 7),
+          X("kernel", "plan", 300, 400, 7), X("kernel", "gather_rows", 900, 100, 13)]
+    r = _tool().alone(ev, "gather", steps=1)
+    # busy 0-700 and 900-1000 (800 µs); others 100-200 and 300-700 (500 µs)
+    assert r == {"name": "gather", "busy_ms": 0.8, "others_busy_ms": 0.5, "alone_ms": 0.3}

@@ -52,6 +52,7 @@ def main() -> None:
         cls = {"synthetic": SyntheticRouting, "drifting": DriftingRouting}[a.workload]
         router = cls(eng.cfg, device=eng.device, block_length=eng.opts.workload.block_length)
         router.guess_accuracy = a.guess_accuracy
+        router.prepare(blocks=4, steps=eng.opts.workload.block_length)  # not drawn in the steps
         eng.set_router(router)
     ids = eng.prompt_ids("Explain why the sky is blue to a ten-year-old.")
     for _ in eng.decoder(ids, DecodeSettings(gen_length=64)).steps():

@@ -7,7 +7,9 @@ stream is the GPU stream with the most kernels and copies; the copy stream the o
 host-to-device copies besides it. Printed as JSON: each stream's busy time, the compute stream's
 gaps longer than --min-gap-us and the part of them the copy stream was busy, the host's blocking
 stream syncs by what preceded them, and the longest gaps with the host calls spanning them.
-Per step where --steps is given. No torch needed.
+Per step where --steps is given. With --kernels N, each GPU stream's busy time split by kernel
+name, its N largest (what one step's kernels cost, and on which stream); with --alone NAME,
+how long kernels so named ran with nothing else on the GPU. No torch needed.
 """
 
 from __future__ import annotations
@@ -106,6 +108,49 @@ def analyse(events: list[dict], *, min_gap_us: float = 300.0, top: int = 8) -> d
     }
 
 
+def kernels(events: list[dict], top: int, steps: int = 0) -> list[dict]:
+    """Every GPU stream together ("all": a captured graph's kernels run on streams of the
+    driver's choosing), then each stream (most events first): its summed kernel ms and its
+    `top` kernel names by total ms, per step where `steps` > 0."""
+    by_stream: dict[tuple, Counter] = {("", "all"): Counter()}
+    calls: dict[tuple, Counter] = {("", "all"): Counter()}
+    for e in events:
+        if e.get("cat") in GPU_CATS:
+            for k in ((e["pid"], e["tid"]), ("", "all")):
+                by_stream.setdefault(k, Counter())[e["name"][:70]] += e["dur"]
+                calls.setdefault(k, Counter())[e["name"][:70]] += 1
+    div = 1000.0 * max(1, steps)
+    out = []
+    for k in sorted(by_stream, key=lambda k: -sum(calls[k].values())):
+        c = by_stream[k]
+        out.append({"stream": str(k[1]), "busy_ms": round(sum(c.values()) / div, 3),
+                    "events": round(sum(calls[k].values()) / max(1, steps), 1),
+                    "top": [f"{v / div:.3f} ms  x{calls[k][n] / max(1, steps):.1f}  {n}"
+                            for n, v in c.most_common(top)]})
+    return out
+
+
+def _union_us(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def alone(events: list[dict], name: str, steps: int = 0) -> dict:
+    """How long the GPU ran anything, anything but kernels whose name starts with `name`, and
+    those kernels with nothing else running (the time they held the step up, or ran in a
+    gap), over every stream; per step where `steps` > 0."""
+    gpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in GPU_CATS]
+    busy = _union_us([(a, b) for a, b, _ in gpu])
+    others = _union_us([(a, b) for a, b, n in gpu if not n.startswith(name)])
+    div = 1000.0 * max(1, steps)
+    return {"name": name, "busy_ms": round(busy / div, 3), "others_busy_ms": round(others / div, 3),
+            "alone_ms": round((busy - others) / div, 3)}
+
+
 def per_step(report: dict, steps: int) -> dict:
     keys = ("span_ms", "compute_busy_ms", "copy_busy_ms", "gap_ms", "gap_with_copy_busy_ms")
     return {k: round(report[k] / steps, 3) for k in keys}
@@ -117,10 +162,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="denoising steps in the trace")
     ap.add_argument("--min-gap-us", type=float, default=300.0)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--kernels", type=int, default=0, help="each stream's N costliest kernels")
+    ap.add_argument("--alone", default=None, metavar="NAME",
+                    help="the time kernels named NAME... ran with nothing else on the GPU")
     a = ap.parse_args()
-    report = analyse(load(a.trace), min_gap_us=a.min_gap_us, top=a.top)
+    events = load(a.trace)
+    report = analyse(events, min_gap_us=a.min_gap_us, top=a.top)
     if a.steps > 0:
         report["per_step"] = per_step(report, a.steps)
+    if a.kernels > 0:
+        report["kernels"] = kernels(events, a.kernels, a.steps)
+    if a.alone:
+        report["alone"] = alone(events, a.alone, a.steps)
     print(json.dumps(report, indent=1))
 
 

@@ -70,6 +70,8 @@
 #          drifting workload at 14 and 10 GiB, read-ahead off and with its guess set to 100 and
 #          90 %; the same on the model's own routing at 10 GiB with the router's guess
 #   guess4 the guess3 bench with near misses (--guess-misses ranked) at 95 and 90 %
+#   ahead14 profiler traces on the drifting workload: resident, and streamed tide at 14 GiB with
+#          the read-ahead off and with every guess right; each stream's kernels per step
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -491,6 +493,19 @@ if [ "$STAGE" = guess2 ]; then
   for a in "" "--prefetch layer --guess-accuracy 1"; do
     timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 10 \
       --workload drifting $a --out "$OUT" | head -1
+  done
+fi
+if [ "$STAGE" = ahead14 ]; then
+  mini
+  for a in "--policy resident" "--misses stream --vram 14" \
+           "--misses stream --vram 14 --prefetch layer --guess-accuracy 1"; do
+    timeout 150 python3 tools/bench/step_trace.py "$W/mini" $a --workload drifting --out "$OUT" \
+      > "$W/t.txt" 2>&1; grep -m1 '^{"misses"' "$W/t.txt" | cut -c1-120
+    n=$(grep -m1 '^{"misses"' "$W/t.txt" | python3 -c "import json,sys; print(json.load(sys.stdin)['steps'])")
+    f=$(ls -t "$OUT"/trace-*.json.gz | head -1)
+    python3 tools/bench/trace_gaps.py "$f" --steps "$n" --kernels 14 --top 3 > "$f.gaps.json"
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['per_step']); \
+[print(k['stream'], k['busy_ms'], k['events'], *k['top'], sep='\n  ') for k in r['kernels']]" "$f.gaps.json"
   done
 fi
 if [ "$STAGE" = guessc ]; then
