@@ -86,7 +86,10 @@ class StepProgram:
         self.single = not self.rt.needs_host
         # read-ahead of the next MoE layer's experts (a runtime that takes guesses)
         self.prefetch = self.rt.prefetches
-        # per MoE layer: the end of its read-ahead on the side stream (its layer joins that)
+        # per MoE layer: the end of its read-ahead on the side stream (its layer joins that),
+        # one event each made once (an eager step records them again every step)
+        self._ahead_done = [torch.cuda.Event() for _ in range(m)] \
+            if self.prefetch and self.cuda else []
         self._ahead: list[torch.cuda.Event | None] = [None] * m
         if capture and self.cuda:
             self._capture()
@@ -150,7 +153,7 @@ class StepProgram:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.rt.prefetch(nxt, self.model.predict(nxt, n, static=True))
-            done = torch.cuda.Event()
+            done = self._ahead_done[j]
             done.record(side)
         self._ahead[j] = done
 

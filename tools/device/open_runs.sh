@@ -70,6 +70,8 @@
 #          drifting workload at 14 and 10 GiB, read-ahead off and with its guess set to 100 and
 #          90 %; the same on the model's own routing at 10 GiB with the router's guess
 #   guess4 the guess3 bench with near misses (--guess-misses ranked) at 95 and 90 %
+#   overlap the read-ahead's GPU tests; tools/bench/overlap_probe.py (the grouped GEMM beside the
+#          gather kernel and beside copy-engine copies, 2 and 4 rows, 1-16 programs a row)
 #   ahead14 profiler traces on the drifting workload: resident, and streamed tide at 14 GiB with
 #          the read-ahead off and with every guess right; each stream's kernels per step
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
@@ -494,6 +496,12 @@ if [ "$STAGE" = guess2 ]; then
     timeout 100 python3 tools/bench/step_trace.py "$W/mini" --misses stream --vram 10 \
       --workload drifting $a --out "$OUT" | head -1
   done
+fi
+if [ "$STAGE" = overlap ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k \
+    "read_ahead or set_guess" 2>&1 | tail -1
+  timeout 120 python3 tools/bench/overlap_probe.py "$OUT/overlap.json" --rows 2,4 \
+    --programs 1,4,16
 fi
 if [ "$STAGE" = ahead14 ]; then
   mini
