@@ -72,3 +72,14 @@ def test_alone_counts_only_the_time_nothing_else_ran():
     r = _tool().alone(ev, "gather", steps=1)
     # busy 0-700 and 900-1000 (800 µs); others 100-200 and 300-700 (500 µs)
     assert r == {"name": "gather", "busy_ms": 0.8, "others_busy_ms": 0.5, "alone_ms": 0.3}
+
+
+def test_beside_compares_a_kernels_median_with_and_without_the_named_one():
+    # "k" takes 2 µs alone (25 calls) and 8 µs while a gather runs (25 calls inside 0-1000)
+    ev = [X("kernel", "gather_rows", 0, 1000, 13)]
+    ev += [X("kernel", "k", 10 + 30 * i, 8, 7) for i in range(25)]
+    ev += [X("kernel", "k", 2000 + 10 * i, 2, 7) for i in range(25)]
+    ev += [X("kernel", "rare", 5, 50, 7)]  # too few calls to compare
+    r = _tool().beside(ev, "gather", top=3, steps=1)
+    assert r["extra_ms"] == 0.15  # 25 calls × (8 − 2) µs
+    assert r["top"] == ["0.150 ms  median 2.0 -> 8.0 us  x25.0  k"]

@@ -9,7 +9,8 @@ gaps longer than --min-gap-us and the part of them the copy stream was busy, the
 stream syncs by what preceded them, and the longest gaps with the host calls spanning them.
 Per step where --steps is given. With --kernels N, each GPU stream's busy time split by kernel
 name, its N largest (what one step's kernels cost, and on which stream); with --alone NAME,
-how long kernels so named ran with nothing else on the GPU. No torch needed.
+how long kernels so named ran with nothing else on the GPU, and each other kernel's median
+duration beside them against without them. No torch needed.
 """
 
 from __future__ import annotations
@@ -151,6 +152,45 @@ def alone(events: list[dict], name: str, steps: int = 0) -> dict:
             "alone_ms": round((busy - others) / div, 3)}
 
 
+def beside(events: list[dict], name: str, top: int, steps: int = 0, min_calls: int = 20,
+           min_us: float = 5.0) -> dict:
+    """Each other kernel's median duration when it ran with no kernel named `name...` of at
+    least `min_us` running (a gather that moved rows, say) and when it overlapped one, and what
+    its calls beside them took over its own median ("extra", summed); the `top` largest
+    extras, per step where `steps` > 0. Kernels with fewer than `min_calls` calls either way
+    are left out (their medians say little). Calls of different sizes under one name (a grouped
+    GEMM's passes) make its line compare sizes, not neighbours."""
+    import bisect
+
+    kern = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    marks = [(e["ts"], _end(e)) for e in kern
+             if e["name"].startswith(name) and e["dur"] >= min_us]
+    starts = [a for a, _ in marks]
+    longest = max((b - a for a, b in marks), default=0.0)
+
+    def overlaps(e: dict) -> bool:
+        i = bisect.bisect_left(starts, _end(e))
+        j = bisect.bisect_left(starts, e["ts"] - longest)
+        return any(b > e["ts"] for _, b in marks[j:i])
+
+    by: dict[str, tuple[list, list]] = {}
+    for e in kern:
+        if not e["name"].startswith(name):
+            by.setdefault(e["name"][:70], ([], []))[overlaps(e)].append(e["dur"])
+    div = 1000.0 * max(1, steps)
+    rows = []
+    for n, (alone_d, near) in by.items():
+        if len(alone_d) < min_calls or len(near) < min_calls:
+            continue
+        med_a = sorted(alone_d)[len(alone_d) // 2]
+        med_b = sorted(near)[len(near) // 2]
+        rows.append((sum(near) - med_a * len(near), n, med_a, med_b, len(near)))
+    rows.sort(reverse=True)
+    return {"name": name, "extra_ms": round(sum(r[0] for r in rows) / div, 3),
+            "top": [f"{x / div:.3f} ms  median {a:.1f} -> {b:.1f} us  x{c / max(1, steps):.1f}  {n}"
+                    for x, n, a, b, c in rows[:top]]}
+
+
 def per_step(report: dict, steps: int) -> dict:
     keys = ("span_ms", "compute_busy_ms", "copy_busy_ms", "gap_ms", "gap_with_copy_busy_ms")
     return {k: round(report[k] / steps, 3) for k in keys}
@@ -164,7 +204,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--kernels", type=int, default=0, help="each stream's N costliest kernels")
     ap.add_argument("--alone", default=None, metavar="NAME",
-                    help="the time kernels named NAME... ran with nothing else on the GPU")
+                    help="the time kernels named NAME... ran with nothing else on the GPU, and "
+                         "how much longer the other kernels ran beside them")
     a = ap.parse_args()
     events = load(a.trace)
     report = analyse(events, min_gap_us=a.min_gap_us, top=a.top)
@@ -174,6 +215,7 @@ def main() -> None:
         report["kernels"] = kernels(events, a.kernels, a.steps)
     if a.alone:
         report["alone"] = alone(events, a.alone, a.steps)
+        report["beside"] = beside(events, a.alone, a.top, a.steps)
     print(json.dumps(report, indent=1))
 
 
