@@ -358,3 +358,23 @@ def test_compiled_steps_have_their_own_calibration(tmp_path, tiny_ckpt, capsys):
     measured = json.loads(out)["calibration"]["measured"]
     assert measured["compiled"] is False
     assert load_calibration(profile=prof, model=tiny_ckpt, misses="stream") is not None
+
+
+def test_tide_plan_reads_each_modes_saved_calibration_once(tiny_ckpt, tmp_path, capsys,
+                                                           monkeypatch):
+    from tidecli.planner import calibration
+
+    _prof, path = _profile_file(tmp_path)
+    vram = _vram_for(load_config(tiny_ckpt), 12)
+    reads = []
+    real = calibration.load_calibration
+
+    def counting(**kw):
+        reads.append(kw["misses"])
+        return real(**kw)
+
+    monkeypatch.setattr(calibration, "load_calibration", counting)
+    code, _out, err = tide(["plan", "--model", str(tiny_ckpt), "--profile", str(path),
+                            "--vram", repr(vram), "--threshold", "1e-7", "--json"], capsys)
+    assert code == 0, err
+    assert reads and len(reads) == len(set(reads))  # auto asks for every candidate mode once

@@ -175,6 +175,7 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
     plan = make_plan(config=cfg, profile=prof, vram_gib=vram, workload=workload, trace=routing,
                      ram_gib=ram, model_name=name, misses=mode, experts_format=fmt)
     if not calibrate:  # what the runtime would follow: with this machine's saved corrections
+        import functools
         from dataclasses import replace
 
         from tidecli.experts.modes import MissMode
@@ -185,6 +186,7 @@ def _plan_one(*, cfg, prof, vram, workload, routing, ram, name, mode, folder, ca
                              trace=routing, ram_gib=ram, model_name=name, misses=m,
                              calibration=calibration, experts_format=fmt)
 
+        @functools.cache  # plan_as_run and the hint below both ask; the file is read once
         def saved(m):
             return load_calibration(profile=prof, model=folder, misses=str(m),
                                     compiled=compile == "on")
