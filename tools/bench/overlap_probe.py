@@ -12,6 +12,9 @@ such layers, replayed 50 times after a warm-up; ms per layer (median of 5 timing
   memcpy R        the same rows by the copy engine (cudaMemcpyAsync, addresses fixed)
   gemm+gather R   both, the gather on a side stream queued first, joined after the GEMM
   gemm+memcpy R   the same with the copy engine
+  small           a chain of ≈ 120 small kernels, as a layer has around its GEMMs (elementwise
+                  on [32, 2048], gathers and scatters of pair rows [256, 2048])
+  small+gather R, small+memcpy R   that chain beside the copies
 
 A copy that overlaps the GEMM perfectly makes gemm+copy = max(gemm, copy); one that does not,
 their sum. Needs CUDA and Triton.
@@ -82,6 +85,22 @@ def main() -> None:
     def gemm():
         run_pairs("grouped_mm", x, pair_slot, gate_up, down, TOPK)
 
+    pairs = torch.randn(TOKENS * TOPK, H, generator=g).to(torch.bfloat16).to(dev)
+    perm = torch.randperm(TOKENS * TOPK, generator=g).to(dev)
+    acc = torch.zeros(TOKENS, H, dtype=torch.bfloat16, device=dev)
+    tok = (torch.arange(TOKENS * TOPK) // TOPK).to(dev)
+
+    def small():
+        y = x
+        for _ in range(15):  # 6 small kernels a round: elementwise, a gather, a scatter-add
+            y = torch.nn.functional.silu(y) * 1.001 + x
+            p = pairs.index_select(0, perm)
+            acc.index_add_(0, tok, p[:, :H])
+            y = y + acc
+        for _ in range(5):
+            y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+        return y
+
     def copier(kind: str, r: int):
         src = list(range(SLOTS, SLOTS + r))  # experts not in a slot
         dst = free[:r]
@@ -117,13 +136,16 @@ def main() -> None:
            "ms_per_layer": {}}
     ms = res["ms_per_layer"]
     ms["gemm"] = _time(layers(gemm, None))
+    ms["small"] = _time(layers(small, None))
     for r in (int(v) for v in a.rows.split(",")):
         ms[f"memcpy {r}"] = _time(layers(None, copier("memcpy", r)))
         ms[f"gemm+memcpy {r}"] = _time(layers(gemm, copier("memcpy", r)))
+        ms[f"small+memcpy {r}"] = _time(layers(small, copier("memcpy", r)))
         for p in (int(v) for v in a.programs.split(",")):
             gather.PROGRAMS_PER_ROW = p
             ms[f"gather {r} ({p}/row)"] = _time(layers(None, copier("gather", r)))
             ms[f"gemm+gather {r} ({p}/row)"] = _time(layers(gemm, copier("gather", r)))
+            ms[f"small+gather {r} ({p}/row)"] = _time(layers(small, copier("gather", r)))
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     for k, v in ms.items():
