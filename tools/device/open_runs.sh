@@ -70,8 +70,9 @@
 #          drifting workload at 14 and 10 GiB, read-ahead off and with its guess set to 100 and
 #          90 %; the same on the model's own routing at 10 GiB with the router's guess
 #   guess4 the guess3 bench with near misses (--guess-misses ranked) at 95 and 90 %
-#   overlap the read-ahead's GPU tests; tools/bench/overlap_probe.py (the grouped GEMM beside the
-#          gather kernel and beside copy-engine copies, 2 and 4 rows, 1-16 programs a row)
+#   overlap the read-ahead's GPU tests; tools/bench/overlap_probe.py (the grouped GEMM and a chain
+#          of small kernels beside the gather kernel and beside copy-engine copies, 2 and 4
+#          rows, 1-16 programs a row)
 #   ahead14 profiler traces on the drifting workload: resident, and streamed tide at 14 GiB with
 #          the read-ahead off and with every guess right; each stream's kernels per step
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
