@@ -47,10 +47,28 @@ def test_scores_count_guesses_against_the_newly_used_experts():
     # step guesses at step 0: layer 0 {3, 4}, entering at step 1 {3}; layer 1 {8, 9} (less
     # {5, 7}, used at step 0), entering {8}
     assert s["step"].to_dict() == {"guessed": 4, "hit": 2, "new": 2, "precision": 0.5,
-                                   "recall": 1.0}
+                                   "recall": 1.0, "new_per_layer": 1.0}
     # layer guess for layer 1 at step 1: {5, 8} less {5, 7} used a step earlier → {8}: used
     assert s["layer"].to_dict() == {"guessed": 1, "hit": 1, "new": 1, "precision": 1.0,
-                                    "recall": 1.0}
+                                    "recall": 1.0, "new_per_layer": 1.0}
+    assert s["block"].cases == 0  # no commit pass before block 1: not a block start here
+
+
+def test_a_block_start_is_guessed_from_the_previous_blocks_first_step():
+    def fwd(kind, block, step, ids):
+        return ForwardRecord(ForwardInfo(kind, block=block, step=step),
+                             {0: _rec(ids, [[0, 0]] * len(ids))})
+
+    first = fwd("step", 0, 0, [[1, 2], [3, 4]])
+    last = fwd("step", 0, 5, [[1, 5]])
+    commit = fwd("commit", 0, 6, [[5, 6]])
+    start = fwd("step", 1, 0, [[1, 3], [7, 6]])
+    # another generation: its first step follows a step, not a commit pass: not scored
+    other = fwd("step", 2, 0, [[9, 8]])
+    s = score([first, last, commit, start, other])["block"]
+    # guess {1, 2, 3, 4} less {5, 6} (the commit pass's); new at the start {1, 3, 7}; hit {1, 3}
+    assert s.to_dict() == {"guessed": 4, "hit": 2, "new": 3, "precision": 0.5,
+                           "recall": round(2 / 3, 4), "new_per_layer": 3.0}
 
 
 def test_no_pairs_no_figures():

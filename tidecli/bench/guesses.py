@@ -1,9 +1,11 @@
 """How well a checkpoint's routing can be guessed ahead, measured on any device (numpy scoring).
 
-Two guesses, each a set of experts for a MoE layer that its routing has not chosen yet:
+Three guesses, each a set of experts for a MoE layer that its routing has not chosen yet:
 - across layers (what `--prefetch layer` reads): layer l+1's router applied to layer l's input;
 - across steps (not built: measured to see whether it would pay): the experts each token ranks
-  just below its top-k at step t, for the same layer at step t+1 of the block.
+  just below its top-k at step t, for the same layer at step t+1 of the block;
+- across blocks (not built): for a block's first denoising step, whose tokens are all masks,
+  the experts the previous block's first step used.
 
 `GuessRecorder` is the model's own routing (the same ids and weights) that also records, per
 forward and MoE layer, the chosen ids, the next-ranked experts and the next layer's guess.
@@ -15,7 +17,12 @@ forward and MoE layer, the chosen ids, the next-ranked experts and the next laye
   (`recall`);
 - step: of the next-ranked experts (not in the step's own choice), the share that enter the
   layer's choice at the next step (`precision`), and the share of the entering experts they
-  cover (`recall`).
+  cover (`recall`);
+- block: the same for a block's first step against the forward just before it (the previous
+  block's commit pass).
+
+`new_per_layer` (experts a layer uses that the forward before did not) says how many copies
+each kind of forward needs: a block's first step against the steps inside a block.
 
 A guess never changes what is computed; these figures say only how many copies it could hide
 and how many it would waste.
@@ -78,6 +85,7 @@ class GuessScore:
     guessed: int = 0  # experts guessed (and not already used, see the module's docstring)
     hit: int = 0  # of those, experts then used
     new: int = 0  # experts newly used (the ones a runtime has to read)
+    cases: int = 0  # (layer, forward) pairs scored
 
     @property
     def precision(self) -> float | None:
@@ -95,12 +103,14 @@ class GuessScore:
         self.guessed += len(g)
         self.hit += len(g & new)
         self.new += len(new)
+        self.cases += 1
 
     def to_dict(self) -> dict:
         p, r = self.precision, self.recall
         return {"guessed": self.guessed, "hit": self.hit, "new": self.new,
                 "precision": round(p, 4) if p is not None else None,
-                "recall": round(r, 4) if r is not None else None}
+                "recall": round(r, 4) if r is not None else None,
+                "new_per_layer": round(self.new / self.cases, 2) if self.cases else None}
 
 
 def _steps(forwards: list[ForwardRecord]) -> list[tuple[ForwardRecord, ForwardRecord]]:
@@ -110,9 +120,33 @@ def _steps(forwards: list[ForwardRecord]) -> list[tuple[ForwardRecord, ForwardRe
             if a.info.block == b.info.block and b.info.step == a.info.step + 1]
 
 
+def _used(rec: LayerRecord) -> set[int]:
+    return set(rec.ids.ravel().tolist())
+
+
+def _block_starts(forwards: list[ForwardRecord]):
+    """(the previous block's first step, the forward just before, this block's first step)
+    for every block's first denoising step that follows the previous block's commit pass in
+    the same generation (the decoder commits every block but a generation's last)."""
+    first_step: ForwardRecord | None = None
+    for i, f in enumerate(forwards):
+        if f.info.kind != "step" or f.info.step != 0:
+            continue
+        before = forwards[i - 1] if i > 0 else None
+        if first_step is not None and before is not None and before.info.kind == "commit" \
+                and before.info.block == f.info.block - 1 == first_step.info.block:
+            yield first_step, before, f
+        first_step = f
+
+
 def score(forwards: list[ForwardRecord]) -> dict[str, GuessScore]:
-    """{"layer": the next-layer guess, "step": the next-ranked guess} over consecutive steps."""
-    out = {"layer": GuessScore(), "step": GuessScore()}
+    """{"layer": the next-layer guess, "step": the next-ranked guess} over consecutive steps,
+    and {"block": the previous block's first step} over block starts."""
+    out = {"layer": GuessScore(), "step": GuessScore(), "block": GuessScore()}
+    for first, before, cur in _block_starts(forwards):
+        for j, rec in cur.layers.items():
+            if j in first.layers and j in before.layers:
+                out["block"].add(_used(first.layers[j]), _used(rec), _used(before.layers[j]))
     for prev, cur in _steps(forwards):
         for j, rec in cur.layers.items():
             if j not in prev.layers:

@@ -1,6 +1,7 @@
 """How well a checkpoint's routing can be guessed ahead: the next layer's experts from this
-layer's input (what `--prefetch layer` reads) and the next step's entering experts from the
-ones ranked just below the choice (not built), scored on real decoding (tidecli/bench/guesses.py).
+layer's input (what `--prefetch layer` reads), the next step's entering experts from the
+ones ranked just below the choice (not built), and a block's first step from the previous
+block's first step (not built), scored on real decoding (tidecli/bench/guesses.py).
 
 Usage: PYTHONPATH=. python tools/bench/guess_accuracy.py MODEL [--device cpu] [--ranked 2]
     [--prompts tools/bench/bench_prompts.txt] [--gen-length 64]
