@@ -83,3 +83,12 @@ def test_beside_compares_a_kernels_median_with_and_without_the_named_one():
     r = _tool().beside(ev, "gather", top=3, steps=1)
     assert r["extra_ms"] == 0.15  # 25 calls × (8 − 2) µs
     assert r["top"] == ["0.150 ms  median 2.0 -> 8.0 us  x25.0  k"]
+
+
+def test_forwards_are_cut_after_the_last_kernel_of_each():
+    ev = [X("kernel", "attn", 0, 10, 7), X("kernel", "gather_rows", 5, 20, 13),
+          X("kernel", "lm_head", 30, 10, 7), X("kernel", "attn", 50, 10, 7),
+          X("kernel", "lm_head", 70, 30, 7), X("kernel", "attn", 200, 5, 7)]  # unfinished
+    out = _tool().forwards(ev, "lm_head", "gather")
+    assert out == [{"span_ms": 0.04, "kernels": 3, "gather": 0.02},
+                   {"span_ms": 0.05, "kernels": 2, "gather": 0.0}]

@@ -10,7 +10,8 @@ stream syncs by what preceded them, and the longest gaps with the host calls spa
 Per step where --steps is given. With --kernels N, each GPU stream's busy time split by kernel
 name, its N largest (what one step's kernels cost, and on which stream); with --alone NAME,
 how long kernels so named ran with nothing else on the GPU, and each other kernel's median
-duration beside them against without them. No torch needed.
+duration beside them against without them; with --forwards LAST, each forward pass's span,
+kernels and (with --alone) time in those kernels. No torch needed.
 """
 
 from __future__ import annotations
@@ -191,6 +192,24 @@ def beside(events: list[dict], name: str, top: int, steps: int = 0, min_calls: i
                     for x, n, a, b, c in rows[:top]]}
 
 
+def forwards(events: list[dict], last: str, named: str | None = None) -> list[dict]:
+    """The GPU timeline cut after each kernel whose name starts with `last` (the lm_head's,
+    which ends a forward pass): per forward its span, its kernel count, and the summed ms of
+    kernels named `named...` in it (the gathers, say)."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    out, cur = [], []
+    for e in gpu:
+        cur.append(e)
+        if e["name"].startswith(last):
+            row = {"span_ms": round((_end(e) - cur[0]["ts"]) / 1000, 3), "kernels": len(cur)}
+            if named:
+                row[named] = round(sum(x["dur"] for x in cur
+                                       if x["name"].startswith(named)) / 1000, 3)
+            out.append(row)
+            cur = []
+    return out
+
+
 def per_step(report: dict, steps: int) -> dict:
     keys = ("span_ms", "compute_busy_ms", "copy_busy_ms", "gap_ms", "gap_with_copy_busy_ms")
     return {k: round(report[k] / steps, 3) for k in keys}
@@ -206,6 +225,8 @@ def main() -> None:
     ap.add_argument("--alone", default=None, metavar="NAME",
                     help="the time kernels named NAME... ran with nothing else on the GPU, and "
                          "how much longer the other kernels ran beside them")
+    ap.add_argument("--forwards", default=None, metavar="LAST",
+                    help="per forward pass, cut after each kernel named LAST... (the lm_head's)")
     a = ap.parse_args()
     events = load(a.trace)
     report = analyse(events, min_gap_us=a.min_gap_us, top=a.top)
@@ -216,6 +237,8 @@ def main() -> None:
     if a.alone:
         report["alone"] = alone(events, a.alone, a.steps)
         report["beside"] = beside(events, a.alone, a.top, a.steps)
+    if a.forwards:
+        report["forwards"] = forwards(events, a.forwards, a.alone)
     print(json.dumps(report, indent=1))
 
 
