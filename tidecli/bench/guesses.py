@@ -22,7 +22,9 @@ forward and MoE layer, the chosen ids, the next-ranked experts and the next laye
   block's commit pass).
 
 `new_per_layer` (experts a layer uses that the forward before did not) says how many copies
-each kind of forward needs: a block's first step against the steps inside a block.
+each kind of forward needs: a block's first step against the steps inside a block. Every
+score leaves out only the forward before's experts; a runtime's slots hold more (its recent
+past), so what a guess would spare a runtime is at most this (docs/benchmarks.md, section 23).
 
 A guess never changes what is computed; these figures say only how many copies it could hide
 and how many it would waste.
