@@ -15,6 +15,12 @@ such layers, replayed 50 times after a warm-up; ms per layer (median of 5 timing
   small           a chain of ≈ 120 small kernels, as a layer has around its GEMMs (elementwise
                   on [32, 2048], gathers and scatters of pair rows [256, 2048])
   small+gather R, small+memcpy R   that chain beside the copies
+  empty pass      a grouped pass with no pairs (as a streamed layer's placed or streamed-from-RAM
+                  pass often is): its kernels run all the same
+  cond skip       the same pass under torch.cond with a device predicate that is false, which
+                  CUDA graphs can capture as a conditional node where the installed torch
+                  supports it (else the error says why); "cond run" with the predicate true
+                  must give the pass's rows
 
 A copy that overlaps the GEMM perfectly makes gemm+copy = max(gemm, copy); one that does not,
 their sum. Needs CUDA and Triton.
@@ -58,6 +64,35 @@ def _time(fn, reps: int = 50) -> float:
         b.synchronize()
         out.append(a.elapsed_time(b) / reps / LAYERS)
     return round(statistics.median(out), 4)
+
+
+def _cond(x, pair_slot, empty_pass, gate_up, down, ms, layers) -> str:
+    """Time the empty pass skipped by torch.cond inside the graph, and check that the taken
+    branch gives the pass's rows; returns "ok" or why it could not."""
+    def branch(on: bool):
+        pred = torch.tensor(on, device=x.device)
+        slots = pair_slot if on else torch.full_like(pair_slot, -1)
+
+        def run_pass(xx):
+            return run_pairs("grouped_mm", xx, slots, gate_up, down, TOPK)
+
+        def skip(xx):
+            return torch.zeros((slots.numel(), xx.shape[1]), dtype=xx.dtype, device=xx.device)
+
+        return lambda: torch.cond(pred, run_pass, skip, (x,))
+
+    try:
+        ms["cond skip"] = _time(layers(branch(False), None))
+        ms["cond run"] = _time(layers(branch(True), None))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = branch(True)()
+        g.replay()
+        ref = run_pairs("grouped_mm", x, pair_slot, gate_up, down, TOPK)
+        torch.cuda.synchronize()
+        return "ok" if torch.equal(y, ref) else "the captured branch gave other rows"
+    except Exception as exc:  # the installed torch may not capture torch.cond
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"
 
 
 def main() -> None:
@@ -146,10 +181,18 @@ def main() -> None:
             ms[f"gather {r} ({p}/row)"] = _time(layers(None, copier("gather", r)))
             ms[f"gemm+gather {r} ({p}/row)"] = _time(layers(gemm, copier("gather", r)))
             ms[f"small+gather {r} ({p}/row)"] = _time(layers(small, copier("gather", r)))
+    empty_slots = torch.full_like(pair_slot, -1)
+
+    def empty_pass():
+        return run_pairs("grouped_mm", x, empty_slots, gate_up, down, TOPK)
+
+    ms["empty pass"] = _time(layers(empty_pass, None))
+    res["cond"] = _cond(x, pair_slot, empty_pass, gate_up, down, ms, layers)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     for k, v in ms.items():
         print(f"{k:24s} {v:8.4f} ms")
+    print("torch.cond in a CUDA graph:", res["cond"])
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@
 #   guess4 the guess3 bench with near misses (--guess-misses ranked) at 95 and 90 %
 #   overlap the read-ahead's GPU tests; tools/bench/overlap_probe.py (the grouped GEMM and a chain
 #          of small kernels beside the gather kernel and beside copy-engine copies, 2 and 4
-#          rows, 1-16 programs a row)
+#          rows, 1-16 programs a row; an empty grouped pass, run and skipped by torch.cond)
 #   ahead14 profiler traces on the drifting workload: resident, and streamed tide at 14 GiB with
 #          the read-ahead off and with every guess right; each stream's kernels per step
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
