@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tidecli.bench.harness import Bench, add_ratios
+from tidecli.bench.harness import Bench
 from tidecli.bench.oracle import belady_loads, best_hit_rate, brute_force_loads, routing_stats
+from tidecli.bench.report import add_ratios
 from tidecli.bench.spec import BenchSpec, run_points
 
 from helpers import bench_runs
@@ -100,7 +101,8 @@ def test_ratios_against_the_best_baseline_and_resident():
 RUN_KEYS = {"workload", "policy", "budget", "vram_gib", "tau", "misses", "misses_used",
             "experts_per_layer", "tokens",
             "steps", "wall_s", "tokens_per_s", "steps_per_s", "tokens_per_step", "step_ms",
-            "denoise_step_ms", "hit_rate", "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
+            "denoise_step_ms", "first_step_s", "prefill_ms", "outside_steps_ms", "hit_rate",
+            "cpu_share", "cpu_calls", "fetched_calls", "h2d_gb",
             "promotions",
             "stall_ms", "measured_parts_ms", "step_hit_rate", "step_cpu_calls",
             "step_promotions", "prefetch", "guess_accuracy", "guess_misses", "prefetched",
@@ -133,6 +135,12 @@ def test_harness_runs_every_policy_with_identical_tokens(tiny_ckpt):
         assert r["tokens"] > 0 and r["steps"] > 0
         # a denoising step alone leaves out the prompt's prefill and the commit passes
         assert 0 < r["denoise_step_ms"] <= r["step_ms"]
+        # per prompt: the prefill (and set-up) before the first step, then that step; the
+        # commit passes and the decoder's own work outside the steps: the wall, split
+        assert 0 < r["prefill_ms"] < 1000 * r["first_step_s"]
+        assert r["outside_steps_ms"] >= -0.01
+        assert abs(r["prefill_ms"] + r["outside_steps_ms"] + r["denoise_step_ms"] * r["steps"]
+                   - 1000 * r["wall_s"]) < 1.0  # one prompt, so the split adds up to the wall
         parts = r["measured_parts_ms"]
         assert set(parts) == {"copy_ms", "cpu_ms", "stall_ms", "disk_wait_ms"}
         assert all(v >= 0 for v in parts.values())

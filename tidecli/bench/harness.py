@@ -22,7 +22,8 @@ import numpy as np
 
 from tidecli.bench.bounds import bound_rows, trace_key
 from tidecli.bench.oracle import agreement, routing_stats
-from tidecli.bench.spec import BASELINES, SCHEMA, BenchSpec, RunPoint, run_points
+from tidecli.bench.report import add_ratios
+from tidecli.bench.spec import SCHEMA, BenchSpec, RunPoint, run_points
 from tidecli.errors import OutOfDeviceMemory, TideError
 from tidecli.experts.modes import parse_misses
 from tidecli.experts.trace import RoutingTrace
@@ -101,16 +102,21 @@ class Bench:
                               block_length=self.engine.opts.workload.block_length)
 
     def _generate(self, ids: list[int], gen_length: int):
-        """The result, and the milliseconds and expert counters of its denoising steps alone
-        (no prefill, no commit passes: what a step-time model or bound describes)."""
+        """The result; the milliseconds and expert counters of its denoising steps alone (no
+        prefill, no commit passes: what a step-time model or bound describes); the seconds
+        until its first step's tokens, and the milliseconds before that step began (the
+        prompt's prefill)."""
         d = self.engine.decoder(ids, self._settings(gen_length))
         step_ms = 0.0
         counters = LayerCounters()
+        first = None
         for ev in d.steps():
+            if first is None:
+                first = (ev.elapsed_s, ev.elapsed_s * 1000 - ev.forward_ms)
             step_ms += ev.forward_ms
             if ev.experts is not None:
                 counters.add(ev.experts)
-        return d.result, step_ms, counters
+        return d.result, step_ms, counters, first or (0.0, 0.0)
 
     def _set_workload(self, name: str) -> None:
         router = None
@@ -174,13 +180,15 @@ class Bench:
             at_start = torch.cuda.memory_allocated(eng.device)
         eng.runtime.reset_stats()
         tokens = steps = 0
-        wall = denoise_ms = 0.0
+        wall = denoise_ms = first_s = before_ms = 0.0
         outputs = []
         in_steps = LayerCounters()  # the denoising steps' counters alone
         for _ in range(spec.repeat):
             for ids in self.prompt_ids:
-                res, ms, counters = self._generate(ids, spec.gen_length)
+                res, ms, counters, (first, before) = self._generate(ids, spec.gen_length)
                 denoise_ms += ms
+                first_s += first
+                before_ms += before
                 in_steps.add(counters)
                 tokens += len(res.token_ids)
                 steps += res.steps
@@ -200,6 +208,11 @@ class Bench:
             "tokens_per_step": round(tokens / steps, 3) if steps else 0.0,
             "step_ms": round(1000 * wall / steps, 3) if steps else None,  # wall / steps
             "denoise_step_ms": round(denoise_ms / steps, 3) if steps else None,
+            # per prompt: until the first step's tokens; before that step (the prefill); the
+            # rest of the wall outside the denoising steps (commit passes, the decoder's work)
+            "first_step_s": round(first_s / len(outputs), 4),
+            "prefill_ms": round(before_ms / len(outputs), 3),
+            "outside_steps_ms": round((1000 * wall - denoise_ms - before_ms) / len(outputs), 3),
             "hit_rate": round(s["hit_rate"], 4),
             "cpu_share": round(s["cpu_share"], 4),
             "cpu_calls": s["cpu_calls"],
@@ -367,27 +380,3 @@ def _budgets(engine) -> dict[str, int]:
 def _set_comparison(row: dict, outputs: list[list[int]], want: list[list[int]]) -> None:
     row["identical"] = outputs == want
     row["token_agreement"] = round(agreement(outputs, want), 4)
-
-
-def add_ratios(runs: list[dict]) -> None:
-    """vs_best_baseline: steps/s over the best of lru and static at the same workload and budget;
-    vs_resident: over resident on the same workload; on a compiled run,
-    eager_over_compiled_step: the same run's eager time per denoising step over its own."""
-    ok = [r for r in runs if not r.get("skipped")]
-    for r in ok:
-        like = [b for b in ok if b["workload"] == r["workload"]
-                and b.get("experts_dtype") == r.get("experts_dtype")
-                and b.get("compiled") == r.get("compiled")]
-        base = [b["steps_per_s"] for b in like if b["policy"] in BASELINES
-                and b["budget"] == r["budget"]]
-        res = [b["steps_per_s"] for b in like if b["policy"] == "resident"]
-        r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
-            else None
-        r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None
-        if r.get("compiled"):  # compiled steps decode their own way: compare time per step
-            same = ("workload", "policy", "budget", "tau", "misses", "prefetch", "experts_dtype")
-            eager = [b for b in ok if not b.get("compiled")
-                     and all(b.get(f) == r.get(f) for f in same)]
-            ms = r.get("denoise_step_ms")
-            r["eager_over_compiled_step"] = round(eager[0]["denoise_step_ms"] / ms, 3) \
-                if eager and ms and eager[0].get("denoise_step_ms") else None

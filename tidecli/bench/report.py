@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tidecli.bench.spec import BASELINES
 from tidecli.errors import TideError
 from tidecli.fsutil import atomic_write_bytes, atomic_write_text
 
@@ -71,3 +72,27 @@ def write_plot(report: dict, path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """vs_best_baseline: steps/s over the best of lru and static at the same workload and budget;
+    vs_resident: over resident on the same workload; on a compiled run,
+    eager_over_compiled_step: the same run's eager time per denoising step over its own."""
+    ok = [r for r in runs if not r.get("skipped")]
+    for r in ok:
+        like = [b for b in ok if b["workload"] == r["workload"]
+                and b.get("experts_dtype") == r.get("experts_dtype")
+                and b.get("compiled") == r.get("compiled")]
+        base = [b["steps_per_s"] for b in like if b["policy"] in BASELINES
+                and b["budget"] == r["budget"]]
+        res = [b["steps_per_s"] for b in like if b["policy"] == "resident"]
+        r["vs_best_baseline"] = round(r["steps_per_s"] / max(base), 3) if base and max(base) \
+            else None
+        r["vs_resident"] = round(r["steps_per_s"] / res[0], 3) if res and res[0] else None
+        if r.get("compiled"):  # compiled steps decode their own way: compare time per step
+            same = ("workload", "policy", "budget", "tau", "misses", "prefetch", "experts_dtype")
+            eager = [b for b in ok if not b.get("compiled")
+                     and all(b.get(f) == r.get(f) for f in same)]
+            ms = r.get("denoise_step_ms")
+            r["eager_over_compiled_step"] = round(eager[0]["denoise_step_ms"] / ms, 3) \
+                if eager and ms and eager[0].get("denoise_step_ms") else None
