@@ -140,12 +140,18 @@ def test_completions_and_stop_strings(server, engine):
 
 
 def test_models_health_metrics(server):
+    m = server.app.state.metrics
+    before = (m.first_texts, m.first_text_seconds)
+    out = server.client().completions.create(model="tiny", prompt="Once upon", max_tokens=20)
+    assert out.choices[0].text  # a generation with text: its time to first text is counted
+    assert m.first_texts == before[0] + 1 and m.first_text_seconds > before[1]
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
     assert server.health()["status"] == "ok"
     text = httpx.get(f"{server.base}/metrics", timeout=5).text
     for name in ("requests_total", "completion_tokens_total", "tokens_per_second",
-                 "steps_per_second", "expert_hit_rate", "h2d_bytes_total", "queue_depth"):
+                 "steps_per_second", "expert_hit_rate", "h2d_bytes_total", "queue_depth",
+                 "first_text_seconds_total", "first_texts_total"):
         assert f"\ntide_{name}" in text
 
 

@@ -193,7 +193,7 @@ def test_metrics_text_is_prometheus():
     m.request("/nope", 404)
     m.outcome("ok")
     m.generation(GenerationFigures(prompt_tokens=5, completion_tokens=20, steps=4, seconds=2.0,
-                                   pairs=10, gpu_hits=7, bytes_h2d=1024))
+                                   pairs=10, gpu_hits=7, bytes_h2d=1024, first_text_seconds=0.5))
     text = m.render()
     sample = re.compile(r'^tide_[a-z0-9_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [-0-9.e+]+$')
     for line in text.splitlines():
@@ -201,4 +201,15 @@ def test_metrics_text_is_prometheus():
             sample.match(line), line
     assert 'tide_requests_total{endpoint="other",code="404"} 1' in text
     assert "tide_tokens_per_second 10" in text and "tide_expert_hit_rate 0.7" in text
+    assert "tide_first_text_seconds 0.5" in text and "tide_first_texts_total 1" in text
     assert "tide_h2d_bytes_total 1024" in text and "tide_queue_capacity 4" in text
+
+
+def test_the_mean_time_to_first_text_counts_generations_that_made_text():
+    m = Metrics()
+    for first in (0.5, None, 1.5):  # the second generation produced no text
+        m.generation(GenerationFigures(prompt_tokens=5, completion_tokens=0 if first is None
+                                       else 4, steps=2, seconds=2.0, first_text_seconds=first))
+    text = m.render()
+    assert "tide_first_texts_total 2" in text and "tide_first_text_seconds_total 2" in text
+    assert "tide_first_text_seconds 1" in text.splitlines()

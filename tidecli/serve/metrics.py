@@ -25,6 +25,8 @@ class GenerationFigures:
     pairs: int = 0  # routed (token, expert) pairs
     gpu_hits: int = 0  # of those, experts resident when the layer began
     bytes_h2d: int = 0
+    # from the generation's start to its first text (its first finished block), None if none
+    first_text_seconds: float | None = None
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Metrics:
     pairs: int = 0
     gpu_hits: int = 0
     bytes_h2d: int = 0
+    first_text_seconds: float = 0.0  # summed over the generations that produced text
+    first_texts: int = 0
     last_tokens_per_second: float = 0.0
     last_steps_per_second: float = 0.0
     queue_depth: int = 0
@@ -72,6 +76,9 @@ class Metrics:
             self.pairs += g.pairs
             self.gpu_hits += g.gpu_hits
             self.bytes_h2d += g.bytes_h2d
+            if g.first_text_seconds is not None:
+                self.first_text_seconds += g.first_text_seconds
+                self.first_texts += 1
             if g.seconds > 0:
                 self.last_tokens_per_second = g.completion_tokens / g.seconds
                 self.last_steps_per_second = g.steps / g.seconds
@@ -100,6 +107,15 @@ class Metrics:
             metric("steps_total", "counter", "Denoising steps.", [("", self.steps)])
             metric("generation_seconds_total", "counter", "Time spent generating.",
                    [("", self.seconds)])
+            metric("first_text_seconds_total", "counter",
+                   "Time from a generation's start to its first text (its first finished block), "
+                   "summed over the generations that produced text.",
+                   [("", self.first_text_seconds)])
+            metric("first_texts_total", "counter", "Generations that produced text.",
+                   [("", self.first_texts)])
+            metric("first_text_seconds", "gauge",
+                   "Mean time from a generation's start to its first text.",
+                   [("", self.first_text_seconds / self.first_texts if self.first_texts else 0.0)])
             metric("tokens_per_second", "gauge", "Generated tokens per second, all generations.",
                    [("", self.completion_tokens / self.seconds if self.seconds else 0.0)])
             metric("steps_per_second", "gauge", "Denoising steps per second, all generations.",

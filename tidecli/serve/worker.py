@@ -287,7 +287,8 @@ class Worker:
     def _generate(self, job: Job) -> Outcome | None:
         g, eng = job.gen, self.engine
         queued = time.monotonic() - job.enqueued
-        started = time.time()
+        started, t0 = time.time(), time.monotonic()
+        first_text: list[float] = []  # seconds from the start to the first text, once
         eng.runtime.reset_stats()  # the figures below are this generation's only
         decoder = eng.decoder(list(g.ids), g.settings)
         blocks = BlockTokens(g.settings.gen_length, decoder.eos_ids)
@@ -297,6 +298,8 @@ class Worker:
             new = blocks.take(ev)
             if new:
                 delta = text.extend(new)
+                if delta and not first_text:
+                    first_text.append(time.monotonic() - t0)
                 if delta and g.stream:
                     job.push("delta", delta)
 
@@ -310,13 +313,16 @@ class Worker:
             raise ServeError(503, "the server is shutting down", type="server_error",
                              code="shutting_down")
         rest = text.finish(self.decode(result.token_ids))
+        if rest and not first_text:
+            first_text.append(time.monotonic() - t0)
         if rest and g.stream:
             job.push("delta", rest)
         stats = eng.runtime.run_stats.total()
         self.metrics.generation(GenerationFigures(
             prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
             steps=result.steps, seconds=result.wall_seconds, pairs=stats.pairs,
-            gpu_hits=stats.gpu_hits, bytes_h2d=stats.bytes_h2d))
+            gpu_hits=stats.gpu_hits, bytes_h2d=stats.bytes_h2d,
+            first_text_seconds=first_text[0] if first_text else None))
         self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * result.wall_seconds \
             if self._mean_seconds else result.wall_seconds
         return Outcome(
