@@ -78,6 +78,25 @@ def test_signal_stops_after_the_current_step_and_exits_0(tiny_ckpt, tmp_path, si
     assert f"stopped ({name})" in err and "Traceback" not in err, err
 
 
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny_ckpt, tmp_path):
+    """Two quick SIGINTs (an impatient Ctrl-C): the server stops at once, and the cut lifespan
+    is no traceback on the terminal."""
+    proc, base, lines = start(tiny_ckpt, tmp_path)
+    try:
+        assert httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    time.sleep(0.2)  # the reader thread drains stderr
+    err = rest(lines)
+    assert "stopped (SIGINT)" in err and "Traceback" not in err, err
+
+
 def test_missing_extra_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import fails as when not installed
     user_error(["serve", "-m", "nowhere"], capsys, "tide serve needs FastAPI and uvicorn",

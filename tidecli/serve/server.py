@@ -4,6 +4,8 @@ SIGINT/SIGTERM stop the generation after its current step and end the process no
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import socket
 from types import FrameType
@@ -41,15 +43,39 @@ def address(sock: socket.socket) -> tuple[str, int]:
     return host, port
 
 
+class _QuietWhenForced(logging.Filter):
+    """Drops uvicorn's error records once a second Ctrl-C forced the exit: cutting the app's
+    lifespan short then logs a CancelledError traceback, which is the expected way out, not
+    an error (TIDE_DEBUG=1 keeps it)."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__()
+        self.server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.server.force_exit and record.levelno >= logging.ERROR
+                    and os.environ.get("TIDE_DEBUG") != "1")
+
+
 class Server(uvicorn.Server):
     """uvicorn whose stop signals also halt the worker, and which does not raise the signal
     again after a clean shutdown (uvicorn's default), so `tide serve` exits 0. A second Ctrl-C
-    stops at once, as uvicorn's does."""
+    stops at once, as uvicorn's does, without the traceback uvicorn logs for it."""
 
     def __init__(self, config: uvicorn.Config, worker: Any) -> None:
         super().__init__(config)
         self.worker = worker
         self.stop_signal: int | None = None
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        # over the whole run: a forced exit's traceback is logged as the event loop closes
+        quiet = _QuietWhenForced(self)
+        log = logging.getLogger("uvicorn.error")
+        log.addFilter(quiet)
+        try:
+            super().run(sockets=sockets)
+        finally:
+            log.removeFilter(quiet)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.stop_signal = self.stop_signal or sig
