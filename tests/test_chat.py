@@ -313,6 +313,54 @@ def test_loop_exits_cleanly_on_eof_and_ctrl_c(app):
     app.loop(interrupted)  # returns instead of raising
 
 
+def test_a_ctrl_c_just_after_a_stopped_reply_does_not_quit(app, capsys, monkeypatch):
+    """The second press of a double Ctrl-C lands at the prompt once the reply has stopped: it
+    says how to quit instead of ending the conversation; a later Ctrl-C quits as before."""
+    import tidecli.commands.chat_app as chat_app
+
+    app.engine.interrupt_after = 6
+    assert app.handle("long one")  # stopped by Ctrl-C
+    app.engine.interrupt_after = None
+    calls = []
+
+    def read(prompt):
+        calls.append(prompt)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # at once: the second press
+        return "/exit" if len(calls) == 3 else "next"
+
+    app.loop(read)
+    assert len(calls) == 3 and len(app.session.turns) == 2  # went on: "next" was answered
+    assert "the reply is already stopped; Ctrl-C again or Ctrl-D quits" in capsys.readouterr().err
+    # long after a stopped reply, Ctrl-C at the prompt quits as before
+    app.engine.interrupt_after = 2
+    assert app.handle("again")
+    now = chat_app.time.monotonic()
+    monkeypatch.setattr(chat_app.time, "monotonic", lambda: now + chat_app.STOPPED_GRACE_S + 1)
+
+    def interrupted(prompt):
+        raise KeyboardInterrupt
+
+    app.loop(interrupted)  # returns: the session ends
+
+
+def test_ctrl_c_in_a_slash_command_returns_to_the_prompt(app, capsys, monkeypatch):
+    handled = []
+    real = app.handle
+
+    def handle(line):
+        handled.append(line)
+        if line == "/stats":
+            raise KeyboardInterrupt  # while the command ran
+        return real(line)
+
+    monkeypatch.setattr(app, "handle", handle)
+    read, _ = reader(["/stats", "hello", "/exit"])
+    app.loop(read)
+    assert handled == ["/stats", "hello", "/exit"] and len(app.session.turns) == 1
+    assert "stopped; Ctrl-C again or Ctrl-D quits" in capsys.readouterr().err
+
+
 def test_real_tiny_model_two_turns(tiny_ckpt, capsys):
     from tidecli.runtime.engine import Engine
     from tidecli.runtime.options import engine_options

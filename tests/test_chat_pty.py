@@ -56,6 +56,27 @@ def test_chat_turns_commands_and_ctrl_c_in_a_reply():
     assert child.exitstatus == 0, child.before
 
 
+def test_a_double_ctrl_c_in_a_reply_keeps_the_session():
+    """Ctrl-C twice in quick succession during a reply (as the help suggests to stop mid-step):
+    the reply stops, and the second press, landing at the prompt, does not end the chat."""
+    child = spawn("--gen-length", "2048")
+    try:
+        child.sendline("Tell me a very long story")
+        child.expect_exact("steps/s")
+        child.sendintr()
+        child.expect_exact("stopped after")
+        child.sendintr()  # the second press, once the reply has stopped: at (or near) the prompt
+        child.expect_exact("Ctrl-C again or Ctrl-D quits")
+        child.expect_exact(PROMPT)
+        ask(child, "/set gen_length 8", "gen_length = 8")
+        ask(child, "Hello", "tokens/s")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
+
+
 def test_ctrl_c_at_the_prompt_exits_cleanly():
     child = spawn()
     try:

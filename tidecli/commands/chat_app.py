@@ -3,7 +3,10 @@
 The conversation logic (turns, settings, transcripts) lives in tidecli/decode/session.py. Ctrl-C
 during a reply stops it after the current step: the committed prefix is shown and kept in the
 transcript (marked interrupted) but left out of the history the model sees. Ctrl-C or Ctrl-D at
-the prompt ends the session with exit code 0.
+the prompt ends the session with exit code 0 — except a Ctrl-C that comes just after one stopped
+a reply (the second of a double press, which the help suggests to stop mid-step): that one only
+says how to quit, so a double press never ends the conversation. Ctrl-C anywhere else (a slash
+command, the bookkeeping after a reply) stops that and returns to the prompt.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -52,6 +56,8 @@ Ctrl-C during a reply stops it after the current step; the partial text stays on
 in /save, but is not part of what the model sees next (press it twice to stop mid-step)."""
 
 COMMANDS = ("help", "reset", "system", "set", "stats", "save", "load", "exit", "quit")
+# a Ctrl-C at the prompt this soon after one stopped a reply was meant for the reply
+STOPPED_GRACE_S = 1.5
 
 
 @contextlib.contextmanager
@@ -87,6 +93,7 @@ class ChatApp:
         self.out = out
         self.live = live
         self.info = info  # the engine's EngineInfo (None: not shown)
+        self._stopped_at: float | None = None  # when Ctrl-C last stopped a reply (monotonic)
 
     # ---- output ---------------------------------------------------------------------------------
 
@@ -200,6 +207,7 @@ class ChatApp:
             self.error(exc)
             return
         except KeyboardInterrupt:  # before decoding began (tokenising, allocating the cache)
+            self._stopped_at = time.monotonic()
             self.note("stopped before the reply began")
             return
         except Exception as exc:
@@ -219,6 +227,7 @@ class ChatApp:
                                   hit_rate=summary.get("hit_rate") if on_gpu(eng) else None,
                                   seed=stats.get("seed")))
         if interrupted:
+            self._stopped_at = time.monotonic()
             self.note(f"stopped after {stats['tokens']} committed tokens: shown and kept in "
                       "/save, not added to the conversation", style="yellow")
         for note in eng.notices:  # what the engine learned during the reply (a failed compile)
@@ -233,9 +242,22 @@ class ChatApp:
         while True:
             try:
                 line = read_message(read, prompt, more)
-            except (EOFError, KeyboardInterrupt):
+            except KeyboardInterrupt:
                 if interactive:
                     self.out.print()  # leave the prompt line
+                    if self._stopped_at is not None and \
+                            time.monotonic() - self._stopped_at < STOPPED_GRACE_S:
+                        self._stopped_at = None  # the second press of the one that stopped it
+                        self.note("the reply is already stopped; Ctrl-C again or Ctrl-D quits")
+                        continue
                 return
-            if not self.handle(line):
+            except EOFError:
+                if interactive:
+                    self.out.print()
                 return
+            try:
+                if not self.handle(line):
+                    return
+            except KeyboardInterrupt:  # after a reply's decoding, or in a slash command
+                self._stopped_at = time.monotonic()
+                self.note("stopped; Ctrl-C again or Ctrl-D quits")
