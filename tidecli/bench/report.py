@@ -1,4 +1,5 @@
-"""Bench results as JSON (atomic) and an optional matplotlib plot (the tables: ui/bench_view.py)."""
+"""Bench results: the ratios between runs, JSON (atomic) and an optional matplotlib plot (the
+tables: ui/bench_view.py)."""
 
 from __future__ import annotations
 
