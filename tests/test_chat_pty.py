@@ -33,6 +33,14 @@ def ask(child, line: str, *expect: str) -> None:
     child.expect_exact(PROMPT)
 
 
+def stop_a_long_reply(child) -> None:
+    """Ask for a long reply, wait until it is being denoised, Ctrl-C it, and see it stop."""
+    child.sendline("Tell me a very long story")
+    child.expect_exact("steps/s")  # the live status line: the reply is being denoised
+    child.sendintr()
+    child.expect_exact("stopped after")
+
+
 def test_chat_turns_commands_and_ctrl_c_in_a_reply():
     child = spawn("--gen-length", "8")
     try:
@@ -41,10 +49,7 @@ def test_chat_turns_commands_and_ctrl_c_in_a_reply():
         ask(child, "/stats", "experts per MoE layer", "GPU hit")
         ask(child, "/set threshold 0.9", "threshold = 0.9")
         ask(child, "/set gen_length 2048", "gen_length = 2048")
-        child.sendline("Tell me a very long story")
-        child.expect_exact("steps/s")  # the live status line: the reply is being denoised
-        child.sendintr()
-        child.expect_exact("stopped after")
+        stop_a_long_reply(child)
         child.expect_exact(PROMPT)
         ask(child, "/set gen_length 8")
         ask(child, "One more", "tokens/s")
@@ -61,10 +66,7 @@ def test_a_double_ctrl_c_in_a_reply_keeps_the_session():
     the reply stops, and the second press, landing at the prompt, does not end the chat."""
     child = spawn("--gen-length", "2048")
     try:
-        child.sendline("Tell me a very long story")
-        child.expect_exact("steps/s")
-        child.sendintr()
-        child.expect_exact("stopped after")
+        stop_a_long_reply(child)
         child.sendintr()  # the second press, once the reply has stopped: at (or near) the prompt
         child.expect_exact("Ctrl-C again or Ctrl-D quits")
         child.expect_exact(PROMPT)
