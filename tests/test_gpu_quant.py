@@ -78,22 +78,23 @@ def test_device_and_streamed_tiles_give_bitwise_the_same_rows(name):
         assert torch.equal(quant_grouped_mm(x, mat, offs), want)  # the call's own choice
 
 
-@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("name", [*COMPRESSED, "plain"])
 def test_the_fused_expert_pass_gives_the_same_rows_with_every_tile(name):
-    """quant_expert_rows on mini's shapes, pairs of one step scattered over 14 experts: close to
+    """expert_rows on mini's shapes, pairs of one step scattered over 14 experts: close to
     the unfused ops, and bitwise the same with every tile the runtime picks, experts in device
-    memory or read in place from pinned RAM."""
-    from tidecli.experts.compute import grouped_rows_ops
+    memory or read in place from pinned RAM; compressed experts, and plain bf16 ones."""
+    from tidecli.experts.compute import grouped_rows_ops, pool_views
     from tidecli.experts.gather import device_view
-    from tidecli.experts.qkernel import LARGE, SMALL, Tiles, quant_expert_rows
+    from tidecli.experts.qkernel import LARGE, SMALL, Tiles, expert_rows
 
     _need(name)
     h, i = 2048, 512
-    fmt = expert_format(name, hidden=h, inter=i)
+    fmt = expert_format(name, hidden=h, inter=i) if name != "plain" else None
     g = torch.Generator(device="cuda").manual_seed(4)
     counts = torch.tensor([3, 0, 40, 1, 0, 7, 16, 2, 0, 5, 33, 1, 64, 4])
-    rows_q = quantize_rows((torch.randn(counts.numel(), 3 * h * i, device="cuda",
-                                        generator=g) * 0.02).bfloat16(), fmt)
+    rows_q = (torch.randn(counts.numel(), 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
+    if fmt is not None:
+        rows_q = quantize_rows(rows_q, fmt)
     pairs = int(counts.sum()) + 3  # 3 pairs in no group
     hidden = torch.randn(pairs // 2 + 1, h, device="cuda", generator=g).bfloat16()
     rows = torch.randint(0, hidden.shape[0], (pairs,), device="cuda", generator=g)
@@ -103,10 +104,10 @@ def test_the_fused_expert_pass_gives_the_same_rows_with_every_tile(name):
     host = device_view(rows_q.cpu().pin_memory(), CUDA)
     want = None
     for buf in (rows_q, host):
-        gu, dn = views(buf, fmt)
+        gu, dn = views(buf, fmt) if fmt is not None else pool_views(buf, h, i)
         for tiles in (LARGE, SMALL[name], Tiles(16, 64), Tiles(16, 128), Tiles(32, 64)):
             got = torch.zeros((pairs + 1, h), device="cuda", dtype=torch.bfloat16)
-            quant_expert_rows(hidden, rows, dst, offs, gu, dn, got, tiles=tiles)
+            expert_rows(hidden, rows, dst, offs, gu, dn, got, tiles=tiles)
             if want is None:
                 want = got
                 ops = torch.zeros_like(got)

@@ -63,19 +63,22 @@ def test_tiles_depend_on_the_format_place_and_static_shape_alone():
     assert all(t.bm <= 32 for t in (*SMALL.values(), LARGE))
 
 
-@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("name", [*COMPRESSED, "plain"])
 def test_a_fused_expert_pass_matches_the_unfused_ops(name):
-    """quant_expert_rows (gather on load, gate and up with their SiLU product in one launch,
+    """expert_rows (gather on load, gate and up with their SiLU product in one launch,
     down with a scatter on store) against compute.grouped_rows' torch path on the same pairs:
     rows of groups written where dst says, the dummy row and rows past the groups untouched."""
-    from tidecli.experts.compute import grouped_rows_ops
-    from tidecli.experts.qkernel import quant_expert_rows
+    from tidecli.experts.compute import grouped_rows_ops, pool_views
+    from tidecli.experts.qkernel import expert_rows
 
     h, i = 128, 64
-    fmt = expert_format(name, hidden=h, inter=i)
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(4, 3 * h * i, generator=g) * 0.05).to(torch.bfloat16)
-    gu, dn = views(quantize_rows(w, fmt), fmt)
+    if name == "plain":  # experts as they are, in the activations' dtype
+        gu, dn = pool_views(w.float(), h, i)
+    else:
+        fmt = expert_format(name, hidden=h, inter=i)
+        gu, dn = views(quantize_rows(w, fmt), fmt)
     hidden = torch.randn(9, h, generator=g)
     pairs = 12
     rows = torch.tensor([4, 0, 8, 3, 3, 1, 5, 2, 7, 6, 0, 0])  # token row per sorted pair
@@ -84,7 +87,7 @@ def test_a_fused_expert_pass_matches_the_unfused_ops(name):
     want = torch.full((pairs + 1, h), 7.0)
     grouped_rows_ops(hidden, rows, dst, offs, gu, dn, want)
     got = torch.full((pairs + 1, h), 7.0)
-    quant_expert_rows(hidden, rows, dst, offs, gu, dn, got)
+    expert_rows(hidden, rows, dst, offs, gu, dn, got)
     written = dst[:9]
     assert torch.allclose(got[written], want[written], rtol=1e-4, atol=1e-5)
     untouched = torch.ones(pairs + 1, dtype=torch.bool)

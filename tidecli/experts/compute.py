@@ -73,14 +73,17 @@ def run_grouped_loop(x: torch.Tensor, pair_slot: list[int] | torch.Tensor, gate_
 
 def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype,
                 fmt: ExpertFormat | None = None) -> str:
-    """"auto" → grouped_mm where it runs (sm90+, bf16; for compressed experts the dequantizing
-    Triton kernel: CUDA, bf16 or fp16), else the loop; other names pass."""
+    """"auto" → grouped_mm where it runs (Triton's expert pass, experts/qkernel.py: CUDA, bf16 on
+    sm80+ or fp16, compressed or not; or torch._grouped_mm: sm90+, bf16), else the loop; other
+    names pass."""
     if kernel == "auto":
-        if is_compressed(fmt):
-            from tidecli.experts.qkernel import qkernel_available
+        from tidecli.experts.qkernel import plain_rows_available, qkernel_available
 
+        if is_compressed(fmt):
             return "grouped_mm" if qkernel_available(device, dtype, fmt.name) else "loop"
-        return "grouped_mm" if grouped_mm_available(device, dtype) else "loop"
+        if grouped_mm_available(device, dtype) or plain_rows_available(device, dtype):
+            return "grouped_mm"
+        return "loop"
     return kernel
 
 
@@ -165,13 +168,15 @@ def grouped_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
     """Pairs sorted by group: out[dst[i]] = expert_g(hidden[rows[i]]) for the pairs in group g
     (offs: group ends); entries past the last group write at most the dummy row out[-1]. A row's
     result depends on its group's expert alone, whatever the other rows hold. `streamed`: the
-    experts are read in place from pinned host memory. Compressed experts on CUDA take the fused
-    kernel (qkernel.quant_expert_rows), whose reference is `grouped_rows_ops`."""
-    if isinstance(gate_up, QMatrix) and hidden.is_cuda:
-        from tidecli.experts.qkernel import quant_expert_rows
+    experts are read in place from pinned host memory. On CUDA the fused kernel takes the pass
+    (qkernel.expert_rows: compressed experts, and plain ones unless qkernel.PLAIN is off), whose
+    reference is `grouped_rows_ops`."""
+    if hidden.is_cuda:
+        from tidecli.experts.qkernel import expert_rows, plain_rows_available
 
-        quant_expert_rows(hidden, rows, dst, offs, gate_up, down, out, streamed=streamed)
-        return
+        if isinstance(gate_up, QMatrix) or plain_rows_available(hidden.device, hidden.dtype):
+            expert_rows(hidden, rows, dst, offs, gate_up, down, out, streamed=streamed)
+            return
     grouped_rows_ops(hidden, rows, dst, offs, gate_up, down, out, streamed=streamed)
 
 

@@ -23,9 +23,12 @@ decoding steps, a few rows per expert; BM 32 serves long prompts and the reads o
 then cross the link once per expert. `quant_grouped_reference` in compute.py is the plain
 version; the tests hold the kernel to it in Triton's interpreter.
 
-`quant_expert_rows` is a whole expert pass (compute.grouped_rows) in two launches of the same
-kernel: the pairs' token rows gathered as they load, gate and up in one program with the SiLU
-product written out, then down with each row stored where its pair goes.
+`expert_rows` is a whole expert pass (compute.grouped_rows) in two launches of the same kernel:
+the pairs' token rows gathered as they load, gate and up in one program with the SiLU product
+written out, then down with each row stored where its pair goes. It also runs experts kept in
+the activations' dtype ("plain": bf16 or fp16 stacks, no scales), where the unfused pass is six
+launches (index_select, two torch._grouped_mm, SiLU, product, index_copy); `PLAIN` switches
+that on (docs/benchmarks.md section 24 measures both).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import torch
 from tidecli.experts.quant import QMatrix
 from tidecli.model.triton_util import next_pow2, triton_importable
 
-_CODE = {"int8": 0, "fp8": 1, "int4": 2}
+_CODE = {"int8": 0, "fp8": 1, "int4": 2, "plain": 3}
+PLAIN = True  # uncompressed experts on CUDA take expert_rows (False: the unfused torch ops)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class Tiles:
 # (see the docstring; tools/bench/qkernel_bench.py times the alternatives and checks that they
 # agree bitwise). Device memory, at most SMALL_ROWS rows per expert on average: the fastest of
 # the sweep per format at 4 rows per expert (an H200, docs/benchmarks.md section 15)
-SMALL = {"int8": Tiles(16, 64), "fp8": Tiles(16, 64), "int4": Tiles(16, 128)}
+SMALL = {"int8": Tiles(16, 64), "fp8": Tiles(16, 64), "int4": Tiles(16, 128),
+         "plain": Tiles(16, 64)}
 SMALL_ROWS = 8
 LARGE = Tiles(32, 128)  # more rows per expert, and every read over PCIe
 
@@ -74,7 +79,19 @@ def qkernel_available(device: torch.device, dtype: torch.dtype, fmt: str | None 
         return False
     if fmt == "fp8":
         return torch.cuda.get_device_capability(device) >= (8, 9)
+    if fmt in (None, "plain") and dtype == torch.bfloat16:  # Triton's bf16 dot: sm80+
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return True
+
+
+def plain_rows_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether uncompressed experts in `dtype` take `expert_rows` on `device` (PLAIN on)."""
+    return PLAIN and _plain_ok(torch.device(device), dtype)
+
+
+@functools.cache
+def _plain_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return qkernel_available(device, dtype, "plain")
 
 
 @functools.cache
@@ -127,7 +144,7 @@ def _kernel():  # built on first use: Triton is imported only then
             xrow = x + src.to(tl.int64)[:, None] * sxm
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if FMT == 2:  # int4: one group per step, its two nibble halves
+            if FMT == 2:  # int4: one group per step, its two nibble halves (FMT 3: plain)
                 HALF: tl.constexpr = GROUP // 2
                 kh = tl.arange(0, HALF)
                 for k0 in range(0, K, GROUP):
@@ -209,20 +226,36 @@ def _magic(dtype: torch.dtype) -> int:
     return _MAGIC.get(dtype, 0) if INT4_UNPACK == "bits" else 0
 
 
-def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: QMatrix, offs: torch.Tensor,
+Weights = torch.Tensor | QMatrix  # a stack of experts' matrices [S, n, k]
+
+
+def _parts(w: Weights) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """(format, values, scales, minima, group, n, k) of a stack; a plain stack [S, n, k] must
+    be contiguous within each expert (the pools' views are) and passes itself for the scales,
+    which the kernel then never reads."""
+    if isinstance(w, QMatrix):
+        lay = w.layout
+        mn = w.minimum if w.minimum is not None else w.scale
+        return w.fmt, w.q, w.scale, mn, lay.group, lay.n, lay.k
+    _, n, k = w.shape
+    if w.stride(2) != 1 or w.stride(1) != k:
+        raise ValueError("expert_rows needs each expert's matrix contiguous")
+    return "plain", w, w, w, 1, n, k
+
+
+def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: Weights, offs: torch.Tensor,
             out: torch.Tensor, dst: torch.Tensor | None, n: int, up: int, t: Tiles) -> None:
     kernel, cdiv = _kernel()
-    lay = w.layout
-    k = lay.k
-    mn = w.minimum if w.minimum is not None else w.scale
-    kb = -(-k // lay.group) if w.fmt == "fp8" else 0
+    fmt, q, scale, mn, group, _, k = _parts(w)
+    kb = -(-k // group) if fmt == "fp8" else 0
     bk = max(16, min(128, next_pow2(k)))
-    kernel[(w.q.shape[0], cdiv(n, t.bn))](
-        x, rows if rows is not None else offs, w.q, w.scale, mn, offs, out,
-        dst if dst is not None else offs, n, up, k, x.stride(0), w.q.stride(0),
-        w.scale.stride(0), out.stride(0), kb, FMT=_CODE[w.fmt], GROUP=lay.group, BK=bk,
-        BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None, SCATTER=dst is not None,
-        SWIGLU=up > 0, MAGIC=_magic(x.dtype), num_warps=t.warps, num_stages=t.stages)
+    kernel[(q.shape[0], cdiv(n, t.bn))](
+        x, rows if rows is not None else offs, q, scale, mn, offs, out,
+        dst if dst is not None else offs, n, up, k, x.stride(0), q.stride(0),
+        scale.stride(0) if fmt != "plain" else 0, out.stride(0), kb, FMT=_CODE[fmt],
+        GROUP=group, BK=bk, BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None,
+        SCATTER=dst is not None, SWIGLU=up > 0, MAGIC=_magic(x.dtype), num_warps=t.warps,
+        num_stages=t.stages)
 
 
 def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
@@ -241,24 +274,25 @@ def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
     return out
 
 
-def quant_expert_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
-                      offs: torch.Tensor, gate_up: QMatrix, down: QMatrix, out: torch.Tensor, *,
-                      streamed: bool = False, tiles: Tiles | None = None) -> None:
-    """`compute.grouped_rows` for compressed experts in two launches: the first reads each
-    pair's token row where it lies (rows), multiplies it by its expert's gate and up and writes
-    silu(gate)·up; the second multiplies that by down and writes each pair's row where it goes
-    (dst). Entries past the last group are read and written by no program. The unfused ops'
-    index_select, SiLU, product and index_copy were four more launches per call, each over every
-    pair whatever the groups held. No host sync (graph-capturable)."""
-    m, g = rows.shape[0], gate_up.q.shape[0]
+def expert_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                offs: torch.Tensor, gate_up: Weights, down: Weights, out: torch.Tensor, *,
+                streamed: bool = False, tiles: Tiles | None = None) -> None:
+    """`compute.grouped_rows` in two launches: the first reads each pair's token row where it
+    lies (rows), multiplies it by its expert's gate and up and writes silu(gate)·up; the second
+    multiplies that by down and writes each pair's row where it goes (dst). Entries past the
+    last group are read and written by no program. The unfused ops' index_select, SiLU,
+    product and index_copy were four more launches per call, each over every pair whatever the
+    groups held. Compressed stacks or plain ones. No host sync (graph-capturable)."""
+    fmt, q, *_ = _parts(gate_up)
+    m, g = rows.shape[0], q.shape[0]
     if g == 0 or m == 0:
         return
-    inter = down.layout.k
+    inter = _parts(down)[6]
     hidden = hidden.contiguous()
-    t = tiles or tiles_for(gate_up.fmt, m, g, streamed=streamed)
+    t = tiles or tiles_for(fmt, m, g, streamed=streamed)
     act = torch.empty((m, inter), dtype=hidden.dtype, device=hidden.device)
     # a program of the first launch computes BN gate and BN up channels: half the width keeps
     # as many programs as the unfused gate_up had (64 stays in the tiles checked bitwise)
     half = t if tiles is not None else Tiles(t.bm, max(64, t.bn // 2), t.warps, t.stages)
     _launch(hidden, rows, gate_up, offs, act, None, inter, inter, half)
-    _launch(act, None, down, offs, out, dst, down.layout.n, 0, t)
+    _launch(act, None, down, offs, out, dst, _parts(down)[5], 0, t)
