@@ -1,7 +1,7 @@
 """The dequantizing grouped GEMM (experts/qkernel.py) against bf16 torch._grouped_mm on
 LLaDA2.0-mini's expert shapes: time per expert of a whole expert pass as the runtime runs it
-(compute.grouped_rows: for compressed formats the fused kernel, `pass: fused`, and beside it the
-separate ops, `pass: ops`; bf16 the ops) at 1, 4 and 32 tokens per expert, weights in device
+(compute.grouped_rows: the fused kernel, `pass: fused`, and beside it the separate ops,
+`pass: ops`, for bf16 experts too) at 1, 4 and 32 tokens per expert, weights in device
 memory and (streamed misses) in pinned host memory, each with the tiles the runtime picks there
 (`qkernel.tiles_for`); plus a sweep of tile configurations (`--sweep`), and whether
 other tiles give bitwise the rows of BM 32 tiles (`--bitwise`: a policy's tokens stay the
@@ -9,9 +9,10 @@ resident run's only where the tiles it may use agree). `--sweep32 FMT` times FMT
 BM 32 (the bitwise family) at 32 tokens per expert in device memory, with bf16 beside them, and
 checks each against the BM 32 / BN 128 rows. `--unpack` times int4 with its values built from
 exponent bits and converted (qkernel.INT4_UNPACK), and checks that both give the same rows.
+`--only FMT[,FMT]` limits the table and the sweep to those formats (bf16 among them).
 
     PYTHONPATH=. python3 tools/bench/qkernel_bench.py OUT.json [--sweep] [--bitwise] [--sweep32 FMT]
-        [--unpack]
+        [--unpack] [--only FMT,...]
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def case(fmt_name: str, tokens: int, *, pinned: bool, rows_bf16: torch.Tensor,
         gu, dn = pool_views(rows, H, INTER) if fmt_name == "bf16" else views(rows, fmt)
     ms = do_bench(lambda: expert_pass(xs, gu, dn, offs, pinned, ops), warmup=25, rep=200)
     return {"format": fmt_name, "tokens_per_expert": tokens, "pinned": pinned,
-            "pass": "ops" if ops or fmt_name == "bf16" else "fused",
+            "pass": "ops" if ops else "fused",
             "us_per_expert": round(ms * 1000 / E, 3),
             "weight_gbps": round(nbytes / (ms / 1000) / 1e9, 1)}
 
@@ -133,9 +134,12 @@ def main() -> None:
         same += unpack(rows_bf16)
     results = []
     skip = "--sweep" in sys.argv or "--unpack" in sys.argv
+    names = ("bf16", *COMPRESSED)
+    if "--only" in sys.argv:
+        names = tuple(sys.argv[sys.argv.index("--only") + 1].split(","))
     for pinned in (False, True) if not skip else ():
         for tokens in (1, 4, 32):
-            for name, ops in (("bf16", True), *((f, o) for f in COMPRESSED for o in (False, True))):
+            for name, ops in ((f, o) for f in names for o in (False, True)):
                 r = case(name, tokens, pinned=pinned, rows_bf16=rows_bf16, ops=ops)
                 results.append(r)
                 print(r, flush=True)
@@ -146,7 +150,7 @@ def main() -> None:
             qkernel.tiles_for = lambda fmt, rows, groups, streamed, t=tiles: t
             for pinned in (False, True):
                 for tokens in (4, 32):
-                    for name in COMPRESSED:
+                    for name in names:
                         r = case(name, tokens, pinned=pinned, rows_bf16=rows_bf16)
                         r.update(bm=bm, bn=bn, warps=warps, stages=stages)
                         sweep.append(r)

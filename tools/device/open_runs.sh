@@ -75,6 +75,13 @@
 #          rows, 1-16 programs a row; an empty grouped pass, run and skipped by torch.cond)
 #   ahead14 profiler traces on the drifting workload: resident, and streamed tide at 14 GiB with
 #          the read-ahead off and with every guess right; each stream's kernels per step
+#   plain  the GPU tests (the step, policies, compressed experts, LLaDA2.2, --compile), the fused
+#          expert pass on bf16 experts against the unfused ops (qkernel_bench --only bf16) and
+#          its tiles; full-size mini written meanwhile
+#   plainab resident and streamed tide at 10 GiB, eager and compiled, on the tree in old.tar and
+#          on this one; plainab14 the same at 14 GiB
+#   plaintiles resident and streamed tide at 10 GiB, eager and compiled, with the plain pass's
+#          small tiles as shipped and as in t32x128.tar and t16x128.tar (BM×BN), then again
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -503,6 +510,43 @@ if [ "$STAGE" = overlap ]; then
     "read_ahead or set_guess" 2>&1 | tail -1
   timeout 120 python3 tools/bench/overlap_probe.py "$OUT/overlap.json" --rows 2,4 \
     --programs 1,4,16
+fi
+if [ "$STAGE" = plain ]; then
+  (mini > "$W/synth.txt" 2>&1 &)  # written while the tests run
+  timeout 320 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu22.py \
+    tests/test_gpu_quant.py tests/test_compile.py -k "not pinned_store" > "$OUT/plain-tests.txt" 2>&1
+  tail -4 "$OUT/plain-tests.txt"
+  timeout 100 python3 tools/bench/qkernel_bench.py "$OUT/plain-pass.json" --only bf16 \
+    | cut -c1-150
+  timeout 120 python3 tools/bench/qkernel_bench.py "$OUT/plain-sweep.json" --sweep --only bf16 \
+    | python3 -c "import sys,ast; rs=[ast.literal_eval(l) for l in sys.stdin if l.startswith('{')]; \
+[print(r['pinned'], r['tokens_per_expert'], r['bm'], r['bn'], r['warps'], r['stages'], r['us_per_expert']) \
+ for r in sorted(rs, key=lambda r: (r['pinned'], r['tokens_per_expert'], r['us_per_expert']))]"
+  while pgrep -f "tidecli synth" > /dev/null; do sleep 2; done; cat "$W/synth.txt"
+fi
+if [ "$STAGE" = plainab ]; then
+  mini
+  for tree in old new; do
+    t0=$(date +%s)
+    tree_bench $tree 280 plain --policies resident,tide --misses stream --vram 10 --compile off,on
+    echo "$tree: $(( $(date +%s) - t0 )) s"
+  done
+fi
+if [ "$STAGE" = plainab14 ]; then
+  mini
+  for tree in old new; do
+    tree_bench $tree 280 plain14 --policies resident,tide --misses stream --vram 14 \
+      --compile off,on
+  done
+fi
+if [ "$STAGE" = plaintiles ]; then  # the plain pass's small tiles: t32x128.tar, t16x128.tar
+  mini
+  for tree in new t32x128 t16x128 new; do
+    t0=$(date +%s); name=tiles; [ -f "$OUT/tiles-new.json" ] && [ $tree = new ] && name=tiles2
+    tree_bench $tree 200 $name --policies resident,tide --misses stream --vram 10 \
+      --compile off,on | grep "│ model"
+    echo "$tree: $(( $(date +%s) - t0 )) s"
+  done
 fi
 if [ "$STAGE" = ahead14 ]; then
   mini
