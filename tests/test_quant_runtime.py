@@ -103,3 +103,28 @@ def test_compressed_tokens_differ_from_bf16_only_by_the_quantization(tiny_ckpt, 
     bf16 = decode_cpu(model, gen_length=GEN).token_ids
     same = sum(a == b for a, b in zip(bf16, references["int8"], strict=False))
     assert same >= len(bf16) // 2
+
+
+@pytest.mark.parametrize("cap,dtype,plain,want", [
+    ((9, 0), torch.bfloat16, True, "grouped_mm"),
+    ((8, 6), torch.bfloat16, True, "grouped_mm"),   # Ampere: the plain Triton pass
+    ((8, 6), torch.bfloat16, False, "loop"),        # ... switched off, torch._grouped_mm needs sm90
+    ((7, 5), torch.bfloat16, True, "loop"),         # Triton's bf16 dot needs sm80
+    ((7, 5), torch.float16, True, "grouped_mm"),
+    ((9, 0), torch.float32, True, "loop"),
+])
+def test_the_expert_kernel_auto_follows_where_a_grouped_pass_runs(monkeypatch, cap, dtype, plain,
+                                                                  want):
+    """`auto` picks the grouped path wherever the fused Triton pass or torch._grouped_mm runs
+    (here a GPU of each compute capability is pretended; no kernel is launched)."""
+    from tidecli.experts import compute, qkernel
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(qkernel, "triton_importable", lambda: True)
+    monkeypatch.setattr(qkernel, "PLAIN", plain)
+    qkernel._plain_ok.cache_clear()
+    try:
+        assert compute.pick_kernel("auto", torch.device("cuda"), dtype) == want
+        assert compute.pick_kernel("loop", torch.device("cuda"), dtype) == "loop"
+    finally:
+        qkernel._plain_ok.cache_clear()
