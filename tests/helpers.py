@@ -145,9 +145,10 @@ def bench_runs(path, spec, *, device: str = "cpu") -> list[dict]:
         eng.close()
 
 
-def stream_runtime(factory, b, *, prefetch=False):
+def stream_runtime(factory, b, *, prefetch=False, prefetch_steps=False):
     """A runtime factory: streamed misses (experts/stream.py), `b` slots per layer, on the CPU
-    (`prefetch`: reading each layer's guessed experts ahead)."""
+    (`prefetch`: reading each layer's guessed experts ahead; `prefetch_steps`: each step's,
+    before it runs)."""
     from tidecli.experts.store import HostExpertStore
     from tidecli.experts.stream import StreamRuntime
 
@@ -155,7 +156,8 @@ def stream_runtime(factory, b, *, prefetch=False):
         store = HostExpertStore(ckpt, pin=False)
         budgets = {layer: b for layer in ckpt.config.moe_layers}
         return StreamRuntime(ckpt.config, store, budgets, factory(), device=torch.device("cpu"),
-                             dtype=torch.float32, prefetch=prefetch)
+                             dtype=torch.float32, prefetch=prefetch,
+                             prefetch_steps=prefetch_steps)
     return make
 
 

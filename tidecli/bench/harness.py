@@ -302,6 +302,9 @@ class Bench:
                 (f" · guess {pt.guess:.0%}" if pt.guess is not None else "")
             self.say(label)
             try:
+                if pt.prefetch == "step" and pt.guess is None:
+                    runs.append(_skipped(pt, "the model's own routing has no step guess"))
+                    continue
                 if not self.engine.set_compile(pt.compile):  # says why in a notice
                     why = "; ".join(self.engine.notices) or "the step cannot run compiled here"
                     self.engine.notices.clear()
@@ -316,7 +319,7 @@ class Bench:
                     base.budgets, vram_gib=pt.vram, experts_per_layer=pt.experts),
                     experts_dtype=pt.fmt)
                 rt = self.engine.runtime
-                if pt.prefetch != "off" and not rt.prefetches:  # the same run as without
+                if pt.prefetch != "off" and not (rt.prefetches or rt.prefetches_steps):
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, f"read-ahead needs streamed misses; these run "
                                              f"{rt.describe().misses}"))

@@ -53,7 +53,7 @@ def write_plot(report: dict, path: str | Path) -> Path:
                 continue
             name = r["policy"] + (f" τ={r['tau']}" if r["tau"] is not None else "") + \
                 (f" ({r['misses']})" if r.get("misses") not in (None, "auto") else "") + \
-                (" +ahead" if r.get("prefetch") == "layer" else "") + \
+                {"layer": " +ahead", "step": " +step"}.get(r.get("prefetch"), "") + \
                 (f" {r['guess_accuracy']:.0%}" if r.get("guess_accuracy") is not None else "")
             lines.setdefault(name, []).append((x, r["steps_per_s"]))
         for name, pts in lines.items():

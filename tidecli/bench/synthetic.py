@@ -10,12 +10,12 @@ published for real LLaDA2.0-mini. The choices depend only on (seed, block, step,
 every policy sees the same routing and must give the same tokens. For a block-routed model
 (LLaDA2.2) each routing window's pool holds at most its `expert_capacity` experts.
 
-The read-ahead's guess (`--prefetch layer`) can be set to a known accuracy (`guess_accuracy`):
-each of a token's k guessed experts is its real choice with that probability, otherwise an
-expert the token did not choose: one at random, or (`guess_misses = "ranked"`, drifting
-workload) the expert its scores rank just below its choice, the near miss a router applied to
-a nearby input makes. The bench uses it to measure what the read-ahead gives with a
-predictor as good as a trained model's, which random weights cannot show.
+The read-ahead's guess (`--prefetch layer` or `step`) can be set to a known accuracy
+(`guess_accuracy`): each of a token's k guessed experts is its real choice with that
+probability, otherwise an expert the token did not choose: one at random, or (`guess_misses =
+"ranked"`, drifting workload) the expert its scores rank just below its choice, the near miss
+a router applied to a nearby input makes. The bench uses it to measure what the read-ahead
+gives with a predictor as good as a trained model's, which random weights cannot show.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class SyntheticRouting(PublishedRouting, Router):
         self._pairs: dict[tuple, torch.Tensor] = {}
         self._prepared_for: tuple[float | None, str] = (None, "random")
         self._last_step: tuple[int, int] | None = None
+        self._stepping = False  # the forward begun is a block-length denoising step
 
     def describe(self) -> dict:
         return {"workload": "synthetic", "pool": self.pool_size, "churn": self.churn,
@@ -70,6 +71,7 @@ class SyntheticRouting(PublishedRouting, Router):
     # ---- the model's router ---------------------------------------------------------------------
 
     def begin(self, info: ForwardInfo, tokens: int) -> None:
+        self._stepping = tokens == self.T and info.kind == "step"
         if tokens == self.T and info.kind in ("step", "commit"):
             if info.kind == "step":
                 at = self._last_step = (info.block, info.step)
@@ -139,6 +141,13 @@ class SyntheticRouting(PublishedRouting, Router):
             other = self.ranked(*at, 2 * self.k)[..., self.k:]
         right = rng.random(assign.shape) < self.guess_accuracy
         return np.where(right, assign, other)
+
+    def step_guess(self) -> np.ndarray | None:
+        """With an accuracy set, the guess of the step begun [M, T, k] (`--prefetch step`):
+        the same guess the layer read-ahead gets, known before the step runs."""
+        if self.guess_accuracy is None or not self._stepping:
+            return None
+        return self._host[1].numpy()
 
     def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

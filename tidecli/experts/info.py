@@ -34,7 +34,7 @@ class RuntimeInfo:
     skip_last_step: bool | None = None
     follow_pool: bool | None = None  # tide on a block-routed model: follows the routing pool
     misses: str | None = None
-    prefetch: str | None = None  # streamed misses: "layer" (read ahead on a guess) or "off"
+    prefetch: str | None = None  # streamed misses: "layer", "step" (read ahead on a guess), "off"
     experts_per_layer: dict[int, int] | None = None
     cpu_threads: int | None = None
     cpu_mode: str | None = None

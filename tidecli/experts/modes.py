@@ -57,11 +57,14 @@ def parse_misses(value: str | MissMode) -> MissMode:
 
 
 PREFETCH_MODES = ("off", "layer")
+# `tide bench` also reads ahead between steps, on the guesses its synthetic workloads give
+# (the model's own routing has no step guess yet: experts/stepahead.py)
+BENCH_PREFETCH_MODES = (*PREFETCH_MODES, "step")
 
 
-def parse_prefetch(value: str) -> str:
-    if value not in PREFETCH_MODES:
-        raise TideError(f"unknown --prefetch {value!r}", f"use {', '.join(PREFETCH_MODES)}")
+def parse_prefetch(value: str, modes: tuple[str, ...] = PREFETCH_MODES) -> str:
+    if value not in modes:
+        raise TideError(f"unknown --prefetch {value!r}", f"use {', '.join(modes)}")
     return value
 
 

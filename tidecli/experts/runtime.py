@@ -32,6 +32,7 @@ class BaseRuntime(ABC):
     name = "base"
     needs_host = False  # True: host phases between the device phases (no single-graph step)
     prefetches = False  # True: `prefetch` reads guessed experts ahead of their layer
+    prefetches_steps = False  # True: `prefetch_step` reads a step's guessed experts before it
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg = cfg
@@ -97,6 +98,11 @@ class BaseRuntime(ABC):
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
         """Device only: ids [T, k] guess `layer`'s experts (only when `prefetches`)."""
+        return None
+
+    def prefetch_step(self, guess) -> None:
+        """Host: guess [M, T, k] (numpy) the experts of the step about to run (only when
+        `prefetches_steps`)."""
         return None
 
     def host_before(self, layer: int, io: LayerIO) -> None:

@@ -14,6 +14,9 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
    layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
    stream). Only the guesses' cost depends on how good they are.
+5. or (`prefetch_steps`, `tide bench` only for now) a step's guessed experts are copied into
+   slots by the copy engine before the step runs, each layer waiting for its own copies
+   (experts/stepahead.py).
 
 No expert's arithmetic depends on where its weights were read from, so tokens are those of the
 all-resident run. Between refreshes (steps t ≢ 0 mod τ) the placement is frozen, as in TIDE;
@@ -40,6 +43,7 @@ from tidecli.experts.placement import place_lru
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.readahead import ReadAheadGate, score_guesses
+from tidecli.experts.stepahead import StepAhead
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
 from tidecli.model.counters import ExpertStats
@@ -55,7 +59,8 @@ class StreamRuntime(PooledRuntime):
 
     def __init__(self, cfg: ModelConfig, store: HostExpertStore, budgets: dict[int, int],
                  policy: Policy, *, device: torch.device, dtype: torch.dtype,
-                 kernel: str = "auto", prefetch: bool = False) -> None:
+                 kernel: str = "auto", prefetch: bool = False,
+                 prefetch_steps: bool = False) -> None:
         self._pending = False  # a forward's counters queued, not yet counted (the base's
         # __init__ already sets the stats properties)
         super().__init__(cfg, store, budgets, policy, device=device, dtype=dtype, kernel=kernel)
@@ -102,6 +107,12 @@ class StreamRuntime(PooledRuntime):
         # layers filled with every expert keep them where loading put them (nothing can miss)
         # and compute as resident; a policy that empties the slots each block does not
         self._whole = set() if policy.starts_cold() else set(self.full)
+        # read-ahead between steps (experts/stepahead.py): the guessed experts of the next
+        # step, copied by the copy engine before it runs
+        self.prefetches_steps = prefetch_steps and bmax > 0
+        self.ahead = StepAhead(self, np.array(
+            [0 if layer in self._whole else self.pools.pools[layer].slots
+             for layer in cfg.moe_layers], dtype=np.int64)) if self.prefetches_steps else None
 
     # ---- forward bookkeeping --------------------------------------------------------------------
 
@@ -144,13 +155,23 @@ class StreamRuntime(PooledRuntime):
         keep = self.policy.stream_keep(info)
         self._keep.fill_(1 if keep else 0)
         self._clock.fill_(self._ticks)
+        if self.ahead is not None:
+            self.ahead.begin(info, keep and self.ahead_gate.on)
         if self.prefetches:
             self._pref_on = keep and self.ahead_gate.on
             if self._pref_on:  # otherwise the guesses place nothing: pref_src stays all -1
                 self.pref_src.fill_(-1)
             self._pref_keep.fill_(1 if self._pref_on else 0)
 
+    def prefetch_step(self, guess: np.ndarray) -> None:
+        """Host, before a step's forward runs: `guess` [M, T, k] its experts; the guessed ones
+        without a slot are copied into slots ahead of their layers (experts/stepahead.py)."""
+        if self.ahead is not None:
+            self.ahead.run(guess)
+
     def end_forward(self):
+        if self.ahead is not None:
+            self.ahead.after_forward()
         if self._needs_counts() or self.prefetches:
             return self._count(self.counters.cpu().numpy())
         self._ctr_host.copy_(self.counters, non_blocking=True)
@@ -188,6 +209,8 @@ class StreamRuntime(PooledRuntime):
                 self._score_guesses(counts if counts is not None else self.counts.cpu().numpy())
             else:
                 self.ahead_gate.forward_done(0, 0)
+        if self.ahead is not None:
+            self.ahead.score(counts, self.forward_stats, self.ahead_gate)
         if counts is not None:
             self._host_placement(counts)
         return super().end_forward()
@@ -253,6 +276,8 @@ class StreamRuntime(PooledRuntime):
         flat = ids.reshape(-1)
         if layer in self._whole:
             return self._device_begin_whole(j, pool, hidden, flat)
+        if self.ahead is not None:
+            self.ahead.wait(j)
         if self.fused and LayerPlan.fits(flat.numel(), e, b):
             return self._device_begin_fused(j, layer, pool, hidden, flat)
         table = self.table[j]
@@ -378,8 +403,9 @@ class StreamRuntime(PooledRuntime):
         return run_pairs(self.kernel, hidden, slot, gate_up, down, self.k)
 
     def describe(self) -> RuntimeInfo:
+        ahead = "layer" if self.prefetches else "step" if self.prefetches_steps else "off"
         return RuntimeInfo(**self.policy.describe(), kernel=self.kernel, misses="stream",
-                           prefetch="layer" if self.prefetches else "off",
+                           prefetch=ahead,
                            experts_format=compressed_name(self.format),
                            experts_per_layer=dict(self.budgets), host_store=self.store.info,
                            slot_pool_bytes=self.pools.nbytes(), scratch_bytes=0)
@@ -389,4 +415,6 @@ class StreamRuntime(PooledRuntime):
         super().reset_stats()
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()  # no copy still reads the store
         self.store.close()

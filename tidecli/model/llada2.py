@@ -72,6 +72,10 @@ class LLaDA2Model:
     def begin_forward(self, info: ForwardInfo, tokens: int) -> None:
         self.router.begin(info, tokens)
         self.experts.begin_forward(info)
+        if info.kind == "step" and self.experts.prefetches_steps:
+            guess = self.router.step_guess()
+            if guess is not None:
+                self.experts.prefetch_step(guess)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w.embed

@@ -66,6 +66,7 @@ class ExpertRuntime(Protocol):
 
     needs_host: bool  # host phases between the device phases (no single-graph step)
     prefetches: bool  # takes guesses of a layer's experts before its router runs (`prefetch`)
+    prefetches_steps: bool  # takes a guess of a step's experts before the step runs
     forward_stats: ExpertStats  # counters of the forward pass in progress (or last finished)
 
     def begin_forward(self, info: ForwardInfo) -> None: ...
@@ -83,6 +84,10 @@ class ExpertRuntime(Protocol):
         """Device only: `ids` [T, k] guess layer's experts; the runtime may start reading them.
         Queued before the layer's own routing exists (on a side stream on a GPU); a wrong guess
         may cost copies, never a different result."""
+
+    def prefetch_step(self, guess: np.ndarray) -> None:
+        """Host, after begin_forward of a denoising step: `guess` [M, T, k] its experts; the
+        runtime may start reading them. A wrong guess may cost copies, never a result."""
 
     def host_before(self, layer: int, io: LayerIO) -> None: ...
 
@@ -111,3 +116,9 @@ class Router:
         read-ahead's): `w`, that layer's router, applied to `x`, an earlier layer's normed
         input. Benchmark workloads that know the routing ahead may guess otherwise."""
         return predict(x, w, cfg)
+
+    def step_guess(self) -> np.ndarray | None:
+        """After `begin` of a denoising step: a guess [M, T, k] of its expert ids on the host,
+        for a read-ahead before it runs, or None. The model's router has none (its scores come
+        with the step); benchmark workloads that know the routing ahead give one."""
+        return None

@@ -300,7 +300,8 @@ def pooled_runtime(ckpt: Checkpoint, opts: EngineOptions, store: ExpertSource,
         from tidecli.experts.stream import StreamRuntime
 
         return StreamRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
-                             kernel=opts.load.kernel, prefetch=r.prefetch == "layer")
+                             kernel=opts.load.kernel, prefetch=r.prefetch == "layer",
+                             prefetch_steps=r.prefetch == "step")
     threads, cpu_mode, cpu_dtype = cpu_setup(r, plan, device)
     return OffloadRuntime(cfg, store, budgets, policy, device=device, dtype=dtype,
                           cpu_threads=threads, cpu_mode=cpu_mode, cpu_dtype=cpu_dtype,

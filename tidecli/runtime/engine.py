@@ -158,7 +158,7 @@ class Engine:
         rt = build.pooled_runtime(self.ckpt, o, self.host_store(progress), budgets,
                                   plan=self.plan, device=self.device, dtype=self.dtype)
         # (with lru, `ignored` says it already: no policy of its kind reads ahead)
-        if o.residency.prefetch != "off" and not rt.prefetches and \
+        if o.residency.prefetch != "off" and not (rt.prefetches or rt.prefetches_steps) and \
                 o.residency.policy in ("static", "tide"):
             self.notices.append(f"--prefetch {o.residency.prefetch} reads ahead only for "
                                 f"streamed misses; these run {rt.describe().misses}: no "

@@ -154,13 +154,15 @@ def routing_table(report: dict) -> Table:
 
 def skipped_lines(report: dict) -> list[str]:
     return [f"skipped {r['workload']} · {r['policy']} · {r['budget']}"
-            + (" · prefetch layer" if r.get("prefetch") == "layer" else "") + f": {r['skipped']}"
+            + (f" · prefetch {r['prefetch']}" if r.get("prefetch") not in (None, "off") else "")
+            + f": {r['skipped']}"
             for r in report["runs"] if r.get("skipped")]
 
 
 def _ahead(r: dict) -> str:
     """A run's read-ahead, and @ the accuracy its guess was set to on a synthetic workload."""
-    if r.get("prefetch") != "layer":
+    if r.get("prefetch") not in ("layer", "step"):
         return ""
     g = r.get("guess_accuracy")
-    return " +ahead" + (f"@{g:.0%}" if g is not None else "")
+    return (" +ahead" if r["prefetch"] == "layer" else " +step") + \
+        (f"@{g:.0%}" if g is not None else "")

@@ -47,6 +47,8 @@ def startup_rows(info: EngineInfo) -> list[tuple[str, str]]:
                      (" (calibrated on this machine)" if plan.calibrated else "")))
     if rt.prefetch == "layer":
         rows.append(("read-ahead", "each layer's guessed experts, while the layer before computes"))
+    elif rt.prefetch == "step":
+        rows.append(("read-ahead", "each step's guessed experts, copied before the step runs"))
     if rt.cpu_threads:
         rows.append(("CPU experts", f"{rt.cpu_threads} threads, {rt.cpu_mode or ''}".rstrip(", ")))
     if mem is not None and mem.budget:
