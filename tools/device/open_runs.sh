@@ -82,6 +82,11 @@
 #          on this one; plainab14 the same at 14 GiB
 #   plaintiles resident and streamed tide at 10 GiB, eager and compiled, with the plain pass's
 #          small tiles as shipped and as in t32x128.tar and t16x128.tar (BM×BN), then again
+#   stepahead GPU tests, then resident and streamed tide at 14 and 10 GiB on the drifting
+#          workload with the read-ahead between steps off and on, guesses 100 % and 90 % right
+#          (wrong ones: the experts ranked next), eager and compiled
+#   stepahead2 at 14 GiB: no read-ahead, the layer read-ahead and the one between steps,
+#          guesses 100 % and 95 % right (ranked), eager and compiled, one bench
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -492,6 +497,27 @@ if [ "$STAGE" = guess3 ]; then
   TO 150 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,layer \
     --vram 10 --workloads model --prompts tools/bench/bench_prompts.txt --gen-length 64 \
     --profile h200 -o "$OUT/guess3-model-bench-mini.json" 2>&1 | grep "│ model"
+fi
+if [ "$STAGE" = stepahead ]; then  # the read-ahead between steps, by the copy engine
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  (mini > "$W/synth.txt" 2>&1 &)
+  python3 -c "import torch; torch.cuda.Event(external=True); print('torch', torch.__version__)"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "read_ahead or set_guess or every_policy" > "$OUT/stepahead-tests.txt" 2>&1
+  tail -3 "$OUT/stepahead-tests.txt"
+  sleep 5; while pgrep -f "tidecli synth" > /dev/null; do sleep 2; done; cat "$W/synth.txt"
+  TO 460 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,step \
+    --guess-accuracy 1,0.9 --guess-misses ranked --workloads drifting --vram 14,10 --prompts \
+    tools/bench/bench_prompts.txt --gen-length 64 --profile h200 --compile off,on \
+    -o "$OUT/stepahead-bench-mini.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,$p' | cut -c1-170
+fi
+if [ "$STAGE" = stepahead2 ]; then  # both read-aheads side by side at 14 GiB
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  mini
+  TO 500 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,layer,step \
+    --guess-accuracy 1,0.95 --guess-misses ranked --workloads drifting --vram 14 --prompts \
+    tools/bench/bench_prompts.txt --gen-length 64 --profile h200 --compile off,on \
+    -o "$OUT/stepahead2-bench-mini.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per/p' | cut -c1-170
 fi
 if [ "$STAGE" = guess4 ]; then
   G 300 --vram 14,10 --policies resident,tide --guess-accuracy 1,0.95,0.9 \
