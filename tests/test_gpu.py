@@ -351,22 +351,26 @@ def test_a_set_guess_reads_ahead_in_the_captured_step(tiny_ckpt):
 
 def test_a_step_read_ahead_copies_on_the_copy_engine_and_keeps_the_tokens(tiny_ckpt):
     """--prefetch step on the GPU: the guessed experts cross PCIe on the copy stream before the
-    captured step runs, each layer waiting on its own event inside the graph; a right guess
-    is always used, and every run gives the resident run's tokens (a layer that did not wait
-    would read rows still arriving)."""
+    captured step runs, each layer waiting on its own event inside the graph; guessed from the
+    step before (the model's ranks, the drifting workload's) or set; a right guess is always
+    used, and every run gives the resident run's tokens (a layer that did not wait would read
+    rows still arriving)."""
     from tidecli.bench.spec import BenchSpec
     from tidecli.experts.gather import stream_available
 
     if stream_available(torch.device("cuda")):
         pytest.skip(stream_available(torch.device("cuda")))
     runs = bench_runs(tiny_ckpt, BenchSpec(
-        policies=["resident", "tide"], experts=[6], workloads=["drifting"], taus=[1, 2],
-        misses=["stream"], prefetch=["off", "step"], guesses=[1.0, 0.5], prompts=["Hello there"],
-        gen_length=64, warmup_tokens=32), device="cuda")
-    assert [(r.get("tau"), r.get("prefetch"), r.get("guess_accuracy")) for r in runs] == [
-        (None, None, None), (1, "off", None), (1, "step", 1.0), (1, "step", 0.5),
-        (2, "off", None), (2, "step", 1.0), (2, "step", 0.5)]
-    assert all(r.get("identical") for r in runs[1:]), runs
-    for r in (runs[2], runs[5]):
+        policies=["resident", "tide"], experts=[6], workloads=["model", "drifting"],
+        taus=[1, 2], misses=["stream"], prefetch=["off", "step"], guesses=[1.0, 0.5],
+        prompts=["Hello there"], gen_length=64, warmup_tokens=32), device="cuda")
+    drift = [r for r in runs if r["workload"] == "drifting"]
+    assert [(r.get("tau"), r.get("prefetch"), r.get("guess_accuracy")) for r in drift] == [
+        (None, None, None), (1, "off", None), (1, "step", None), (1, "step", 1.0),
+        (1, "step", 0.5), (2, "off", None), (2, "step", None), (2, "step", 1.0),
+        (2, "step", 0.5)]
+    assert all(r.get("identical") for r in runs if r["policy"] != "resident"), runs
+    for r in (drift[3], drift[7]):
         assert r["prefetch_accuracy"] == 1.0 and r["prefetched"] > 0
-    assert runs[2]["step_hit_rate"] > runs[1]["step_hit_rate"]
+    assert drift[3]["step_hit_rate"] > drift[1]["step_hit_rate"]
+    assert drift[2]["prefetched"] > 0  # the workload's ranks at the step before

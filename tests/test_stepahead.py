@@ -34,6 +34,7 @@ def test_the_plan_is_the_layer_by_layer_reference(seed):
     rng = np.random.default_rng(seed)
     guess, table, owner, last, slots = _case(rng)
     t2, o2 = table.copy(), owner.copy()
+    before = table.copy()
     fast = plan_ahead(guess, table, owner, last, slots)
     ref = plan_ahead_reference(guess, t2, o2, last, slots)
     assert [(list(a), list(b)) for a, b in fast] == [(list(a), list(b)) for a, b in ref]
@@ -43,10 +44,12 @@ def test_the_plan_is_the_layer_by_layer_reference(seed):
         # the tables agree with each other, and nothing lands past a layer's slots
         assert all(owner[j, s] == x for x, s in enumerate(held) if s >= 0)
         assert (held < slots[j]).all()
-        wanted = set(guess[j].ravel().tolist())
-        # a guessed expert never makes way for another
-        before = set(np.flatnonzero(t2[j, :-1] >= 0).tolist())
-        assert wanted & before <= set(np.flatnonzero(held >= 0).tolist())
+        # an expert that made way had fewer votes than every expert placed
+        votes = np.bincount(guess[j].ravel(), minlength=table.shape[1] - 1)
+        placed, _ = fast[j]
+        gone = np.flatnonzero((before[j, :-1] >= 0) & (held < 0))
+        if placed.size and gone.size:
+            assert votes[gone].max() <= votes[placed].min()
 
 
 def test_free_slots_go_first_then_the_least_recently_used():
@@ -65,49 +68,99 @@ def test_free_slots_go_first_then_the_least_recently_used():
 
 
 def test_bench_reads_ahead_between_steps_and_keeps_the_tokens(tiny_ckpt):
-    """--prefetch step on the drifting workload: a right guess is always used, a guess left to
-    chance is seldom; every run gives the resident tokens; the model's routing is skipped."""
+    """--prefetch step: on the model's routing and the drifting workload's it guesses from the
+    step before; on drifting also with set guesses, a right one always used, one left to
+    chance seldom; the synthetic workload, whose entering experts are drawn at random, is
+    skipped with why; every run gives the resident tokens."""
     runs = bench_runs(tiny_ckpt, BenchSpec(
-        policies=["resident", "tide"], experts=[4], workloads=["model", "drifting"], taus=[1],
-        misses=["stream"], prefetch=["off", "step"], guesses=[1.0, 0.0],
+        policies=["resident", "tide"], experts=[4], workloads=["model", "drifting", "synthetic"],
+        taus=[1], misses=["stream"], prefetch=["off", "step"], guesses=[1.0, 0.0],
         prompts=["Hello there"], gen_length=16, warmup_tokens=4))
-    got = [(r["workload"], r.get("prefetch"), r.get("guess_accuracy"), r.get("skipped"))
+    got = [(r["workload"], r.get("prefetch"), r.get("guess_accuracy"), bool(r.get("skipped")))
            for r in runs]
     assert got == [
-        ("model", None, None, None), ("model", "off", None, None),
-        ("model", "step", None, "the model's own routing has no step guess"),
-        ("drifting", None, None, None), ("drifting", "off", None, None),
-        ("drifting", "step", 1.0, None), ("drifting", "step", 0.0, None)]
+        ("model", None, None, False), ("model", "off", None, False),
+        ("model", "step", None, False),
+        ("drifting", None, None, False), ("drifting", "off", None, False),
+        ("drifting", "step", None, False), ("drifting", "step", 1.0, False),
+        ("drifting", "step", 0.0, False),
+        ("synthetic", None, None, False), ("synthetic", "off", None, False),
+        ("synthetic", "step", None, True), ("synthetic", "step", 1.0, False),
+        ("synthetic", "step", 0.0, False)]
+    assert "at random" in runs[10]["skipped"]
     done = [r for r in runs if not r.get("skipped")]
     assert all(r["identical"] for r in done if r["policy"] != "resident"), runs
-    right, wrong = runs[5], runs[6]
+    own, right, wrong = runs[5], runs[6], runs[7]
+    assert own["prefetched"] > 0 and runs[2]["prefetch"] == "step"
     assert right["prefetched"] > 0 and right["prefetch_accuracy"] == 1.0
     # with every guess right the step's own plan finds the experts in their slots
     assert right["step_hit_rate"] > runs[4]["step_hit_rate"]
     assert (wrong["prefetch_accuracy"] or 0.0) < 0.5
 
 
-def test_the_step_read_ahead_needs_a_set_guess_on_a_synthetic_workload():
+def test_every_command_takes_the_step_read_ahead():
     from tidecli.commands.bench import bench_spec
-    from tidecli.errors import TideError
-
-    common = dict(policies="tide", vram="10", experts_per_layer=None, tau="plan",
-                  misses="stream", prompts=None, gen_length=8, threshold=None, repeat=1)
-    with pytest.raises(TideError, match="--prefetch step"):
-        bench_spec(workloads="drifting", prefetch="step", **common)
-    with pytest.raises(TideError, match="--prefetch step"):
-        bench_spec(workloads="model", prefetch="step", guess_accuracy="1", **common)
-    spec = bench_spec(workloads="model,drifting", prefetch="off,step", guess_accuracy="1",
-                      **common)
-    assert spec.prefetch == ["off", "step"]
-
-
-def test_generate_keeps_the_step_read_ahead_to_the_bench():
     from tidecli.errors import TideError
     from tidecli.experts.modes import parse_prefetch
 
-    with pytest.raises(TideError, match="use off, layer"):
-        parse_prefetch("step")
+    assert parse_prefetch("step") == "step"
+    with pytest.raises(TideError, match="use off, layer, step"):
+        parse_prefetch("next")
+    common = dict(policies="tide", vram="10", experts_per_layer=None, tau="plan",
+                  misses="stream", prompts=None, gen_length=8, threshold=None, repeat=1)
+    assert bench_spec(workloads="model", prefetch="off,step", **common).prefetch == ["off", "step"]
+    with pytest.raises(TideError, match="--guess-accuracy"):
+        bench_spec(workloads="model", prefetch="step", guess_accuracy="1", **common)
+
+
+def test_step_ranks_guess_a_step_from_the_one_before_in_its_block():
+    from types import SimpleNamespace
+
+    from tidecli.model.moe import ForwardInfo
+    from tidecli.model.router import biased, router_scores
+    from tidecli.model.stepranks import StepRanks
+
+    cfg = SimpleNamespace(num_moe_layers=2, num_experts=16, num_experts_per_tok=3)
+    ranks = StepRanks(cfg, torch.device("cpu"), below=2)
+    gen = torch.Generator().manual_seed(0)
+    w = [SimpleNamespace(weight=torch.randn(16, 8, generator=gen),
+                         expert_bias=torch.randn(16, generator=gen)) for _ in range(2)]
+    x = [torch.randn(4, 8, generator=gen) for _ in range(2)]
+
+    def forward(kind, block, step, tokens=4):
+        ranks.begin(ForwardInfo(kind, block=block, step=step), tokens)
+        guess = ranks.guess()
+        for j in range(2):
+            ranks.observe(j, x[j] * (step + 1), w[j])
+        return guess
+
+    assert forward("prefill", 0, 0, tokens=9) is None
+    assert forward("step", 0, 0) is None  # a block's first step
+    got = forward("step", 0, 1)
+    want = [biased(router_scores(x[j], w[j]), w[j]).topk(5, dim=-1).indices for j in range(2)]
+    assert got.shape == (2, 4, 5) and np.array_equal(got, torch.stack(want).numpy())
+    assert forward("step", 0, 2) is not None
+    assert forward("commit", 0, 2) is None
+    assert forward("step", 1, 0) is None and forward("step", 1, 2) is None  # not the one before
+
+
+def test_the_drifting_workload_guesses_a_step_from_its_ranks_at_the_one_before(tiny_ckpt):
+    from tidecli.bench.synthetic import DriftingRouting
+    from tidecli.model.checkpoint import Checkpoint
+    from tidecli.model.moe import ForwardInfo
+    from tidecli.model.stepranks import BELOW
+
+    cfg = Checkpoint.open(tiny_ckpt).config
+    r = DriftingRouting(cfg, device=torch.device("cpu"), block_length=8)
+    r.predict_steps = True
+    r.prepare(blocks=1, steps=3)
+    r.begin(ForwardInfo("step", block=0, step=0), 8)
+    assert r.step_guess() is None
+    r.begin(ForwardInfo("step", block=0, step=2), 8)
+    want = r.ranked(0, 1, cfg.num_experts_per_tok + BELOW)
+    assert np.array_equal(r.step_guess(), want)
+    r.predict_steps = False
+    assert r.step_guess() is None
 
 
 def _synthetic(model, accuracy):
@@ -133,6 +186,7 @@ def test_a_step_read_ahead_keeps_the_tokens_and_the_tables(tiny_ckpt, accuracy, 
         assert s["prefetch_used"] == s["prefetched"]
     assert s["bytes_h2d"] == (s["promotions"] + s["streamed"]) * rt.expert_bytes
     assert rt.describe().prefetch == "step"
+    assert rt.ahead_gate.window == 2  # a whole step's guess at once: judged sooner
     check_tables(rt)
 
 
@@ -155,6 +209,6 @@ def test_the_read_ahead_plans_from_the_tables_the_device_holds_now(tiny_ckpt):
     check_tables(rt)
     rt.begin_forward(ForwardInfo("step", block=9, step=0))
     guess = rng.integers(0, cfg.num_experts, size=(cfg.num_moe_layers, 8, rt.k))
-    rt.prefetch_step(guess)
+    rt.prefetch_step(lambda: guess)
     assert rt.ahead.placed
     check_tables(rt)

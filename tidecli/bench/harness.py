@@ -127,17 +127,18 @@ class Bench:
         self.engine.set_router(router)
         self.router = router
 
-    def _ready_routing(self, accuracy: float | None) -> None:
+    def _ready_routing(self, accuracy: float | None, *, predict: bool = False) -> None:
         """A synthetic workload's routing for the next run, drawn before any step is timed
         (SyntheticRouting.prepare), with the read-ahead's guess set to `accuracy`, or None for
         the model's router (a captured step reads one or the other: captured again on a
-        change)."""
+        change); `predict`: the step read-ahead guesses from the step before."""
         if self.router is None:
             return
         if self.router.guess_accuracy != accuracy:
             self.router.guess_accuracy = accuracy
             self.engine.reset_programs()
         self.router.guess_misses = self.spec.guess_misses
+        self.router.predict_steps = predict and accuracy is None
         bl = self.engine.opts.workload.block_length
         longest = max(len(ids) for ids in self.prompt_ids) + self.spec.gen_length
         self.router.prepare(blocks=-(-longest // bl), steps=bl)
@@ -302,15 +303,16 @@ class Bench:
                 (f" · guess {pt.guess:.0%}" if pt.guess is not None else "")
             self.say(label)
             try:
-                if pt.prefetch == "step" and pt.guess is None:
-                    runs.append(_skipped(pt, "the model's own routing has no step guess"))
+                if pt.prefetch == "step" and pt.guess is None and pt.workload == "synthetic":
+                    runs.append(_skipped(pt, "this workload draws the experts that enter a step "
+                                             "at random: nothing guesses them"))
                     continue
                 if not self.engine.set_compile(pt.compile):  # says why in a notice
                     why = "; ".join(self.engine.notices) or "the step cannot run compiled here"
                     self.engine.notices.clear()
                     runs.append(_skipped(pt, why))
                     continue
-                self._ready_routing(pt.guess)
+                self._ready_routing(pt.guess, predict=pt.prefetch == "step")
                 self.engine.set_runtime(self.load_progress, residency=replace(
                     base.residency, policy=pt.policy, tide=replace(base.residency.tide,
                                                                    tau=pt.tau),

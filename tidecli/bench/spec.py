@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
-from tidecli.experts.modes import BENCH_PREFETCH_MODES, MISS_MODES, POLICIES
+from tidecli.experts.modes import MISS_MODES, POLICIES, PREFETCH_MODES
 from tidecli.model.config import ModelConfig
 from tidecli.runtime.options import COMPILE_MODES
 
@@ -80,17 +80,12 @@ class BenchSpec:
                             "add --vram 10,18 or --experts-per-layer 8,16")
         if not self.misses or any(m not in MISS_MODES for m in self.misses):
             raise TideError(f"--misses takes {', '.join(MISS_MODES)}", "e.g. --misses auto,stream")
-        if not self.prefetch or any(m not in BENCH_PREFETCH_MODES for m in self.prefetch):
-            raise TideError(f"--prefetch takes {', '.join(BENCH_PREFETCH_MODES)}",
+        if not self.prefetch or any(m not in PREFETCH_MODES for m in self.prefetch):
+            raise TideError(f"--prefetch takes {', '.join(PREFETCH_MODES)}",
                             "e.g. --prefetch off,layer")
         if any(not 0.0 <= g <= 1.0 for g in self.guesses):
             raise TideError("--guess-accuracy values are shares from 0 to 1",
                             "e.g. --guess-accuracy 1,0.9,0.5")
-        if "step" in self.prefetch and (not self.guesses or
-                                        all(w == "model" for w in self.workloads)):
-            raise TideError("--prefetch step reads ahead on the synthetic workloads' guesses "
-                            "(the model's routing has no step guess yet)",
-                            "add --guess-accuracy 1,0.9 --workloads drifting")
         if self.guesses and (not {"layer", "step"} & set(self.prefetch) or
                              all(w == "model" for w in self.workloads)):
             raise TideError("--guess-accuracy sets the read-ahead's guess on the synthetic "
@@ -187,7 +182,9 @@ def _points(spec: BenchSpec, w: str, f: str, c: str) -> list[RunPoint]:
                     tau = None if plan or t is None else (4 if t == "plan" else int(t))
                     for a in ahead:
                         set_guess = a != "off" and w != "model" and spec.guesses
-                        for g in (spec.guesses if set_guess else [None]):
+                        # the step read-ahead also runs on its own guess (None)
+                        own = [None] if a == "step" or not set_guess else []
+                        for g in own + (spec.guesses if set_guess else []):
                             pts.append(RunPoint(w, p, v, tau, b, m, planned=plan, fmt=f,
                                                 prefetch=a, compile=c, guess=g))
     return pts

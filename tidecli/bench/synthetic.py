@@ -27,6 +27,7 @@ from tidecli.bench.drift import DriftingScores
 from tidecli.model.config import ModelConfig
 from tidecli.model.moe import ForwardInfo, Router
 from tidecli.model.router import route
+from tidecli.model.stepranks import BELOW
 from tidecli.model.weights import RouterWeights
 from tidecli.planner.published import PublishedRouting
 
@@ -63,6 +64,10 @@ class SyntheticRouting(PublishedRouting, Router):
         self._prepared_for: tuple[float | None, str] = (None, "random")
         self._last_step: tuple[int, int] | None = None
         self._stepping = False  # the forward begun is a block-length denoising step
+        # without a set accuracy, `--prefetch step` guesses each step from the one before (the
+        # workload's own ranks, where it has scores: drifting), drawn ahead as the routing is
+        self.predict_steps = False
+        self._ranks: dict[tuple[int, int], np.ndarray] = {}
 
     def describe(self) -> dict:
         return {"workload": "synthetic", "pool": self.pool_size, "churn": self.churn,
@@ -105,6 +110,8 @@ class SyntheticRouting(PublishedRouting, Router):
             for st in range(steps):
                 for kind in ("step", "commit"):
                     self._prepared((b, st), kind)
+                if self.predict_steps and self.has_scores and st > 0:
+                    self._step_ranks((b, st))
 
     def _prepared(self, at: tuple[int, int], kind: str) -> torch.Tensor:
         """[2, M, T, k]: the choice at (block, step) and the read-ahead's guess of it for a
@@ -143,11 +150,28 @@ class SyntheticRouting(PublishedRouting, Router):
         return np.where(right, assign, other)
 
     def step_guess(self) -> np.ndarray | None:
-        """With an accuracy set, the guess of the step begun [M, T, k] (`--prefetch step`):
-        the same guess the layer read-ahead gets, known before the step runs."""
-        if self.guess_accuracy is None or not self._stepping:
+        """The guess of the step begun (`--prefetch step`): with an accuracy set, [M, T, k] the
+        same guess the layer read-ahead gets, known before the step runs; otherwise, on a
+        workload with scores, the step before's ranks."""
+        if not self._stepping:
             return None
-        return self._host[1].numpy()
+        if self.guess_accuracy is not None:
+            return self._host[1].numpy()
+        at = self._last_step
+        if self.predict_steps and self.has_scores and at is not None and at[1] > 0:
+            return self._step_ranks(at)
+        return None
+
+    has_scores = False  # the workload's choice is the top-k of scores it can rank below
+
+    def _step_ranks(self, at: tuple[int, int]) -> np.ndarray:
+        """[M, T, k + BELOW] each token's best experts at the step before `at` (its choice and
+        those just below): the model's own guess (model/stepranks.py) on this workload."""
+        out = self._ranks.get(at)
+        if out is None:
+            out = self._ranks[at] = np.ascontiguousarray(
+                self.ranked(at[0], at[1] - 1, self.k + BELOW))
+        return out
 
     def __call__(self, moe_index: int, x: torch.Tensor, w: RouterWeights, cfg: ModelConfig, *,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +204,7 @@ class DriftingRouting(SyntheticRouting, DriftingScores):
     just below the top-k, as with a trained router."""
 
     label = "drifting (top-k of drifting scores, published LLaDA2.0-mini statistics)"
+    has_scores = True
 
     def describe(self) -> dict:
         return {"workload": "drifting", "pool": self.pool_size, "sigma": self.sigma,

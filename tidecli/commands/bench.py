@@ -100,8 +100,8 @@ def bench(
     prefetch: Annotated[str, typer.Option(
         metavar="LIST", help="Read-ahead for streamed misses to sweep: off, layer (each "
                              "layer's experts guessed by its router) and/or step (a step's "
-                             "experts copied before it runs, on --guess-accuracy's guesses; "
-                             "synthetic workloads only), e.g. off,layer.")] = "off",
+                             "experts guessed from the step before, copied before it runs), "
+                             "e.g. off,step.")] = "off",
     guess_accuracy: Annotated[str | None, typer.Option(
         metavar="LIST",
         help="On the synthetic and drifting workloads, the read-ahead guesses with the "
@@ -167,7 +167,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     from tidecli.bench.spec import PROMPTS, BenchSpec
     from tidecli.decode.settings import check_schedule
     from tidecli.experts.formats import parse_formats
-    from tidecli.experts.modes import BENCH_PREFETCH_MODES, parse_misses, parse_prefetch
+    from tidecli.experts.modes import parse_misses, parse_prefetch
     from tidecli.runtime.options import parse_compile
 
     names = _names(policies)
@@ -178,7 +178,7 @@ def bench_spec(*, policies: str, vram: str | None, experts_per_layer: str | None
     for m in _names(misses):
         parse_misses(m)
     for m in _names(prefetch):
-        parse_prefetch(m, BENCH_PREFETCH_MODES)
+        parse_prefetch(m)
     for c in _names(compile):
         if c == "auto":
             raise TideError("bench compares the modes it is given: --compile auto is not one",

@@ -55,11 +55,12 @@ MissesOpt = Annotated[str, typer.Option(
          "when the experts fit pinned RAM, else cpu. stream and gpu give bitwise the resident "
          "run's tokens.")]
 PrefetchOpt = Annotated[str, typer.Option(
-    metavar="[off|layer]",
+    metavar="[off|layer|step]",
     help="Streamed misses: layer reads each MoE layer's likely experts ahead, guessed by its "
-         "router from the layer before, while that layer computes (a wrong guess costs copies, "
-         "never different tokens; it pauses itself while under half of its guesses are used); "
-         "off places only what the routing asks for.")]
+         "router from the layer before, while that layer computes; step copies each step's "
+         "likely experts (those ranked best at the step before) before it runs. A wrong guess "
+         "costs copies, never different tokens; either pauses itself while under half of its "
+         "guesses are used. off places only what the routing asks for.")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", "-p", metavar="NAME|FILE",
     help="Hardware profile to plan with: a reference name (e.g. rtx4090) or a profile JSON. "

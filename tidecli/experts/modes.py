@@ -56,15 +56,15 @@ def parse_misses(value: str | MissMode) -> MissMode:
         raise TideError(f"unknown --misses {value!r}", f"use {', '.join(MISS_MODES)}") from None
 
 
-PREFETCH_MODES = ("off", "layer")
-# `tide bench` also reads ahead between steps, on the guesses its synthetic workloads give
-# (the model's own routing has no step guess yet: experts/stepahead.py)
-BENCH_PREFETCH_MODES = (*PREFETCH_MODES, "step")
+# read-ahead of streamed misses: none, each layer's experts guessed by its router while the
+# layer before computes, or a step's experts guessed from the step before and copied before
+# it runs (experts/stepahead.py)
+PREFETCH_MODES = ("off", "layer", "step")
 
 
-def parse_prefetch(value: str, modes: tuple[str, ...] = PREFETCH_MODES) -> str:
-    if value not in modes:
-        raise TideError(f"unknown --prefetch {value!r}", f"use {', '.join(modes)}")
+def parse_prefetch(value: str) -> str:
+    if value not in PREFETCH_MODES:
+        raise TideError(f"unknown --prefetch {value!r}", f"use {', '.join(PREFETCH_MODES)}")
     return value
 
 

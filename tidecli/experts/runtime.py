@@ -101,8 +101,8 @@ class BaseRuntime(ABC):
         return None
 
     def prefetch_step(self, guess) -> None:
-        """Host: guess [M, T, k] (numpy) the experts of the step about to run (only when
-        `prefetches_steps`)."""
+        """Host: `guess()` [M, T, n] (numpy, or None) the experts of the step about to run
+        (only when `prefetches_steps`)."""
         return None
 
     def host_before(self, layer: int, io: LayerIO) -> None:

@@ -1,12 +1,13 @@
 """The read-ahead between denoising steps (`--prefetch step`, streamed misses): what to copy.
 
 Before a step's forward pass runs, the host holds a guess of each MoE layer's experts for it
-(a benchmark workload's, `Router.step_guess`) and the device placement as the last forward
-left it. Each layer's guessed experts without a slot take the slots of experts the guess does
-not name — free slots first, then least recently used — and their rows are copied from pinned
-RAM by the copy engine (`StreamRuntime.prefetch_step`), in layer order, while the step's
-earlier layers compute: a layer waits only for its own copies. The layer's own plan then runs
-as always, so a wrong guess costs a copy and a slot, never a different result.
+(the step before's ranks, model/stepranks.py, or a benchmark workload's, `Router.step_guess`)
+and the device placement as it is. Each layer keeps the experts the guess names most, as many
+as it has slots; those without a slot take the slots of experts outside that set — free slots
+first, then least recently used — and their rows are copied from pinned RAM by the copy
+engine (`StreamRuntime.prefetch_step`), in layer order, while the step's earlier layers
+compute: a layer waits only for its own copies. The layer's own plan then runs as always, so
+a wrong guess costs a copy and a slot, never a different result.
 
 `plan_ahead` is the vectorized plan; `plan_ahead_reference` spells it layer by layer with
 Python sets and is what the tests hold it to.
@@ -30,33 +31,39 @@ _FAR = np.int64(1) << 62  # sort key of a slot that may not take a guess
 
 def plan_ahead(guess: np.ndarray, table: np.ndarray, owner: np.ndarray, last: np.ndarray,
                slots: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`guess` [M, T, k] expert ids; `table` [M, E+1] expert → slot (-1: none; column E
-    unused), `owner` [M, ≥B] slot → expert, `last` [M, ≥B] each slot's last use, `slots` [M]
-    the layers' slot counts. Updates `table` and `owner` in place and returns, per layer,
-    (experts, slots) to copy. Of the guessed experts without a slot, the most guessed go
-    first (ties: lower id); victims in order of `last` (ties: lower slot; a free slot has
-    none, so it goes first)."""
+    """`guess` [M, ...] expert ids (the number of times an expert appears is its vote);
+    `table` [M, E+1] expert → slot (-1: none; column E unused), `owner` [M, ≥B] slot → expert,
+    `last` [M, ≥B] each slot's last use, `slots` [M] the layers' slot counts. Updates `table`
+    and `owner` in place and returns, per layer, (experts, slots) to copy.
+
+    A layer keeps the B experts with the most votes (ties: those already in a slot, then the
+    lower id): those of them without a slot take, most voted first, the slots of experts
+    outside that set — free slots first, then in order of `last` (ties: the lower slot)."""
     m, e = table.shape[0], table.shape[1] - 1
     b = int(owner.shape[1])
     ids = guess.reshape(m, -1)
     cnt = np.bincount((ids + np.arange(m)[:, None] * e).ravel(), minlength=m * e).reshape(m, e)
-    missing = (cnt > 0) & (table[:, :e] < 0)
+    held = table[:, :e] >= 0
+    order = np.lexsort((np.broadcast_to(np.arange(e), (m, e)), ~held, -cnt), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(e), (m, e)), axis=1)
+    wanted = (cnt > 0) & (rank < slots[:, None])
+    missing = wanted & ~held
     own = owner[:, :b]
     in_layer = np.arange(b)[None, :] < slots[:, None]
-    own_guessed = np.take_along_axis(cnt, np.where(own >= 0, own, 0), axis=1) > 0
-    avail = in_layer & ~((own >= 0) & own_guessed)
+    own_wanted = np.take_along_axis(wanted, np.where(own >= 0, own, 0), axis=1) & (own >= 0)
+    avail = in_layer & ~own_wanted
     key = np.where(avail, np.where(own >= 0, last[:, :b] + 1, -1), _FAR)
     victims = np.argsort(key, axis=1, kind="stable")
-    n = np.minimum(missing.sum(1), avail.sum(1))
-    # most guessed first: stable sort on -count keeps the lower id first among equals
-    wanted = np.argsort(np.where(missing, -cnt, 1), axis=1, kind="stable")
+    n = missing.sum(1)  # never more than the slots outside the kept set
     out = []
     for j in range(m):
         nj = int(n[j])
         if nj == 0:
             out.append((np.empty(0, np.int64), np.empty(0, np.int64)))
             continue
-        ex, sl = wanted[j, :nj].astype(np.int64), victims[j, :nj].astype(np.int64)
+        ex = order[j][missing[j, order[j]]].astype(np.int64)
+        sl = victims[j, :nj].astype(np.int64)
         old = owner[j, sl]
         table[j, old[old >= 0]] = -1
         table[j, ex] = sl
@@ -70,15 +77,17 @@ def plan_ahead_reference(guess: np.ndarray, table: np.ndarray, owner: np.ndarray
     """`plan_ahead`, one layer and one expert at a time."""
     out = []
     for j in range(table.shape[0]):
-        counts: dict[int, int] = {}
+        votes: dict[int, int] = {}
         for x in guess[j].ravel().tolist():
-            counts[x] = counts.get(x, 0) + 1
-        missing = sorted((x for x in counts if table[j, x] < 0), key=lambda x: (-counts[x], x))
+            votes[x] = votes.get(x, 0) + 1
+        kept = sorted(votes, key=lambda x: (-votes[x], table[j, x] < 0, x))[: int(slots[j])]
+        missing = [x for x in kept if table[j, x] < 0]
         free = [s for s in range(int(slots[j])) if owner[j, s] < 0]
-        held = [s for s in range(int(slots[j]))
-                if owner[j, s] >= 0 and int(owner[j, s]) not in counts]
-        victims = free + sorted(held, key=lambda s: (int(last[j, s]), s))
+        other = [s for s in range(int(slots[j]))
+                 if owner[j, s] >= 0 and int(owner[j, s]) not in kept]
+        victims = free + sorted(other, key=lambda s: (int(last[j, s]), s))
         ex, sl = [], []
+        assert len(victims) >= len(missing)
         for x, s in zip(missing, victims, strict=False):
             old = int(owner[j, s])
             if old >= 0:
@@ -141,10 +150,14 @@ class StepAhead:
         if self.events is not None:
             torch.cuda.current_stream(self.rt.device).wait_event(self.events[j])
 
-    def run(self, guess: np.ndarray) -> int:
-        """Place the guessed experts of the forward about to run; returns how many."""
+    def run(self, guess) -> int:
+        """Place the guessed experts (`guess()`: [M, ...] or None) of the forward about to run;
+        returns how many. The guess is asked for only on a refresh with the read-ahead on."""
         rt = self.rt
         if not self.refresh:
+            return 0
+        guess = guess()
+        if guess is None:
             return 0
         # the tables as the device holds them now: a forward's end is not the only writer
         # (capturing a step runs its layers once, a policy may place on the host)

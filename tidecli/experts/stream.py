@@ -77,7 +77,8 @@ class StreamRuntime(PooledRuntime):
         self._pref_plans: dict[tuple[int, int], LayerPlan] = {}
         self._pref_keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: guesses may place
         self._pref_on = False  # the host's copy of _pref_keep for the forward in progress
-        self.ahead_gate = ReadAheadGate()
+        # the read-ahead between steps may place a whole step's guess at once: judged sooner
+        self.ahead_gate = ReadAheadGate(window=2) if prefetch_steps else ReadAheadGate()
         # device truth of the placement; column E (table) and bmax (owner, last) take the
         # writes of entries that place nothing, so every update has a static shape
         self.table = torch.full((m, e + 1), -1, dtype=torch.long, device=dev)
@@ -163,9 +164,10 @@ class StreamRuntime(PooledRuntime):
                 self.pref_src.fill_(-1)
             self._pref_keep.fill_(1 if self._pref_on else 0)
 
-    def prefetch_step(self, guess: np.ndarray) -> None:
-        """Host, before a step's forward runs: `guess` [M, T, k] its experts; the guessed ones
-        without a slot are copied into slots ahead of their layers (experts/stepahead.py)."""
+    def prefetch_step(self, guess) -> None:
+        """Host, before a step's forward runs: `guess()` [M, T, n] its likely experts (or
+        None); those without a slot are copied into slots ahead of their layers
+        (experts/stepahead.py)."""
         if self.ahead is not None:
             self.ahead.run(guess)
 

@@ -18,6 +18,7 @@ from tidecli.model.config import ModelConfig
 from tidecli.model.layers import Rotary, attend, block_causal_mask, rms_norm
 from tidecli.model.moe import ExpertRuntime, ForwardInfo, Router
 from tidecli.model.parts import EAGER, LayerFns, residual
+from tidecli.model.stepranks import StepRanks
 from tidecli.model.weights import DenseWeights
 
 
@@ -52,6 +53,7 @@ class LLaDA2Model:
         self.block = block_length  # the default block of the block-causal mask
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.max_position_embeddings, device)
         self.router = router or Router()
+        self.ranks = StepRanks(cfg, device)  # the model's own guess of a step's experts
         self.moe_index = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         moe = list(cfg.moe_layers)
         self.next_moe = dict(zip(moe, moe[1:], strict=False))  # MoE layer → the next one
@@ -71,11 +73,16 @@ class LLaDA2Model:
 
     def begin_forward(self, info: ForwardInfo, tokens: int) -> None:
         self.router.begin(info, tokens)
+        self.ranks.begin(info, tokens)
         self.experts.begin_forward(info)
-        if info.kind == "step" and self.experts.prefetches_steps:
-            guess = self.router.step_guess()
-            if guess is not None:
-                self.experts.prefetch_step(guess)
+        if info.kind == "step" and self.experts.prefetches_steps:  # asked only when it reads
+            self.experts.prefetch_step(self.ranks.guess if self.own_routing
+                                       else self.router.step_guess)
+
+    @property
+    def own_routing(self) -> bool:
+        """The checkpoint's router chooses the experts (not a benchmark's workload)."""
+        return type(self.router).__call__ is Router.__call__
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w.embed
@@ -108,8 +115,11 @@ class LLaDA2Model:
     def route(self, i: int, n: torch.Tensor, *, static: bool = False, fns: LayerFns = EAGER):
         """A MoE layer's expert ids [T, k] and weights [T, k] (fp32)."""
         w = self.w.layers[i].router
-        if type(self.router).__call__ is Router.__call__:  # the model's own routing
-            return fns.route(n, w, self.cfg)
+        if self.own_routing:
+            out = fns.route(n, w, self.cfg)
+            if static and self.experts.prefetches_steps:  # a step program: guess the next
+                self.ranks.observe(self.moe_index[i], n, w)
+            return out
         return self.router(self.moe_index[i], n, w, self.cfg, static=static)
 
     def predict(self, i: int, n: torch.Tensor, *, static: bool = False) -> torch.Tensor:

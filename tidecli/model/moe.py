@@ -18,6 +18,7 @@ told where each forward pass is and picks the experts of each MoE layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,9 +86,10 @@ class ExpertRuntime(Protocol):
         Queued before the layer's own routing exists (on a side stream on a GPU); a wrong guess
         may cost copies, never a different result."""
 
-    def prefetch_step(self, guess: np.ndarray) -> None:
-        """Host, after begin_forward of a denoising step: `guess` [M, T, k] its experts; the
-        runtime may start reading them. A wrong guess may cost copies, never a result."""
+    def prefetch_step(self, guess: Callable[[], np.ndarray | None]) -> None:
+        """Host, after begin_forward of a denoising step: `guess()` gives [M, T, n] its likely
+        experts (or None); the runtime asks only when it will read them ahead (a refresh, the
+        read-ahead on). A wrong guess may cost copies, never a result."""
 
     def host_before(self, layer: int, io: LayerIO) -> None: ...
 
@@ -118,7 +120,7 @@ class Router:
         return predict(x, w, cfg)
 
     def step_guess(self) -> np.ndarray | None:
-        """After `begin` of a denoising step: a guess [M, T, k] of its expert ids on the host,
-        for a read-ahead before it runs, or None. The model's router has none (its scores come
-        with the step); benchmark workloads that know the routing ahead give one."""
+        """After `begin` of a denoising step: a guess [M, T, n] of its expert ids on the host,
+        for a read-ahead before it runs, or None. Asked only of a benchmark's workload: the
+        model's own routing is guessed from the step before (model/stepranks.py)."""
         return None

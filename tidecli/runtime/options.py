@@ -10,14 +10,7 @@ from dataclasses import dataclass, field
 
 from tidecli.errors import TideError
 from tidecli.experts.formats import parse_format
-from tidecli.experts.modes import (
-    BENCH_PREFETCH_MODES,
-    POLICIES,
-    MissMode,
-    TideOptions,
-    parse_misses,
-    parse_prefetch,
-)
+from tidecli.experts.modes import POLICIES, MissMode, TideOptions, parse_misses, parse_prefetch
 from tidecli.hardware.probe import usable_cores
 from tidecli.memory import check_ram_gib, check_vram_gib
 from tidecli.planner.plan import Plan
@@ -90,7 +83,7 @@ class ResidencyOptions:
             raise TideError(f"unknown policy {self.policy!r}",
                             f"choose one of {', '.join(POLICY_CHOICES)}")
         parse_misses(self.misses)
-        parse_prefetch(self.prefetch, BENCH_PREFETCH_MODES)  # the commands check their own
+        parse_prefetch(self.prefetch)
         check_cpu_threads(self.cpu_threads)
         if self.tide.tau is not None and self.tide.tau < 1:
             raise TideError(f"--tau must be at least 1, got {self.tide.tau}", "e.g. --tau 4")
