@@ -87,6 +87,11 @@
 #          (wrong ones: the experts ranked next), eager and compiled
 #   stepahead2 at 14 GiB: no read-ahead, the layer read-ahead and the one between steps,
 #          guesses 100 % and 95 % right (ranked), eager and compiled, one bench
+#   stepahead3 GPU tests, then the read-ahead between steps off and on its own guess (the step
+#          before's ranks) on the model's routing and the drifting workload, 14 and 10 GiB,
+#          eager and compiled
+#   stepahead4 at 14 GiB, eager: the read-ahead between steps off, on its own guess, and
+#          (drifting) on a guess never right, which its gate soon turns off
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -518,6 +523,25 @@ if [ "$STAGE" = stepahead2 ]; then  # both read-aheads side by side at 14 GiB
     --guess-accuracy 1,0.95 --guess-misses ranked --workloads drifting --vram 14 --prompts \
     tools/bench/bench_prompts.txt --gen-length 64 --profile h200 --compile off,on \
     -o "$OUT/stepahead2-bench-mini.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per/p' | cut -c1-170
+fi
+if [ "$STAGE" = stepahead3 ]; then  # the read-ahead between steps on its own guess
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  (mini > "$W/synth.txt" 2>&1 &)
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "read_ahead or set_guess or every_policy" > "$OUT/stepahead3-tests.txt" 2>&1
+  tail -3 "$OUT/stepahead3-tests.txt"
+  sleep 5; while pgrep -f "tidecli synth" > /dev/null; do sleep 2; done; cat "$W/synth.txt"
+  TO 440 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,step \
+    --workloads model,drifting --vram 14,10 --prompts tools/bench/bench_prompts.txt \
+    --gen-length 64 --profile h200 --compile off,on -o "$OUT/stepahead3-bench-mini.json" 2>&1 \
+    | grep -v "^\[" | sed -n '/tide bench/,/more per/p' | cut -c1-170
+fi
+if [ "$STAGE" = stepahead4 ]; then  # the fixed cost of the read-ahead between steps
+  mini
+  TO 300 bench -m "$W/mini" --policies resident,tide --misses stream --prefetch off,step \
+    --guess-accuracy 0 --workloads model,drifting --vram 14 --prompts \
+    tools/bench/bench_prompts.txt --gen-length 64 --profile h200 \
+    -o "$OUT/stepahead4-bench-mini.json" 2>&1 | grep -v "^\[" | sed -n '/tide bench/,/more per/p' | cut -c1-170
 fi
 if [ "$STAGE" = guess4 ]; then
   G 300 --vram 14,10 --policies resident,tide --guess-accuracy 1,0.95,0.9 \
