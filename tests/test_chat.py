@@ -344,6 +344,33 @@ def test_a_ctrl_c_just_after_a_stopped_reply_does_not_quit(app, capsys, monkeypa
     app.loop(interrupted)  # returns: the session ends
 
 
+def test_a_ctrl_c_between_a_turn_and_the_next_prompt_counts_as_one_at_the_prompt(
+        app, capsys, monkeypatch):
+    """Python raises a Ctrl-C at its next check, which can be the loop's own jump back to the
+    prompt, outside both of its handlers (a real terminal showed it: tests/test_chat_pty.py).
+    Just after a stopped reply it keeps the session, as a press at the prompt does; later it
+    ends it cleanly."""
+    app.engine.interrupt_after = 6
+    assert app.handle("long one")  # stopped by Ctrl-C
+    app.engine.interrupt_after = None
+    real, raised = app._turns, []
+
+    def turns(read, interactive):
+        if not raised:  # the press lands after the reply, before the prompt reads
+            raised.append(1)
+            raise KeyboardInterrupt
+        return real(read, interactive)
+
+    monkeypatch.setattr(app, "_turns", turns)
+    lines = iter(["next", "/exit"])
+    app.loop(lambda prompt: next(lines))
+    assert raised and len(app.session.turns) == 2  # went on: "next" was answered
+    assert "the reply is already stopped; Ctrl-C again or Ctrl-D quits" in capsys.readouterr().err
+    raised.clear()
+    app._stopped_at = None  # no reply stopped just now: the press ends the session
+    app.loop(lambda prompt: pytest.fail("the session should have ended"))
+
+
 def test_ctrl_c_in_a_slash_command_returns_to_the_prompt(app, capsys, monkeypatch):
     handled = []
     real = app.handle

@@ -238,18 +238,25 @@ class ChatApp:
 
     def loop(self, read: Callable[[str], str] | None = None, *, interactive: bool = True) -> None:
         read = read or input
+        while True:
+            try:
+                self._turns(read, interactive)
+                return
+            except KeyboardInterrupt:
+                # Python raises a Ctrl-C at its next check, which can fall between one turn's
+                # end and the next prompt (the loop's own jump back), outside both handlers
+                # below: it counts as a press at the prompt
+                if not self._prompt_interrupt(interactive):
+                    return
+
+    def _turns(self, read: Callable[[str], str], interactive: bool) -> None:
         prompt, more = (PROMPT, MORE) if interactive else ("", "")
         while True:
             try:
                 line = read_message(read, prompt, more)
             except KeyboardInterrupt:
-                if interactive:
-                    self.out.print()  # leave the prompt line
-                    if self._stopped_at is not None and \
-                            time.monotonic() - self._stopped_at < STOPPED_GRACE_S:
-                        self._stopped_at = None  # the second press of the one that stopped it
-                        self.note("the reply is already stopped; Ctrl-C again or Ctrl-D quits")
-                        continue
+                if self._prompt_interrupt(interactive):
+                    continue
                 return
             except EOFError:
                 if interactive:
@@ -261,3 +268,16 @@ class ChatApp:
             except KeyboardInterrupt:  # after a reply's decoding, or in a slash command
                 self._stopped_at = time.monotonic()
                 self.note("stopped; Ctrl-C again or Ctrl-D quits")
+
+    def _prompt_interrupt(self, interactive: bool) -> bool:
+        """Ctrl-C at the prompt: True to keep the session (the second press of the one that
+        stopped a reply just now), False to end it."""
+        if not interactive:
+            return False
+        self.out.print()  # leave the prompt line
+        if self._stopped_at is not None and \
+                time.monotonic() - self._stopped_at < STOPPED_GRACE_S:
+            self._stopped_at = None
+            self.note("the reply is already stopped; Ctrl-C again or Ctrl-D quits")
+            return True
+        return False
