@@ -89,8 +89,8 @@ class BenchSpec:
         if self.guesses and (not {"layer", "step"} & set(self.prefetch) or
                              all(w == "model" for w in self.workloads)):
             raise TideError("--guess-accuracy sets the read-ahead's guess on the synthetic "
-                            "workloads", "add --prefetch layer --workloads drifting "
-                            "(or synthetic)")
+                            "workloads", "add --prefetch layer (or step) --workloads "
+                            "drifting (or synthetic)")
         if self.guess_misses not in GUESS_MISSES:
             raise TideError(f"--guess-misses takes {', '.join(GUESS_MISSES)}",
                             "e.g. --guess-misses ranked")

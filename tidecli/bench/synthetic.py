@@ -34,6 +34,7 @@ from tidecli.planner.published import PublishedRouting
 
 class SyntheticRouting(PublishedRouting, Router):
     label = "synthetic (published LLaDA2.0-mini statistics)"
+    has_scores = False  # the workload's choice is the top-k of scores it can rank below
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, block_length: int = 32,
                  seed: int = 0, pool_share: float = 0.375, zipf: float = 1.05,
@@ -161,8 +162,6 @@ class SyntheticRouting(PublishedRouting, Router):
         if self.predict_steps and self.has_scores and at is not None and at[1] > 0:
             return self._step_ranks(at)
         return None
-
-    has_scores = False  # the workload's choice is the top-k of scores it can rank below
 
     def _step_ranks(self, at: tuple[int, int]) -> np.ndarray:
         """[M, T, k + BELOW] each token's best experts at the step before `at` (its choice and

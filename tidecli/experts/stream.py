@@ -14,9 +14,8 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
    layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
    stream). Only the guesses' cost depends on how good they are.
-5. or (`prefetch_steps`, `tide bench` only for now) a step's guessed experts are copied into
-   slots by the copy engine before the step runs, each layer waiting for its own copies
-   (experts/stepahead.py).
+5. or (`prefetch_steps`) a step's guessed experts are copied into slots by the copy engine
+   before the step runs, each layer waiting for its own copies (experts/stepahead.py).
 
 No expert's arithmetic depends on where its weights were read from, so tokens are those of the
 all-resident run. Between refreshes (steps t ≢ 0 mod τ) the placement is frozen, as in TIDE;
