@@ -171,7 +171,7 @@ def check_tables(rt):
                 continue
             seen += 1
             assert pool.slot_of_expert[e] == s
-            assert torch.equal(pool.buf[s], store_rows[e].to(pool.buf.dtype))
+            assert torch.equal(pool.buf[s].cpu(), store_rows[e].to(pool.buf.dtype))
         assert seen == int((pool.slot_of_expert >= 0).sum())
         assert seen <= pool.slots
 

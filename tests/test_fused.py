@@ -17,22 +17,25 @@ from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy  # no
 from helpers import check_tables, decode_cpu, load_model, stream_runtime  # noqa: E402
 
 
-def _run(path, factory, b, fused, prefetch=False):
+def _run(path, factory, b, fused, prefetch=False, through=False):
     model, _ = load_model(path, runtime=stream_runtime(factory, b, prefetch=prefetch))
     rt = model.experts
     rt.fused = fused
+    rt.through = through  # placed experts' pairs with those read from RAM (the CUDA default)
     out = decode_cpu(model, program=True, gen_length=48)
     return out.token_ids, rt
 
 
 # the interpreter runs a kernel in numpy, slowly: a few cases that cover every branch (no slots,
 # LRU eviction each step, frozen placement between refreshes, the host's one-time placement)
-@pytest.mark.parametrize("policy,b", [("tide1", 5), ("tide3", 20), ("static", 0)])
-def test_fused_plan_matches_the_reference(tiny_ckpt, b, policy):
+@pytest.mark.parametrize("policy,b,through", [("tide1", 5, False), ("tide3", 20, False),
+                                              ("static", 0, False), ("tide1", 5, True),
+                                              ("tide3", 20, True)])
+def test_fused_plan_matches_the_reference(tiny_ckpt, b, policy, through):
     factory = {"tide1": lambda: TidePolicy(TideOptions(tau=1)),
                "tide3": lambda: TidePolicy(TideOptions(tau=3)), "static": StaticPolicy}[policy]
     ref_tokens, ref = _run(tiny_ckpt, factory, b, fused=False)
-    tokens, rt = _run(tiny_ckpt, factory, b, fused=True)
+    tokens, rt = _run(tiny_ckpt, factory, b, fused=True, through=through)
     assert rt._plans  # the fused path ran
     assert tokens == ref_tokens
     assert rt.run_stats.summary() == ref.run_stats.summary()

@@ -16,7 +16,7 @@ from tidecli.model.program import StepPrograms
 from tidecli.model.route_kernel import group_topk_kernel
 from tidecli.model.router import group_topk_reference
 
-from helpers import bench_runs, cuda_model, decode_cuda
+from helpers import bench_runs, check_tables, cuda_model, decode_cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -227,10 +227,13 @@ def test_device_view_reads_pinned_memory_and_gathers_rows():
     assert not dst[0].any() and not dst[2].any()
 
 
-@pytest.mark.parametrize("b,fused", [(0, True), (6, True), (6, False)])
-def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
+@pytest.mark.parametrize("b,fused,through", [(0, True, True), (6, True, True), (6, True, False),
+                                             (6, False, False)])
+def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused, through):
     """misses=stream: the step never leaves the GPU (one graph), experts missing from the slots
-    are gathered into them or read from pinned RAM by the same kernel: resident's tokens."""
+    are gathered into them or read from pinned RAM by the same kernel: resident's tokens. With
+    `through` (the default) a placed expert is written into its slot by the pass that reads it;
+    the slots then hold exactly the store's rows."""
     from tidecli.experts.gather import stream_available
     from tidecli.experts.policies import StaticPolicy, TideOptions, TidePolicy
     from tidecli.experts.store import HostExpertStore
@@ -246,8 +249,9 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
                 rt = StreamRuntime(ckpt.config, HostExpertStore(ckpt, pin=True),
                                    {layer: b for layer in ckpt.config.moe_layers}, factory(),
                                    device=torch.device("cuda"), dtype=torch.bfloat16)
-                assert rt.fused  # Triton ships with PyTorch's CUDA wheels
+                assert rt.fused and rt.through  # Triton ships with PyTorch's CUDA wheels
                 rt.fused = fused  # False: the torch reference path
+                rt.through = through
                 return rt
 
             m = cuda_model(tiny_ckpt, make)
@@ -260,6 +264,7 @@ def test_streamed_misses_are_bitwise_exact(tiny_ckpt, b, fused):
             assert bool(m.experts._plans) == fused
             s = m.experts.run_stats.summary()
             assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]
+            check_tables(m.experts)
             m.experts.close()
 
 

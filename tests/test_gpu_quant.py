@@ -166,3 +166,46 @@ def test_every_policy_gives_the_resident_tokens_bitwise(tiny_ckpt, name):
         out, s = _tokens(tiny_ckpt, name, pooled(policy, b, kind))
         assert out == ref, (name, kind, b)
         assert s["cpu_calls"] == 0
+
+
+def test_a_two_source_pass_gives_each_source_passs_rows_and_fills_the_placed_slots():
+    """expert_rows_two on mini's shapes: slots in device memory and experts read in place from
+    pinned RAM in one pass give bitwise the rows of one pass per source (the tiles of reads
+    over PCIe), and the experts placed by it land in their slots byte for byte."""
+    from tidecli.experts.compute import pool_views
+    from tidecli.experts.gather import device_view
+    from tidecli.experts.qkernel import expert_rows, expert_rows_two
+
+    _need("plain")
+    h, i, e, b = 2048, 512, 12, 5
+    g = torch.Generator(device="cuda").manual_seed(6)
+    store = (torch.randn(e, 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
+    host = device_view(store.cpu().pin_memory(), CUDA)
+    pool_buf = torch.zeros((b, 3 * h * i), device="cuda", dtype=torch.bfloat16)
+    for slot, ex in ((0, 3), (1, 7), (3, 1)):  # held; slots 2 and 4 are victims
+        pool_buf[slot] = store[ex]
+    pcounts = torch.tensor([4, 9, 0, 1, 0])  # pairs per slot
+    hcounts = torch.tensor([0, 0, 2, 0, 0, 17, 0, 0, 1, 0, 0, 3])  # per expert from RAM
+    table = torch.full((e + 1,), -1, device="cuda")
+    table[3], table[7], table[1] = 0, 1, 3
+    table[5], table[11] = 2, 4  # placed now: written through; 2 and 8 read in place
+    p = 40
+    hidden = torch.randn(16, h, device="cuda", generator=g).bfloat16()
+    np_, nh = int(pcounts.sum()), int(hcounts.sum())
+    rows = torch.zeros(2 * p, dtype=torch.long, device="cuda")
+    dsts = torch.full((2 * p,), p, dtype=torch.long, device="cuda")
+    rows[:np_] = torch.randint(0, 16, (np_,), device="cuda", generator=g)
+    rows[p:p + nh] = torch.randint(0, 16, (nh,), device="cuda", generator=g)
+    perm = torch.randperm(p, device="cuda", generator=g)
+    dsts[:np_], dsts[p:p + nh] = perm[:np_], perm[np_:np_ + nh]
+    offs = torch.cat([pcounts.cumsum(0), hcounts.cumsum(0)]).to(torch.int32).cuda()
+    pool, hv = pool_views(pool_buf, h, i), pool_views(host, h, i)
+    want = torch.zeros((p + 1, h), device="cuda", dtype=torch.bfloat16)
+    expert_rows(hidden, rows[:p], dsts[:p], offs[:b], *pool, want, streamed=True)  # its tiles
+    expert_rows(hidden, rows[p:], dsts[p:], offs[b:], *hv, want, streamed=True)
+    before = pool_buf.clone()
+    got = torch.zeros_like(want)
+    expert_rows_two(hidden, rows, dsts, offs, b, pool, hv, table, got)
+    assert torch.equal(got, want)
+    assert torch.equal(pool_buf[2], store[5]) and torch.equal(pool_buf[4], store[11])
+    assert torch.equal(pool_buf[[0, 1, 3]], before[[0, 1, 3]])

@@ -93,3 +93,36 @@ def test_a_fused_expert_pass_matches_the_unfused_ops(name):
     untouched = torch.ones(pairs + 1, dtype=torch.bool)
     untouched[written] = False
     assert bool((got[untouched] == 7.0).all())
+
+
+def test_a_two_source_pass_matches_one_pass_per_source_and_fills_the_placed_slots():
+    """expert_rows_two: slots of a pool (groups 0..split-1) and experts read from a second
+    stack (the rest, rows from the buffer's second half) in one pass, against a pass over
+    each; the expert whose table entry is a slot has its rows written into that slot, and
+    every other slot keeps its bytes."""
+    from tidecli.experts.compute import grouped_rows_ops, pool_views
+    from tidecli.experts.qkernel import expert_rows_two
+
+    h, i, p = 128, 64, 6
+    g = torch.Generator().manual_seed(5)
+    host_buf = (torch.randn(5, 3 * h * i, generator=g) * 0.05)  # 5 experts in "RAM"
+    pool_buf = torch.zeros(3, 3 * h * i)
+    pool_buf[0], pool_buf[1] = host_buf[2], host_buf[4]  # slots 0, 1 held; slot 2 a victim
+    pool_buf[2] = 9.0
+    before = pool_buf.clone()
+    pool, host = pool_views(pool_buf, h, i), pool_views(host_buf, h, i)
+    hidden = torch.randn(4, h, generator=g)
+    # held: slot 0 ← 2 pairs, slot 1 ← 1; from RAM: expert 0 ← 2 pairs (placed into slot 2),
+    # expert 3 ← 1 pair (read in place); p = 6 pairs, dst 6 the dummy row
+    rows = torch.tensor([0, 3, 1, 0, 0, 0, 2, 1, 3, 0, 0, 0])
+    dsts = torch.tensor([0, 4, 2, 6, 6, 6, 1, 5, 3, 6, 6, 6])
+    offs = torch.tensor([2, 3, 3, 2, 2, 2, 3, 3], dtype=torch.int32)  # 3 slot ends, 5 expert
+    table = torch.tensor([2, -1, 0, -1, 1, -1])
+    want = torch.full((p + 1, h), 7.0)
+    grouped_rows_ops(hidden, rows[:p], dsts[:p], offs[:3], *pool, want)
+    grouped_rows_ops(hidden, rows[p:], dsts[p:], offs[3:], *host, want)
+    got = torch.full((p + 1, h), 7.0)
+    expert_rows_two(hidden, rows, dsts, offs, 3, pool, host, table, got)
+    assert torch.allclose(got[:p], want[:p], rtol=1e-4, atol=1e-5)
+    assert torch.equal(pool_buf[2], host_buf[0])  # placed: written as it was read
+    assert torch.equal(pool_buf[:2], before[:2])  # held slots untouched

@@ -12,7 +12,8 @@ and pairs) does all of it:
 - the pairs sorted by slot and by expert with the group ends, ready for grouped GEMMs: over the
   slots whose expert was there before this forward, over the slots placed now (their rows are
   still arriving while the first set computes), and over the experts read in place from pinned
-  RAM (invalid entries point at a dummy row);
+  RAM (invalid entries point at a dummy row); or (`through`) the placed experts' pairs with
+  those read in place, for one pass over both sets that fills the placed slots as it reads;
 - the layer's counters and routing counts.
 
 Then `compute.grouped_rows` runs one expert group set: gather rows, two grouped GEMMs, scatter back.
@@ -47,7 +48,7 @@ def _kernel():  # built on first use: Triton is imported only then
                    src_out, dst_out, prow, pdst, poffs, qrow, qdst, qoffs, hrow, hdst, hoffs, ctr,
                    scr_used, scr_vic, P, E, B, K,
                    PB: tl.constexpr, EB: tl.constexpr, BB: tl.constexpr, KEY: tl.constexpr,
-                   MARK: tl.constexpr):
+                   MARK: tl.constexpr, THROUGH: tl.constexpr):
         p = tl.arange(0, PB)
         pm = p < P
         pe = tl.load(ids + p, mask=pm, other=0).to(tl.int32)
@@ -107,15 +108,19 @@ def _kernel():  # built on first use: Triton is imported only then
         tl.store(pdst + p, tl.where(pv, po, P).to(tl.int64), mask=pm)
         pc = tl.cumsum(tl.histogram(tl.where(hit, slot.to(tl.int32), BB - 1), BB), 0)
         tl.store(poffs + s, pc.to(tl.int32), mask=s < tl.maximum(B, 1))
-        new = inpool & (slot0 < 0)
-        qk = tl.where(new, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
-        qo = tl.sort(qk, 0) % KEY
-        qv = p < tl.sum(new.to(tl.int32), 0)
-        tl.store(qrow + p, tl.where(qv, qo // K, 0).to(tl.int64), mask=pm)
-        tl.store(qdst + p, tl.where(qv, qo, P).to(tl.int64), mask=pm)
-        qc = tl.cumsum(tl.histogram(tl.where(new, slot.to(tl.int32), BB - 1), BB), 0)
-        tl.store(qoffs + s, qc.to(tl.int32), mask=s < tl.maximum(B, 1))
-        inhost = pm & (slot < 0)
+        if THROUGH:  # the placed experts' pairs join those read from RAM (by expert): one
+            # pass reads them there and writes their rows into the slots as it goes
+            inhost = pm & (slot0 < 0)
+        else:
+            new = inpool & (slot0 < 0)
+            qk = tl.where(new, slot.to(tl.int32), tl.where(pm, BB, BB + 1)) * KEY + p
+            qo = tl.sort(qk, 0) % KEY
+            qv = p < tl.sum(new.to(tl.int32), 0)
+            tl.store(qrow + p, tl.where(qv, qo // K, 0).to(tl.int64), mask=pm)
+            tl.store(qdst + p, tl.where(qv, qo, P).to(tl.int64), mask=pm)
+            qc = tl.cumsum(tl.histogram(tl.where(new, slot.to(tl.int32), BB - 1), BB), 0)
+            tl.store(qoffs + s, qc.to(tl.int32), mask=s < tl.maximum(B, 1))
+            inhost = pm & (slot < 0)
         hk = tl.where(inhost, pe, tl.where(pm, EB, EB + 1)) * KEY + p
         ho = tl.sort(hk, 0) % KEY
         hv = p < tl.sum(inhost.to(tl.int32), 0)
@@ -128,34 +133,42 @@ def _kernel():  # built on first use: Triton is imported only then
         tl.store(ctr + 1, n_place.to(tl.int64))
         tl.store(ctr + 2, tl.sum((pm & (slot0 < 0) & (slot >= 0)).to(tl.int64), 0))
         tl.store(ctr + 3, (n_miss - n_place).to(tl.int64))
-        tl.store(ctr + 4, tl.sum(inhost.to(tl.int64), 0))
+        tl.store(ctr + 4, tl.sum((pm & (slot < 0)).to(tl.int64), 0))
 
     return layer_plan
 
 
 class LayerPlan:
-    """Static buffers for one layer's fused plan (reused every forward pass)."""
+    """Static buffers for one layer's fused plan (reused every forward pass).
+
+    The pairs of held slots (`prow`, `pdst`, `poffs`) and those of experts read from pinned RAM
+    (`hrow`, `hdst`, `hoffs`) are the two halves of one buffer each (`rows`, `dsts`, `offs`), so
+    one two-source pass (qkernel.expert_rows_two) can take both. `through`: the plan puts the
+    pairs of the experts it places with those read from RAM, and the q set stays empty — the
+    pass that reads them there writes their rows into their slots (no gather, no third pass)."""
 
     def __init__(self, pairs: int, experts: int, slots: int, device: torch.device, *,
-                 src: torch.Tensor | None = None, mark: bool = True) -> None:
+                 src: torch.Tensor | None = None, mark: bool = True,
+                 through: bool = False) -> None:
         """`src`: where to write the placed experts (a [slots] long view; default its own);
         `mark=False`: the pairs' slots keep their last-use time (a guess's plan)."""
         self.P, self.E, self.B = pairs, experts, slots
-        self.mark = mark
+        self.mark, self.through = mark, through
         # spare bins: E for experts, BB-1 (never a slot, nor the first) for slots
         self.PB, self.EB, self.BB = next_pow2(pairs), next_pow2(experts + 1), next_pow2(slots + 2)
         long = dict(dtype=torch.long, device=device)
         self.src = src if src is not None else torch.full((max(slots, 1),), -1, **long)
         self.dst = torch.zeros((max(slots, 1),), **long)
-        self.prow = torch.zeros(pairs, **long)
-        self.pdst = torch.zeros(pairs, **long)
-        self.poffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
+        self.split = max(slots, 1)  # groups before the first expert read from RAM
+        self.rows = torch.zeros(2 * pairs, **long)
+        self.dsts = torch.zeros(2 * pairs, **long)
+        self.offs = torch.zeros(self.split + experts, dtype=torch.int32, device=device)
+        self.prow, self.hrow = self.rows[:pairs], self.rows[pairs:]
+        self.pdst, self.hdst = self.dsts[:pairs], self.dsts[pairs:]
+        self.poffs, self.hoffs = self.offs[: self.split], self.offs[self.split:]
         self.qrow = torch.zeros(pairs, **long)
         self.qdst = torch.zeros(pairs, **long)
         self.qoffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
-        self.hrow = torch.zeros(pairs, **long)
-        self.hdst = torch.zeros(pairs, **long)
-        self.hoffs = torch.zeros(experts, dtype=torch.int32, device=device)
         self.scr_used = torch.zeros(self.EB, dtype=torch.int32, device=device)
         self.scr_vic = torch.zeros(self.BB, dtype=torch.int32, device=device)
 
@@ -170,4 +183,5 @@ class LayerPlan:
                         self.prow, self.pdst, self.poffs, self.qrow, self.qdst, self.qoffs,
                         self.hrow, self.hdst, self.hoffs, ctr,
                         self.scr_used, self.scr_vic, self.P, self.E, self.B, k,
-                        PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY, MARK=self.mark)
+                        PB=self.PB, EB=self.EB, BB=self.BB, KEY=_KEY, MARK=self.mark,
+                        THROUGH=self.through)

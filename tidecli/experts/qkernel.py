@@ -118,12 +118,17 @@ def _kernel():  # built on first use: Triton is imported only then
 
     @triton.jit
     def qgmm(x, rows, q, sc, mn, offs, out, dst, N, UP, K, sxm, sqg, ssg, som, KB,
+             q2, sqg2, tab, SPLIT, BASE2,
              FMT: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-             SCATTER: tl.constexpr, SWIGLU: tl.constexpr, MAGIC: tl.constexpr):
+             SCATTER: tl.constexpr, SWIGLU: tl.constexpr, MAGIC: tl.constexpr,
+             TWO: tl.constexpr):
         # GATHER: row m of the group reads x[rows[m]]; SCATTER: it is written to out[dst[m]];
         # SWIGLU: channels rn and rn + UP are an expert's gate and up, and the program writes
-        # silu(gate)·up, each rounded to out's dtype as the unfused ops round it
+        # silu(gate)·up, each rounded to out's dtype as the unfused ops round it.
+        # TWO (plain stacks only): groups from SPLIT on are experts g - SPLIT of q2 (pinned
+        # RAM), their rows from BASE2 on with group ends relative to it; one whose slot in
+        # `tab` is set writes the weights it reads into that slot of q as well
         g = tl.program_id(0)
         pn = tl.program_id(1)
         start = tl.load(offs + g - 1, mask=g > 0, other=0)
@@ -132,6 +137,19 @@ def _kernel():  # built on first use: Triton is imported only then
         ru = rn + UP
         nmask = rn < N
         wq = q + g.to(tl.int64) * sqg
+        wt = wq
+        thr = g * 0  # 1: write the weights read into slot `wt` (an int: the interpreter's
+        # scalar comparisons do not combine with a mask)
+        if TWO:
+            if g >= SPLIT:
+                e = g - SPLIT
+                start = BASE2 + tl.load(offs + g - 1, mask=e > 0, other=0)
+                end = BASE2 + tl.load(offs + g)
+                wq = q2 + e.to(tl.int64) * sqg2
+                slot = tl.load(tab + e)
+                thr = (slot >= 0).to(tl.int32)
+                wt = q + tl.maximum(slot, 0) * sqg
+        tk = (tl.arange(0, BK) * 0 + thr) > 0  # as a vector: masks the writes
         ws = sc + g.to(tl.int64) * ssg
         wm = mn + g.to(tl.int64) * ssg
         for m0 in range(start, end, BLOCK_M):
@@ -178,6 +196,9 @@ def _kernel():  # built on first use: Triton is imported only then
                                  other=0.0)
                     w = tl.load(wq + rn[None, :] * K + rk[:, None],
                                 mask=nmask[None, :] & kmask[:, None], other=0.0)
+                    if TWO:
+                        tl.store(wt + rn[None, :] * K + rk[:, None], w,
+                                 mask=nmask[None, :] & (kmask & tk)[:, None])
                     part = tl.dot(xv, w.to(xv.dtype))
                     if FMT == 1:  # fp8: the 128×128 block's scale, per output channel
                         s = tl.load(ws + (rn // GROUP) * KB + k0 // GROUP, mask=nmask, other=0.0)
@@ -187,6 +208,9 @@ def _kernel():  # built on first use: Triton is imported only then
                     if SWIGLU:
                         w = tl.load(wq + ru[None, :] * K + rk[:, None],
                                     mask=nmask[None, :] & kmask[:, None], other=0.0)
+                        if TWO:
+                            tl.store(wt + ru[None, :] * K + rk[:, None], w,
+                                     mask=nmask[None, :] & (kmask & tk)[:, None])
                         part = tl.dot(xv, w.to(xv.dtype))
                         if FMT == 1:
                             s = tl.load(ws + (ru // GROUP) * KB + k0 // GROUP, mask=nmask,
@@ -243,19 +267,38 @@ def _parts(w: Weights) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, i
     return "plain", w, w, w, 1, n, k
 
 
+@dataclass(frozen=True)
+class Second:
+    """A two-source pass's second stack (experts in pinned RAM): groups from `split` on read
+    expert g - split of `w`, their rows from `base` on; `table` [experts] the slot each one's
+    weights are written into as they are read (-1: none)."""
+
+    w: torch.Tensor
+    split: int
+    base: int
+    table: torch.Tensor
+
+
 def _launch(x: torch.Tensor, rows: torch.Tensor | None, w: Weights, offs: torch.Tensor,
-            out: torch.Tensor, dst: torch.Tensor | None, n: int, up: int, t: Tiles) -> None:
+            out: torch.Tensor, dst: torch.Tensor | None, n: int, up: int, t: Tiles,
+            second: Second | None = None) -> None:
     kernel, cdiv = _kernel()
     fmt, q, scale, mn, group, _, k = _parts(w)
     kb = -(-k // group) if fmt == "fp8" else 0
     bk = max(16, min(128, next_pow2(k)))
-    kernel[(q.shape[0], cdiv(n, t.bn))](
+    groups = q.shape[0]
+    q2, sqg2, tab, split, base = q, 0, offs, 0, 0
+    if second is not None:
+        q2 = _parts(second.w)[1]
+        groups = second.split + q2.shape[0]
+        sqg2, tab, split, base = q2.stride(0), second.table, second.split, second.base
+    kernel[(groups, cdiv(n, t.bn))](
         x, rows if rows is not None else offs, q, scale, mn, offs, out,
         dst if dst is not None else offs, n, up, k, x.stride(0), q.stride(0),
-        scale.stride(0) if fmt != "plain" else 0, out.stride(0), kb, FMT=_CODE[fmt],
-        GROUP=group, BK=bk, BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None,
-        SCATTER=dst is not None, SWIGLU=up > 0, MAGIC=_magic(x.dtype), num_warps=t.warps,
-        num_stages=t.stages)
+        scale.stride(0) if fmt != "plain" else 0, out.stride(0), kb, q2, sqg2, tab, split, base,
+        FMT=_CODE[fmt], GROUP=group, BK=bk, BLOCK_M=t.bm, BLOCK_N=t.bn, GATHER=rows is not None,
+        SCATTER=dst is not None, SWIGLU=up > 0, MAGIC=_magic(x.dtype), TWO=second is not None,
+        num_warps=t.warps, num_stages=t.stages)
 
 
 def quant_grouped_mm(x: torch.Tensor, w: QMatrix, offs: torch.Tensor, *,
@@ -296,3 +339,29 @@ def expert_rows(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
     half = t if tiles is not None else Tiles(t.bm, max(64, t.bn // 2), t.warps, t.stages)
     _launch(hidden, rows, gate_up, offs, act, None, inter, inter, half)
     _launch(act, None, down, offs, out, dst, _parts(down)[5], 0, t)
+
+
+def expert_rows_two(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
+                    offs: torch.Tensor, split: int, pool: tuple[torch.Tensor, torch.Tensor],
+                    host: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """Two expert passes in one (plain stacks): groups 0..split-1 are slots of `pool` (rows
+    from 0, `offs[:split]` their ends), the rest experts of `host`, read in place from pinned
+    RAM (rows from rows.shape[0] // 2, `offs[split:]` their ends relative to that). An
+    expert read from RAM whose entry in `table` is a slot has its weights written into that
+    slot as they are read: a placed expert crosses PCIe once, into the registers that use it
+    and into its slot. The tiles are those of reads over PCIe (BM 32), in the family that
+    gives bitwise the same rows from either source, so a row is what either pass alone gives.
+    No host sync (graph-capturable)."""
+    if rows.shape[0] == 0:
+        return
+    inter = _parts(pool[1])[6]
+    hidden = hidden.contiguous()
+    t = LARGE
+    act = torch.empty((rows.shape[0], inter), dtype=hidden.dtype, device=hidden.device)
+    base = rows.shape[0] // 2
+    _launch(hidden, rows, pool[0], offs, act, None, inter, inter,
+            Tiles(t.bm, max(64, t.bn // 2), t.warps, t.stages),
+            Second(host[0], split, base, table))
+    _launch(act, None, pool[1], offs, out, dst, _parts(pool[1])[5], 0, t,
+            Second(host[1], split, base, table))

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 from tidecli.experts.compute import grouped_rows, pool_views, row_dtype, run_pairs
-from tidecli.experts.formats import compressed_name
+from tidecli.experts.formats import compressed_name, is_compressed
 from tidecli.experts.fused import LayerPlan, fused_available
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
 from tidecli.experts.placement import place_lru
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
+from tidecli.experts.qkernel import plain_rows_available
 from tidecli.experts.readahead import ReadAheadGate, score_guesses
 from tidecli.experts.stepahead import StepAhead
 from tidecli.experts.store import HostExpertStore
@@ -99,6 +100,10 @@ class StreamRuntime(PooledRuntime):
         self._last_block: int | None = None
         # one kernel plans each layer (experts/fused.py); the torch ops below are the reference
         self.fused = fused_available(device)
+        # placed experts computed as they cross into their slots, in one pass with the held
+        # ones (plain experts on CUDA; compressed ones keep a gather and a third pass)
+        self.through = self.fused and plain_rows_available(device, dtype) and \
+            not is_compressed(store.format)
         self._plans: dict[tuple[int, int], LayerPlan] = {}
         self.expert_bytes = self.pools.expert_bytes
         for j, layer in enumerate(cfg.moe_layers):
@@ -350,9 +355,12 @@ class StreamRuntime(PooledRuntime):
         n = flat.numel()
         lp = self._plans.get((j, n))
         if lp is None:
-            lp = self._plans[(j, n)] = LayerPlan(n, self.cfg.num_experts, pool.slots, self.device)
+            lp = self._plans[(j, n)] = LayerPlan(n, self.cfg.num_experts, pool.slots, self.device,
+                                                 through=self.through)
         lp.run(flat, self.table[j], self.owner[j], self.last[j], self._keep, self._clock,
                self.counts[j], self.counters[j], self.k)
+        if lp.through:
+            return self._through(j, layer, pool, hidden, lp)
         # the placed experts' rows cross PCIe on a side stream while the experts already in
         # their slots compute (different slots: victims are never used this forward)
         side = None
@@ -370,6 +378,27 @@ class StreamRuntime(PooledRuntime):
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)
         grouped_rows(hidden, lp.qrow, lp.qdst, lp.qoffs, pool.gate_up, pool.down, out)
+        return out[:n]
+
+    def _through(self, j: int, layer: int, pool, hidden: torch.Tensor,
+                 lp: LayerPlan) -> torch.Tensor:
+        """The layer's experts in one two-source pass: held slots from device memory, the
+        rest read in place from pinned RAM, the placed ones written into their slots as they
+        are read (qkernel.expert_rows_two). Elsewhere (the interpreter tests) the same work in
+        three steps: the placed rows copied, then one pass over each source."""
+        n = lp.P
+        out = torch.empty((n + 1, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+        if self.cuda:
+            from tidecli.experts.qkernel import expert_rows_two
+
+            expert_rows_two(hidden, lp.rows, lp.dsts, lp.offs, lp.split,
+                            (pool.gate_up, pool.down), self._host_views[layer], self.table[j],
+                            out)
+            return out[:n]
+        copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
+        grouped_rows(hidden, lp.prow, lp.pdst, lp.poffs, pool.gate_up, pool.down, out)
+        gate_up, down = self._host_views[layer]
+        grouped_rows(hidden, lp.hrow, lp.hdst, lp.hoffs, gate_up, down, out, streamed=True)
         return out[:n]
 
     def _place(self, j: int, pool, used: torch.Tensor,

@@ -92,6 +92,11 @@
 #          eager and compiled
 #   stepahead4 at 14 GiB, eager: the read-ahead between steps off, on its own guess, and
 #          (drifting) on a guess never right, which its gate soon turns off
+#   through GPU tests (the step, policies, compressed experts, LLaDA2.2, --compile); resident and
+#          streamed tide at 10 GiB, eager and compiled, with placed experts written into their
+#          slots by the pass that reads them
+#   throughab resident and streamed tide at 10 and 14 GiB, eager and compiled, on the tree in
+#          old.tar and on this one
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -580,6 +585,22 @@ if [ "$STAGE" = plainab ]; then
     t0=$(date +%s)
     tree_bench $tree 280 plain --policies resident,tide --misses stream --vram 10 --compile off,on
     echo "$tree: $(( $(date +%s) - t0 )) s"
+  done
+fi
+if [ "$STAGE" = through ]; then  # one two-source pass writes placed experts into their slots
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  (mini > "$W/synth.txt" 2>&1 &)  # written while the tests run
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu22.py \
+    tests/test_gpu_quant.py tests/test_compile.py -k "not pinned_store" > "$OUT/through-tests.txt" 2>&1
+  tail -4 "$OUT/through-tests.txt"
+  sleep 2; while pgrep -f "tidecli synth" > /dev/null; do sleep 2; done; cat "$W/synth.txt"
+  tree_bench new 200 through --policies resident,tide --misses stream --vram 10 --compile off,on
+fi
+if [ "$STAGE" = throughab ]; then
+  mini
+  for tree in old new; do
+    tree_bench $tree 290 throughab --policies resident,tide --misses stream --vram 10,14 \
+      --compile off,on
   done
 fi
 if [ "$STAGE" = plainab14 ]; then
