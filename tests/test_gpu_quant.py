@@ -12,7 +12,7 @@ from tidecli.experts.qkernel import qkernel_available, quant_grouped_mm
 from tidecli.experts.quant import quantize_rows, views
 from tidecli.model.program import StepPrograms
 
-from helpers import cuda_model, decode_cuda
+from helpers import check_tables, cuda_model, decode_cuda
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -121,6 +121,8 @@ def _tokens(tiny_ckpt, name, make):
     m = StepPrograms(cuda_model(tiny_ckpt, make))
     out = decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
     s = m.experts.run_stats.summary()
+    if hasattr(m.experts, "through"):  # streamed: the slots hold exactly the store's rows
+        check_tables(m.experts)
     m.experts.close()
     return out, s
 
@@ -171,7 +173,8 @@ def test_every_policy_gives_the_resident_tokens_bitwise(tiny_ckpt, name):
 def test_a_two_source_pass_gives_each_source_passs_rows_and_fills_the_placed_slots():
     """expert_rows_two on mini's shapes: slots in device memory and experts read in place from
     pinned RAM in one pass give bitwise the rows of one pass per source (the tiles of reads
-    over PCIe), and the experts placed by it land in their slots byte for byte."""
+    over PCIe), and the experts placed by it land in their slots byte for byte (plain bf16
+    experts: compressed ones keep a gather and a third pass)."""
     from tidecli.experts.compute import pool_views
     from tidecli.experts.gather import device_view
     from tidecli.experts.qkernel import expert_rows, expert_rows_two
@@ -181,7 +184,7 @@ def test_a_two_source_pass_gives_each_source_passs_rows_and_fills_the_placed_slo
     g = torch.Generator(device="cuda").manual_seed(6)
     store = (torch.randn(e, 3 * h * i, device="cuda", generator=g) * 0.02).bfloat16()
     host = device_view(store.cpu().pin_memory(), CUDA)
-    pool_buf = torch.zeros((b, 3 * h * i), device="cuda", dtype=torch.bfloat16)
+    pool_buf = torch.zeros((b, store.shape[1]), device="cuda", dtype=store.dtype)
     for slot, ex in ((0, 3), (1, 7), (3, 1)):  # held; slots 2 and 4 are victims
         pool_buf[slot] = store[ex]
     pcounts = torch.tensor([4, 9, 0, 1, 0])  # pairs per slot

@@ -97,6 +97,9 @@
 #          slots by the pass that reads them
 #   throughab resident and streamed tide at 10 and 14 GiB, eager and compiled, on the tree in
 #          old.tar and on this one
+#   throughq the GPU tests of the two-source pass and of compressed experts (int4), then int4
+#          resident and streamed tide at 6 GiB, eager, on the tree in old.tar and this one (run
+#          with compressed experts written through as well: not kept, docs/benchmarks.md 26)
 #   flash  layer-truncated flash at int4 with a quarter of its bf16 expert bytes in RAM, beside
 #          bf16 with the disk tier
 # Usage: tools/device/open_runs.sh WORKDIR OUTDIR STAGE  (the serve stage needs fastapi/uvicorn)
@@ -603,6 +606,17 @@ if [ "$STAGE" = throughab ]; then
       --compile off,on
   done
 fi
+if [ "$STAGE" = throughq ]; then  # compressed experts written through too
+  (mini > "$W/synth.txt" 2>&1 &)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
+    -k "int4 or two_source or streamed_misses" > "$OUT/throughq-tests.txt" 2>&1
+  tail -3 "$OUT/throughq-tests.txt"
+  sleep 2; while pgrep -f "tidecli synth" > /dev/null; do sleep 2; done; cat "$W/synth.txt"
+  for tree in old new; do
+    tree_bench $tree 160 throughq --experts-dtype int4 --policies resident,tide --misses stream \
+      --vram 6
+  done
+fi
 if [ "$STAGE" = plainab14 ]; then
   mini
   for tree in old new; do
@@ -669,7 +683,7 @@ if [ "$STAGE" = trace ]; then  # where a host-driven step's time goes (torch.pro
 fi
 if [ "$STAGE" = planner ]; then  # expert times captured, the int4 tiles, every mode vs the plan
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_quant.py tests/test_gpu.py \
     -k "quant or tiles or captured" 2>&1 | tail -3
   timeout 90 python3 tools/bench/qkernel_bench.py "$OUT/qkernel-bitwise.json" --bitwise \
     | grep -v "'equal': True" | tail -30
