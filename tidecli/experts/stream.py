@@ -6,11 +6,14 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
 
 1. the layer's pairs are looked up in its slot table (expert → slot, -1 when not resident);
 2. on a refresh step the experts the step needs and lacks take the slots of residents it does
-   not use, least recently used first — their rows are gathered from pinned RAM into the slots
-   by a kernel (experts/gather.py), as many as there are such slots;
-3. every pair whose expert now has a slot runs in a grouped GEMM over the slots; the pairs of
-   experts left without one (between refreshes, or when the step needs more experts than the
-   layer has slots) run in a grouped GEMM that reads its weights from pinned RAM over PCIe.
+   not use, least recently used first, as many as there are such slots;
+3. one expert pass (qkernel.expert_rows_two) runs the pairs of experts held in a slot from
+   device memory and every other pair with its expert's weights read from pinned RAM over
+   PCIe; an expert placed in step 2 is written into its slot by the programs that read it, so
+   its bytes cross the link once. Experts left without a slot (between refreshes, or when the
+   step needs more experts than the layer has slots) are only read. Compressed experts (and
+   GPUs without the fused pass) gather the placed rows into their slots with a kernel
+   (experts/gather.py) beside a pass over the held slots, then run them in a third pass.
 4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
    layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
    stream). Only the guesses' cost depends on how good they are.
