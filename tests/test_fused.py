@@ -49,7 +49,7 @@ def test_fused_read_ahead_matches_the_reference(tiny_ckpt):
     factory = lambda: TidePolicy(TideOptions(tau=1))  # noqa: E731
     ref_tokens, ref = _run(tiny_ckpt, factory, 5, fused=False, prefetch=True)
     tokens, rt = _run(tiny_ckpt, factory, 5, fused=True, prefetch=True)
-    assert rt._pref_plans  # the fused read-ahead ran
+    assert rt.layer_ahead.plans  # the fused read-ahead ran
     assert tokens == ref_tokens
     s = rt.run_stats.summary()
     assert s["prefetched"] > 0

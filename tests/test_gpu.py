@@ -327,7 +327,7 @@ def test_read_ahead_is_bitwise_exact(tiny_ckpt, fused):
         out = [decode_cuda(m, list(range(2000, 2045)), gen_length=96).token_ids
                for _ in range(2)]
         assert out[0] == out[1] == ref, capture
-        assert bool(m.experts._pref_plans) == fused
+        assert bool(m.experts.layer_ahead.plans) == fused
         s = m.experts.run_stats.summary()
         assert s["prefetched"] > 0 and 0 <= s["prefetch_used"] <= s["prefetched"]
         assert s["gpu_hits"] + s["fetched_calls"] == s["pairs"]

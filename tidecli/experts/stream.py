@@ -15,8 +15,8 @@ is device work, captured as one CUDA graph, and the placement lives in device ta
    GPUs without the fused pass) gather the placed rows into their slots with a kernel
    (experts/gather.py) beside a pass over the held slots, then run them in a third pass.
 4. optionally (`prefetch`), the next layer's experts are guessed by its router from this
-   layer's input and placed ahead, while this layer computes (StepProgram runs it on a side
-   stream). Only the guesses' cost depends on how good they are.
+   layer's input and placed ahead, while this layer computes (experts/layerahead.py). Only
+   the guesses' cost depends on how good they are.
 5. or (`prefetch_steps`) a step's guessed experts are copied into slots by the copy engine
    before the step runs, each layer waiting for its own copies (experts/stepahead.py).
 
@@ -41,11 +41,12 @@ from tidecli.experts.formats import compressed_name, is_compressed
 from tidecli.experts.fused import LayerPlan, fused_available
 from tidecli.experts.gather import copy_rows, device_view
 from tidecli.experts.info import RuntimeInfo
+from tidecli.experts.layerahead import LayerAhead
 from tidecli.experts.placement import place_lru
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
 from tidecli.experts.qkernel import plain_rows_available
-from tidecli.experts.readahead import ReadAheadGate, score_guesses
+from tidecli.experts.readahead import ReadAheadGate
 from tidecli.experts.stepahead import StepAhead
 from tidecli.experts.store import HostExpertStore
 from tidecli.model.config import ModelConfig
@@ -74,12 +75,6 @@ class StreamRuntime(PooledRuntime):
         # read-ahead: the experts a guess placed in each layer this forward (-1: none), read
         # back with the counters to score the guesses
         self.prefetches = prefetch and bmax > 0
-        self.pref_src = torch.full((m, max(bmax, 1)), -1, dtype=torch.long, device=dev)
-        self._pref_counts = torch.zeros((m, e), dtype=torch.long, device=dev)  # scratch
-        self._pref_ctr = torch.zeros((m, 5), dtype=torch.long, device=dev)  # scratch
-        self._pref_plans: dict[tuple[int, int], LayerPlan] = {}
-        self._pref_keep = torch.zeros((), dtype=torch.long, device=dev)  # 1: guesses may place
-        self._pref_on = False  # the host's copy of _pref_keep for the forward in progress
         # the read-ahead between steps may place a whole step's guess at once: judged sooner
         self.ahead_gate = ReadAheadGate(window=2) if prefetch_steps else ReadAheadGate()
         # device truth of the placement; column E (table) and bmax (owner, last) take the
@@ -121,6 +116,9 @@ class StreamRuntime(PooledRuntime):
         self.ahead = StepAhead(self, np.array(
             [0 if layer in self._whole else self.pools.pools[layer].slots
              for layer in cfg.moe_layers], dtype=np.int64)) if self.prefetches_steps else None
+        # read-ahead across layers (experts/layerahead.py): the next layer's guessed experts,
+        # placed while this one computes
+        self.layer_ahead = LayerAhead(self) if self.prefetches else None
 
     # ---- forward bookkeeping --------------------------------------------------------------------
 
@@ -165,11 +163,8 @@ class StreamRuntime(PooledRuntime):
         self._clock.fill_(self._ticks)
         if self.ahead is not None:
             self.ahead.begin(info, keep and self.ahead_gate.on)
-        if self.prefetches:
-            self._pref_on = keep and self.ahead_gate.on
-            if self._pref_on:  # otherwise the guesses place nothing: pref_src stays all -1
-                self.pref_src.fill_(-1)
-            self._pref_keep.fill_(1 if self._pref_on else 0)
+        if self.layer_ahead is not None:
+            self.layer_ahead.begin(keep, self.ahead_gate)
 
     def prefetch_step(self, guess) -> None:
         """Host, before a step's forward runs: `guess()` [M, T, n] its likely experts (or
@@ -211,25 +206,13 @@ class StreamRuntime(PooledRuntime):
             c.streamed += int(row[_STREAMED])
             if counts is not None and self.trace is not None:
                 self._trace_counts[j] = counts[j]
-        if self.prefetches:
-            if not self.ahead_gate.on:
-                self.forward_stats.prefetch_off_forwards = 1
-            if self._pref_on:  # the guesses may have placed: read them back and score them
-                self._score_guesses(counts if counts is not None else self.counts.cpu().numpy())
-            else:
-                self.ahead_gate.forward_done(0, 0)
+        if self.layer_ahead is not None:
+            self.layer_ahead.score(counts, self.forward_stats, self.ahead_gate)
         if self.ahead is not None:
             self.ahead.score(counts, self.forward_stats, self.ahead_gate)
         if counts is not None:
             self._host_placement(counts)
         return super().end_forward()
-
-    def _score_guesses(self, counts: np.ndarray) -> None:
-        """Count what the read-ahead placed this forward and how much of it its layer used;
-        the gate hears the forward's totals."""
-        placed, used = score_guesses(self.pref_src.cpu().numpy(), counts, self.cfg.moe_layers,
-                                     self.forward_stats, self.expert_bytes)
-        self.ahead_gate.forward_done(placed, used)
 
     def _needs_counts(self) -> bool:
         return self.trace is not None or self.policy.places_on_host(self.info)
@@ -325,33 +308,9 @@ class StreamRuntime(PooledRuntime):
         return run_pairs(self.kernel, hidden, flat, pool.gate_up, pool.down, self.k)
 
     def prefetch(self, layer: int, ids: torch.Tensor) -> None:
-        """A guess of the layer's experts, before its router runs (StepProgram queues it on a
-        side stream while the layer before computes): on a refresh forward the guessed experts
-        without a slot are placed as the layer's own routing would place them — the slots of
-        experts the guess does not use, least recently used first — and their rows gathered
-        from pinned RAM. Those slots keep their last-use time, so a wrong guess is the first to
-        go. The layer's own plan then finds them resident; whatever the guess, it places and
-        computes exactly what its routing asks for."""
-        j = self.layer_index[layer]
-        pool = self.pools.pools[layer]
-        b, e = pool.slots, self.cfg.num_experts
-        if b == 0 or layer in self._whole:
-            return
-        flat = ids.reshape(-1)
-        n = flat.numel()
-        if self.fused and LayerPlan.fits(n, e, b):
-            lp = self._pref_plans.get((j, n))
-            if lp is None:
-                lp = self._pref_plans[(j, n)] = LayerPlan(
-                    n, e, b, self.device, src=self.pref_src[j, :b], mark=False)
-            lp.run(flat, self.table[j], self.owner[j], self.last[j], self._pref_keep,
-                   self._clock, self._pref_counts[j], self._pref_ctr[j], self.k)
-            copy_rows(self._host[layer], lp.src, pool.buf, lp.dst)
-            return
-        # index_fill_ takes the value as a kernel argument: no host copy (captured on a GPU)
-        used = torch.zeros(e, dtype=torch.bool, device=flat.device).index_fill_(0, flat, True)
-        _, src = self._place(j, pool, used, keep=self._pref_keep)
-        self.pref_src[j, :b].copy_(src)
+        """A guess of the layer's experts, before its router runs (experts/layerahead.py)."""
+        if self.layer_ahead is not None:
+            self.layer_ahead.place(layer, ids)
 
     def _device_begin_fused(self, j: int, layer: int, pool, hidden: torch.Tensor,
                             flat: torch.Tensor) -> torch.Tensor:
