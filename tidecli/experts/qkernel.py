@@ -353,6 +353,8 @@ def expert_rows_two(hidden: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor,
     and into its slot. The tiles are those of reads over PCIe (BM 32), in the family that
     gives bitwise the same rows from either source, so a row is what either pass alone gives.
     No host sync (graph-capturable)."""
+    if isinstance(pool[0], QMatrix) or isinstance(host[0], QMatrix):
+        raise ValueError("expert_rows_two takes plain stacks (compressed ones: expert_rows)")
     if rows.shape[0] == 0:
         return
     inter = _parts(pool[1])[6]
