@@ -71,13 +71,6 @@ class LayerAhead:
         """Host, after a forward: what the guesses placed and how much of it their layers used
         (`counts` [M, E] the forward's routing counts, read here if None) go into `stats`;
         the gate hears the forward's totals."""
-        if not gate.on:
-            stats.prefetch_off_forwards = 1
-        if not self.on:
-            gate.forward_done(0, 0)
-            return
-        if counts is None:
-            counts = self.rt.counts.cpu().numpy()
-        placed, used = score_guesses(self.src.cpu().numpy(), counts, self.rt.cfg.moe_layers,
-                                     stats, self.rt.expert_bytes)
-        gate.forward_done(placed, used)
+        gate.after_forward(stats, self.on, lambda: score_guesses(
+            self.src.cpu().numpy(), self.rt.counts.cpu().numpy() if counts is None else counts,
+            self.rt.cfg.moe_layers, stats, self.rt.expert_bytes))

@@ -1,9 +1,9 @@
-"""When the streamed runtime's read-ahead (experts/stream.py, `prefetch`) places its guesses, and
-how its guesses are scored."""
+"""When the streamed runtime's read-aheads (across layers: experts/layerahead.py; between steps:
+experts/stepahead.py) place their guesses, and how their guesses are scored."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,17 @@ class ReadAheadGate:
         if self._seen >= self.window:
             self.on = self._used >= self.min_accuracy * self._placed
             self._placed = self._used = self._seen = 0
+
+
+    def after_forward(self, stats: ExpertStats, placed: bool,
+                      score: Callable[[], tuple[int, int]]) -> None:
+        """A forward is done: off, it counts in `stats` as a forward without the read-ahead;
+        on, where the read-ahead `placed` this forward, `score()` (placed, used) is judged."""
+        if not self.on:
+            stats.prefetch_off_forwards = 1
+            self.forward_done(0, 0)
+        elif placed:
+            self.forward_done(*score())
 
 
 def score_guesses(src: np.ndarray, counts: np.ndarray, layers: Iterable[int],

@@ -197,14 +197,9 @@ class StepAhead:
         """After the forward: what was placed ahead for it and how much its layers used (the
         forward's `counts` [M, E], or the mirror's), into `stats`; the gate hears it (off, it
         counts the forward)."""
-        if not gate.on:
-            stats.prefetch_off_forwards = 1
-            gate.forward_done(0, 0)
-        elif self.placed:
-            placed, used = score_guesses(self.src, self.counts.numpy() if counts is None
-                                         else counts, self.rt.cfg.moe_layers, stats,
-                                         self.rt.expert_bytes)
-            gate.forward_done(placed, used)
+        gate.after_forward(stats, self.placed, lambda: score_guesses(
+            self.src, self.counts.numpy() if counts is None else counts,
+            self.rt.cfg.moe_layers, stats, self.rt.expert_bytes))
         self.placed = False
 
     def close(self) -> None:
