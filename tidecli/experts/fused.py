@@ -166,9 +166,13 @@ class LayerPlan:
         self.prow, self.hrow = self.rows[:pairs], self.rows[pairs:]
         self.pdst, self.hdst = self.dsts[:pairs], self.dsts[pairs:]
         self.poffs, self.hoffs = self.offs[: self.split], self.offs[self.split:]
-        self.qrow = torch.zeros(pairs, **long)
-        self.qdst = torch.zeros(pairs, **long)
-        self.qoffs = torch.zeros(max(slots, 1), dtype=torch.int32, device=device)
+        # the pairs of experts placed this forward, for a third pass (not with `through`,
+        # where the plan never writes them: one entry each stands in for the pointers)
+        q = 1 if through else pairs
+        self.qrow = torch.zeros(q, **long)
+        self.qdst = torch.zeros(q, **long)
+        self.qoffs = torch.zeros(1 if through else max(slots, 1), dtype=torch.int32,
+                                 device=device)
         self.scr_used = torch.zeros(self.EB, dtype=torch.int32, device=device)
         self.scr_vic = torch.zeros(self.BB, dtype=torch.int32, device=device)
 

@@ -45,7 +45,6 @@ class ReadAheadGate:
             self.on = self._used >= self.min_accuracy * self._placed
             self._placed = self._used = self._seen = 0
 
-
     def after_forward(self, stats: ExpertStats, placed: bool,
                       score: Callable[[], tuple[int, int]]) -> None:
         """A forward is done: off, it counts in `stats` as a forward without the read-ahead;

@@ -45,7 +45,7 @@ from tidecli.experts.layerahead import LayerAhead
 from tidecli.experts.placement import place_lru
 from tidecli.experts.policies import Policy
 from tidecli.experts.pools import PooledRuntime
-from tidecli.experts.qkernel import plain_rows_available
+from tidecli.experts.qkernel import expert_rows_two, plain_rows_available
 from tidecli.experts.readahead import ReadAheadGate
 from tidecli.experts.stepahead import StepAhead
 from tidecli.experts.store import HostExpertStore
@@ -72,9 +72,7 @@ class StreamRuntime(PooledRuntime):
         bmax = max(budgets.values(), default=0)
         self.bmax = bmax
         dev = device
-        # read-ahead: the experts a guess placed in each layer this forward (-1: none), read
-        # back with the counters to score the guesses
-        self.prefetches = prefetch and bmax > 0
+        self.prefetches = prefetch and bmax > 0  # the read-ahead across layers (layerahead.py)
         # the read-ahead between steps may place a whole step's guess at once: judged sooner
         self.ahead_gate = ReadAheadGate(window=2) if prefetch_steps else ReadAheadGate()
         # device truth of the placement; column E (table) and bmax (owner, last) take the
@@ -351,8 +349,6 @@ class StreamRuntime(PooledRuntime):
         n = lp.P
         out = torch.empty((n + 1, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
         if self.cuda:
-            from tidecli.experts.qkernel import expert_rows_two
-
             expert_rows_two(hidden, lp.rows, lp.dsts, lp.offs, lp.split,
                             (pool.gate_up, pool.down), self._host_views[layer], self.table[j],
                             out)
